@@ -1,0 +1,402 @@
+#!/usr/bin/env bash
+# Test environment for lambda-imaged: a private dockerd, the real Lambda RIE binaries and a
+# busybox stand-in for the public.ecr.aws/lambda/* base images (design.md §7).
+#
+# Usage (as root):
+#   eval "$(scripts/test-env.sh)"     # prepare (idempotent) and print `export` lines
+#   . "$LAMBDA_IMAGED_TEST_DIR/env"   # the same lines, written to a file
+#   scripts/test-env.sh stop          # stop the private dockerd this script started
+#   scripts/test-env.sh status        # exit 0 if the private dockerd answers
+#
+# State dir D = ${LAMBDA_IMAGED_TEST_DIR:-/tmp/lambda-imaged-test}:
+#   docker.sock  dockerd.pid  dockerd.log  data/  exec/   private dockerd
+#   wheel/       the aws-sam-cli wheel (pinned, sha256-checked)
+#   rie/         aws-lambda-rie-x86_64, aws-lambda-rie-arm64 (0755, sha256-checked)
+#   env          export lines: DOCKER_HOST, LAMBDA_IMAGED_TEST_DIR, LAMBDA_IMAGED_RIE_DIR
+#
+# Only the export lines go to stdout; everything else is quiet unless something fails.
+# /var/run/docker.sock and any other engine are never touched. If another dockerd is
+# running, ours gets its own bridge (limg-<hash of D>) and --iptables=false (design.md §7).
+set -euo pipefail
+
+D=${LAMBDA_IMAGED_TEST_DIR:-/tmp/lambda-imaged-test}
+SOCK="$D/docker.sock"
+PIDFILE="$D/dockerd.pid"
+LOG="$D/dockerd.log"
+RIE_DIR="$D/rie"
+
+# The RIE comes from the aws-sam-cli wheel (samcli/local/rapid/). Bump all four together.
+SAM_CLI_VERSION=1.170.0
+SAM_CLI_WHEEL=aws_sam_cli-${SAM_CLI_VERSION}-py3-none-any.whl
+SAM_CLI_WHEEL_SHA256=24ebaf5ecba38dc1758089968cb89ab61e124b84e92a344fc7a2771a47f4d0bf
+RIE_X86_64_SHA256=6b1e686e62ab2baf5759c412c4864276ef2a88b094fca53ec070637ccba9b9a5
+RIE_ARM64_SHA256=ec2e5d09633d853834c008b1ef264bf834b258a94d551d2b2074966494b39a21
+
+# Stand-in base image. Bump BASE_RECIPE when the rootfs/import recipe below changes.
+BASE_IMAGE=lambda-base:busybox
+BASE_RECIPE=2
+BASE_LABEL=io.lambda-imaged.test-base
+
+# Bridge used only when another dockerd is running on this machine: one per state dir
+# (name from a hash of D), on a free 172.31.X.0/24. Both can be overridden.
+D_HASH=$(printf '%s' "$D" | sha256sum | cut -c1-8)
+ALT_BRIDGE=${LAMBDA_IMAGED_TEST_BRIDGE:-limg-$D_HASH}
+ALT_BRIDGE_CIDR=${LAMBDA_IMAGED_TEST_BRIDGE_CIDR:-}
+
+DOCKER_WAIT_SECS=60
+
+die() {
+	echo "test-env.sh: error: $*" >&2
+	exit 1
+}
+note() { [ -z "${LAMBDA_IMAGED_TEST_VERBOSE:-}" ] || echo "test-env.sh: $*" >&2; }
+
+# Run a command quietly; on failure show its output and die.
+quiet() {
+	local out
+	if ! out=$("$@" 2>&1); then
+		printf '%s\n' "$out" >&2
+		die "command failed: $*"
+	fi
+}
+
+unset DOCKER_CONTEXT DOCKER_TLS_VERIFY DOCKER_CERT_PATH
+
+dk() { docker -H "unix://$SOCK" "$@"; }
+
+# pid from the pidfile if it is a live dockerd, else empty.
+our_pid() {
+	local pid
+	[ -s "$PIDFILE" ] || return 0
+	pid=$(cat "$PIDFILE" 2>/dev/null) || return 0
+	[[ "$pid" =~ ^[0-9]+$ ]] || return 0
+	[ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 0
+	# A stale pidfile must never name some other engine's dockerd.
+	tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--pidfile $PIDFILE " || return 0
+	echo "$pid"
+}
+
+answering() { [ -S "$SOCK" ] && timeout 10 docker -H "unix://$SOCK" version >/dev/null 2>&1; }
+
+stop_daemon() {
+	local pid i
+	pid=$(our_pid)
+	if [ -z "$pid" ]; then
+		note "no private dockerd running (pidfile $PIDFILE)"
+		return 0
+	fi
+	kill -TERM "$pid" 2>/dev/null || true
+	# dockerd stops its containers (up to 15 s each, in parallel), then containerd.
+	for ((i = 0; i < 450; i++)); do
+		[ -d "/proc/$pid" ] || break
+		sleep 0.1
+	done
+	if [ -d "/proc/$pid" ]; then
+		echo "test-env.sh: dockerd $pid did not stop in 45 s; sending SIGKILL" >&2
+		kill -KILL "$pid" 2>/dev/null || true
+		sleep 0.5
+	fi
+	rm -f "$PIDFILE"
+}
+
+# ---------------------------------------------------------------- packages
+ensure_packages() {
+	local want=() missing=() p
+	want=(docker.io busybox-static curl unzip jq iproute2 util-linux procps)
+	command -v python3 >/dev/null || want+=(python3)
+	if ! python3 -m pip --version >/dev/null 2>&1; then
+		want+=(python3-venv)
+	fi
+	for p in "${want[@]}"; do
+		dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	# shellcheck disable=SC2207
+	missing=($(printf '%s\n' "${missing[@]}" | sort -u))
+	note "installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	quiet apt-get -o DPkg::Lock::Timeout=600 update
+	quiet apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${missing[@]}"
+}
+
+# ---------------------------------------------------------------- dockerd
+another_dockerd() {
+	local mine p
+	mine=$(our_pid)
+	for p in $(pgrep -x dockerd 2>/dev/null || true); do
+		[ "$p" = "$mine" ] || return 0
+	done
+	return 1
+}
+
+# First 172.31.X.1/24 (X from the hash of D, then upwards) that no interface or route uses.
+free_cidr() {
+	local start=$((0x${D_HASH:0:2} % 254 + 1)) i x used
+	used=$(ip -4 -o addr show; ip -4 route show)
+	for ((i = 0; i < 254; i++)); do
+		x=$(((start - 1 + i) % 254 + 1))
+		grep -q "172\.31\.$x\." <<<"$used" || {
+			echo "172.31.$x.1/24"
+			return 0
+		}
+	done
+	die "no free 172.31.X.0/24 for bridge $ALT_BRIDGE (set LAMBDA_IMAGED_TEST_BRIDGE_CIDR)"
+}
+
+start_daemon() {
+	local args i pid
+	if answering; then
+		return 0
+	fi
+	pid=$(our_pid)
+	if [ -n "$pid" ]; then
+		# Started earlier but not answering yet (or wedged): give it the same bounded wait.
+		note "dockerd $pid exists but does not answer yet"
+	else
+		mkdir -p "$D/data" "$D/exec"
+		rm -f "$SOCK" "$PIDFILE" # stale: our dockerd is not running
+
+		args=(--host "unix://$SOCK" --data-root "$D/data" --exec-root "$D/exec" --pidfile "$PIDFILE")
+		if another_dockerd; then
+			# Sharing docker0 / the DOCKER iptables chains would disturb the other engine.
+			if ! ip link show "$ALT_BRIDGE" >/dev/null 2>&1; then
+				quiet ip link add "$ALT_BRIDGE" type bridge
+			fi
+			if [ -z "$(ip -4 -o addr show dev "$ALT_BRIDGE")" ]; then
+				quiet ip addr add "${ALT_BRIDGE_CIDR:-$(free_cidr)}" dev "$ALT_BRIDGE"
+			fi
+			quiet ip link set "$ALT_BRIDGE" up
+			args+=(--bridge "$ALT_BRIDGE" --iptables=false)
+			note "another dockerd is running: using bridge $ALT_BRIDGE, --iptables=false"
+		fi
+		note "starting dockerd ${args[*]}"
+		# setsid: survives the caller's process group being killed; -w keeps $! == its pid's
+		# parent alive exactly as long as dockerd. 9>&- : must not inherit the lock.
+		nohup setsid -w dockerd "${args[@]}" >>"$LOG" 2>&1 </dev/null 9>&- &
+		pid=$!
+	fi
+	for ((i = 0; i < DOCKER_WAIT_SECS * 4; i++)); do
+		answering && return 0
+		if ! [ -d "/proc/$pid" ]; then
+			echo "--- tail of $LOG" >&2
+			tail -n 30 "$LOG" >&2 || true
+			die "dockerd exited during start-up"
+		fi
+		sleep 0.25
+	done
+	echo "--- tail of $LOG" >&2
+	tail -n 30 "$LOG" >&2 || true
+	die "dockerd did not answer on $SOCK within ${DOCKER_WAIT_SECS}s"
+}
+
+# ---------------------------------------------------------------- RIE
+sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
+
+
+ensure_rie() {
+	local whl="$D/wheel/$SAM_CLI_WHEEL" tmp a sum want pip
+	if sha_ok "$RIE_DIR/aws-lambda-rie-x86_64" "$RIE_X86_64_SHA256" &&
+		sha_ok "$RIE_DIR/aws-lambda-rie-arm64" "$RIE_ARM64_SHA256"; then
+		chmod 0755 "$RIE_DIR"/aws-lambda-rie-x86_64 "$RIE_DIR"/aws-lambda-rie-arm64
+		return 0
+	fi
+	mkdir -p "$D/wheel" "$RIE_DIR"
+	if ! sha_ok "$whl" "$SAM_CLI_WHEEL_SHA256"; then
+		rm -f "$whl"
+		if python3 -m pip --version >/dev/null 2>&1; then
+			pip=(python3 -m pip)
+		else
+			[ -x "$D/venv/bin/pip" ] || quiet python3 -m venv "$D/venv"
+			pip=("$D/venv/bin/pip")
+		fi
+		quiet "${pip[@]}" download --quiet --disable-pip-version-check --no-deps \
+			--only-binary :all: "aws-sam-cli==$SAM_CLI_VERSION" -d "$D/wheel"
+		[ -f "$whl" ] || die "pip did not produce $whl (got: $(ls "$D/wheel"))"
+		sum=$(sha256sum "$whl" | cut -d' ' -f1)
+		if [ "$sum" != "$SAM_CLI_WHEEL_SHA256" ]; then
+			mv "$whl" "$whl.bad"
+			die "sha256 mismatch for $SAM_CLI_WHEEL: got $sum, want $SAM_CLI_WHEEL_SHA256 (kept as $whl.bad)"
+		fi
+	fi
+	tmp=$(mktemp -d "$D/rie.tmp.XXXXXX")
+	quiet unzip -q -o -j "$whl" samcli/local/rapid/aws-lambda-rie-x86_64 \
+		samcli/local/rapid/aws-lambda-rie-arm64 -d "$tmp"
+	for a in x86_64 arm64; do
+		if [ $a = x86_64 ]; then want=$RIE_X86_64_SHA256; else want=$RIE_ARM64_SHA256; fi
+		sum=$(sha256sum "$tmp/aws-lambda-rie-$a" | cut -d' ' -f1)
+		if [ "$sum" != "$want" ]; then
+			rm -rf "$tmp"
+			die "sha256 mismatch for aws-lambda-rie-$a from $SAM_CLI_WHEEL: got $sum, want $want"
+		fi
+		chmod 0755 "$tmp/aws-lambda-rie-$a"
+		mv -f "$tmp/aws-lambda-rie-$a" "$RIE_DIR/aws-lambda-rie-$a"
+	done
+	rm -rf "$tmp"
+}
+
+# ---------------------------------------------------------------- base image
+# Every public.ecr.aws/lambda/<name:tag> SAM can ask for (design.md §1), as name:tag without
+# the arch suffix; single-arch ones (x86_64 only) are listed in SINGLE_ARCH.
+BASE_TAGS=(
+	nodejs:16 nodejs:18 nodejs:20 nodejs:22 nodejs:24
+	python:3.8 python:3.9 python:3.10 python:3.11 python:3.12 python:3.13 python:3.14
+	ruby:3.2 ruby:3.3 ruby:3.4 ruby:4.0
+	java:8.al2 java:8.al2023 java:11 java:11.al2023 java:17 java:17.al2023 java:21 java:25
+	dotnet:6 dotnet:8 dotnet:10
+	provided:al2 provided:al2023
+)
+SINGLE_ARCH=(go:1 provided:alami)
+
+all_refs() {
+	local t
+	for t in "${BASE_TAGS[@]}"; do
+		echo "public.ecr.aws/lambda/$t-x86_64"
+		echo "public.ecr.aws/lambda/$t-arm64"
+	done
+	for t in "${SINGLE_ARCH[@]}"; do
+		echo "public.ecr.aws/lambda/$t"        # design §1: no arch suffix for these
+		echo "public.ecr.aws/lambda/$t-x86_64" # cheap extra, in case a test appends it
+	done
+}
+
+# The entrypoint mirrors the real base images' /lambda-entrypoint.sh: outside Lambda
+# (AWS_LAMBDA_RUNTIME_API unset) run the RIE, which finds /var/task/bootstrap,
+# /opt/bootstrap or /var/runtime/bootstrap itself; inside, run the bootstrap directly.
+# Tests should still pass --entrypoint /var/rapid/aws-lambda-rie, as SAM does.
+write_rootfs() {
+	local r=$1 a p
+	mkdir -p "$r/bin" "$r/sbin" "$r/usr/bin" "$r/usr/sbin" "$r/etc" "$r/root" \
+		"$r/var/task" "$r/var/runtime" "$r/var/rapid" "$r/opt" "$r/tmp" "$r/dev" "$r/proc" "$r/sys"
+	chmod 1777 "$r/tmp"
+	cp /bin/busybox "$r/bin/busybox"
+	chmod 0755 "$r/bin/busybox"
+	for a in $(/bin/busybox --list); do
+		[ "$a" = busybox ] || ln -sf busybox "$r/bin/$a"
+	done
+	# Also at their usual places (/usr/bin/env, /sbin/ip, ...), for scripts with full paths.
+	for p in $(/bin/busybox --list-full); do
+		case "$p" in bin/*) continue ;; esac
+		[ -e "$r/$p" ] || ln -s /bin/busybox "$r/$p"
+	done
+	printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$r/etc/passwd"
+	printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"
+	cat >"$r/lambda-entrypoint.sh" <<-'EOF'
+		#!/bin/sh
+		if [ -z "${AWS_LAMBDA_RUNTIME_API:-}" ]; then
+		    exec /var/rapid/aws-lambda-rie "$@"
+		fi
+		for b in /var/task/bootstrap /opt/bootstrap /var/runtime/bootstrap; do
+		    [ -x "$b" ] && exec "$b" "$@"
+		done
+		echo "lambda-entrypoint.sh: no bootstrap" >&2
+		exit 127
+	EOF
+	chmod 0755 "$r/lambda-entrypoint.sh"
+}
+
+ensure_base() {
+	local have tmp id want=() ref repo tag
+	have=$(dk image inspect -f "{{index .Config.Labels \"$BASE_LABEL\"}}" "$BASE_IMAGE" 2>/dev/null || true)
+	if [ "$have" != "$BASE_RECIPE" ]; then
+		note "creating $BASE_IMAGE (recipe $BASE_RECIPE)"
+		tmp=$(mktemp -d "$D/rootfs.XXXXXX")
+		write_rootfs "$tmp"
+		if ! tar -C "$tmp" --numeric-owner --owner=0 --group=0 -c . |
+			dk import \
+				-c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+				-c 'ENV LANG=en_US.UTF-8 TZ=:/etc/localtime' \
+				-c 'ENV LAMBDA_TASK_ROOT=/var/task LAMBDA_RUNTIME_DIR=/var/runtime' \
+				-c 'WORKDIR /var/task' \
+				-c "LABEL $BASE_LABEL=$BASE_RECIPE" \
+				-c 'ENTRYPOINT ["/lambda-entrypoint.sh"]' \
+				- "$BASE_IMAGE" >/dev/null; then
+			rm -rf "$tmp"
+			die "docker import of $BASE_IMAGE failed"
+		fi
+		rm -rf "$tmp"
+	fi
+	id=$(dk image inspect -f '{{.Id}}' "$BASE_IMAGE")
+	# Tag whatever is missing or points elsewhere, via the API directly (one curl per tag is
+	# ~20x cheaper than one docker CLI process per tag).
+	declare -A cur=()
+	while read -r ref rid; do
+		cur[$ref]=$rid
+	done < <(dk image ls --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}' 'public.ecr.aws/lambda/*')
+	while read -r ref; do
+		[ "${cur[$ref]:-}" = "$id" ] || want+=("$ref")
+	done < <(all_refs)
+	for ref in "${want[@]}"; do
+		repo=${ref%:*}
+		tag=${ref##*:}
+		curl -fsS --unix-socket "$SOCK" -X POST \
+			"http://localhost/images/$id/tag?repo=$repo&tag=$tag" >/dev/null ||
+			die "tagging $BASE_IMAGE as $ref failed"
+	done
+}
+
+# ---------------------------------------------------------------- smoke check
+# A container must start and a port published on 127.0.0.1 must answer from the host.
+verify_containers() {
+	local name="lambda-imaged-test-env-check" port i body=""
+	dk rm -f "$name" >/dev/null 2>&1 || true
+	quiet dk run -d --name "$name" --entrypoint /bin/sh -p 127.0.0.1::8080 "$BASE_IMAGE" \
+		-c 'echo ok >/tmp/index.html && exec httpd -f -p 8080 -h /tmp'
+	port=$(dk port "$name" 8080/tcp | head -n1)
+	port=${port##*:}
+	for ((i = 0; i < 50; i++)); do
+		body=$(curl -fsS --max-time 2 "http://127.0.0.1:$port/" 2>/dev/null || true)
+		[ "$body" = ok ] && break
+		sleep 0.1
+	done
+	dk rm -f "$name" >/dev/null 2>&1 || true
+	if [ "$body" != ok ]; then
+		echo "--- tail of $LOG" >&2
+		tail -n 20 "$LOG" >&2 || true
+		die "a container port published on 127.0.0.1:$port does not answer (bridge/iptables?)"
+	fi
+}
+
+write_env() {
+	local f="$D/env" tmp
+	tmp=$(mktemp "$D/env.XXXXXX")
+	cat >"$tmp" <<-EOF
+		export DOCKER_HOST=unix://$SOCK
+		export LAMBDA_IMAGED_TEST_DIR=$D
+		export LAMBDA_IMAGED_RIE_DIR=$RIE_DIR
+	EOF
+	chmod 0644 "$tmp"
+	mv -f "$tmp" "$f"
+	cat "$f"
+}
+
+main() {
+	local cmd=${1:-up} started=""
+	[ "$(id -u)" -eq 0 ] || die "run as root (dockerd, apt-get)"
+	case "$D" in /*) ;; *) die "LAMBDA_IMAGED_TEST_DIR must be absolute: $D" ;; esac
+	mkdir -p "$D"
+	# One instance at a time per state dir (tests may call this in parallel).
+	exec 9>"$D/.lock"
+	flock 9
+	case "$cmd" in
+	up | start | "")
+		ensure_packages
+		if ! answering; then
+			start_daemon
+			started=1
+		fi
+		ensure_rie
+		ensure_base
+		# Checked after every start, and on request; a live daemon that answered is trusted.
+		if [ -n "$started" ] || [ -n "${LAMBDA_IMAGED_TEST_VERIFY:-}" ]; then
+			verify_containers
+		fi
+		write_env
+		;;
+	stop) stop_daemon ;;
+	status) answering ;;
+	env) [ -f "$D/env" ] && cat "$D/env" ;;
+	*) die "usage: $0 [up|stop|status|env]" ;;
+	esac
+}
+
+main "$@"

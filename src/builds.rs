@@ -1,0 +1,435 @@
+//! The in-flight table: at most one build per tag, every client gets the whole story.
+//!
+//! `DashMap<tag, Arc<InFlight>>`: the first request for a tag inserts an entry and drives the
+//! build on a task of its own (never on a client's stream, so a client that goes away cancels
+//! nothing). A later request with the same definition key attaches and replays the event log
+//! from the start, then follows live events. A request for a tag being built from other
+//! inputs (SAM's tags do not encode content) waits for that build to end and then starts its
+//! own. The entry is removed when the build ends, so a request after a failure retries.
+//!
+//! Events live in the entry's log (a `Vec` behind a mutex) and a `watch` channel only says
+//! "the log grew": a slow subscriber reads at its own pace and never stalls the build or the
+//! other subscribers. The log is bounded ([`MAX_EVENTS`]).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::engine::RunConfig;
+use crate::error::{Error, Result};
+
+/// Most events kept per build; further engine log lines are dropped (one warning says so).
+pub const MAX_EVENTS: usize = 20_000;
+/// Finished builds kept for ListBuilds.
+pub const HISTORY: usize = 100;
+
+/// Kind of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogKind {
+    Stream,
+    Status,
+    Error,
+}
+
+/// Why a build ran, or why none did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    UpToDate,
+    Missing,
+    Forced,
+    BaseChanged,
+    LayerChanged,
+    RieChanged,
+    DefinitionChanged,
+}
+
+/// A successful outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    pub tag: String,
+    pub image_id: String,
+    pub cached: bool,
+    pub reason: Reason,
+    pub changed_layer: String,
+    pub duration_ms: u64,
+    pub config: RunConfig,
+}
+
+/// One event of a build (the wire's `BuildEvent` minus `Accepted`, which is per client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Queued { position: u32 },
+    Log { kind: LogKind, text: String, step: u32 },
+    PullProgress { image: String, layer: String, current: u64, total: u64 },
+    ContextProgress { bytes_sent: u64, bytes_total: u64 },
+    Warning { code: String, message: String },
+    Completed(Completed),
+}
+
+/// Where a build is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Checking the base and whether the existing image is current.
+    Checking,
+    /// Waiting for a build slot.
+    Queued,
+    /// The engine is building.
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A build in progress (or just finished).
+pub struct InFlight {
+    pub id: String,
+    pub tag: String,
+    /// Identifies the inputs; only requests with the same key attach.
+    key: String,
+    /// Started by a `force_image_build` request.
+    force: bool,
+    pub started: SystemTime,
+    state: Mutex<State>,
+    grew: watch::Sender<usize>,
+    subscribers: AtomicU32,
+}
+
+#[derive(Default)]
+struct State {
+    events: Vec<Event>,
+    truncated: bool,
+    phase: Option<Phase>,
+    /// Set once, when the build ends.
+    error: Option<Error>,
+    finished: bool,
+}
+
+impl InFlight {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // State holds plain data, consistent after any push; a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Clients attached right now.
+    pub fn subscribers(&self) -> u32 {
+        self.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Where the build is.
+    pub fn phase(&self) -> Phase {
+        self.lock().phase.unwrap_or(Phase::Checking)
+    }
+
+    fn push(&self, event: Event) {
+        let len = {
+            let mut state = self.lock();
+            if state.events.len() >= MAX_EVENTS {
+                if matches!(event, Event::Log { .. } | Event::PullProgress { .. }) {
+                    if !state.truncated {
+                        state.truncated = true;
+                        state.events.push(Event::Warning {
+                            code: "log_truncated".into(),
+                            message: format!(
+                                "more than {MAX_EVENTS} events; further engine output is dropped"
+                            ),
+                        });
+                    }
+                    return;
+                }
+            }
+            state.events.push(event);
+            state.events.len()
+        };
+        self.grew.send_replace(len);
+    }
+
+    fn finish(&self, outcome: &Result<Completed>) {
+        {
+            let mut state = self.lock();
+            match outcome {
+                Ok(completed) => {
+                    state.events.push(Event::Completed(completed.clone()));
+                    state.phase = Some(Phase::Succeeded);
+                }
+                Err(err) => {
+                    state.error = Some(err.clone());
+                    state.phase = Some(Phase::Failed);
+                }
+            }
+            state.finished = true;
+        }
+        self.grew.send_modify(|len| *len += 1);
+    }
+
+    /// Waits until the build has ended.
+    pub async fn finished(&self) {
+        let mut rx = self.grew.subscribe();
+        loop {
+            if self.lock().finished {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One client's view of a build: every event from the start, then live ones, then the outcome.
+pub struct Subscription {
+    flight: Arc<InFlight>,
+    next: usize,
+    rx: watch::Receiver<usize>,
+    done: bool,
+}
+
+impl Subscription {
+    fn new(flight: Arc<InFlight>) -> Subscription {
+        flight.subscribers.fetch_add(1, Ordering::Relaxed);
+        let rx = flight.grew.subscribe();
+        Subscription { flight, next: 0, rx, done: false }
+    }
+
+    /// The build this follows.
+    pub fn flight(&self) -> &Arc<InFlight> {
+        &self.flight
+    }
+
+    /// The next event; `Some(Err)` once if the build failed; `None` after the end.
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            {
+                let state = self.flight.lock();
+                if let Some(event) = state.events.get(self.next) {
+                    self.next += 1;
+                    return Some(Ok(event.clone()));
+                }
+                if state.finished {
+                    self.done = true;
+                    return state.error.clone().map(Err);
+                }
+            }
+            // The sender lives in `flight`, which we hold: this only fails if it is gone.
+            if self.rx.changed().await.is_err() {
+                self.done = true;
+                return None;
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.flight.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a build driver uses to report and to wait for a slot.
+pub struct Reporter {
+    flight: Arc<InFlight>,
+    builds: Arc<Builds>,
+}
+
+impl Reporter {
+    /// Appends an event to the build's log.
+    pub fn emit(&self, event: Event) {
+        self.flight.push(event);
+    }
+
+    /// The build id.
+    pub fn build_id(&self) -> &str {
+        &self.flight.id
+    }
+
+    /// Waits for a build slot (bounded parallelism), telling clients the queue position.
+    pub async fn slot(&self) -> Result<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.builds.slots.clone().try_acquire_owned() {
+            self.flight.lock().phase = Some(Phase::Running);
+            return Ok(permit);
+        }
+        let position = self.builds.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+        self.flight.lock().phase = Some(Phase::Queued);
+        self.emit(Event::Queued { position: u32::try_from(position).unwrap_or(u32::MAX) });
+        let permit = self.builds.slots.clone().acquire_owned().await;
+        self.builds.waiting.fetch_sub(1, Ordering::SeqCst);
+        let permit = permit.map_err(|_| Error::Unavailable("daemon shutting down".into()))?;
+        self.flight.lock().phase = Some(Phase::Running);
+        Ok(permit)
+    }
+}
+
+/// A finished build, for ListBuilds.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub build_id: String,
+    pub tag: String,
+    pub started: SystemTime,
+    pub finished: Option<SystemTime>,
+    pub subscribers: u32,
+    pub phase: Phase,
+    pub image_id: String,
+    pub error: String,
+}
+
+/// The table of builds in flight plus a short history.
+pub struct Builds {
+    table: DashMap<String, Arc<InFlight>>,
+    history: Mutex<VecDeque<Summary>>,
+    /// Bounds concurrent engine builds (distinct tags); checks and cache hits need no slot.
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    closing: watch::Sender<bool>,
+}
+
+/// How a request wants to be matched against builds in flight.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub tag: String,
+    /// Hash of everything the request names (base, Dockerfile, layer names and paths, ...).
+    pub definition: String,
+    pub force: bool,
+}
+
+impl Builds {
+    /// A table allowing `max_parallel` engine builds at once.
+    pub fn new(max_parallel: usize) -> Arc<Builds> {
+        let (closing, _) = watch::channel(false);
+        Arc::new(Builds {
+            table: DashMap::new(),
+            history: Mutex::new(VecDeque::new()),
+            slots: Arc::new(Semaphore::new(max_parallel.max(1))),
+            waiting: AtomicUsize::new(0),
+            closing,
+        })
+    }
+
+    /// Attaches to the build of `key.tag` with the same inputs, or starts one with `driver`.
+    /// Returns the subscription and whether it joined an existing build.
+    pub async fn submit<F, Fut>(self: &Arc<Self>, key: Key, driver: F) -> Result<(Subscription, bool)>
+    where
+        F: FnOnce(Reporter) -> Fut,
+        Fut: Future<Output = Result<Completed>> + Send + 'static,
+    {
+        let mut driver = Some(driver);
+        loop {
+            if *self.closing.borrow() {
+                return Err(Error::Unavailable(
+                    "daemon shutting down; retry once it is back".into(),
+                ));
+            }
+            // Never hold the shard lock across an await: clone the Arc out first.
+            let busy = match self.table.entry(key.tag.clone()) {
+                MapEntry::Occupied(entry) => {
+                    let flight = entry.get().clone();
+                    let joinable = flight.key == key.definition
+                        && (!key.force || flight.force || flight.phase() != Phase::Checking);
+                    if joinable {
+                        return Ok((Subscription::new(flight), true));
+                    }
+                    flight
+                }
+                MapEntry::Vacant(entry) => {
+                    let (grew, _) = watch::channel(0);
+                    let flight = Arc::new(InFlight {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        tag: key.tag.clone(),
+                        key: key.definition.clone(),
+                        force: key.force,
+                        started: SystemTime::now(),
+                        state: Mutex::new(State::default()),
+                        grew,
+                        subscribers: AtomicU32::new(0),
+                    });
+                    entry.insert(flight.clone());
+                    // Subscribe before the driver can emit anything.
+                    let subscription = Subscription::new(flight.clone());
+                    let reporter = Reporter { flight: flight.clone(), builds: self.clone() };
+                    // `driver` is taken exactly once: this arm returns.
+                    let future = (driver.take().expect("driver used once"))(reporter);
+                    let builds = self.clone();
+                    tokio::spawn(async move {
+                        let outcome = future.await;
+                        builds.table.remove_if(&flight.tag, |_, v| Arc::ptr_eq(v, &flight));
+                        flight.finish(&outcome);
+                        builds.record(&flight, &outcome);
+                    });
+                    return Ok((subscription, false));
+                }
+            };
+            // Same tag, other inputs (or a forced rebuild behind a check): wait, then retry.
+            busy.finished().await;
+        }
+    }
+
+    fn record(&self, flight: &InFlight, outcome: &Result<Completed>) {
+        if matches!(outcome, Ok(c) if c.cached) {
+            return; // a cache hit is not a build
+        }
+        let summary = Summary {
+            build_id: flight.id.clone(),
+            tag: flight.tag.clone(),
+            started: flight.started,
+            finished: Some(SystemTime::now()),
+            subscribers: flight.subscribers(),
+            phase: flight.phase(),
+            image_id: outcome.as_ref().map(|c| c.image_id.clone()).unwrap_or_default(),
+            error: outcome.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+        };
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.push_front(summary);
+        history.truncate(HISTORY);
+    }
+
+    /// Builds in flight (oldest first) and recent finished ones (newest first).
+    pub fn list(&self) -> (Vec<Summary>, Vec<Summary>) {
+        let mut in_flight: Vec<Summary> = self
+            .table
+            .iter()
+            .map(|entry| {
+                let flight = entry.value();
+                Summary {
+                    build_id: flight.id.clone(),
+                    tag: flight.tag.clone(),
+                    started: flight.started,
+                    finished: None,
+                    subscribers: flight.subscribers(),
+                    phase: flight.phase(),
+                    image_id: String::new(),
+                    error: String::new(),
+                }
+            })
+            .collect();
+        in_flight.sort_by_key(|s| s.started);
+        let recent = self.history.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        (in_flight, recent)
+    }
+
+    /// Number of entries in the table (0 once everything has ended).
+    pub fn in_flight(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Refuses new builds from now on, then waits up to `timeout` for those in flight.
+    /// Returns how many were still running when it gave up.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.closing.send_replace(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let flights: Vec<Arc<InFlight>> = self.table.iter().map(|e| e.value().clone()).collect();
+            let Some(flight) = flights.into_iter().next() else { return 0 };
+            if tokio::time::timeout_at(deadline, flight.finished()).await.is_err() {
+                return self.table.len();
+            }
+            // `finished` fires just before the entry leaves the table; let the task remove it.
+            tokio::task::yield_now().await;
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The build context as a tar stream, produced while the engine reads it.
+//!
+//! A synchronous `tar::Builder` runs on a blocking thread and writes into a bounded channel
+//! (8 chunks of 64 KiB), so memory stays flat however large the layers are and no temporary
+//! file is written (engine-facts.md measured 6 MB peak RSS for a 533 MB context). Entries are
+//! sorted and carry mtime 0 and uid/gid 0, so the same input gives the same bytes.
+//!
+//! Layout: `Dockerfile`, `aws-lambda-rie` (0755, the requested architecture only), `opt/...`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::layers::{Kind, Tree};
+
+const CHUNK: usize = 64 * 1024;
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Everything that goes into one context.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The full Dockerfile, label line included.
+    pub dockerfile: String,
+    /// The RIE binary for the requested architecture.
+    pub rie: PathBuf,
+    /// The merged /opt tree; `None` when the request has no layers.
+    pub tree: Option<Arc<Tree>>,
+}
+
+/// A started producer: the byte stream for the engine, and the producer's own result (which
+/// carries the real cause when the stream ends early).
+pub struct Producer {
+    pub stream: std::pin::Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>,
+    pub done: JoinHandle<Result<()>>,
+}
+
+/// Starts writing the context; `sent` counts the bytes handed to the engine.
+pub fn produce(spec: Spec, sent: Arc<AtomicU64>) -> Producer {
+    let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(CHUNKS_IN_FLIGHT);
+    let done = tokio::task::spawn_blocking(move || {
+        let mut writer = ChanWriter { tx: tx.clone(), buffer: Vec::with_capacity(CHUNK), sent };
+        let result = write_context(&spec, &mut writer).and_then(|()| {
+            writer.flush_chunk().map_err(|err| Error::Internal(format!("sending context: {err}")))
+        });
+        if let Err(err) = &result {
+            // Fail the upload so the engine does not build a truncated context. If the
+            // receiver is gone the engine call already ended; nothing to tell.
+            let _ = tx.blocking_send(Err(io::Error::other(err.to_string())));
+        }
+        result
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Producer { stream: Box::pin(stream), done }
+}
+
+fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
+    let mut tar = tar::Builder::new(out);
+    let dockerfile = spec.dockerfile.as_bytes();
+    append(&mut tar, "Dockerfile", 0o644, dockerfile.len() as u64, dockerfile)?;
+    let rie = open_exact(&spec.rie)?;
+    append(&mut tar, "aws-lambda-rie", 0o755, rie.size, rie)?;
+    if let Some(tree) = &spec.tree {
+        append_dir(&mut tar, "opt")?;
+        for entry in tree.entries.values() {
+            let path = format!("opt/{}", entry.path);
+            match &entry.kind {
+                Kind::Dir => append_dir(&mut tar, &path)?,
+                Kind::File { source, size } => {
+                    let file = open_exact(source)?;
+                    if file.size != *size {
+                        return Err(changed(source));
+                    }
+                    append(&mut tar, &path, entry.mode, *size, file)?;
+                }
+                Kind::Symlink { target } => {
+                    let mut header = header(tar::EntryType::Symlink, 0o777, 0);
+                    tar.append_link(&mut header, &path, target).map_err(tar_error)?;
+                }
+            }
+        }
+    }
+    tar.into_inner().map_err(tar_error)?;
+    Ok(())
+}
+
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_size(size);
+    header.set_mtime(0);
+    header.set_uid(0);
+    header.set_gid(0);
+    header
+}
+
+fn append(
+    tar: &mut tar::Builder<&mut ChanWriter>,
+    path: &str,
+    mode: u32,
+    size: u64,
+    data: impl Read,
+) -> Result<()> {
+    let mut header = header(tar::EntryType::Regular, mode, size);
+    tar.append_data(&mut header, path, data).map_err(tar_error)
+}
+
+fn append_dir(tar: &mut tar::Builder<&mut ChanWriter>, path: &str) -> Result<()> {
+    let mut header = header(tar::EntryType::Directory, 0o755, 0);
+    tar.append_data(&mut header, path, io::empty()).map_err(tar_error)
+}
+
+fn tar_error(err: io::Error) -> Error {
+    // The only writer is the channel; it fails when the engine stopped reading, or a source
+    // file changed size under us (ExactFile says which).
+    Error::Unavailable(format!("build context upload stopped: {err}"))
+}
+
+fn changed(path: &Path) -> Error {
+    Error::FailedPrecondition(format!(
+        "{} changed while the build context was being sent; retry the request",
+        path.display()
+    ))
+}
+
+/// A file that must yield exactly `size` bytes: a layer file that shrinks or grows while it is
+/// streamed would otherwise corrupt the archive.
+struct ExactFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    remaining: u64,
+}
+
+fn open_exact(path: &Path) -> Result<ExactFile> {
+    let file = File::open(path).map_err(|err| Error::io("reading", path, &err))?;
+    let size = file.metadata().map_err(|err| Error::io("reading", path, &err))?.len();
+    Ok(ExactFile { file, path: path.to_owned(), size, remaining: size })
+}
+
+impl Read for ExactFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let limit = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let read = self.file.read(&mut buf[..limit])?;
+        if read == 0 {
+            return Err(io::Error::other(changed(&self.path).to_string()));
+        }
+        self.remaining -= read as u64;
+        Ok(read)
+    }
+}
+
+/// Collects writes into 64 KiB chunks and hands them to the async side.
+struct ChanWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buffer: Vec<u8>,
+    sent: Arc<AtomicU64>,
+}
+
+impl ChanWriter {
+    fn flush_chunk(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK)));
+        let len = chunk.len() as u64;
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the engine stopped reading"))?;
+        self.sent.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Write for &mut ChanWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buffer.len();
+        let take = room.min(buf.len());
+        self.buffer.extend_from_slice(&buf[..take]);
+        if self.buffer.len() == CHUNK {
+            self.flush_chunk()?;
+        }
+        Ok(take)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::layers::{Limits, StatCache, walk};
+    use crate::resolve::LayerSpec;
+
+    async fn collect(spec: Spec) -> Vec<u8> {
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut producer = produce(spec, sent.clone());
+        let mut bytes = Vec::new();
+        while let Some(chunk) = producer.stream.next().await {
+            bytes.extend_from_slice(&chunk.unwrap());
+        }
+        producer.done.await.unwrap().unwrap();
+        assert_eq!(sent.load(Ordering::Relaxed), bytes.len() as u64);
+        bytes
+    }
+
+    /// The archive holds the Dockerfile, the RIE at 0755 and the merged /opt with normalised
+    /// modes, links kept; producing it twice gives the same bytes.
+    #[tokio::test]
+    async fn archive_layout_modes_and_determinism() {
+        let dir = tempfile::tempdir().unwrap();
+        let rie = dir.path().join("rie");
+        std::fs::write(&rie, b"\x7fELF").unwrap();
+        let layer = dir.path().join("layer");
+        std::fs::create_dir_all(layer.join("bin")).unwrap();
+        std::fs::write(layer.join("bin/run"), "#!/bin/sh").unwrap();
+        std::fs::set_permissions(layer.join("bin/run"), std::fs::Permissions::from_mode(0o6700))
+            .unwrap();
+        std::fs::write(layer.join("data.txt"), "x".repeat(200_000)).unwrap();
+        symlink("bin/run", layer.join("bootstrap")).unwrap();
+        let specs = [LayerSpec { name: "l".into(), path: layer }];
+        let tree = walk(&specs, Limits::default(), &StatCache::default()).unwrap();
+        let spec = Spec {
+            dockerfile: "FROM x\n".into(),
+            rie,
+            tree: Some(Arc::new(tree)),
+        };
+        let first = collect(spec.clone()).await;
+        assert_eq!(first, collect(spec).await, "same input, same bytes");
+
+        let mut archive = tar::Archive::new(first.as_slice());
+        let mut seen = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            let header = entry.header();
+            let path = entry.path().unwrap().display().to_string();
+            let link = entry.link_name().unwrap().map(|l| l.display().to_string());
+            assert_eq!(header.mtime().unwrap(), 0);
+            seen.push((path, header.mode().unwrap(), link));
+        }
+        let expected = [
+            ("Dockerfile", 0o644, None),
+            ("aws-lambda-rie", 0o755, None),
+            ("opt", 0o755, None),
+            ("opt/bin", 0o755, None),
+            ("opt/bin/run", 0o755, None),
+            ("opt/bootstrap", 0o777, Some("bin/run")),
+            ("opt/data.txt", 0o644, None),
+        ];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(p, m, l)| (p.to_string(), *m, l.map(str::to_owned)))
+            .collect();
+        assert_eq!(seen, expected);
+    }
+
+    /// A missing RIE fails the producer and the stream ends with an error.
+    #[tokio::test]
+    async fn producer_failure_reaches_the_stream() {
+        let spec = Spec { dockerfile: "FROM x\n".into(), rie: "/nonexistent/rie".into(), tree: None };
+        let mut producer = produce(spec, Arc::new(AtomicU64::new(0)));
+        let mut saw_error = false;
+        while let Some(chunk) = producer.stream.next().await {
+            saw_error |= chunk.is_err();
+        }
+        assert!(saw_error);
+        assert!(matches!(producer.done.await.unwrap(), Err(Error::NotFound(_))));
+    }
+}

@@ -1,0 +1,374 @@
+//! The few engine calls we make, over one shared bollard client, and the image index.
+//!
+//! The client is created and its API version negotiated lazily (the daemon starts and answers
+//! Resolve while the engine is down) and again after the engine comes back. The index maps an
+//! image reference to what `inspect` said about it, so a warm hit needs no engine call; it is
+//! kept true by the engine's `/events` stream (anything can `docker rmi` behind our back).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::Docker;
+use bollard::models::{BuildInfo, CreateImageInfo};
+use bollard::query_parameters::{
+    BuildImageOptions, CreateImageOptions, EventsOptions, ListContainersOptions, RemoveImageOptions,
+};
+use futures_util::StreamExt;
+use tokio::sync::{Mutex, watch};
+
+use crate::error::{Error, Result};
+use crate::reference::ImageRef;
+
+/// How long a connect + version negotiation may take before the engine counts as down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Ordinary engine calls (inspect, remove, version).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What an emulator needs to run an image, as the engine reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub working_dir: String,
+    pub env: Vec<String>,
+    pub architecture: String,
+}
+
+/// What we know about one image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// "sha256:<64 hex>".
+    pub id: String,
+    pub labels: HashMap<String, String>,
+    pub config: RunConfig,
+}
+
+/// Engine identity, for GetInfo.
+#[derive(Debug, Clone, Default)]
+pub struct EngineVersion {
+    pub name: String,
+    pub version: String,
+    pub api_version: String,
+}
+
+/// One shared engine connection plus the image index.
+pub struct Engine {
+    host: String,
+    build_timeout: Duration,
+    client: Mutex<Option<Docker>>,
+    index: RwLock<Index>,
+    healthy: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Index {
+    /// Bumped on every invalidation; an inspect that started before a bump must not insert.
+    generation: u64,
+    /// False while the events stream is down: nothing is served from or added to the index.
+    live: bool,
+    images: HashMap<String, ImageInfo>,
+}
+
+impl Engine {
+    /// An engine at `host` (`unix:///path` or `tcp://host:port`); nothing is contacted yet.
+    pub fn new(host: String, build_timeout: Duration) -> Arc<Engine> {
+        let (healthy, _) = watch::channel(false);
+        Arc::new(Engine {
+            host,
+            build_timeout,
+            client: Mutex::new(None),
+            index: RwLock::new(Index::default()),
+            healthy,
+        })
+    }
+
+    /// The engine address from `DOCKER_HOST`, or Docker's default socket.
+    pub fn host_from_env() -> String {
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned())
+    }
+
+    /// Where the engine is reached.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// True while the engine answers; changes are published to [`Engine::health`] watchers.
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.healthy.subscribe()
+    }
+
+    /// The shared client, connecting and negotiating the API version on first use.
+    pub async fn client(&self) -> Result<Docker> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let client = Docker::connect_with_host(&self.host)
+            .map_err(|err| self.unreachable(&err))?
+            .with_timeout(CALL_TIMEOUT);
+        let client = tokio::time::timeout(CONNECT_TIMEOUT, client.negotiate_version())
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "the engine at {} did not answer within {CONNECT_TIMEOUT:?}; is it running?",
+                    self.host
+                ))
+            })?
+            .map_err(|err| self.unreachable(&err))?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Forgets the negotiated client, so the next call reconnects (the engine may have been
+    /// replaced by another version).
+    async fn reset_client(&self) {
+        *self.client.lock().await = None;
+    }
+
+    fn unreachable(&self, err: &bollard::errors::Error) -> Error {
+        Error::Unavailable(format!(
+            "cannot reach the container engine at {}: {err}; start it or point DOCKER_HOST at it",
+            self.host
+        ))
+    }
+
+    /// Maps an engine error: 404 is NOT_FOUND, other answers are the engine refusing
+    /// (FAILED_PRECONDITION with its own text), anything else means it is unreachable.
+    pub fn map_error(&self, err: bollard::errors::Error) -> Error {
+        use bollard::errors::Error as B;
+        match err {
+            B::DockerResponseServerError { status_code: 404, message } => Error::NotFound(message),
+            B::DockerResponseServerError { message, .. } => {
+                Error::FailedPrecondition(format!("the engine refused: {}", message.trim_end()))
+            }
+            B::DockerStreamError { error } => {
+                Error::FailedPrecondition(format!("the engine failed: {}", error.trim_end()))
+            }
+            B::RequestTimeoutError => Error::Unavailable(format!(
+                "the engine at {} did not answer in time",
+                self.host
+            )),
+            other => self.unreachable(&other),
+        }
+    }
+
+    /// Looks `reference` up: from the index when it is live, else from the engine.
+    /// `Ok(None)` when the engine has no such image.
+    pub async fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>> {
+        let generation = {
+            let index = self.read_index();
+            if index.live {
+                if let Some(info) = index.images.get(reference) {
+                    return Ok(Some(info.clone()));
+                }
+            }
+            index.generation
+        };
+        let client = self.client().await?;
+        let inspected = match client.inspect_image(reference).await {
+            Ok(inspected) => inspected,
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                return Ok(None);
+            }
+            Err(err) => return Err(self.map_error(err)),
+        };
+        let config = inspected.config.unwrap_or_default();
+        let info = ImageInfo {
+            id: inspected.id.unwrap_or_default(),
+            labels: config.labels.unwrap_or_default(),
+            config: RunConfig {
+                entrypoint: config.entrypoint.unwrap_or_default(),
+                cmd: config.cmd.unwrap_or_default(),
+                working_dir: config.working_dir.unwrap_or_default(),
+                env: config.env.unwrap_or_default(),
+                architecture: inspected.architecture.unwrap_or_default(),
+            },
+        };
+        self.remember(reference, &info, generation);
+        Ok(Some(info))
+    }
+
+    /// Records `info` for `reference` unless the index was invalidated since `generation`.
+    fn remember(&self, reference: &str, info: &ImageInfo, generation: u64) {
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        if index.live && index.generation == generation {
+            index.images.insert(reference.to_owned(), info.clone());
+        }
+    }
+
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        // The index holds plain data; a panic elsewhere cannot leave it half-updated.
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets everything (an image changed behind our back); `live` says whether the events
+    /// stream is attached so that new entries may be trusted.
+    fn invalidate(&self, live: bool) {
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        index.generation += 1;
+        index.live = live;
+        index.images.clear();
+    }
+
+    /// The index generation now; pass it to [`Engine::inspect_fresh`] after a build.
+    pub fn generation(&self) -> u64 {
+        self.read_index().generation
+    }
+
+    /// Pulls `reference`, reporting progress as (layer, current, total, status).
+    pub async fn pull(
+        &self,
+        reference: &ImageRef,
+        platform: &str,
+        mut progress: impl FnMut(&CreateImageInfo),
+    ) -> Result<()> {
+        let client = self.client().await?;
+        // Always name a tag or digest: an empty tag would pull every tag of the repository.
+        let tag = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let options = CreateImageOptions {
+            from_image: Some(reference.repository().to_owned()),
+            tag: Some(tag.to_owned()),
+            platform: platform.to_owned(),
+            ..Default::default()
+        };
+        let mut stream = client.create_image(Some(options), None, None);
+        while let Some(item) = stream.next().await {
+            let item = item.map_err(|err| self.map_error(err))?;
+            progress(&item);
+        }
+        Ok(())
+    }
+
+    /// Starts a build; the stream yields the engine's messages. The client used has its
+    /// request timeout raised to the build timeout, since bollard's covers the whole upload.
+    pub async fn build(
+        &self,
+        options: BuildImageOptions,
+        body: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+    ) -> Result<BuildStream> {
+        let client = self.client().await?.with_timeout(self.build_timeout + CALL_TIMEOUT);
+        Ok(spawn_build(client, options, body))
+    }
+
+    /// Removes an image we superseded, unless a container uses it (the engine refuses then,
+    /// and so do we, silently). Returns whether it was removed.
+    pub async fn remove_unused(&self, image_id: &str) -> bool {
+        let Ok(client) = self.client().await else { return false };
+        let filters = HashMap::from([("ancestor".to_owned(), vec![image_id.to_owned()])]);
+        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        match client.list_containers(Some(options)).await {
+            Ok(containers) if containers.is_empty() => {}
+            _ => return false,
+        }
+        let options = RemoveImageOptions { force: false, noprune: false, ..Default::default() };
+        client.remove_image(image_id, Some(options), None).await.is_ok()
+    }
+
+    /// Engine identity, for GetInfo.
+    pub async fn version(&self) -> Result<EngineVersion> {
+        let client = self.client().await?;
+        let version = client.version().await.map_err(|err| self.map_error(err))?;
+        let name = version
+            .platform
+            .map(|p| p.name)
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "unknown engine".to_owned());
+        Ok(EngineVersion {
+            name,
+            version: version.version.unwrap_or_default(),
+            api_version: client.client_version().to_string(),
+        })
+    }
+
+    /// Watches the engine for as long as the daemon runs: keeps [`Engine::health`] current and
+    /// the index true. Events are requested `since` the moment the index was last cleared, so
+    /// an event that happens while the subscription is being set up is still delivered.
+    pub async fn watch(self: Arc<Self>) {
+        loop {
+            let client = match self.client().await {
+                Ok(client) => client,
+                Err(_) => {
+                    self.invalidate(false);
+                    self.healthy.send_replace(false);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if client.ping().await.is_err() {
+                self.invalidate(false);
+                self.healthy.send_replace(false);
+                self.reset_client().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // A whole second earlier: `since` has one-second resolution.
+            let since = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs()
+                .saturating_sub(1);
+            self.invalidate(true);
+            self.healthy.send_replace(true);
+            let filters = HashMap::from([("type".to_owned(), vec!["image".to_owned()])]);
+            let options = EventsOptions {
+                since: Some(since.to_string()),
+                filters: Some(filters),
+                ..Default::default()
+            };
+            // The events call must not time out while idle.
+            let events_client = client.with_timeout(Duration::from_secs(u64::from(u32::MAX)));
+            let mut events = events_client.events(Some(options));
+            while let Some(event) = events.next().await {
+                match event {
+                    // Any image event may change what a reference means: forget everything.
+                    // They are rare next to requests, and a miss costs one inspect.
+                    Ok(_) => self.invalidate(true),
+                    Err(err) => {
+                        tracing::warn!(engine = %self.host, error = %err, "engine events stream ended");
+                        break;
+                    }
+                }
+            }
+            self.invalidate(false);
+            self.reset_client().await;
+        }
+    }
+}
+
+/// Engine build messages; dropping it aborts the engine request.
+pub struct BuildStream {
+    rx: tokio::sync::mpsc::Receiver<std::result::Result<BuildInfo, bollard::errors::Error>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BuildStream {
+    /// The next engine message, `None` at the end.
+    pub async fn next(&mut self) -> Option<std::result::Result<BuildInfo, bollard::errors::Error>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for BuildStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn spawn_build(
+    client: Docker,
+    options: BuildImageOptions,
+    body: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+) -> BuildStream {
+    // `build_image` borrows the client, so the request runs on a task that owns it.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(client.build_image(options, None, Some(bollard::body_try_stream(body))));
+        while let Some(item) = stream.next().await {
+            if tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    BuildStream { rx, task }
+}

@@ -1,0 +1,492 @@
+//! Layer sources walked into one merged `/opt` tree, and content digests.
+//!
+//! Each layer is walked without following links blindly (design §2): a link whose target stays
+//! inside the layer is kept as a link; one that points outside is dereferenced, as SAM does
+//! (pnpm-style layers rely on it); loops are an error naming the link; sockets, fifos and
+//! devices are skipped with a warning. Modes are normalised: directories and files with any
+//! execute bit become 0755, other files 0644; setuid/setgid/sticky never survive. Later layers
+//! win, as in Lambda.
+//!
+//! File contents are hashed through a [`StatCache`], keyed like git's index by (device, inode,
+//! size, mtime, ctime), so an unchanged layer costs one walk and no reads.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::resolve::LayerSpec;
+
+/// Limits on what one request may send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most entries (files, dirs, links) across all layers.
+    pub max_entries: usize,
+    /// Most bytes of file content across all layers.
+    pub max_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_entries: 500_000, max_bytes: 8 << 30 }
+    }
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    /// A regular file read from `source` (the file itself, or a link's dereferenced target).
+    File { source: PathBuf, size: u64 },
+    /// A link kept as a link; `target` as written (relative, stays inside the layer).
+    Symlink { target: PathBuf },
+}
+
+/// One entry of the merged tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Path under /opt, '/'-separated, no leading slash.
+    pub path: String,
+    pub kind: Kind,
+    /// Normalised mode: 0o755 or 0o644 (0o777 for links).
+    pub mode: u32,
+    /// Index of the layer the entry comes from.
+    pub layer: usize,
+}
+
+/// A problem that does not fail the build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The merged `/opt` tree plus what the walk noticed.
+#[derive(Debug, Default)]
+pub struct Tree {
+    /// Entries by path; BTreeMap order is the tar order (a parent sorts before its children).
+    pub entries: BTreeMap<String, Entry>,
+    pub warnings: Vec<Warning>,
+    /// Per layer: its content digest (hex), in request order.
+    pub layer_digests: Vec<String>,
+}
+
+fn normalised_mode(mode: u32, is_dir: bool) -> u32 {
+    if is_dir || mode & 0o111 != 0 { 0o755 } else { 0o644 }
+}
+
+/// Walks every layer and merges them in order.
+pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache) -> Result<Tree> {
+    let mut tree = Tree::default();
+    let mut budget = Budget { limits, entries: 0, bytes: 0 };
+    for (index, layer) in layers.iter().enumerate() {
+        let meta = fs::metadata(&layer.path).map_err(|err| {
+            Error::io(&format!("layer {:?}:", layer.name), &layer.path, &err)
+        })?;
+        if !meta.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "layers[{index}].path: {} is not a directory; pass the layer's content directory",
+                layer.path.display()
+            )));
+        }
+        let mut walker = Walker {
+            layer: index,
+            name: &layer.name,
+            entries: Vec::new(),
+            warnings: &mut tree.warnings,
+            budget: &mut budget,
+            stack: HashSet::new(),
+        };
+        walker.dir(&layer.path, "", &meta)?;
+        let mut entries = walker.entries;
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        tree.layer_digests.push(layer_digest(&entries, cache)?);
+        for entry in entries {
+            merge(&mut tree.entries, entry);
+        }
+    }
+    Ok(tree)
+}
+
+/// Inserts `entry`, a later layer's, over what is there: a non-directory replaces a whole
+/// subtree; a directory merges with an existing one.
+fn merge(entries: &mut BTreeMap<String, Entry>, entry: Entry) {
+    if entry.kind != Kind::Dir {
+        let prefix = format!("{}/", entry.path);
+        let doomed: Vec<String> = entries
+            .range(prefix.clone()..)
+            .take_while(|(path, _)| path.starts_with(&prefix))
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in doomed {
+            entries.remove(&path);
+        }
+    }
+    entries.insert(entry.path.clone(), entry);
+}
+
+struct Budget {
+    limits: Limits,
+    entries: usize,
+    bytes: u64,
+}
+
+impl Budget {
+    fn add(&mut self, bytes: u64) -> Result<()> {
+        self.entries += 1;
+        self.bytes += bytes;
+        if self.entries > self.limits.max_entries {
+            return Err(Error::ResourceExhausted(format!(
+                "layers hold more than max_layer_entries = {} files and directories",
+                self.limits.max_entries
+            )));
+        }
+        if self.bytes > self.limits.max_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "layers hold more than max_layer_bytes = {} bytes",
+                self.limits.max_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct Walker<'a> {
+    layer: usize,
+    name: &'a str,
+    entries: Vec<Entry>,
+    warnings: &'a mut Vec<Warning>,
+    budget: &'a mut Budget,
+    /// (dev, ino) of the directories being walked: a dereferenced link back into one is a loop.
+    stack: HashSet<(u64, u64)>,
+}
+
+impl Walker<'_> {
+    fn dir(&mut self, dir: &Path, rel: &str, meta: &fs::Metadata) -> Result<()> {
+        let id = (meta.dev(), meta.ino());
+        if !self.stack.insert(id) {
+            return Err(Error::InvalidArgument(format!(
+                "layer {:?}: link loop at {}; remove or fix the link",
+                self.name,
+                dir.display()
+            )));
+        }
+        let read = fs::read_dir(dir).map_err(|err| Error::io("reading layer dir", dir, &err))?;
+        let mut names = Vec::new();
+        for item in read {
+            let item = item.map_err(|err| Error::io("reading layer dir", dir, &err))?;
+            names.push(item.file_name());
+        }
+        names.sort();
+        for name in names {
+            let Some(name_str) = name.to_str() else {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {:?}: file name {:?} under {} is not UTF-8",
+                    self.name,
+                    name,
+                    dir.display()
+                )));
+            };
+            let path = dir.join(&name);
+            let child_rel =
+                if rel.is_empty() { name_str.to_owned() } else { format!("{rel}/{name_str}") };
+            let meta = fs::symlink_metadata(&path)
+                .map_err(|err| Error::io("reading layer entry", &path, &err))?;
+            self.entry(&path, child_rel, &meta)?;
+        }
+        self.stack.remove(&id);
+        Ok(())
+    }
+
+    fn entry(&mut self, path: &Path, rel: String, meta: &fs::Metadata) -> Result<()> {
+        let file_type = meta.file_type();
+        if file_type.is_dir() {
+            self.budget.add(0)?;
+            self.push(rel.clone(), Kind::Dir, 0o755);
+            return self.dir(path, &rel, meta);
+        }
+        if file_type.is_file() {
+            self.budget.add(meta.len())?;
+            let mode = normalised_mode(meta.permissions().mode(), false);
+            let kind = Kind::File { source: path.to_owned(), size: meta.len() };
+            self.push(rel, kind, mode);
+            return Ok(());
+        }
+        if file_type.is_symlink() {
+            return self.symlink(path, rel);
+        }
+        self.warnings.push(Warning {
+            code: "skipped_special_file",
+            message: format!(
+                "layer {:?}: skipped {} (a socket, fifo or device cannot be part of an image)",
+                self.name,
+                path.display()
+            ),
+        });
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &Path, rel: String) -> Result<()> {
+        let target =
+            fs::read_link(path).map_err(|err| Error::io("reading layer link", path, &err))?;
+        if stays_inside(&rel, &target) {
+            self.budget.add(0)?;
+            self.push(rel, Kind::Symlink { target }, 0o777);
+            return Ok(());
+        }
+        // Points outside the layer: dereference, as SAM does.
+        let meta = fs::metadata(path).map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) => Error::InvalidArgument(format!(
+                "layer {:?}: link loop at {}; remove or fix the link",
+                self.name,
+                path.display()
+            )),
+            _ => Error::NotFound(format!(
+                "layer {:?}: link {} points to {}, which cannot be read ({err})",
+                self.name,
+                path.display(),
+                target.display()
+            )),
+        })?;
+        let real = fs::canonicalize(path).map_err(|err| Error::io("resolving link", path, &err))?;
+        if meta.is_dir() {
+            self.budget.add(0)?;
+            self.push(rel.clone(), Kind::Dir, 0o755);
+            return self.dir(&real, &rel, &meta);
+        }
+        if meta.is_file() {
+            self.budget.add(meta.len())?;
+            let mode = normalised_mode(meta.permissions().mode(), false);
+            self.push(rel, Kind::File { source: real, size: meta.len() }, mode);
+            return Ok(());
+        }
+        self.warnings.push(Warning {
+            code: "skipped_special_file",
+            message: format!(
+                "layer {:?}: skipped link {} to a socket, fifo or device",
+                self.name,
+                path.display()
+            ),
+        });
+        Ok(())
+    }
+
+    fn push(&mut self, path: String, kind: Kind, mode: u32) {
+        self.entries.push(Entry { path, kind, mode, layer: self.layer });
+    }
+}
+
+/// True when a link at `rel` (relative to the layer root) with `target` resolves, lexically,
+/// to a path inside the layer.
+fn stays_inside(rel: &str, target: &Path) -> bool {
+    if target.is_absolute() {
+        return false;
+    }
+    // Depth of the link's parent directory below the root.
+    let mut depth = rel.matches('/').count() as i64;
+    for component in target.components() {
+        match component {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// The digest of one layer's entries (paths, kinds, modes, link targets, file bytes).
+fn layer_digest(entries: &[Entry], cache: &StatCache) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for entry in entries {
+        hasher.update(entry.path.as_bytes());
+        hasher.update([0]);
+        match &entry.kind {
+            Kind::Dir => hasher.update(b"d"),
+            Kind::File { source, .. } => {
+                hasher.update(format!("f{:o}", entry.mode));
+                hasher.update(cache.file_digest(source)?);
+            }
+            Kind::Symlink { target } => {
+                hasher.update(b"l");
+                hasher.update(target.as_os_str().as_encoded_bytes());
+            }
+        }
+        hasher.update([0]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The (device, inode, size, mtime, ctime) key of git's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl StatKey {
+    fn of(meta: &fs::Metadata) -> StatKey {
+        StatKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+}
+
+/// File timestamps come from a coarse clock: a file changed within this window of being hashed
+/// may keep the same key, so its hash is not remembered (git's "racy" entries).
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// Per-file content hashes keyed by stat data.
+#[derive(Debug, Default)]
+pub struct StatCache {
+    files: Mutex<HashMap<PathBuf, (StatKey, [u8; 32])>>,
+}
+
+impl StatCache {
+    /// The sha256 of `path`'s content, from the cache when its stat key is unchanged.
+    pub fn file_digest(&self, path: &Path) -> Result<[u8; 32]> {
+        let meta = fs::metadata(path).map_err(|err| Error::io("reading layer file", path, &err))?;
+        let key = StatKey::of(&meta);
+        if let Some((cached, digest)) = self.lock().get(path) {
+            if *cached == key {
+                return Ok(*digest);
+            }
+        }
+        let started = SystemTime::now();
+        let digest = hash_file(path)?;
+        let started_ns = started.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i128;
+        let settled = key.ctime_ns.max(key.mtime_ns) + (RACY_WINDOW.as_nanos() as i128) < started_ns;
+        if settled {
+            self.lock().insert(path.to_owned(), (key, digest));
+        }
+        Ok(digest)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (StatKey, [u8; 32])>> {
+        // A panic while holding this lock leaves a plain map behind; it is still consistent.
+        self.files.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// sha256 of a file's content.
+pub fn hash_file(path: &Path) -> Result<[u8; 32]> {
+    let mut file = File::open(path).map_err(|err| Error::io("reading", path, &err))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let read = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(Error::io("reading", path, &err)),
+        };
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn write(path: &Path, content: &str, mode: u32) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, content).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn spec(name: &str, path: &Path) -> LayerSpec {
+        LayerSpec { name: name.to_owned(), path: path.to_owned() }
+    }
+
+    #[test]
+    fn later_layers_win_and_modes_are_normalised() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        write(&a.join("shared.txt"), "from a", 0o600);
+        write(&a.join("only_a/x"), "x", 0o4755);
+        write(&a.join("replaced/child"), "gone", 0o644);
+        write(&b.join("shared.txt"), "from b", 0o640);
+        write(&b.join("bin/tool"), "#!/bin/sh", 0o700);
+        write(&b.join("replaced"), "now a file", 0o644);
+        let cache = StatCache::default();
+        let tree = walk(&[spec("a", &a), spec("b", &b)], Limits::default(), &cache).unwrap();
+        let paths: Vec<&str> = tree.entries.keys().map(String::as_str).collect();
+        assert_eq!(paths, ["bin", "bin/tool", "only_a", "only_a/x", "replaced", "shared.txt"]);
+        assert_eq!(tree.entries["shared.txt"].layer, 1);
+        assert_eq!(tree.entries["shared.txt"].mode, 0o644);
+        assert_eq!(tree.entries["only_a/x"].mode, 0o755, "setuid dropped, exec kept");
+        assert_eq!(tree.entries["bin/tool"].mode, 0o755);
+        assert_eq!(tree.layer_digests.len(), 2);
+    }
+
+    #[test]
+    fn links_inside_stay_links_outside_are_dereferenced_loops_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        let outside = dir.path().join("outside");
+        write(&layer.join("lib/real.so"), "elf", 0o755);
+        write(&outside.join("pkg/index.js"), "js", 0o644);
+        symlink("lib/real.so", layer.join("inside")).unwrap();
+        symlink("../outside/pkg", layer.join("node_modules")).unwrap();
+        symlink("../../outside/pkg", layer.join("lib/escape")).unwrap();
+        let cache = StatCache::default();
+        let tree = walk(&[spec("l", &layer)], Limits::default(), &cache).unwrap();
+        assert_eq!(
+            tree.entries["inside"].kind,
+            Kind::Symlink { target: PathBuf::from("lib/real.so") }
+        );
+        assert_eq!(tree.entries["node_modules"].kind, Kind::Dir);
+        assert!(matches!(tree.entries["node_modules/index.js"].kind, Kind::File { .. }));
+        assert_eq!(tree.entries["lib/escape"].kind, Kind::Dir, "escaping link dereferenced");
+
+        let looped = dir.path().join("looped");
+        fs::create_dir_all(&looped).unwrap();
+        symlink(&looped, looped.join("self")).unwrap();
+        let err = walk(&[spec("loop", &looped)], Limits::default(), &cache).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("loop")), "{err:?}");
+    }
+
+    #[test]
+    fn digest_changes_with_content_and_limits_are_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        write(&layer.join("f"), "one", 0o644);
+        let cache = StatCache::default();
+        let first = walk(&[spec("l", &layer)], Limits::default(), &cache).unwrap();
+        write(&layer.join("f"), "two", 0o644);
+        let second = walk(&[spec("l", &layer)], Limits::default(), &cache).unwrap();
+        assert_ne!(first.layer_digests, second.layer_digests);
+        let tight = Limits { max_entries: 10, max_bytes: 2 };
+        let err = walk(&[spec("l", &layer)], tight, &cache).unwrap_err();
+        assert!(matches!(&err, Error::ResourceExhausted(m) if m.contains("max_layer_bytes")));
+    }
+
+    #[test]
+    fn link_target_check_is_lexical() {
+        assert!(stays_inside("a/link", Path::new("../b")));
+        assert!(!stays_inside("link", Path::new("../b")));
+        assert!(!stays_inside("a/link", Path::new("/etc/passwd")));
+        assert!(stays_inside("a/b/link", Path::new("../../c")));
+        assert!(!stays_inside("a/link", Path::new("x/../../../y")));
+    }
+}

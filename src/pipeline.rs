@@ -1,0 +1,429 @@
+//! One build, from plan to image: RIE, base image (pull if missing and allowed), layer walk,
+//! fingerprint, cache check, streamed context, engine messages, outcome.
+//!
+//! Runs on its own task (see `builds.rs`); reports through a [`Reporter`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::BuildImageOptions;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::builds::{Completed, Event, LogKind, Reason, Reporter};
+use crate::context;
+use crate::engine::{Engine, ImageInfo};
+use crate::error::{Error, Result};
+use crate::layers::{self, Limits, StatCache};
+use crate::resolve::{Arch, Plan};
+
+/// Label holding the content fingerprint of an image we built.
+pub const FINGERPRINT_LABEL: &str = "io.lambda-imaged.fingerprint";
+/// Label holding the per-part digests, so a rebuild can say what changed.
+pub const PARTS_LABEL: &str = "io.lambda-imaged.parts";
+/// Label naming the daemon version that built the image.
+pub const VERSION_LABEL: &str = "io.lambda-imaged.version";
+
+/// What every build shares.
+pub struct Shared {
+    pub engine: Arc<Engine>,
+    pub stat_cache: Arc<StatCache>,
+    pub rie_dir: PathBuf,
+    pub limits: Limits,
+    pub build_timeout: Duration,
+    /// Test hook: when set, each engine build waits for a permit here before it starts.
+    pub build_gate: Option<Arc<Semaphore>>,
+}
+
+/// Where the RIE for `arch` is read from.
+pub fn rie_path(rie_dir: &std::path::Path, arch: Arch) -> PathBuf {
+    rie_dir.join(format!("aws-lambda-rie-{}", arch.as_str()))
+}
+
+/// The digests that determine an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parts {
+    pub base: String,
+    pub rie: String,
+    pub dockerfile: String,
+    /// (layer name, content digest) in request order.
+    pub layers: Vec<(String, String)>,
+}
+
+impl Parts {
+    /// The fingerprint: sha256 of the canonical JSON of the parts.
+    pub fn fingerprint(&self) -> String {
+        // Serialising plain strings cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(json))
+    }
+}
+
+/// Why an existing image does (not) serve the request.
+pub fn decide(existing: Option<&ImageInfo>, parts: &Parts, force: bool) -> (Reason, String) {
+    let Some(existing) = existing else { return (Reason::Missing, String::new()) };
+    let Some(old) = existing.labels.get(FINGERPRINT_LABEL) else {
+        return (Reason::Missing, String::new());
+    };
+    if force {
+        return (Reason::Forced, String::new());
+    }
+    if *old == parts.fingerprint() {
+        return (Reason::UpToDate, String::new());
+    }
+    let Some(old) = existing.labels.get(PARTS_LABEL).and_then(|p| serde_json::from_str::<Parts>(p).ok())
+    else {
+        return (Reason::DefinitionChanged, String::new());
+    };
+    if old.base != parts.base {
+        return (Reason::BaseChanged, String::new());
+    }
+    if old.rie != parts.rie {
+        return (Reason::RieChanged, String::new());
+    }
+    let names = |p: &Parts| p.layers.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    if old.dockerfile != parts.dockerfile || names(&old) != names(parts) {
+        return (Reason::DefinitionChanged, String::new());
+    }
+    for ((name, digest), (_, old_digest)) in parts.layers.iter().zip(&old.layers) {
+        if digest != old_digest {
+            return (Reason::LayerChanged, name.clone());
+        }
+    }
+    (Reason::DefinitionChanged, String::new())
+}
+
+/// Runs one build (or cache check) to its outcome.
+pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<Completed> {
+    let started = Instant::now();
+    let engine = &shared.engine;
+
+    let rie = rie_path(&shared.rie_dir, plan.arch);
+    let rie_digest = {
+        let cache = shared.stat_cache.clone();
+        let path = rie.clone();
+        blocking(move || cache.file_digest(&path)).await.map_err(|err| match err {
+            Error::NotFound(_) => Error::FailedPrecondition(format!(
+                "runtime interface emulator missing at {}; run scripts/test-env.sh (it fetches \
+                 the RIE) or pass --rie-dir",
+                rie.display()
+            )),
+            other => other,
+        })?
+    };
+
+    let base = ensure_base(engine, &plan, &reporter).await?;
+    if let Some(mismatch) = arch_mismatch(&base, plan.arch) {
+        reporter.emit(Event::Warning { code: "arch_mismatch".into(), message: mismatch });
+    }
+
+    let tree = if plan.layers.is_empty() {
+        None
+    } else {
+        let (specs, limits, cache) = (plan.layers.clone(), shared.limits, shared.stat_cache.clone());
+        let tree = blocking(move || layers::walk(&specs, limits, &cache)).await?;
+        for warning in &tree.warnings {
+            reporter.emit(Event::Warning { code: warning.code.into(), message: warning.message.clone() });
+        }
+        Some(Arc::new(tree))
+    };
+    let parts = Parts {
+        base: base.id.clone(),
+        rie: hex::encode(rie_digest),
+        dockerfile: hex::encode(Sha256::digest(plan.dockerfile.as_bytes())),
+        layers: plan
+            .layers
+            .iter()
+            .zip(tree.iter().flat_map(|t| t.layer_digests.iter()))
+            .map(|(spec, digest)| (spec.name.clone(), digest.clone()))
+            .collect(),
+    };
+    let fingerprint = parts.fingerprint();
+
+    let existing = engine.inspect(&plan.tag).await?;
+    let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
+    if reason == Reason::UpToDate {
+        // `decide` only says UpToDate for an existing image.
+        let existing = existing.unwrap_or_default();
+        return Ok(Completed {
+            tag: plan.tag.clone(),
+            image_id: existing.id,
+            cached: true,
+            reason,
+            changed_layer,
+            duration_ms: elapsed_ms(started),
+            config: existing.config,
+        });
+    }
+
+    let _slot = reporter.slot().await?;
+    if let Some(gate) = &shared.build_gate {
+        // Test hook; the permit is consumed so each build needs one.
+        if let Ok(permit) = gate.acquire().await {
+            permit.forget();
+        }
+    }
+    let labels = HashMap::from([
+        (FINGERPRINT_LABEL.to_owned(), fingerprint),
+        // Serialising plain strings cannot fail.
+        (PARTS_LABEL.to_owned(), serde_json::to_string(&parts).unwrap_or_default()),
+        (VERSION_LABEL.to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+    ]);
+    let spec = context::Spec { dockerfile: plan.dockerfile.clone(), rie, tree };
+    let build = engine_build(&shared, &plan, spec, labels, &reporter);
+    let image_id = match tokio::time::timeout(shared.build_timeout, build).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(Error::DeadlineExceeded(format!(
+                "building {} took longer than --build-timeout ({}s); raise it or check the engine",
+                plan.tag,
+                shared.build_timeout.as_secs()
+            )));
+        }
+    };
+
+    let built = engine.inspect(&plan.tag).await?.ok_or_else(|| {
+        Error::Internal(format!("the engine built {image_id} but has no image tagged {}", plan.tag))
+    })?;
+    if let Some(old) = existing.filter(|old| old.id != built.id && old.labels.contains_key(FINGERPRINT_LABEL)) {
+        // The tag moved: remove the superseded image if nothing uses it (SAM does the same).
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.remove_unused(&old.id).await });
+    }
+    Ok(Completed {
+        tag: plan.tag.clone(),
+        image_id: built.id,
+        cached: false,
+        reason,
+        changed_layer,
+        duration_ms: elapsed_ms(started),
+        config: built.config,
+    })
+}
+
+fn elapsed_ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|err| Error::Internal(format!("worker thread failed: {err}")))?
+}
+
+/// Inspects the base; pulls it when missing and allowed. Never lets the build call pull.
+async fn ensure_base(engine: &Engine, plan: &Plan, reporter: &Reporter) -> Result<ImageInfo> {
+    let name = plan.base.as_str();
+    if let Some(info) = engine.inspect(name).await? {
+        return Ok(info);
+    }
+    if plan.skip_pull_image {
+        return Err(Error::NotFound(format!(
+            "base image {name} is not present in the engine and skip_pull_image is set; pull or \
+             load it first, or drop --skip-pull-image"
+        )));
+    }
+    reporter.emit(Event::Log { kind: LogKind::Status, text: format!("pulling {name}"), step: 0 });
+    let pulled = engine
+        .pull(&plan.base, plan.arch.platform(), |item| {
+            if let Some(detail) = &item.progress_detail {
+                reporter.emit(Event::PullProgress {
+                    image: name.to_owned(),
+                    layer: item.id.clone().unwrap_or_default(),
+                    current: detail.current.unwrap_or(0).max(0) as u64,
+                    total: detail.total.unwrap_or(0).max(0) as u64,
+                });
+            } else if let Some(status) = &item.status {
+                let text = match &item.id {
+                    Some(id) => format!("{id}: {status}"),
+                    None => status.clone(),
+                };
+                reporter.emit(Event::Log { kind: LogKind::Status, text, step: 0 });
+            }
+        })
+        .await;
+    match pulled {
+        Ok(()) => {}
+        Err(Error::Unavailable(message)) => return Err(Error::Unavailable(message)),
+        Err(err) => {
+            return Err(Error::NotFound(format!(
+                "base image {name} is neither in the engine nor pullable: {err}"
+            )));
+        }
+    }
+    engine.inspect(name).await?.ok_or_else(|| {
+        Error::NotFound(format!("base image {name} is still missing after the pull"))
+    })
+}
+
+fn arch_mismatch(base: &ImageInfo, arch: Arch) -> Option<String> {
+    let engine_arch = match arch {
+        Arch::X86_64 => "amd64",
+        Arch::Arm64 => "arm64",
+    };
+    let have = base.config.architecture.as_str();
+    (!have.is_empty() && have != engine_arch).then(|| {
+        format!(
+            "the base image is {have} but {} was requested; the image will not run natively",
+            arch.as_str()
+        )
+    })
+}
+
+/// Streams the context into the engine and follows its messages. Returns the image id.
+async fn engine_build(
+    shared: &Shared,
+    plan: &Plan,
+    spec: context::Spec,
+    labels: HashMap<String, String>,
+    reporter: &Reporter,
+) -> Result<String> {
+    let sent = Arc::new(AtomicU64::new(0));
+    let producer = context::produce(spec, sent.clone());
+    let options = BuildImageOptions {
+        dockerfile: "Dockerfile".into(),
+        t: Some(plan.tag.clone()),
+        rm: true,
+        forcerm: true,
+        // Never let the engine pull: the base was inspected (and pulled) explicitly.
+        pull: None,
+        labels: Some(labels),
+        platform: plan.arch.platform().into(),
+        ..Default::default()
+    };
+    let mut messages = shared.engine.build(options, producer.stream).await?;
+    let mut done = Some(producer.done);
+    let mut producer_result: Option<Result<()>> = None;
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut reported = 0;
+    let mut step = 0;
+    let mut image_id = None;
+    let mut engine_error = None;
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else { break };
+                match message {
+                    Ok(info) => {
+                        if let Some(aux) = info.aux.and_then(|aux| aux.id) {
+                            image_id = Some(aux);
+                        }
+                        if let Some(text) = info.stream {
+                            for line in text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()) {
+                                step = parse_step(line).unwrap_or(step);
+                                reporter.emit(Event::Log { kind: LogKind::Stream, text: line.to_owned(), step });
+                            }
+                        }
+                        if let Some(status) = info.status {
+                            reporter.emit(Event::Log { kind: LogKind::Status, text: status, step });
+                        }
+                    }
+                    Err(err) => {
+                        engine_error = Some(err);
+                        break;
+                    }
+                }
+            }
+            result = async { done.as_mut().expect("polled only while Some").await }, if done.is_some() => {
+                done = None;
+                producer_result = Some(result.unwrap_or_else(|err| Err(Error::Internal(format!("context writer failed: {err}")))));
+                let bytes = sent.load(Ordering::Relaxed);
+                reporter.emit(Event::ContextProgress { bytes_sent: bytes, bytes_total: bytes });
+                reported = bytes;
+            }
+            _ = ticker.tick() => {
+                let bytes = sent.load(Ordering::Relaxed);
+                if bytes != reported && done.is_some() {
+                    reporter.emit(Event::ContextProgress { bytes_sent: bytes, bytes_total: 0 });
+                    reported = bytes;
+                }
+            }
+        }
+    }
+    drop(messages);
+    if let Some(done) = done {
+        // The engine ended first; the producer stops once its channel is gone.
+        producer_result = Some(done.await.unwrap_or_else(|err| Err(Error::Internal(format!("context writer failed: {err}")))));
+    }
+    // The producer's own error is the real cause when the upload broke off.
+    if let Some(Err(err)) = producer_result {
+        return Err(err);
+    }
+    if let Some(err) = engine_error {
+        let err = shared.engine.map_error(err);
+        return Err(match err {
+            Error::NotFound(message) => Error::FailedPrecondition(format!("the engine failed the build: {message}")),
+            other => other,
+        });
+    }
+    image_id.ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "the engine ended the build of {} without reporting an image id",
+            plan.tag
+        ))
+    })
+}
+
+/// "Step 2/4 : COPY ..." (Docker) or "STEP 2/4: COPY ..." (Podman) -> 2.
+fn parse_step(line: &str) -> Option<u32> {
+    let rest = line.strip_prefix("Step ").or_else(|| line.strip_prefix("STEP "))?;
+    rest.split('/').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts() -> Parts {
+        Parts {
+            base: "sha256:base".into(),
+            rie: "rie".into(),
+            dockerfile: "df".into(),
+            layers: vec![("a".into(), "1".into()), ("b".into(), "2".into())],
+        }
+    }
+
+    fn image(parts: &Parts) -> ImageInfo {
+        ImageInfo {
+            id: "sha256:x".into(),
+            labels: HashMap::from([
+                (FINGERPRINT_LABEL.into(), parts.fingerprint()),
+                (PARTS_LABEL.into(), serde_json::to_string(parts).unwrap()),
+            ]),
+            config: Default::default(),
+        }
+    }
+
+    #[test]
+    fn reasons_name_what_changed() {
+        let old = parts();
+        let existing = image(&old);
+        assert_eq!(decide(None, &old, false).0, Reason::Missing);
+        assert_eq!(decide(Some(&ImageInfo::default()), &old, false).0, Reason::Missing);
+        assert_eq!(decide(Some(&existing), &old, false).0, Reason::UpToDate);
+        assert_eq!(decide(Some(&existing), &old, true).0, Reason::Forced);
+        let mut new = old.clone();
+        new.layers[1].1 = "changed".into();
+        assert_eq!(decide(Some(&existing), &new, false), (Reason::LayerChanged, "b".into()));
+        let mut new = old.clone();
+        new.base = "sha256:other".into();
+        assert_eq!(decide(Some(&existing), &new, false).0, Reason::BaseChanged);
+        let mut new = old.clone();
+        new.rie = "other".into();
+        assert_eq!(decide(Some(&existing), &new, false).0, Reason::RieChanged);
+        let mut new = old.clone();
+        new.layers.pop();
+        assert_eq!(decide(Some(&existing), &new, false).0, Reason::DefinitionChanged);
+    }
+
+    #[test]
+    fn steps_are_parsed_from_both_engines() {
+        assert_eq!(parse_step("Step 2/4 : COPY aws-lambda-rie /var/rapid/aws-lambda-rie"), Some(2));
+        assert_eq!(parse_step("STEP 3/3: COPY opt/ /opt/"), Some(3));
+        assert_eq!(parse_step(" ---> Using cache"), None);
+    }
+}

@@ -1,0 +1,185 @@
+//! The generated wire types (`lambda_imaged.v1`) and the conversions between them and ours.
+//! The only module that knows both sides.
+
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+tonic::include_proto!("lambda_imaged.v1");
+
+/// The file descriptor set served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lambda_imaged_descriptor");
+
+use crate::builds;
+use crate::error::{Error, Result};
+use crate::resolve;
+
+/// Parses the enums of a wire request; strings are validated by `resolve::resolve`.
+pub fn request_from_wire(request: BuildRequest) -> Result<resolve::Request> {
+    let package_type = match PackageType::try_from(request.package_type) {
+        Ok(PackageType::Unspecified | PackageType::Zip) => resolve::PackageType::Zip,
+        Ok(PackageType::Image) => resolve::PackageType::Image,
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "package_type: unknown value {}; one of ZIP, IMAGE",
+                request.package_type
+            )));
+        }
+    };
+    let arch = match Architecture::try_from(request.architecture) {
+        Ok(Architecture::Unspecified | Architecture::X8664) => resolve::Arch::X86_64,
+        Ok(Architecture::Arm64) => resolve::Arch::Arm64,
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "architecture: unknown value {}; one of x86_64, arm64",
+                request.architecture
+            )));
+        }
+    };
+    Ok(resolve::Request {
+        package_type,
+        runtime: request.runtime,
+        image: request.image,
+        arch,
+        layers: request
+            .layers
+            .into_iter()
+            .map(|layer| resolve::LayerSpec { name: layer.name, path: PathBuf::from(layer.path) })
+            .collect(),
+        invoke_images: request
+            .invoke_images
+            .into_iter()
+            .map(|entry| resolve::InvokeImage {
+                function: (!entry.function_name.is_empty()).then_some(entry.function_name),
+                image: entry.image,
+            })
+            .collect(),
+        function_name: request.function_name,
+        skip_pull_image: request.skip_pull_image,
+        force_image_build: request.force_image_build,
+    })
+}
+
+impl From<&resolve::Plan> for BuildPlan {
+    fn from(plan: &resolve::Plan) -> Self {
+        BuildPlan {
+            tag: plan.tag.clone(),
+            base_image: plan.base.to_string(),
+            dockerfile: plan.dockerfile.clone(),
+            architecture: plan.arch.as_str().to_owned(),
+            platform: plan.arch.platform().to_owned(),
+            layers: plan
+                .layers
+                .iter()
+                .map(|l| Layer { name: l.name.clone(), path: l.path.display().to_string() })
+                .collect(),
+            invoke_image_used: plan.invoke_image_used,
+            package_type: plan.package_type.as_str().to_owned(),
+            runtime: plan.runtime.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<builds::Reason> for Reason {
+    fn from(reason: builds::Reason) -> Self {
+        match reason {
+            builds::Reason::UpToDate => Reason::UpToDate,
+            builds::Reason::Missing => Reason::Missing,
+            builds::Reason::Forced => Reason::Forced,
+            builds::Reason::BaseChanged => Reason::BaseChanged,
+            builds::Reason::LayerChanged => Reason::LayerChanged,
+            builds::Reason::RieChanged => Reason::RieChanged,
+            builds::Reason::DefinitionChanged => Reason::DefinitionChanged,
+        }
+    }
+}
+
+impl From<&builds::Completed> for Completed {
+    fn from(c: &builds::Completed) -> Self {
+        Completed {
+            tag: c.tag.clone(),
+            image_id: c.image_id.clone(),
+            cached: c.cached,
+            reason: Reason::from(c.reason) as i32,
+            changed_layer: c.changed_layer.clone(),
+            duration_ms: c.duration_ms,
+            config: Some(ImageConfig {
+                entrypoint: c.config.entrypoint.clone(),
+                cmd: c.config.cmd.clone(),
+                working_dir: c.config.working_dir.clone(),
+                env: c.config.env.clone(),
+                architecture: c.config.architecture.clone(),
+            }),
+        }
+    }
+}
+
+/// Wraps one of our events for the wire.
+pub fn event_to_wire(build_id: &str, event: &builds::Event) -> BuildEvent {
+    use build_event::Event as E;
+    let event = match event {
+        builds::Event::Queued { position } => E::Queued(Queued { position: *position }),
+        builds::Event::Log { kind, text, step } => E::Log(Log {
+            kind: match kind {
+                builds::LogKind::Stream => LogKind::Stream,
+                builds::LogKind::Status => LogKind::Status,
+                builds::LogKind::Error => LogKind::Error,
+            } as i32,
+            text: text.clone(),
+            step: *step,
+        }),
+        builds::Event::PullProgress { image, layer, current, total } => E::PullProgress(PullProgress {
+            image: image.clone(),
+            layer: layer.clone(),
+            current: *current,
+            total: *total,
+        }),
+        builds::Event::ContextProgress { bytes_sent, bytes_total } => {
+            E::ContextProgress(ContextProgress { bytes_sent: *bytes_sent, bytes_total: *bytes_total })
+        }
+        builds::Event::Warning { code, message } => {
+            E::Warning(Warning { code: code.clone(), message: message.clone() })
+        }
+        builds::Event::Completed(completed) => E::Completed(completed.into()),
+    };
+    BuildEvent { build_id: build_id.to_owned(), event: Some(event) }
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    u64::try_from(time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(0)
+}
+
+impl From<&builds::Summary> for BuildSummary {
+    fn from(s: &builds::Summary) -> Self {
+        BuildSummary {
+            build_id: s.build_id.clone(),
+            tag: s.tag.clone(),
+            started_unix_ms: unix_ms(s.started),
+            finished_unix_ms: s.finished.map(unix_ms).unwrap_or(0),
+            subscribers: s.subscribers,
+            state: match s.phase {
+                builds::Phase::Checking | builds::Phase::Running => BuildState::Running,
+                builds::Phase::Queued => BuildState::Queued,
+                builds::Phase::Succeeded => BuildState::Succeeded,
+                builds::Phase::Failed => BuildState::Failed,
+            } as i32,
+            image_id: s.image_id.clone(),
+            error: s.error.clone(),
+        }
+    }
+}
+
+/// snake_case name of a reason, as the CLI prints it (`layer_changed`).
+pub fn reason_name(reason: i32) -> &'static str {
+    match Reason::try_from(reason) {
+        Ok(Reason::UpToDate) => "up_to_date",
+        Ok(Reason::Missing) => "missing",
+        Ok(Reason::Forced) => "forced",
+        Ok(Reason::BaseChanged) => "base_changed",
+        Ok(Reason::LayerChanged) => "layer_changed",
+        Ok(Reason::RieChanged) => "rie_changed",
+        Ok(Reason::DefinitionChanged) => "definition_changed",
+        _ => "unspecified",
+    }
+}

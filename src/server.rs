@@ -1,0 +1,120 @@
+//! Serves the API, health and reflection on a listener until shutdown, then drains builds.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::builds::Builds;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::layers::StatCache;
+use crate::listener::Listener;
+use crate::pipeline::Shared;
+use crate::proto::{self, image_builder_server::ImageBuilderServer};
+use crate::service::Service;
+
+/// The daemon's parts, built from a config; tests keep a handle to inspect the table.
+pub struct Daemon {
+    pub config: Config,
+    pub engine: Arc<Engine>,
+    pub builds: Arc<Builds>,
+    pub shared: Arc<Shared>,
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("serving gRPC failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("building the reflection service failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+impl Daemon {
+    /// Creates the engine handle, the build table and the shared build state. No I/O.
+    pub fn new(config: Config) -> Daemon {
+        let engine = Engine::new(config.engine_host.clone(), config.build_timeout);
+        let builds = Builds::new(config.max_parallel_builds);
+        let shared = Arc::new(Shared {
+            engine: engine.clone(),
+            stat_cache: Arc::new(StatCache::default()),
+            rie_dir: config.rie_dir.clone(),
+            limits: config.limits,
+            build_timeout: config.build_timeout,
+            build_gate: config.build_gate.clone(),
+        });
+        Daemon { config, engine, builds, shared }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves; then refuses new builds, lets those in
+    /// flight finish (up to the shutdown timeout), ends the remaining streams with
+    /// UNAVAILABLE and returns.
+    pub async fn serve(self, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let Listener { listener, path, guard } = listener;
+        let watcher = tokio::spawn(self.engine.clone().watch());
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut engine_health = self.engine.health();
+        let health_task = tokio::spawn(async move {
+            loop {
+                let status = if *engine_health.borrow_and_update() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health.set_service_status("", status).await;
+                health.set_service_status("lambda_imaged.v1.ImageBuilder", status).await;
+                if engine_health.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let (abort_tx, abort_rx) = watch::channel(false);
+        let mut config = self.config.clone();
+        config.socket = path.clone();
+        let service = Service::new(&config, self.shared.clone(), self.builds.clone(), abort_rx);
+        let builds = self.builds.clone();
+        let shutdown_timeout = self.config.shutdown_timeout;
+        let drained = async move {
+            shutdown.await;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            tracing::info!(in_flight = builds.in_flight(), "shutting down: waiting for builds in flight");
+            let left = builds.drain(shutdown_timeout).await;
+            if left > 0 {
+                tracing::warn!(left, "shutdown timeout passed; ending the remaining streams");
+            }
+            // Tell every open stream to end (a no-op when all builds finished).
+            abort_tx.send_replace(true);
+        };
+
+        tracing::info!(socket = %path.display(), engine = %self.engine.host(), "serving");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(ImageBuilderServer::new(service))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), drained)
+            .await;
+        watcher.abort();
+        health_task.abort();
+        drop(guard);
+        result.map_err(ServeError::from)
+    }
+}

@@ -1,0 +1,229 @@
+//! The gRPC service: the only code that handles `tonic::Request`s and response streams.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::builds::{Builds, Event, Key};
+use crate::config::Config;
+use crate::error::Error;
+use crate::pipeline::{self, Shared};
+use crate::proto::{self, image_builder_server::ImageBuilder};
+use crate::resolve::{self, Arch, Plan};
+
+/// Capacity of each client's outgoing queue. A slow client only delays itself: the build's
+/// log is in memory and each client reads it at its own pace.
+const CLIENT_QUEUE: usize = 64;
+
+/// The service state shared by every request.
+pub struct Service {
+    pub shared: Arc<Shared>,
+    pub builds: Arc<Builds>,
+    pub socket: PathBuf,
+    pub cache_dir: PathBuf,
+    /// Becomes true when shutdown gave up waiting: open streams end with UNAVAILABLE.
+    pub abort: watch::Receiver<bool>,
+}
+
+impl Service {
+    /// The service for `config`.
+    pub fn new(config: &Config, shared: Arc<Shared>, builds: Arc<Builds>, abort: watch::Receiver<bool>) -> Service {
+        Service { shared, builds, socket: config.socket.clone(), cache_dir: config.cache_dir.clone(), abort }
+    }
+}
+
+/// Who is asking, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy, Default)]
+struct Peer {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    pid: Option<i32>,
+}
+
+fn peer<T>(request: &Request<T>) -> Peer {
+    let cred = request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred);
+    Peer {
+        uid: cred.map(|c| c.uid()),
+        gid: cred.map(|c| c.gid()),
+        pid: cred.and_then(|c| c.pid()),
+    }
+}
+
+fn plan_of(request: proto::BuildRequest) -> Result<Plan, Error> {
+    resolve::resolve(&proto::request_from_wire(request)?)
+}
+
+/// Identifies a request's inputs: requests with the same key may share one build.
+fn definition_key(plan: &Plan) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(plan.tag.as_bytes());
+    hasher.update([0]);
+    hasher.update(plan.base.as_str().as_bytes());
+    hasher.update([0]);
+    hasher.update(plan.dockerfile.as_bytes());
+    hasher.update([0]);
+    hasher.update(plan.arch.as_str().as_bytes());
+    hasher.update([u8::from(plan.skip_pull_image)]);
+    for layer in &plan.layers {
+        hasher.update(layer.name.as_bytes());
+        hasher.update([0]);
+        hasher.update(layer.path.as_os_str().as_encoded_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::BuildEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ImageBuilder for Service {
+    type BuildStream = EventStream;
+
+    async fn build(&self, request: Request<proto::BuildRequest>) -> Result<Response<EventStream>, Status> {
+        let started = Instant::now();
+        let peer = peer(&request);
+        let plan = plan_of(request.into_inner()).inspect_err(|err| {
+            tracing::info!(uid = ?peer.uid, pid = ?peer.pid, code = err.code_name(), error = %err, "build rejected");
+        })?;
+        let key = Key { tag: plan.tag.clone(), definition: definition_key(&plan), force: plan.force_image_build };
+        let shared = self.shared.clone();
+        let tag = plan.tag.clone();
+        let (mut subscription, joined) =
+            self.builds.submit(key, move |reporter| pipeline::run(shared, plan, reporter)).await?;
+        let build_id = subscription.flight().id.clone();
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let mut abort = self.abort.clone();
+        tokio::spawn(async move {
+            let accepted = proto::build_event::Event::Accepted(proto::Accepted { tag: tag.clone(), joined });
+            let first = proto::BuildEvent { build_id: build_id.clone(), event: Some(accepted) };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let outcome = loop {
+                let next = tokio::select! {
+                    next = subscription.next() => next,
+                    () = async { let _ = abort.wait_for(|aborted| *aborted).await; } => {
+                        let _ = tx.send(Err(Status::unavailable("daemon shutting down; retry once it is back"))).await;
+                        break "aborted".to_owned();
+                    }
+                };
+                match next {
+                    Some(Ok(event)) => {
+                        let summary = match &event {
+                            Event::Completed(c) => Some(format!("completed cached={} reason={:?}", c.cached, c.reason)),
+                            _ => None,
+                        };
+                        if tx.send(Ok(proto::event_to_wire(&build_id, &event))).await.is_err() {
+                            break "client went away".to_owned();
+                        }
+                        if let Some(summary) = summary {
+                            break summary;
+                        }
+                    }
+                    Some(Err(err)) => {
+                        let code = err.code_name();
+                        let _ = tx.send(Err(err.into_status())).await;
+                        break format!("failed {code}");
+                    }
+                    None => break "ended".to_owned(),
+                }
+            };
+            tracing::info!(
+                uid = ?peer.uid, gid = ?peer.gid, pid = ?peer.pid, %tag, %build_id, joined, %outcome,
+                duration_ms = started.elapsed().as_millis() as u64, "build request"
+            );
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn resolve(&self, request: Request<proto::BuildRequest>) -> Result<Response<proto::BuildPlan>, Status> {
+        let peer = peer(&request);
+        let plan = plan_of(request.into_inner());
+        tracing::info!(uid = ?peer.uid, pid = ?peer.pid, tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""), ok = plan.is_ok(), "resolve request");
+        Ok(Response::new(proto::BuildPlan::from(&plan?)))
+    }
+
+    async fn list_builds(&self, _request: Request<proto::ListBuildsRequest>) -> Result<Response<proto::ListBuildsResponse>, Status> {
+        let (in_flight, recent) = self.builds.list();
+        Ok(Response::new(proto::ListBuildsResponse {
+            in_flight: in_flight.iter().map(Into::into).collect(),
+            recent: recent.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn prune(&self, _request: Request<proto::PruneRequest>) -> Result<Response<proto::PruneResponse>, Status> {
+        Err(Status::unimplemented("prune is not implemented yet"))
+    }
+
+    async fn get_info(&self, _request: Request<proto::GetInfoRequest>) -> Result<Response<proto::GetInfoResponse>, Status> {
+        let engine = &self.shared.engine;
+        let mut engine_info = proto::EngineInfo { host: engine.host().to_owned(), ..Default::default() };
+        match tokio::time::timeout(Duration::from_secs(5), engine.version()).await {
+            Ok(Ok(version)) => {
+                engine_info.reachable = true;
+                engine_info.distribution_api = !version.name.to_lowercase().contains("podman");
+                engine_info.name = version.name;
+                engine_info.version = version.version;
+                engine_info.api_version = version.api_version;
+            }
+            Ok(Err(err)) => engine_info.error = err.to_string(),
+            Err(_) => engine_info.error = "the engine did not answer within 5 s".into(),
+        }
+        let mut rie = Vec::new();
+        for arch in [Arch::X86_64, Arch::Arm64] {
+            let path = pipeline::rie_path(&self.shared.rie_dir, arch);
+            let cache = self.shared.stat_cache.clone();
+            let probe = path.clone();
+            let digest = tokio::task::spawn_blocking(move || cache.file_digest(&probe)).await.ok().and_then(Result::ok);
+            rie.push(proto::RieInfo {
+                architecture: arch.as_str().into(),
+                path: path.display().to_string(),
+                sha256: digest.map(hex::encode).unwrap_or_default(),
+                present: digest.is_some(),
+            });
+        }
+        let cache_dir = self.cache_dir.clone();
+        let cache_bytes = tokio::task::spawn_blocking(move || dir_size(&cache_dir)).await.unwrap_or(0);
+        let limits = &self.shared.limits;
+        Ok(Response::new(proto::GetInfoResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            engine: Some(engine_info),
+            socket_path: self.socket.display().to_string(),
+            cache_dir: self.cache_dir.display().to_string(),
+            cache_bytes,
+            rie,
+            capabilities: ["build", "resolve", "list_builds", "dedup", "fingerprint", "streamed_context"]
+                .map(String::from)
+                .to_vec(),
+            limits: [
+                ("max_layers", resolve::MAX_LAYERS.to_string()),
+                ("max_layer_entries", limits.max_entries.to_string()),
+                ("max_layer_bytes", limits.max_bytes.to_string()),
+                ("build_timeout_s", self.shared.build_timeout.as_secs().to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        }))
+    }
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&entry.path()),
+            Ok(t) if t.is_file() => entry.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
