@@ -3,14 +3,12 @@
 //!
 //! Runs on its own task (see `builds.rs`); reports through a [`Reporter`].
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::BuildImageOptions;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
@@ -45,7 +43,7 @@ pub fn rie_path(rie_dir: &std::path::Path, arch: Arch) -> PathBuf {
 }
 
 /// The digests that determine an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parts {
     pub base: String,
     pub rie: String,
@@ -55,12 +53,76 @@ pub struct Parts {
 }
 
 impl Parts {
-    /// The fingerprint: sha256 of the canonical JSON of the parts.
+    /// The fingerprint: sha256 over every part.
     pub fn fingerprint(&self) -> String {
-        // Serialising plain strings cannot fail.
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        hex::encode(Sha256::digest(json))
+        hex::encode(Sha256::digest(self.to_label().as_bytes()))
     }
+
+    fn names_digest(&self) -> String {
+        let mut hasher = Sha256::new();
+        for (name, _) in &self.layers {
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    /// The label form: only hex digests and fixed words, so it is safe inside a Dockerfile
+    /// (layer names, which are free text, appear only as a digest).
+    pub fn to_label(&self) -> String {
+        let layers: Vec<&str> = self.layers.iter().map(|(_, digest)| digest.as_str()).collect();
+        format!(
+            "v1 base={} rie={} dockerfile={} names={} layers={}",
+            self.base,
+            self.rie,
+            self.dockerfile,
+            self.names_digest(),
+            layers.join(",")
+        )
+    }
+}
+
+/// The label form of [`Parts`], parsed back (names are only known as a digest).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct LabelParts {
+    base: String,
+    rie: String,
+    dockerfile: String,
+    names: String,
+    layers: Vec<String>,
+}
+
+fn parse_label(text: &str) -> Option<LabelParts> {
+    let mut fields = text.split(' ');
+    if fields.next()? != "v1" {
+        return None;
+    }
+    let mut parts = LabelParts::default();
+    for field in fields {
+        let (key, value) = field.split_once('=')?;
+        match key {
+            "base" => parts.base = value.to_owned(),
+            "rie" => parts.rie = value.to_owned(),
+            "dockerfile" => parts.dockerfile = value.to_owned(),
+            "names" => parts.names = value.to_owned(),
+            "layers" => {
+                parts.layers = value.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect();
+            }
+            _ => return None,
+        }
+    }
+    Some(parts)
+}
+
+/// The LABEL line appended to the Dockerfile: one step for all labels (the classic builder
+/// commits one intermediate image per LABEL instruction).
+pub fn label_line(parts: &Parts) -> String {
+    format!(
+        "LABEL {FINGERPRINT_LABEL}=\"{}\" {PARTS_LABEL}=\"{}\" {VERSION_LABEL}=\"{}\"\n",
+        parts.fingerprint(),
+        parts.to_label(),
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// Why an existing image does (not) serve the request.
@@ -75,8 +137,7 @@ pub fn decide(existing: Option<&ImageInfo>, parts: &Parts, force: bool) -> (Reas
     if *old == parts.fingerprint() {
         return (Reason::UpToDate, String::new());
     }
-    let Some(old) = existing.labels.get(PARTS_LABEL).and_then(|p| serde_json::from_str::<Parts>(p).ok())
-    else {
+    let Some(old) = existing.labels.get(PARTS_LABEL).and_then(|p| parse_label(p)) else {
         return (Reason::DefinitionChanged, String::new());
     };
     if old.base != parts.base {
@@ -85,11 +146,13 @@ pub fn decide(existing: Option<&ImageInfo>, parts: &Parts, force: bool) -> (Reas
     if old.rie != parts.rie {
         return (Reason::RieChanged, String::new());
     }
-    let names = |p: &Parts| p.layers.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-    if old.dockerfile != parts.dockerfile || names(&old) != names(parts) {
+    if old.dockerfile != parts.dockerfile
+        || old.names != parts.names_digest()
+        || old.layers.len() != parts.layers.len()
+    {
         return (Reason::DefinitionChanged, String::new());
     }
-    for ((name, digest), (_, old_digest)) in parts.layers.iter().zip(&old.layers) {
+    for ((name, digest), old_digest) in parts.layers.iter().zip(&old.layers) {
         if digest != old_digest {
             return (Reason::LayerChanged, name.clone());
         }
@@ -142,7 +205,6 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
             .map(|(spec, digest)| (spec.name.clone(), digest.clone()))
             .collect(),
     };
-    let fingerprint = parts.fingerprint();
 
     let existing = engine.inspect(&plan.tag).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
@@ -167,14 +229,9 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
             permit.forget();
         }
     }
-    let labels = HashMap::from([
-        (FINGERPRINT_LABEL.to_owned(), fingerprint),
-        // Serialising plain strings cannot fail.
-        (PARTS_LABEL.to_owned(), serde_json::to_string(&parts).unwrap_or_default()),
-        (VERSION_LABEL.to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
-    ]);
-    let spec = context::Spec { dockerfile: plan.dockerfile.clone(), rie, tree };
-    let build = engine_build(&shared, &plan, spec, labels, &reporter);
+    let dockerfile = format!("{}{}", plan.dockerfile, label_line(&parts));
+    let spec = context::Spec { dockerfile, rie, tree };
+    let build = engine_build(&shared, &plan, spec, &reporter);
     let image_id = match tokio::time::timeout(shared.build_timeout, build).await {
         Ok(result) => result?,
         Err(_) => {
@@ -279,7 +336,6 @@ async fn engine_build(
     shared: &Shared,
     plan: &Plan,
     spec: context::Spec,
-    labels: HashMap<String, String>,
     reporter: &Reporter,
 ) -> Result<String> {
     let sent = Arc::new(AtomicU64::new(0));
@@ -291,7 +347,6 @@ async fn engine_build(
         forcerm: true,
         // Never let the engine pull: the base was inspected (and pulled) explicitly.
         pull: None,
-        labels: Some(labels),
         platform: plan.arch.platform().into(),
         ..Default::default()
     };
@@ -376,6 +431,8 @@ fn parse_step(line: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn parts() -> Parts {
@@ -392,7 +449,7 @@ mod tests {
             id: "sha256:x".into(),
             labels: HashMap::from([
                 (FINGERPRINT_LABEL.into(), parts.fingerprint()),
-                (PARTS_LABEL.into(), serde_json::to_string(parts).unwrap()),
+                (PARTS_LABEL.into(), parts.to_label()),
             ]),
             config: Default::default(),
         }
@@ -418,6 +475,19 @@ mod tests {
         let mut new = old.clone();
         new.layers.pop();
         assert_eq!(decide(Some(&existing), &new, false).0, Reason::DefinitionChanged);
+    }
+
+    #[test]
+    fn label_round_trips_and_is_dockerfile_safe() {
+        let mut p = parts();
+        p.layers[0].0 = "evil\"\nRUN rm -rf /".into();
+        let line = label_line(&p);
+        assert_eq!(line.matches('\n').count(), 1, "one line: {line}");
+        assert!(!line.contains("evil"));
+        let parsed = parse_label(&p.to_label()).unwrap();
+        assert_eq!(parsed.layers, vec!["1".to_owned(), "2".to_owned()]);
+        assert_eq!(parsed.names, p.names_digest());
+        assert_eq!(parse_label("v2 base=x"), None);
     }
 
     #[test]
