@@ -1,0 +1,251 @@
+//! Real builds through the daemon into the real private engine (scripts/test-env.sh).
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use lambda_imaged::client::proto;
+use proto::build_event::Event;
+use support::*;
+use tonic::Code;
+
+/// Two layers, the later one winning, with a bootstrap and a setuid file.
+fn two_layers(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let a = dir.join("a");
+    let b = dir.join("b");
+    write_file(&a.join("message.txt"), "from layer a", 0o644);
+    write_file(&a.join("only_a.txt"), "a", 0o600);
+    write_file(&a.join("bin/suid"), "#!/bin/sh\necho hi\n", 0o4755);
+    write_file(&b.join("message.txt"), "from layer b", 0o640);
+    write_file(&b.join("bootstrap"), &bootstrap_fixture(), 0o700);
+    std::os::unix::fs::symlink("message.txt", b.join("link.txt")).unwrap();
+    (a, b)
+}
+
+/// A build with two layers yields an image holding the right RIE at 0755, one merged /opt
+/// with the later layer winning and modes normalised; a repeat is cached with no engine build;
+/// changing one byte rebuilds with LAYER_CHANGED; `docker rmi` behind the daemon's back is
+/// noticed and the next request rebuilds.
+#[tokio::test(flavor = "multi_thread")]
+async fn build_contents_cache_and_invalidation() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_layers(dir.path());
+    let (na, nb) = (unique("a"), unique("b"));
+    let request = zip_request(&[(&na, &a), (&nb, &b)]);
+
+    let first = build(&daemon.socket, request.clone()).await;
+    let done = first.completed().clone();
+    assert!(!done.cached);
+    assert_eq!(done.reason, proto::Reason::Missing as i32);
+    assert!(done.tag.starts_with("samcli/lambda-python:3.12-x86_64-"), "{}", done.tag);
+    assert!(done.image_id.starts_with("sha256:") && done.image_id.len() == 71, "{}", done.image_id);
+    assert_eq!(done.config.as_ref().unwrap().architecture, "amd64");
+    assert!(matches!(first.events[0].event, Some(Event::Accepted(_))));
+    assert!(first.events.iter().any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.contains("COPY opt/"))));
+    assert!(first.events.iter().any(|e| matches!(&e.event, Some(Event::ContextProgress(p)) if p.bytes_total > 0)));
+
+    let rie_sha = {
+        let out = Command::new("sha256sum").arg(rie_dir().join("aws-lambda-rie-x86_64")).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+    };
+    let report = run_in_image(
+        &done.tag,
+        "stat -c '%a %n' /var/rapid/aws-lambda-rie /opt/bootstrap /opt/message.txt /opt/only_a.txt /opt/bin/suid; \
+         sha256sum /var/rapid/aws-lambda-rie; cat /opt/message.txt; echo; readlink /opt/link.txt; \
+         ls /var/rapid; find / -xdev -perm -4000 -path '/opt/*'",
+    );
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(
+        &lines[..5],
+        [
+            "755 /var/rapid/aws-lambda-rie",
+            "755 /opt/bootstrap",
+            "644 /opt/message.txt",
+            "644 /opt/only_a.txt",
+            "755 /opt/bin/suid",
+        ],
+        "{report}"
+    );
+    assert!(lines[5].starts_with(&rie_sha), "the x86_64 RIE: {report}");
+    assert_eq!(lines[6], "from layer b", "the later layer wins");
+    assert_eq!(lines[7], "message.txt", "links inside a layer stay links");
+    assert_eq!(lines[8], "aws-lambda-rie", "no second RIE: {report}");
+    assert_eq!(lines.len(), 9, "no setuid file under /opt: {report}");
+
+    // Repeat: cached, and the engine did not build.
+    let since = now_stamp();
+    let again = build(&daemon.socket, request.clone()).await;
+    assert!(again.completed().cached);
+    assert_eq!(again.completed().reason, proto::Reason::UpToDate as i32);
+    assert_eq!(again.completed().image_id, done.image_id);
+    assert_eq!(engine_builds(&done.tag, &since), 0, "a cached request must not build");
+
+    // One byte changed in layer b: rebuild naming that layer, new content in the image.
+    write_file(&b.join("message.txt"), "from layer B", 0o640);
+    let since = now_stamp();
+    let changed = build(&daemon.socket, request.clone()).await;
+    let changed = changed.completed();
+    assert!(!changed.cached);
+    assert_eq!(changed.reason, proto::Reason::LayerChanged as i32);
+    assert_eq!(changed.changed_layer, nb);
+    assert_ne!(changed.image_id, done.image_id);
+    assert_eq!(engine_builds(&done.tag, &since), 1);
+    assert_eq!(run_in_image(&changed.tag, "cat /opt/message.txt"), "from layer B");
+    // The superseded image was removed (no container used it).
+    let mut gone = false;
+    for _ in 0..50 {
+        if !docker(&["image", "inspect", &done.image_id]).status.success() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "superseded image {} still present", done.image_id);
+
+    // Removed behind the daemon's back: the next request rebuilds.
+    docker_ok(&["rmi", "-f", &changed.tag]);
+    let mut rebuilt = None;
+    for _ in 0..50 {
+        let outcome = build(&daemon.socket, request.clone()).await;
+        let completed = outcome.completed().clone();
+        if !completed.cached {
+            rebuilt = Some(completed);
+            break;
+        }
+        // The removal event may still be on its way; a cached answer must then still be true.
+        assert!(!docker(&["image", "inspect", &completed.tag]).status.success() || completed.cached);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rebuilt = rebuilt.expect("the daemon noticed the removal");
+    assert_eq!(rebuilt.reason, proto::Reason::Missing as i32);
+    docker_ok(&["image", "inspect", &rebuilt.tag]);
+    docker_ok(&["rmi", "-f", &rebuilt.tag]);
+    daemon.stop().await;
+}
+
+/// The built image runs the function through the real RIE: an HTTP invoke on 127.0.0.1
+/// returns the bootstrap's answer, including the layer's file.
+#[tokio::test(flavor = "multi_thread")]
+async fn end_to_end_invoke_through_the_rie() {
+    let output = docker_ok(&["network", "inspect", "bridge", "--format", "{{.Name}}"]);
+    assert_eq!(output.trim(), "bridge", "the engine needs its default bridge to publish ports");
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("fn");
+    write_file(&layer.join("bootstrap"), &bootstrap_fixture(), 0o755);
+    write_file(&layer.join("message.txt"), "hello from the layer", 0o644);
+    let name = unique("fn");
+    let done = build(&daemon.socket, zip_request(&[(&name, &layer)])).await.completed().clone();
+
+    let container = docker_ok(&[
+        "run", "-d", "--rm", "-p", "127.0.0.1::8080", "--entrypoint", "/var/rapid/aws-lambda-rie",
+        &done.tag, "/opt/bootstrap",
+    ]);
+    let container = container.trim().to_owned();
+    let port = docker_ok(&["port", &container, "8080/tcp"]);
+    let address = port.lines().next().unwrap().trim().to_owned();
+    let url = format!("http://{address}/2015-03-31/functions/function/invocations");
+    let mut response = String::new();
+    for _ in 0..100 {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "10", "-XPOST", &url, "-d", r#"{"ping":1}"#])
+            .output()
+            .unwrap();
+        response = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && !response.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    docker(&["rm", "-f", &container]);
+    docker(&["rmi", "-f", &done.tag]);
+    assert_eq!(response, r#"{"echo":{"ping":1},"layer":"hello from the layer"}"#);
+    daemon.stop().await;
+}
+
+/// Bad requests get the status of design §4, and the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_clear_statuses() {
+    let daemon = TestDaemon::start().await;
+    let mut request = zip_request(&[]);
+    request.runtime = "python2.7".into();
+    let outcome = build(&daemon.socket, request).await;
+    assert_eq!(outcome.status().code(), Code::InvalidArgument);
+    assert!(outcome.status().message().contains("python3.12"), "{}", outcome.status().message());
+
+    let outcome = build(&daemon.socket, zip_request(&[("x", Path::new("/nonexistent/layer"))])).await;
+    assert_eq!(outcome.status().code(), Code::NotFound);
+    assert!(outcome.status().message().contains("/nonexistent/layer"));
+
+    let mut request = zip_request(&[]);
+    request.package_type = proto::PackageType::Image as i32;
+    request.image = format!("lambda-imaged-test/{}:missing", unique("nobase"));
+    request.skip_pull_image = true;
+    let outcome = build(&daemon.socket, request.clone()).await;
+    assert_eq!(outcome.status().code(), Code::NotFound);
+    assert!(outcome.status().message().contains(&request.image));
+
+    // Still serving.
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("l/f"), "x", 0o644);
+    let name = unique("ok");
+    let ok = build(&daemon.socket, zip_request(&[(&name, &dir.path().join("l"))])).await;
+    docker(&["rmi", "-f", &ok.completed().tag]);
+    daemon.stop().await;
+}
+
+/// A build the engine itself refuses is FAILED_PRECONDITION carrying the engine's text.
+#[tokio::test(flavor = "multi_thread")]
+async fn engine_failure_carries_the_engine_message() {
+    // A base where /var/rapid is a file: `COPY ... /var/rapid/aws-lambda-rie` must fail.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write_file(&root.join("var/rapid"), "not a directory", 0o644);
+    let base = format!("lambda-imaged-test/{}:broken", unique("base"));
+    let tar = Command::new("tar").args(["-C"]).arg(&root).args(["-cf", "-", "."]).output().unwrap();
+    let mut import = Command::new("docker")
+        .args(["import", "-", &base])
+        .env("DOCKER_HOST", engine_host())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+    assert!(import.wait().unwrap().success());
+
+    let daemon = TestDaemon::start().await;
+    let request = proto::BuildRequest {
+        package_type: proto::PackageType::Image as i32,
+        image: base.clone(),
+        skip_pull_image: true,
+        ..Default::default()
+    };
+    let outcome = build(&daemon.socket, request).await;
+    let status = outcome.status();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+    assert!(status.message().contains("not a directory"), "{}", status.message());
+    docker(&["rmi", "-f", &base]);
+    daemon.stop().await;
+}
+
+/// With the engine unreachable, Build is UNAVAILABLE and Resolve still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn engine_down_is_unavailable_and_resolve_still_works() {
+    let dead = tempfile::tempdir().unwrap();
+    let host = format!("unix://{}/nothing.sock", dead.path().display());
+    let daemon = TestDaemon::start_with(|config| config.engine_host = host).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("l/f"), "x", 0o644);
+    let request = zip_request(&[("l", &dir.path().join("l"))]);
+    let outcome = build(&daemon.socket, request.clone()).await;
+    assert_eq!(outcome.status().code(), Code::Unavailable, "{}", outcome.status().message());
+    assert!(outcome.status().message().contains("nothing.sock"));
+    let plan = daemon.client().await.resolve(request).await.unwrap().into_inner();
+    assert!(plan.tag.starts_with("samcli/lambda-python:3.12-x86_64-"));
+    assert_eq!(daemon.builds.in_flight(), 0);
+    daemon.stop().await;
+}

@@ -1,0 +1,225 @@
+//! Test support: a daemon on a temp socket backed by the real private engine that
+//! `scripts/test-env.sh` starts (DOCKER_HOST), plus helpers that ask the engine itself.
+//!
+//! Tests that need the engine fail loudly when it is missing; they are never skipped.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lambda_imaged::builds::Builds;
+use lambda_imaged::client::{self, ImageBuilderClient, proto};
+use lambda_imaged::config::Config;
+use lambda_imaged::listener::Listener;
+use lambda_imaged::server::Daemon;
+use proto::build_event::Event;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// The engine the tests use; panics with instructions when it is not configured.
+pub fn engine_host() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| {
+        panic!("DOCKER_HOST is not set: run `eval \"$(scripts/test-env.sh)\"` (or scripts/test.sh) first")
+    })
+}
+
+/// The directory holding the real RIE binaries.
+pub fn rie_dir() -> PathBuf {
+    let dir = PathBuf::from(std::env::var("LAMBDA_IMAGED_RIE_DIR").unwrap_or_else(|_| {
+        panic!("LAMBDA_IMAGED_RIE_DIR is not set: run `eval \"$(scripts/test-env.sh)\"` first")
+    }));
+    assert!(dir.join("aws-lambda-rie-x86_64").is_file(), "no RIE in {}", dir.display());
+    dir
+}
+
+/// A daemon running in this process on a temp socket.
+pub struct TestDaemon {
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub builds: Arc<Builds>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestDaemon {
+    /// A daemon on the test engine.
+    pub async fn start() -> TestDaemon {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A daemon on the test engine, with `tweak` applied to its config.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let mut config = Config::new(socket.clone(), dir.path().join("cache"));
+        config.engine_host = engine_host();
+        config.rie_dir = rie_dir();
+        tweak(&mut config);
+        let listener = Listener::open(&config.socket).await.unwrap();
+        let daemon = Daemon::new(config);
+        let builds = daemon.builds.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            daemon
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestDaemon { socket, dir, builds, shutdown: Some(tx), task: Some(task) }
+    }
+
+    /// A typed client.
+    pub async fn client(&self) -> ImageBuilderClient<Channel> {
+        client::connect(&self.socket).await.unwrap()
+    }
+
+    /// Stops the daemon and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// A unique, valid name for this test run (tags must not collide between parallel tests).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap())
+}
+
+/// A ZIP python3.12 request with the given layers (name, path).
+pub fn zip_request(layers: &[(&str, &Path)]) -> proto::BuildRequest {
+    proto::BuildRequest {
+        runtime: "python3.12".into(),
+        layers: layers
+            .iter()
+            .map(|(name, path)| proto::Layer { name: (*name).into(), path: path.display().to_string() })
+            .collect(),
+        skip_pull_image: true,
+        ..Default::default()
+    }
+}
+
+/// Every event of one Build stream, and how it ended.
+pub struct Outcome {
+    pub events: Vec<proto::BuildEvent>,
+    pub result: Result<proto::Completed, tonic::Status>,
+}
+
+impl Outcome {
+    /// The Completed event; panics with the status otherwise.
+    pub fn completed(&self) -> &proto::Completed {
+        match &self.result {
+            Ok(completed) => completed,
+            Err(status) => panic!("build failed: {:?}: {}", status.code(), status.message()),
+        }
+    }
+
+    /// The status the stream ended with; panics if it succeeded.
+    pub fn status(&self) -> &tonic::Status {
+        match &self.result {
+            Ok(completed) => panic!("expected a failure, got {completed:?}"),
+            Err(status) => status,
+        }
+    }
+
+    /// The events without build-specific variation (Accepted.joined differs between clients).
+    pub fn shared_events(&self) -> Vec<Event> {
+        self.events
+            .iter()
+            .filter_map(|e| e.event.clone())
+            .filter(|e| !matches!(e, Event::Accepted(_)))
+            .collect()
+    }
+}
+
+/// Runs one Build to its end.
+pub async fn build(socket: &Path, request: proto::BuildRequest) -> Outcome {
+    let mut client = client::connect(socket).await.unwrap();
+    let mut events = Vec::new();
+    let mut stream = match client.build(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return Outcome { events, result: Err(status) },
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(event)) => {
+                let completed = match &event.event {
+                    Some(Event::Completed(c)) => Some(c.clone()),
+                    _ => None,
+                };
+                events.push(event);
+                if let Some(completed) = completed {
+                    assert!(stream.message().await.unwrap().is_none(), "events after Completed");
+                    return Outcome { events, result: Ok(completed) };
+                }
+            }
+            Ok(None) => panic!("stream ended without Completed or a status"),
+            Err(status) => return Outcome { events, result: Err(status) },
+        }
+    }
+}
+
+/// Runs the docker CLI against the test engine.
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .env("DOCKER_HOST", engine_host())
+        .output()
+        .expect("the docker CLI runs (installed by scripts/test-env.sh)")
+}
+
+/// Runs the docker CLI and returns stdout; panics with stderr on failure.
+pub fn docker_ok(args: &[&str]) -> String {
+    let output = docker(args);
+    assert!(
+        output.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Engine time now, for counting events.
+pub fn now_stamp() -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    format!("{}.{:09}", now.as_secs(), now.subsec_nanos())
+}
+
+/// How many builds the engine itself tagged `tag` between `since` and now (Docker emits one
+/// image `tag` event per successful build, cached ones included).
+pub fn engine_builds(tag: &str, since: &str) -> usize {
+    // Events reach the stream asynchronously; give the engine a moment to publish them.
+    std::thread::sleep(Duration::from_millis(300));
+    let until = now_stamp();
+    let out = docker_ok(&[
+        "events", "--since", since, "--until", &until, "--filter", "type=image", "--filter", "event=tag",
+        "--format", "{{.Actor.Attributes.name}}",
+    ]);
+    out.lines().filter(|name| *name == tag || name.ends_with(&format!("/{tag}"))).count()
+}
+
+/// Runs `script` with busybox sh in `image` and returns its stdout.
+pub fn run_in_image(image: &str, script: &str) -> String {
+    docker_ok(&["run", "--rm", "--entrypoint", "/bin/sh", image, "-c", script])
+}
+
+/// Writes `content` to `path` with `mode`, creating parents.
+pub fn write_file(path: &Path, content: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The bootstrap fixture (busybox-sh runtime API loop).
+pub fn bootstrap_fixture() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bootstrap")).unwrap()
+}
