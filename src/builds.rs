@@ -64,11 +64,28 @@ pub struct Completed {
 /// One event of a build (the wire's `BuildEvent` minus `Accepted`, which is per client).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Queued { position: u32 },
-    Log { kind: LogKind, text: String, step: u32 },
-    PullProgress { image: String, layer: String, current: u64, total: u64 },
-    ContextProgress { bytes_sent: u64, bytes_total: u64 },
-    Warning { code: String, message: String },
+    Queued {
+        position: u32,
+    },
+    Log {
+        kind: LogKind,
+        text: String,
+        step: u32,
+    },
+    PullProgress {
+        image: String,
+        layer: String,
+        current: u64,
+        total: u64,
+    },
+    ContextProgress {
+        bytes_sent: u64,
+        bytes_total: u64,
+    },
+    Warning {
+        code: String,
+        message: String,
+    },
     Completed(Completed),
 }
 
@@ -128,19 +145,18 @@ impl InFlight {
     fn push(&self, event: Event) {
         let len = {
             let mut state = self.lock();
-            if state.events.len() >= MAX_EVENTS {
-                if matches!(event, Event::Log { .. } | Event::PullProgress { .. }) {
-                    if !state.truncated {
-                        state.truncated = true;
-                        state.events.push(Event::Warning {
-                            code: "log_truncated".into(),
-                            message: format!(
-                                "more than {MAX_EVENTS} events; further engine output is dropped"
-                            ),
-                        });
-                    }
-                    return;
+            let droppable = matches!(event, Event::Log { .. } | Event::PullProgress { .. });
+            if state.events.len() >= MAX_EVENTS && droppable {
+                if !state.truncated {
+                    state.truncated = true;
+                    state.events.push(Event::Warning {
+                        code: "log_truncated".into(),
+                        message: format!(
+                            "more than {MAX_EVENTS} events; further engine output is dropped"
+                        ),
+                    });
                 }
+                return;
             }
             state.events.push(event);
             state.events.len()
@@ -192,7 +208,12 @@ impl Subscription {
     fn new(flight: Arc<InFlight>) -> Subscription {
         flight.subscribers.fetch_add(1, Ordering::Relaxed);
         let rx = flight.grew.subscribe();
-        Subscription { flight, next: 0, rx, done: false }
+        Subscription {
+            flight,
+            next: 0,
+            rx,
+            done: false,
+        }
     }
 
     /// The build this follows.
@@ -257,7 +278,9 @@ impl Reporter {
         }
         let position = self.builds.waiting.fetch_add(1, Ordering::SeqCst) + 1;
         self.flight.lock().phase = Some(Phase::Queued);
-        self.emit(Event::Queued { position: u32::try_from(position).unwrap_or(u32::MAX) });
+        self.emit(Event::Queued {
+            position: u32::try_from(position).unwrap_or(u32::MAX),
+        });
         let permit = self.builds.slots.clone().acquire_owned().await;
         self.builds.waiting.fetch_sub(1, Ordering::SeqCst);
         let permit = permit.map_err(|_| Error::Unavailable("daemon shutting down".into()))?;
@@ -313,7 +336,11 @@ impl Builds {
 
     /// Attaches to the build of `key.tag` with the same inputs, or starts one with `driver`.
     /// Returns the subscription and whether it joined an existing build.
-    pub async fn submit<F, Fut>(self: &Arc<Self>, key: Key, driver: F) -> Result<(Subscription, bool)>
+    pub async fn submit<F, Fut>(
+        self: &Arc<Self>,
+        key: Key,
+        driver: F,
+    ) -> Result<(Subscription, bool)>
     where
         F: FnOnce(Reporter) -> Fut,
         Fut: Future<Output = Result<Completed>> + Send + 'static,
@@ -351,13 +378,18 @@ impl Builds {
                     entry.insert(flight.clone());
                     // Subscribe before the driver can emit anything.
                     let subscription = Subscription::new(flight.clone());
-                    let reporter = Reporter { flight: flight.clone(), builds: self.clone() };
+                    let reporter = Reporter {
+                        flight: flight.clone(),
+                        builds: self.clone(),
+                    };
                     // `driver` is taken exactly once: this arm returns.
                     let future = (driver.take().expect("driver used once"))(reporter);
                     let builds = self.clone();
                     tokio::spawn(async move {
                         let outcome = future.await;
-                        builds.table.remove_if(&flight.tag, |_, v| Arc::ptr_eq(v, &flight));
+                        builds
+                            .table
+                            .remove_if(&flight.tag, |_, v| Arc::ptr_eq(v, &flight));
                         flight.finish(&outcome);
                         builds.record(&flight, &outcome);
                     });
@@ -380,8 +412,15 @@ impl Builds {
             finished: Some(SystemTime::now()),
             subscribers: flight.subscribers(),
             phase: flight.phase(),
-            image_id: outcome.as_ref().map(|c| c.image_id.clone()).unwrap_or_default(),
-            error: outcome.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+            image_id: outcome
+                .as_ref()
+                .map(|c| c.image_id.clone())
+                .unwrap_or_default(),
+            error: outcome
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         };
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         history.push_front(summary);
@@ -408,7 +447,13 @@ impl Builds {
             })
             .collect();
         in_flight.sort_by_key(|s| s.started);
-        let recent = self.history.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        let recent = self
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
         (in_flight, recent)
     }
 
@@ -423,9 +468,15 @@ impl Builds {
         self.closing.send_replace(true);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let flights: Vec<Arc<InFlight>> = self.table.iter().map(|e| e.value().clone()).collect();
-            let Some(flight) = flights.into_iter().next() else { return 0 };
-            if tokio::time::timeout_at(deadline, flight.finished()).await.is_err() {
+            let flights: Vec<Arc<InFlight>> =
+                self.table.iter().map(|e| e.value().clone()).collect();
+            let Some(flight) = flights.into_iter().next() else {
+                return 0;
+            };
+            if tokio::time::timeout_at(deadline, flight.finished())
+                .await
+                .is_err()
+            {
                 return self.table.len();
             }
             // `finished` fires just before the entry leaves the table; let the task remove it.

@@ -30,7 +30,9 @@ pub fn default_socket() -> PathBuf {
 
 /// The daemon could not be reached.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach lambda-imaged at {path}: {source}; is the daemon running? (--socket, LAMBDA_IMAGED_SOCKET)")]
+#[error(
+    "cannot reach lambda-imaged at {path}: {source}; is the daemon running? (--socket, LAMBDA_IMAGED_SOCKET)"
+)]
 pub struct ConnectError {
     pub path: PathBuf,
     #[source]
@@ -45,10 +47,15 @@ pub async fn channel(socket: &Path) -> Result<Channel, ConnectError> {
     endpoint
         .connect_with_connector(service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }))
         .await
-        .map_err(|source| ConnectError { path: socket.to_owned(), source })
+        .map_err(|source| ConnectError {
+            path: socket.to_owned(),
+            source,
+        })
 }
 
 /// A typed client for the daemon at `socket`.

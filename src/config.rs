@@ -72,7 +72,9 @@ impl Config {
             cache_dir,
             engine_host: crate::engine::Engine::host_from_env(),
             build_timeout: Duration::from_secs(15 * 60),
-            max_parallel_builds: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            max_parallel_builds: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             shutdown_timeout: Duration::from_secs(60),
             limits: Limits::default(),
             build_gate: None,

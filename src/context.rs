@@ -46,9 +46,15 @@ pub struct Producer {
 pub fn produce(spec: Spec, sent: Arc<AtomicU64>) -> Producer {
     let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(CHUNKS_IN_FLIGHT);
     let done = tokio::task::spawn_blocking(move || {
-        let mut writer = ChanWriter { tx: tx.clone(), buffer: Vec::with_capacity(CHUNK), sent };
+        let mut writer = ChanWriter {
+            tx: tx.clone(),
+            buffer: Vec::with_capacity(CHUNK),
+            sent,
+        };
         let result = write_context(&spec, &mut writer).and_then(|()| {
-            writer.flush_chunk().map_err(|err| Error::Internal(format!("sending context: {err}")))
+            writer
+                .flush_chunk()
+                .map_err(|err| Error::Internal(format!("sending context: {err}")))
         });
         if let Err(err) = &result {
             // Fail the upload so the engine does not build a truncated context. If the
@@ -58,13 +64,22 @@ pub fn produce(spec: Spec, sent: Arc<AtomicU64>) -> Producer {
         result
     });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    Producer { stream: Box::pin(stream), done }
+    Producer {
+        stream: Box::pin(stream),
+        done,
+    }
 }
 
 fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
     let mut tar = tar::Builder::new(out);
     let dockerfile = spec.dockerfile.as_bytes();
-    append(&mut tar, "Dockerfile", 0o644, dockerfile.len() as u64, dockerfile)?;
+    append(
+        &mut tar,
+        "Dockerfile",
+        0o644,
+        dockerfile.len() as u64,
+        dockerfile,
+    )?;
     let rie = open_exact(&spec.rie)?;
     append(&mut tar, "aws-lambda-rie", 0o755, rie.size, rie)?;
     if let Some(tree) = &spec.tree {
@@ -82,7 +97,8 @@ fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
                 }
                 Kind::Symlink { target } => {
                     let mut header = header(tar::EntryType::Symlink, 0o777, 0);
-                    tar.append_link(&mut header, &path, target).map_err(tar_error)?;
+                    tar.append_link(&mut header, &path, target)
+                        .map_err(tar_error)?;
                 }
             }
         }
@@ -115,7 +131,8 @@ fn append(
 
 fn append_dir(tar: &mut tar::Builder<&mut ChanWriter>, path: &str) -> Result<()> {
     let mut header = header(tar::EntryType::Directory, 0o755, 0);
-    tar.append_data(&mut header, path, io::empty()).map_err(tar_error)
+    tar.append_data(&mut header, path, io::empty())
+        .map_err(tar_error)
 }
 
 fn tar_error(err: io::Error) -> Error {
@@ -142,8 +159,16 @@ struct ExactFile {
 
 fn open_exact(path: &Path) -> Result<ExactFile> {
     let file = File::open(path).map_err(|err| Error::io("reading", path, &err))?;
-    let size = file.metadata().map_err(|err| Error::io("reading", path, &err))?.len();
-    Ok(ExactFile { file, path: path.to_owned(), size, remaining: size })
+    let size = file
+        .metadata()
+        .map_err(|err| Error::io("reading", path, &err))?
+        .len();
+    Ok(ExactFile {
+        file,
+        path: path.to_owned(),
+        size,
+        remaining: size,
+    })
 }
 
 impl Read for ExactFile {
@@ -151,7 +176,9 @@ impl Read for ExactFile {
         if self.remaining == 0 {
             return Ok(0);
         }
-        let limit = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let limit = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         let read = self.file.read(&mut buf[..limit])?;
         if read == 0 {
             return Err(io::Error::other(changed(&self.path).to_string()));
@@ -173,7 +200,10 @@ impl ChanWriter {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK)));
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buffer,
+            Vec::with_capacity(CHUNK),
+        ));
         let len = chunk.len() as u64;
         self.tx
             .blocking_send(Ok(chunk))
@@ -231,11 +261,17 @@ mod tests {
         let layer = dir.path().join("layer");
         std::fs::create_dir_all(layer.join("bin")).unwrap();
         std::fs::write(layer.join("bin/run"), "#!/bin/sh").unwrap();
-        std::fs::set_permissions(layer.join("bin/run"), std::fs::Permissions::from_mode(0o6700))
-            .unwrap();
+        std::fs::set_permissions(
+            layer.join("bin/run"),
+            std::fs::Permissions::from_mode(0o6700),
+        )
+        .unwrap();
         std::fs::write(layer.join("data.txt"), "x".repeat(200_000)).unwrap();
         symlink("bin/run", layer.join("bootstrap")).unwrap();
-        let specs = [LayerSpec { name: "l".into(), path: layer }];
+        let specs = [LayerSpec {
+            name: "l".into(),
+            path: layer,
+        }];
         let tree = walk(&specs, Limits::default(), &StatCache::default()).unwrap();
         let spec = Spec {
             dockerfile: "FROM x\n".into(),
@@ -274,13 +310,20 @@ mod tests {
     /// A missing RIE fails the producer and the stream ends with an error.
     #[tokio::test]
     async fn producer_failure_reaches_the_stream() {
-        let spec = Spec { dockerfile: "FROM x\n".into(), rie: "/nonexistent/rie".into(), tree: None };
+        let spec = Spec {
+            dockerfile: "FROM x\n".into(),
+            rie: "/nonexistent/rie".into(),
+            tree: None,
+        };
         let mut producer = produce(spec, Arc::new(AtomicU64::new(0)));
         let mut saw_error = false;
         while let Some(chunk) = producer.stream.next().await {
             saw_error |= chunk.is_err();
         }
         assert!(saw_error);
-        assert!(matches!(producer.done.await.unwrap(), Err(Error::NotFound(_))));
+        assert!(matches!(
+            producer.done.await.unwrap(),
+            Err(Error::NotFound(_))
+        ));
     }
 }

@@ -138,7 +138,10 @@ impl Engine {
     pub fn map_error(&self, err: bollard::errors::Error) -> Error {
         use bollard::errors::Error as B;
         match err {
-            B::DockerResponseServerError { status_code: 404, message } => Error::NotFound(message),
+            B::DockerResponseServerError {
+                status_code: 404,
+                message,
+            } => Error::NotFound(message),
             B::DockerResponseServerError { message, .. } => {
                 Error::FailedPrecondition(format!("the engine refused: {}", message.trim_end()))
             }
@@ -168,7 +171,9 @@ impl Engine {
         let client = self.client().await?;
         let inspected = match client.inspect_image(reference).await {
             Ok(inspected) => inspected,
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
                 return Ok(None);
             }
             Err(err) => return Err(self.map_error(err)),
@@ -247,22 +252,38 @@ impl Engine {
         options: BuildImageOptions,
         body: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
     ) -> Result<BuildStream> {
-        let client = self.client().await?.with_timeout(self.build_timeout + CALL_TIMEOUT);
+        let client = self
+            .client()
+            .await?
+            .with_timeout(self.build_timeout + CALL_TIMEOUT);
         Ok(spawn_build(client, options, body))
     }
 
     /// Removes an image we superseded, unless a container uses it (the engine refuses then,
     /// and so do we, silently). Returns whether it was removed.
     pub async fn remove_unused(&self, image_id: &str) -> bool {
-        let Ok(client) = self.client().await else { return false };
+        let Ok(client) = self.client().await else {
+            return false;
+        };
         let filters = HashMap::from([("ancestor".to_owned(), vec![image_id.to_owned()])]);
-        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
         match client.list_containers(Some(options)).await {
             Ok(containers) if containers.is_empty() => {}
             _ => return false,
         }
-        let options = RemoveImageOptions { force: false, noprune: false, ..Default::default() };
-        client.remove_image(image_id, Some(options), None).await.is_ok()
+        let options = RemoveImageOptions {
+            force: false,
+            noprune: false,
+            ..Default::default()
+        };
+        client
+            .remove_image(image_id, Some(options), None)
+            .await
+            .is_ok()
     }
 
     /// Engine identity, for GetInfo.
@@ -363,7 +384,8 @@ fn spawn_build(
     // `build_image` borrows the client, so the request runs on a task that owns it.
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(client.build_image(options, None, Some(bollard::body_try_stream(body))));
+        let mut stream =
+            std::pin::pin!(client.build_image(options, None, Some(bollard::body_try_stream(body))));
         while let Some(item) = stream.next().await {
             if tx.send(item).await.is_err() {
                 break;

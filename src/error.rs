@@ -72,9 +72,10 @@ impl Error {
     /// An unexpected I/O failure on `path` while doing `what`.
     pub fn io(what: &str, path: &std::path::Path, err: &std::io::Error) -> Error {
         match err.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::NotFound(format!("{what} {}: no such file or directory", path.display()))
-            }
+            std::io::ErrorKind::NotFound => Error::NotFound(format!(
+                "{what} {}: no such file or directory",
+                path.display()
+            )),
             std::io::ErrorKind::PermissionDenied => Error::PermissionDenied(format!(
                 "{what} {}: permission denied for the daemon",
                 path.display()

@@ -34,7 +34,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_entries: 500_000, max_bytes: 8 << 30 }
+        Limits {
+            max_entries: 500_000,
+            max_bytes: 8 << 30,
+        }
     }
 }
 
@@ -43,9 +46,14 @@ impl Default for Limits {
 pub enum Kind {
     Dir,
     /// A regular file read from `source` (the file itself, or a link's dereferenced target).
-    File { source: PathBuf, size: u64 },
+    File {
+        source: PathBuf,
+        size: u64,
+    },
     /// A link kept as a link; `target` as written (relative, stays inside the layer).
-    Symlink { target: PathBuf },
+    Symlink {
+        target: PathBuf,
+    },
 }
 
 /// One entry of the merged tree.
@@ -78,17 +86,24 @@ pub struct Tree {
 }
 
 fn normalised_mode(mode: u32, is_dir: bool) -> u32 {
-    if is_dir || mode & 0o111 != 0 { 0o755 } else { 0o644 }
+    if is_dir || mode & 0o111 != 0 {
+        0o755
+    } else {
+        0o644
+    }
 }
 
 /// Walks every layer and merges them in order.
 pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache) -> Result<Tree> {
     let mut tree = Tree::default();
-    let mut budget = Budget { limits, entries: 0, bytes: 0 };
+    let mut budget = Budget {
+        limits,
+        entries: 0,
+        bytes: 0,
+    };
     for (index, layer) in layers.iter().enumerate() {
-        let meta = fs::metadata(&layer.path).map_err(|err| {
-            Error::io(&format!("layer {:?}:", layer.name), &layer.path, &err)
-        })?;
+        let meta = fs::metadata(&layer.path)
+            .map_err(|err| Error::io(&format!("layer {:?}:", layer.name), &layer.path, &err))?;
         if !meta.is_dir() {
             return Err(Error::InvalidArgument(format!(
                 "layers[{index}].path: {} is not a directory; pass the layer's content directory",
@@ -194,8 +209,11 @@ impl Walker<'_> {
                 )));
             };
             let path = dir.join(&name);
-            let child_rel =
-                if rel.is_empty() { name_str.to_owned() } else { format!("{rel}/{name_str}") };
+            let child_rel = if rel.is_empty() {
+                name_str.to_owned()
+            } else {
+                format!("{rel}/{name_str}")
+            };
             let meta = fs::symlink_metadata(&path)
                 .map_err(|err| Error::io("reading layer entry", &path, &err))?;
             self.entry(&path, child_rel, &meta)?;
@@ -214,7 +232,10 @@ impl Walker<'_> {
         if file_type.is_file() {
             self.budget.add(meta.len())?;
             let mode = normalised_mode(meta.permissions().mode(), false);
-            let kind = Kind::File { source: path.to_owned(), size: meta.len() };
+            let kind = Kind::File {
+                source: path.to_owned(),
+                size: meta.len(),
+            };
             self.push(rel, kind, mode);
             return Ok(());
         }
@@ -263,7 +284,14 @@ impl Walker<'_> {
         if meta.is_file() {
             self.budget.add(meta.len())?;
             let mode = normalised_mode(meta.permissions().mode(), false);
-            self.push(rel, Kind::File { source: real, size: meta.len() }, mode);
+            self.push(
+                rel,
+                Kind::File {
+                    source: real,
+                    size: meta.len(),
+                },
+                mode,
+            );
             return Ok(());
         }
         self.warnings.push(Warning {
@@ -278,7 +306,12 @@ impl Walker<'_> {
     }
 
     fn push(&mut self, path: String, kind: Kind, mode: u32) {
-        self.entries.push(Entry { path, kind, mode, layer: self.layer });
+        self.entries.push(Entry {
+            path,
+            kind,
+            mode,
+            layer: self.layer,
+        });
     }
 }
 
@@ -370,8 +403,12 @@ impl StatCache {
         }
         let started = SystemTime::now();
         let digest = hash_file(path)?;
-        let started_ns = started.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i128;
-        let settled = key.ctime_ns.max(key.mtime_ns) + (RACY_WINDOW.as_nanos() as i128) < started_ns;
+        let started_ns = started
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i128;
+        let settled =
+            key.ctime_ns.max(key.mtime_ns) + (RACY_WINDOW.as_nanos() as i128) < started_ns;
         if settled {
             self.lock().insert(path.to_owned(), (key, digest));
         }
@@ -380,7 +417,9 @@ impl StatCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (StatKey, [u8; 32])>> {
         // A panic while holding this lock leaves a plain map behind; it is still consistent.
-        self.files.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.files
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -414,7 +453,10 @@ mod tests {
     }
 
     fn spec(name: &str, path: &Path) -> LayerSpec {
-        LayerSpec { name: name.to_owned(), path: path.to_owned() }
+        LayerSpec {
+            name: name.to_owned(),
+            path: path.to_owned(),
+        }
     }
 
     #[test]
@@ -431,10 +473,23 @@ mod tests {
         let cache = StatCache::default();
         let tree = walk(&[spec("a", &a), spec("b", &b)], Limits::default(), &cache).unwrap();
         let paths: Vec<&str> = tree.entries.keys().map(String::as_str).collect();
-        assert_eq!(paths, ["bin", "bin/tool", "only_a", "only_a/x", "replaced", "shared.txt"]);
+        assert_eq!(
+            paths,
+            [
+                "bin",
+                "bin/tool",
+                "only_a",
+                "only_a/x",
+                "replaced",
+                "shared.txt"
+            ]
+        );
         assert_eq!(tree.entries["shared.txt"].layer, 1);
         assert_eq!(tree.entries["shared.txt"].mode, 0o644);
-        assert_eq!(tree.entries["only_a/x"].mode, 0o755, "setuid dropped, exec kept");
+        assert_eq!(
+            tree.entries["only_a/x"].mode, 0o755,
+            "setuid dropped, exec kept"
+        );
         assert_eq!(tree.entries["bin/tool"].mode, 0o755);
         assert_eq!(tree.layer_digests.len(), 2);
     }
@@ -453,17 +508,29 @@ mod tests {
         let tree = walk(&[spec("l", &layer)], Limits::default(), &cache).unwrap();
         assert_eq!(
             tree.entries["inside"].kind,
-            Kind::Symlink { target: PathBuf::from("lib/real.so") }
+            Kind::Symlink {
+                target: PathBuf::from("lib/real.so")
+            }
         );
         assert_eq!(tree.entries["node_modules"].kind, Kind::Dir);
-        assert!(matches!(tree.entries["node_modules/index.js"].kind, Kind::File { .. }));
-        assert_eq!(tree.entries["lib/escape"].kind, Kind::Dir, "escaping link dereferenced");
+        assert!(matches!(
+            tree.entries["node_modules/index.js"].kind,
+            Kind::File { .. }
+        ));
+        assert_eq!(
+            tree.entries["lib/escape"].kind,
+            Kind::Dir,
+            "escaping link dereferenced"
+        );
 
         let looped = dir.path().join("looped");
         fs::create_dir_all(&looped).unwrap();
         symlink(&looped, looped.join("self")).unwrap();
         let err = walk(&[spec("loop", &looped)], Limits::default(), &cache).unwrap_err();
-        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("loop")), "{err:?}");
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("loop")),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -476,7 +543,10 @@ mod tests {
         write(&layer.join("f"), "two", 0o644);
         let second = walk(&[spec("l", &layer)], Limits::default(), &cache).unwrap();
         assert_ne!(first.layer_digests, second.layer_digests);
-        let tight = Limits { max_entries: 10, max_bytes: 2 };
+        let tight = Limits {
+            max_entries: 10,
+            max_bytes: 2,
+        };
         let err = walk(&[spec("l", &layer)], tight, &cache).unwrap_err();
         assert!(matches!(&err, Error::ResourceExhausted(m) if m.contains("max_layer_bytes")));
     }

@@ -27,7 +27,10 @@ pub enum ListenError {
     #[error("another lambda-imaged is already serving on {0}; stop it or pick another --socket")]
     InUse(PathBuf),
     #[error("cannot listen on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("systemd passed {0} sockets; lambda-imaged serves exactly one")]
     TooManyFds(usize),
 }
@@ -36,7 +39,10 @@ impl Listener {
     /// Uses the systemd-passed socket if there is one (`LISTEN_PID` checked by `sd-notify`),
     /// else binds `path` with mode 0660.
     pub async fn open(path: &Path) -> Result<Listener, ListenError> {
-        let io = |source| ListenError::Io { path: path.to_owned(), source };
+        let io = |source| ListenError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let fds: Vec<_> = sd_notify::listen_fds().map_err(io)?.collect();
         match fds.as_slice() {
             [] => {}
@@ -51,7 +57,11 @@ impl Listener {
                     .ok()
                     .and_then(|a| a.as_pathname().map(Path::to_owned))
                     .unwrap_or_else(|| path.to_owned());
-                return Ok(Listener { listener, path, guard: None });
+                return Ok(Listener {
+                    listener,
+                    path,
+                    guard: None,
+                });
             }
             more => return Err(ListenError::TooManyFds(more.len())),
         }
@@ -67,7 +77,11 @@ impl Listener {
         }
         let listener = UnixListener::bind(path).map_err(io)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
-        Ok(Listener { listener, path: path.to_owned(), guard: Some(RemoveOnDrop(path.to_owned())) })
+        Ok(Listener {
+            listener,
+            path: path.to_owned(),
+            guard: Some(RemoveOnDrop(path.to_owned())),
+        })
     }
 }
 

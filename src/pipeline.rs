@@ -70,7 +70,11 @@ impl Parts {
     /// The label form: only hex digests and fixed words, so it is safe inside a Dockerfile
     /// (layer names, which are free text, appear only as a digest).
     pub fn to_label(&self) -> String {
-        let layers: Vec<&str> = self.layers.iter().map(|(_, digest)| digest.as_str()).collect();
+        let layers: Vec<&str> = self
+            .layers
+            .iter()
+            .map(|(_, digest)| digest.as_str())
+            .collect();
         format!(
             "v1 base={} rie={} dockerfile={} names={} layers={}",
             self.base,
@@ -106,7 +110,11 @@ fn parse_label(text: &str) -> Option<LabelParts> {
             "dockerfile" => parts.dockerfile = value.to_owned(),
             "names" => parts.names = value.to_owned(),
             "layers" => {
-                parts.layers = value.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect();
+                parts.layers = value
+                    .split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_owned)
+                    .collect();
             }
             _ => return None,
         }
@@ -127,7 +135,9 @@ pub fn label_line(parts: &Parts) -> String {
 
 /// Why an existing image does (not) serve the request.
 pub fn decide(existing: Option<&ImageInfo>, parts: &Parts, force: bool) -> (Reason, String) {
-    let Some(existing) = existing else { return (Reason::Missing, String::new()) };
+    let Some(existing) = existing else {
+        return (Reason::Missing, String::new());
+    };
     let Some(old) = existing.labels.get(FINGERPRINT_LABEL) else {
         return (Reason::Missing, String::new());
     };
@@ -137,7 +147,11 @@ pub fn decide(existing: Option<&ImageInfo>, parts: &Parts, force: bool) -> (Reas
     if *old == parts.fingerprint() {
         return (Reason::UpToDate, String::new());
     }
-    let Some(old) = existing.labels.get(PARTS_LABEL).and_then(|p| parse_label(p)) else {
+    let Some(old) = existing
+        .labels
+        .get(PARTS_LABEL)
+        .and_then(|p| parse_label(p))
+    else {
         return (Reason::DefinitionChanged, String::new());
     };
     if old.base != parts.base {
@@ -171,9 +185,11 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         let path = rie.clone();
         blocking(move || cache.file_digest(&path)).await.map_err(|err| match err {
             Error::NotFound(_) => Error::FailedPrecondition(format!(
-                "runtime interface emulator missing at {}; run scripts/test-env.sh (it fetches \
-                 the RIE) or pass --rie-dir",
-                rie.display()
+                "runtime interface emulator missing at {}; fetch it with `scripts/fetch-rie.sh {}` \
+                 or point --rie-dir at a directory holding aws-lambda-rie-{}",
+                rie.display(),
+                rie.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                plan.arch.as_str()
             )),
             other => other,
         })?
@@ -181,16 +197,26 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
 
     let base = ensure_base(engine, &plan, &reporter).await?;
     if let Some(mismatch) = arch_mismatch(&base, plan.arch) {
-        reporter.emit(Event::Warning { code: "arch_mismatch".into(), message: mismatch });
+        reporter.emit(Event::Warning {
+            code: "arch_mismatch".into(),
+            message: mismatch,
+        });
     }
 
     let tree = if plan.layers.is_empty() {
         None
     } else {
-        let (specs, limits, cache) = (plan.layers.clone(), shared.limits, shared.stat_cache.clone());
+        let (specs, limits, cache) = (
+            plan.layers.clone(),
+            shared.limits,
+            shared.stat_cache.clone(),
+        );
         let tree = blocking(move || layers::walk(&specs, limits, &cache)).await?;
         for warning in &tree.warnings {
-            reporter.emit(Event::Warning { code: warning.code.into(), message: warning.message.clone() });
+            reporter.emit(Event::Warning {
+                code: warning.code.into(),
+                message: warning.message.clone(),
+            });
         }
         Some(Arc::new(tree))
     };
@@ -230,7 +256,11 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         }
     }
     let dockerfile = format!("{}{}", plan.dockerfile, label_line(&parts));
-    let spec = context::Spec { dockerfile, rie, tree };
+    let spec = context::Spec {
+        dockerfile,
+        rie,
+        tree,
+    };
     let build = engine_build(&shared, &plan, spec, &reporter);
     let image_id = match tokio::time::timeout(shared.build_timeout, build).await {
         Ok(result) => result?,
@@ -244,9 +274,14 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
     };
 
     let built = engine.inspect(&plan.tag).await?.ok_or_else(|| {
-        Error::Internal(format!("the engine built {image_id} but has no image tagged {}", plan.tag))
+        Error::Internal(format!(
+            "the engine built {image_id} but has no image tagged {}",
+            plan.tag
+        ))
     })?;
-    if let Some(old) = existing.filter(|old| old.id != built.id && old.labels.contains_key(FINGERPRINT_LABEL)) {
+    if let Some(old) =
+        existing.filter(|old| old.id != built.id && old.labels.contains_key(FINGERPRINT_LABEL))
+    {
         // The tag moved: remove the superseded image if nothing uses it (SAM does the same).
         let engine = engine.clone();
         tokio::spawn(async move { engine.remove_unused(&old.id).await });
@@ -284,7 +319,11 @@ async fn ensure_base(engine: &Engine, plan: &Plan, reporter: &Reporter) -> Resul
              load it first, or drop --skip-pull-image"
         )));
     }
-    reporter.emit(Event::Log { kind: LogKind::Status, text: format!("pulling {name}"), step: 0 });
+    reporter.emit(Event::Log {
+        kind: LogKind::Status,
+        text: format!("pulling {name}"),
+        step: 0,
+    });
     let pulled = engine
         .pull(&plan.base, plan.arch.platform(), |item| {
             if let Some(detail) = &item.progress_detail {
@@ -299,7 +338,11 @@ async fn ensure_base(engine: &Engine, plan: &Plan, reporter: &Reporter) -> Resul
                     Some(id) => format!("{id}: {status}"),
                     None => status.clone(),
                 };
-                reporter.emit(Event::Log { kind: LogKind::Status, text, step: 0 });
+                reporter.emit(Event::Log {
+                    kind: LogKind::Status,
+                    text,
+                    step: 0,
+                });
             }
         })
         .await;
@@ -402,7 +445,10 @@ async fn engine_build(
     drop(messages);
     if let Some(done) = done {
         // The engine ended first; the producer stops once its channel is gone.
-        producer_result = Some(done.await.unwrap_or_else(|err| Err(Error::Internal(format!("context writer failed: {err}")))));
+        producer_result =
+            Some(done.await.unwrap_or_else(|err| {
+                Err(Error::Internal(format!("context writer failed: {err}")))
+            }));
     }
     // The producer's own error is the real cause when the upload broke off.
     if let Some(Err(err)) = producer_result {
@@ -411,7 +457,9 @@ async fn engine_build(
     if let Some(err) = engine_error {
         let err = shared.engine.map_error(err);
         return Err(match err {
-            Error::NotFound(message) => Error::FailedPrecondition(format!("the engine failed the build: {message}")),
+            Error::NotFound(message) => {
+                Error::FailedPrecondition(format!("the engine failed the build: {message}"))
+            }
             other => other,
         });
     }
@@ -425,7 +473,9 @@ async fn engine_build(
 
 /// "Step 2/4 : COPY ..." (Docker) or "STEP 2/4: COPY ..." (Podman) -> 2.
 fn parse_step(line: &str) -> Option<u32> {
-    let rest = line.strip_prefix("Step ").or_else(|| line.strip_prefix("STEP "))?;
+    let rest = line
+        .strip_prefix("Step ")
+        .or_else(|| line.strip_prefix("STEP "))?;
     rest.split('/').next()?.trim().parse().ok()
 }
 
@@ -460,12 +510,18 @@ mod tests {
         let old = parts();
         let existing = image(&old);
         assert_eq!(decide(None, &old, false).0, Reason::Missing);
-        assert_eq!(decide(Some(&ImageInfo::default()), &old, false).0, Reason::Missing);
+        assert_eq!(
+            decide(Some(&ImageInfo::default()), &old, false).0,
+            Reason::Missing
+        );
         assert_eq!(decide(Some(&existing), &old, false).0, Reason::UpToDate);
         assert_eq!(decide(Some(&existing), &old, true).0, Reason::Forced);
         let mut new = old.clone();
         new.layers[1].1 = "changed".into();
-        assert_eq!(decide(Some(&existing), &new, false), (Reason::LayerChanged, "b".into()));
+        assert_eq!(
+            decide(Some(&existing), &new, false),
+            (Reason::LayerChanged, "b".into())
+        );
         let mut new = old.clone();
         new.base = "sha256:other".into();
         assert_eq!(decide(Some(&existing), &new, false).0, Reason::BaseChanged);
@@ -474,7 +530,10 @@ mod tests {
         assert_eq!(decide(Some(&existing), &new, false).0, Reason::RieChanged);
         let mut new = old.clone();
         new.layers.pop();
-        assert_eq!(decide(Some(&existing), &new, false).0, Reason::DefinitionChanged);
+        assert_eq!(
+            decide(Some(&existing), &new, false).0,
+            Reason::DefinitionChanged
+        );
     }
 
     #[test]
@@ -492,7 +551,10 @@ mod tests {
 
     #[test]
     fn steps_are_parsed_from_both_engines() {
-        assert_eq!(parse_step("Step 2/4 : COPY aws-lambda-rie /var/rapid/aws-lambda-rie"), Some(2));
+        assert_eq!(
+            parse_step("Step 2/4 : COPY aws-lambda-rie /var/rapid/aws-lambda-rie"),
+            Some(2)
+        );
         assert_eq!(parse_step("STEP 3/3: COPY opt/ /opt/"), Some(3));
         assert_eq!(parse_step(" ---> Using cache"), None);
     }

@@ -9,7 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 tonic::include_proto!("lambda_imaged.v1");
 
 /// The file descriptor set served by reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lambda_imaged_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("lambda_imaged_descriptor");
 
 use crate::builds;
 use crate::error::{Error, Result};
@@ -45,7 +46,10 @@ pub fn request_from_wire(request: BuildRequest) -> Result<resolve::Request> {
         layers: request
             .layers
             .into_iter()
-            .map(|layer| resolve::LayerSpec { name: layer.name, path: PathBuf::from(layer.path) })
+            .map(|layer| resolve::LayerSpec {
+                name: layer.name,
+                path: PathBuf::from(layer.path),
+            })
             .collect(),
         invoke_images: request
             .invoke_images
@@ -72,7 +76,10 @@ impl From<&resolve::Plan> for BuildPlan {
             layers: plan
                 .layers
                 .iter()
-                .map(|l| Layer { name: l.name.clone(), path: l.path.display().to_string() })
+                .map(|l| Layer {
+                    name: l.name.clone(),
+                    path: l.path.display().to_string(),
+                })
                 .collect(),
             invoke_image_used: plan.invoke_image_used,
             package_type: plan.package_type.as_str().to_owned(),
@@ -119,7 +126,9 @@ impl From<&builds::Completed> for Completed {
 pub fn event_to_wire(build_id: &str, event: &builds::Event) -> BuildEvent {
     use build_event::Event as E;
     let event = match event {
-        builds::Event::Queued { position } => E::Queued(Queued { position: *position }),
+        builds::Event::Queued { position } => E::Queued(Queued {
+            position: *position,
+        }),
         builds::Event::Log { kind, text, step } => E::Log(Log {
             kind: match kind {
                 builds::LogKind::Stream => LogKind::Stream,
@@ -129,25 +138,43 @@ pub fn event_to_wire(build_id: &str, event: &builds::Event) -> BuildEvent {
             text: text.clone(),
             step: *step,
         }),
-        builds::Event::PullProgress { image, layer, current, total } => E::PullProgress(PullProgress {
+        builds::Event::PullProgress {
+            image,
+            layer,
+            current,
+            total,
+        } => E::PullProgress(PullProgress {
             image: image.clone(),
             layer: layer.clone(),
             current: *current,
             total: *total,
         }),
-        builds::Event::ContextProgress { bytes_sent, bytes_total } => {
-            E::ContextProgress(ContextProgress { bytes_sent: *bytes_sent, bytes_total: *bytes_total })
-        }
-        builds::Event::Warning { code, message } => {
-            E::Warning(Warning { code: code.clone(), message: message.clone() })
-        }
+        builds::Event::ContextProgress {
+            bytes_sent,
+            bytes_total,
+        } => E::ContextProgress(ContextProgress {
+            bytes_sent: *bytes_sent,
+            bytes_total: *bytes_total,
+        }),
+        builds::Event::Warning { code, message } => E::Warning(Warning {
+            code: code.clone(),
+            message: message.clone(),
+        }),
         builds::Event::Completed(completed) => E::Completed(completed.into()),
     };
-    BuildEvent { build_id: build_id.to_owned(), event: Some(event) }
+    BuildEvent {
+        build_id: build_id.to_owned(),
+        event: Some(event),
+    }
 }
 
 fn unix_ms(time: SystemTime) -> u64 {
-    u64::try_from(time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(0)
+    u64::try_from(
+        time.duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(0)
 }
 
 impl From<&builds::Summary> for BuildSummary {

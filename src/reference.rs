@@ -97,12 +97,37 @@ mod tests {
                 Some("latest"),
                 None,
             ),
-            ("localhost:5000/team/fn", "localhost:5000/team/fn", None, None),
-            ("localhost:5000/team/fn:v2", "localhost:5000/team/fn", Some("v2"), None),
+            (
+                "localhost:5000/team/fn",
+                "localhost:5000/team/fn",
+                None,
+                None,
+            ),
+            (
+                "localhost:5000/team/fn:v2",
+                "localhost:5000/team/fn",
+                Some("v2"),
+                None,
+            ),
             ("team/fn@DIGEST", "team/fn", None, Some(DIGEST)),
-            ("localhost:5000/team/fn@DIGEST", "localhost:5000/team/fn", None, Some(DIGEST)),
-            ("localhost:5000/team/fn:v3@DIGEST", "localhost:5000/team/fn", Some("v3"), Some(DIGEST)),
-            ("docker.io/library/busybox:1", "docker.io/library/busybox", Some("1"), None),
+            (
+                "localhost:5000/team/fn@DIGEST",
+                "localhost:5000/team/fn",
+                None,
+                Some(DIGEST),
+            ),
+            (
+                "localhost:5000/team/fn:v3@DIGEST",
+                "localhost:5000/team/fn",
+                Some("v3"),
+                Some(DIGEST),
+            ),
+            (
+                "docker.io/library/busybox:1",
+                "docker.io/library/busybox",
+                Some("1"),
+                None,
+            ),
         ];
         for (text, repo, tag, digest) in cases {
             let text = text.replace("DIGEST", DIGEST);
@@ -116,8 +141,21 @@ mod tests {
 
     #[test]
     fn malformed_references_are_rejected() {
-        for text in ["", "upper/Case", "Repo", "a b", "fn:", "fn@sha256:abc", ":tag", "fn::x", "-lead/x"] {
-            assert!(ImageRef::parse(text).is_err(), "{text:?} should be rejected");
+        for text in [
+            "",
+            "upper/Case",
+            "Repo",
+            "a b",
+            "fn:",
+            "fn@sha256:abc",
+            ":tag",
+            "fn::x",
+            "-lead/x",
+        ] {
+            assert!(
+                ImageRef::parse(text).is_err(),
+                "{text:?} should be rejected"
+            );
         }
     }
 }

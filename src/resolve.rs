@@ -261,15 +261,23 @@ pub fn resolve(request: &Request) -> Result<Plan> {
     let mut invoke_images = Vec::with_capacity(request.invoke_images.len());
     for (index, entry) in request.invoke_images.iter().enumerate() {
         let field = format!("invoke_images[{index}].image");
-        invoke_images.push((entry.function.as_deref(), parse_reference(&field, &entry.image)?));
+        invoke_images.push((
+            entry.function.as_deref(),
+            parse_reference(&field, &entry.image)?,
+        ));
     }
     // SAM: `invoke_images.get(function_name, invoke_images.get(None))`.
     let invoke_image = invoke_images
         .iter()
         .find(|(function, _)| {
-            function.is_some_and(|f| !request.function_name.is_empty() && f == request.function_name)
+            function
+                .is_some_and(|f| !request.function_name.is_empty() && f == request.function_name)
         })
-        .or_else(|| invoke_images.iter().find(|(function, _)| function.is_none()))
+        .or_else(|| {
+            invoke_images
+                .iter()
+                .find(|(function, _)| function.is_none())
+        })
         .map(|(_, image)| image.clone());
 
     match request.package_type {
@@ -298,10 +306,8 @@ pub fn resolve(request: &Request) -> Result<Plan> {
             let (base, prefix, invoke_image_used) = match invoke_image {
                 Some(image) => (image, String::new(), true),
                 None => {
-                    let base = parse_reference(
-                        "runtime",
-                        &format!("{LAMBDA_REPO_PREFIX}/{name_tag}"),
-                    )?;
+                    let base =
+                        parse_reference("runtime", &format!("{LAMBDA_REPO_PREFIX}/{name_tag}"))?;
                     // SAM: the second field of `name:tag` split on ':' or '-'.
                     let version = name_tag.split([':', '-']).nth(1).unwrap_or_default();
                     (base, format!("{version}-"), false)
@@ -335,7 +341,11 @@ pub fn resolve(request: &Request) -> Result<Plan> {
             }
             let base = parse_reference("image", &request.image)?;
             // An invoke image renames the tag's repository only; FROM stays the function's image.
-            let tag_repo = invoke_image.as_ref().unwrap_or(&base).repository().to_owned();
+            let tag_repo = invoke_image
+                .as_ref()
+                .unwrap_or(&base)
+                .repository()
+                .to_owned();
             Ok(Plan {
                 tag: format!("{tag_repo}:rapid-{}", arch.as_str()),
                 dockerfile: dockerfile(&base, false),
@@ -374,7 +384,10 @@ mod tests {
     fn layer(dir: &Path, name: &str) -> LayerSpec {
         let path = dir.join(name);
         std::fs::create_dir_all(&path).unwrap();
-        LayerSpec { name: name.to_owned(), path }
+        LayerSpec {
+            name: name.to_owned(),
+            path,
+        }
     }
 
     fn invalid(request: &Request) -> String {
@@ -452,7 +465,10 @@ mod tests {
     fn design_examples() {
         let plan = resolve(&zip("python3.12", Arch::X86_64)).unwrap();
         assert_eq!(plan.tag, "public.ecr.aws/lambda/python:3.12-rapid-x86_64");
-        assert_eq!(plan.base.as_str(), "public.ecr.aws/lambda/python:3.12-x86_64");
+        assert_eq!(
+            plan.base.as_str(),
+            "public.ecr.aws/lambda/python:3.12-x86_64"
+        );
         assert_eq!(
             resolve(&zip("go1.x", Arch::X86_64)).unwrap().tag,
             "public.ecr.aws/lambda/go:1-rapid-x86_64"
@@ -461,7 +477,10 @@ mod tests {
         let mut request = zip("python3.12", Arch::X86_64);
         request.layers = vec![layer(dir.path(), "layerA"), layer(dir.path(), "layerB")];
         let plan = resolve(&request).unwrap();
-        assert_eq!(plan.tag, "samcli/lambda-python:3.12-x86_64-826cc3a931cbea33312dcc046");
+        assert_eq!(
+            plan.tag,
+            "samcli/lambda-python:3.12-x86_64-826cc3a931cbea33312dcc046"
+        );
         assert_eq!(
             plan.dockerfile,
             "FROM public.ecr.aws/lambda/python:3.12-x86_64\n\
@@ -505,7 +524,10 @@ mod tests {
         assert!(invalid(&image).starts_with("image:"));
 
         let mut bad_invoke = zip("python3.12", Arch::X86_64);
-        bad_invoke.invoke_images = vec![InvokeImage { function: None, image: "a b".into() }];
+        bad_invoke.invoke_images = vec![InvokeImage {
+            function: None,
+            image: "a b".into(),
+        }];
         assert!(invalid(&bad_invoke).starts_with("invoke_images[0].image"));
 
         let dir = tempfile::tempdir().unwrap();
@@ -514,9 +536,15 @@ mod tests {
         assert!(invalid(&layers).contains("more than one layer"));
         layers.layers[1].name = String::new();
         assert!(invalid(&layers).starts_with("layers[1].name"));
-        layers.layers[1] = LayerSpec { name: "b".into(), path: "rel/dir".into() };
+        layers.layers[1] = LayerSpec {
+            name: "b".into(),
+            path: "rel/dir".into(),
+        };
         assert!(invalid(&layers).contains("relative"));
-        layers.layers[1] = LayerSpec { name: "b".into(), path: dir.path().join("missing") };
+        layers.layers[1] = LayerSpec {
+            name: "b".into(),
+            path: dir.path().join("missing"),
+        };
         assert!(matches!(resolve(&layers), Err(Error::NotFound(m)) if m.contains("missing")));
     }
 
@@ -525,8 +553,14 @@ mod tests {
         let mut request = zip("python3.12", Arch::X86_64);
         request.function_name = "HelloFn".into();
         request.invoke_images = vec![
-            InvokeImage { function: None, image: "global/img:1".into() },
-            InvokeImage { function: Some("HelloFn".into()), image: "localhost:5000/hello:2".into() },
+            InvokeImage {
+                function: None,
+                image: "global/img:1".into(),
+            },
+            InvokeImage {
+                function: Some("HelloFn".into()),
+                image: "localhost:5000/hello:2".into(),
+            },
         ];
         let plan = resolve(&request).unwrap();
         assert_eq!(plan.base.as_str(), "localhost:5000/hello:2");

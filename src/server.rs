@@ -47,14 +47,27 @@ impl Daemon {
             build_timeout: config.build_timeout,
             build_gate: config.build_gate.clone(),
         });
-        Daemon { config, engine, builds, shared }
+        Daemon {
+            config,
+            engine,
+            builds,
+            shared,
+        }
     }
 
     /// Serves on `listener` until `shutdown` resolves; then refuses new builds, lets those in
     /// flight finish (up to the shutdown timeout), ends the remaining streams with
     /// UNAVAILABLE and returns.
-    pub async fn serve(self, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-        let Listener { listener, path, guard } = listener;
+    pub async fn serve(
+        self,
+        listener: Listener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let Listener {
+            listener,
+            path,
+            guard,
+        } = listener;
         let watcher = tokio::spawn(self.engine.clone().watch());
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -67,7 +80,9 @@ impl Daemon {
                     ServingStatus::NotServing
                 };
                 health.set_service_status("", status).await;
-                health.set_service_status("lambda_imaged.v1.ImageBuilder", status).await;
+                health
+                    .set_service_status("lambda_imaged.v1.ImageBuilder", status)
+                    .await;
                 if engine_health.changed().await.is_err() {
                     return;
                 }
@@ -92,10 +107,16 @@ impl Daemon {
         let drained = async move {
             shutdown.await;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-            tracing::info!(in_flight = builds.in_flight(), "shutting down: waiting for builds in flight");
+            tracing::info!(
+                in_flight = builds.in_flight(),
+                "shutting down: waiting for builds in flight"
+            );
             let left = builds.drain(shutdown_timeout).await;
             if left > 0 {
-                tracing::warn!(left, "shutdown timeout passed; ending the remaining streams");
+                tracing::warn!(
+                    left,
+                    "shutdown timeout passed; ending the remaining streams"
+                );
             }
             // Tell every open stream to end (a no-op when all builds finished).
             abort_tx.send_replace(true);

@@ -35,8 +35,19 @@ pub struct Service {
 
 impl Service {
     /// The service for `config`.
-    pub fn new(config: &Config, shared: Arc<Shared>, builds: Arc<Builds>, abort: watch::Receiver<bool>) -> Service {
-        Service { shared, builds, socket: config.socket.clone(), cache_dir: config.cache_dir.clone(), abort }
+    pub fn new(
+        config: &Config,
+        shared: Arc<Shared>,
+        builds: Arc<Builds>,
+        abort: watch::Receiver<bool>,
+    ) -> Service {
+        Service {
+            shared,
+            builds,
+            socket: config.socket.clone(),
+            cache_dir: config.cache_dir.clone(),
+            abort,
+        }
     }
 }
 
@@ -49,7 +60,10 @@ struct Peer {
 }
 
 fn peer<T>(request: &Request<T>) -> Peer {
-    let cred = request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred);
+    let cred = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred);
     Peer {
         uid: cred.map(|c| c.uid()),
         gid: cred.map(|c| c.gid()),
@@ -87,23 +101,38 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::BuildEvent, Status>> 
 impl ImageBuilder for Service {
     type BuildStream = EventStream;
 
-    async fn build(&self, request: Request<proto::BuildRequest>) -> Result<Response<EventStream>, Status> {
+    async fn build(
+        &self,
+        request: Request<proto::BuildRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let started = Instant::now();
         let peer = peer(&request);
         let plan = plan_of(request.into_inner()).inspect_err(|err| {
             tracing::info!(uid = ?peer.uid, pid = ?peer.pid, code = err.code_name(), error = %err, "build rejected");
         })?;
-        let key = Key { tag: plan.tag.clone(), definition: definition_key(&plan), force: plan.force_image_build };
+        let key = Key {
+            tag: plan.tag.clone(),
+            definition: definition_key(&plan),
+            force: plan.force_image_build,
+        };
         let shared = self.shared.clone();
         let tag = plan.tag.clone();
-        let (mut subscription, joined) =
-            self.builds.submit(key, move |reporter| pipeline::run(shared, plan, reporter)).await?;
+        let (mut subscription, joined) = self
+            .builds
+            .submit(key, move |reporter| pipeline::run(shared, plan, reporter))
+            .await?;
         let build_id = subscription.flight().id.clone();
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let mut abort = self.abort.clone();
         tokio::spawn(async move {
-            let accepted = proto::build_event::Event::Accepted(proto::Accepted { tag: tag.clone(), joined });
-            let first = proto::BuildEvent { build_id: build_id.clone(), event: Some(accepted) };
+            let accepted = proto::build_event::Event::Accepted(proto::Accepted {
+                tag: tag.clone(),
+                joined,
+            });
+            let first = proto::BuildEvent {
+                build_id: build_id.clone(),
+                event: Some(accepted),
+            };
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -118,10 +147,17 @@ impl ImageBuilder for Service {
                 match next {
                     Some(Ok(event)) => {
                         let summary = match &event {
-                            Event::Completed(c) => Some(format!("completed cached={} reason={:?}", c.cached, c.reason)),
+                            Event::Completed(c) => Some(format!(
+                                "completed cached={} reason={:?}",
+                                c.cached, c.reason
+                            )),
                             _ => None,
                         };
-                        if tx.send(Ok(proto::event_to_wire(&build_id, &event))).await.is_err() {
+                        if tx
+                            .send(Ok(proto::event_to_wire(&build_id, &event)))
+                            .await
+                            .is_err()
+                        {
                             break "client went away".to_owned();
                         }
                         if let Some(summary) = summary {
@@ -144,14 +180,20 @@ impl ImageBuilder for Service {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn resolve(&self, request: Request<proto::BuildRequest>) -> Result<Response<proto::BuildPlan>, Status> {
+    async fn resolve(
+        &self,
+        request: Request<proto::BuildRequest>,
+    ) -> Result<Response<proto::BuildPlan>, Status> {
         let peer = peer(&request);
         let plan = plan_of(request.into_inner());
         tracing::info!(uid = ?peer.uid, pid = ?peer.pid, tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""), ok = plan.is_ok(), "resolve request");
         Ok(Response::new(proto::BuildPlan::from(&plan?)))
     }
 
-    async fn list_builds(&self, _request: Request<proto::ListBuildsRequest>) -> Result<Response<proto::ListBuildsResponse>, Status> {
+    async fn list_builds(
+        &self,
+        _request: Request<proto::ListBuildsRequest>,
+    ) -> Result<Response<proto::ListBuildsResponse>, Status> {
         let (in_flight, recent) = self.builds.list();
         Ok(Response::new(proto::ListBuildsResponse {
             in_flight: in_flight.iter().map(Into::into).collect(),
@@ -159,13 +201,22 @@ impl ImageBuilder for Service {
         }))
     }
 
-    async fn prune(&self, _request: Request<proto::PruneRequest>) -> Result<Response<proto::PruneResponse>, Status> {
+    async fn prune(
+        &self,
+        _request: Request<proto::PruneRequest>,
+    ) -> Result<Response<proto::PruneResponse>, Status> {
         Err(Status::unimplemented("prune is not implemented yet"))
     }
 
-    async fn get_info(&self, _request: Request<proto::GetInfoRequest>) -> Result<Response<proto::GetInfoResponse>, Status> {
+    async fn get_info(
+        &self,
+        _request: Request<proto::GetInfoRequest>,
+    ) -> Result<Response<proto::GetInfoResponse>, Status> {
         let engine = &self.shared.engine;
-        let mut engine_info = proto::EngineInfo { host: engine.host().to_owned(), ..Default::default() };
+        let mut engine_info = proto::EngineInfo {
+            host: engine.host().to_owned(),
+            ..Default::default()
+        };
         match tokio::time::timeout(Duration::from_secs(5), engine.version()).await {
             Ok(Ok(version)) => {
                 engine_info.reachable = true;
@@ -182,7 +233,10 @@ impl ImageBuilder for Service {
             let path = pipeline::rie_path(&self.shared.rie_dir, arch);
             let cache = self.shared.stat_cache.clone();
             let probe = path.clone();
-            let digest = tokio::task::spawn_blocking(move || cache.file_digest(&probe)).await.ok().and_then(Result::ok);
+            let digest = tokio::task::spawn_blocking(move || cache.file_digest(&probe))
+                .await
+                .ok()
+                .and_then(Result::ok);
             rie.push(proto::RieInfo {
                 architecture: arch.as_str().into(),
                 path: path.display().to_string(),
@@ -191,7 +245,9 @@ impl ImageBuilder for Service {
             });
         }
         let cache_dir = self.cache_dir.clone();
-        let cache_bytes = tokio::task::spawn_blocking(move || dir_size(&cache_dir)).await.unwrap_or(0);
+        let cache_bytes = tokio::task::spawn_blocking(move || dir_size(&cache_dir))
+            .await
+            .unwrap_or(0);
         let limits = &self.shared.limits;
         Ok(Response::new(proto::GetInfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -200,14 +256,24 @@ impl ImageBuilder for Service {
             cache_dir: self.cache_dir.display().to_string(),
             cache_bytes,
             rie,
-            capabilities: ["build", "resolve", "list_builds", "dedup", "fingerprint", "streamed_context"]
-                .map(String::from)
-                .to_vec(),
+            capabilities: [
+                "build",
+                "resolve",
+                "list_builds",
+                "dedup",
+                "fingerprint",
+                "streamed_context",
+            ]
+            .map(String::from)
+            .to_vec(),
             limits: [
                 ("max_layers", resolve::MAX_LAYERS.to_string()),
                 ("max_layer_entries", limits.max_entries.to_string()),
                 ("max_layer_bytes", limits.max_bytes.to_string()),
-                ("build_timeout_s", self.shared.build_timeout.as_secs().to_string()),
+                (
+                    "build_timeout_s",
+                    self.shared.build_timeout.as_secs().to_string(),
+                ),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
@@ -217,7 +283,9 @@ impl ImageBuilder for Service {
 }
 
 fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|entry| match entry.file_type() {

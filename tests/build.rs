@@ -40,16 +40,42 @@ async fn build_contents_cache_and_invalidation() {
     let done = first.completed().clone();
     assert!(!done.cached);
     assert_eq!(done.reason, proto::Reason::Missing as i32);
-    assert!(done.tag.starts_with("samcli/lambda-python:3.12-x86_64-"), "{}", done.tag);
-    assert!(done.image_id.starts_with("sha256:") && done.image_id.len() == 71, "{}", done.image_id);
+    assert!(
+        done.tag.starts_with("samcli/lambda-python:3.12-x86_64-"),
+        "{}",
+        done.tag
+    );
+    assert!(
+        done.image_id.starts_with("sha256:") && done.image_id.len() == 71,
+        "{}",
+        done.image_id
+    );
     assert_eq!(done.config.as_ref().unwrap().architecture, "amd64");
     assert!(matches!(first.events[0].event, Some(Event::Accepted(_))));
-    assert!(first.events.iter().any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.contains("COPY opt/"))));
-    assert!(first.events.iter().any(|e| matches!(&e.event, Some(Event::ContextProgress(p)) if p.bytes_total > 0)));
+    assert!(
+        first
+            .events
+            .iter()
+            .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.contains("COPY opt/")))
+    );
+    assert!(
+        first
+            .events
+            .iter()
+            .any(|e| matches!(&e.event, Some(Event::ContextProgress(p)) if p.bytes_total > 0))
+    );
 
     let rie_sha = {
-        let out = Command::new("sha256sum").arg(rie_dir().join("aws-lambda-rie-x86_64")).output().unwrap();
-        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+        let out = Command::new("sha256sum")
+            .arg(rie_dir().join("aws-lambda-rie-x86_64"))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
     };
     let report = run_in_image(
         &done.tag,
@@ -81,7 +107,11 @@ async fn build_contents_cache_and_invalidation() {
     assert!(again.completed().cached);
     assert_eq!(again.completed().reason, proto::Reason::UpToDate as i32);
     assert_eq!(again.completed().image_id, done.image_id);
-    assert_eq!(engine_builds(&done.tag, &since), 0, "a cached request must not build");
+    assert_eq!(
+        engine_builds(&done.tag, &since),
+        0,
+        "a cached request must not build"
+    );
 
     // One byte changed in layer b: rebuild naming that layer, new content in the image.
     write_file(&b.join("message.txt"), "from layer B", 0o640);
@@ -93,11 +123,17 @@ async fn build_contents_cache_and_invalidation() {
     assert_eq!(changed.changed_layer, nb);
     assert_ne!(changed.image_id, done.image_id);
     assert_eq!(engine_builds(&done.tag, &since), 1);
-    assert_eq!(run_in_image(&changed.tag, "cat /opt/message.txt"), "from layer B");
+    assert_eq!(
+        run_in_image(&changed.tag, "cat /opt/message.txt"),
+        "from layer B"
+    );
     // The superseded image was removed (no container used it).
     let mut gone = false;
     for _ in 0..50 {
-        if !docker(&["image", "inspect", &done.image_id]).status.success() {
+        if !docker(&["image", "inspect", &done.image_id])
+            .status
+            .success()
+        {
             gone = true;
             break;
         }
@@ -116,7 +152,12 @@ async fn build_contents_cache_and_invalidation() {
             break;
         }
         // The removal event may still be on its way; a cached answer must then still be true.
-        assert!(!docker(&["image", "inspect", &completed.tag]).status.success() || completed.cached);
+        assert!(
+            !docker(&["image", "inspect", &completed.tag])
+                .status
+                .success()
+                || completed.cached
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rebuilt = rebuilt.expect("the daemon noticed the removal");
@@ -131,18 +172,32 @@ async fn build_contents_cache_and_invalidation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn end_to_end_invoke_through_the_rie() {
     let output = docker_ok(&["network", "inspect", "bridge", "--format", "{{.Name}}"]);
-    assert_eq!(output.trim(), "bridge", "the engine needs its default bridge to publish ports");
+    assert_eq!(
+        output.trim(),
+        "bridge",
+        "the engine needs its default bridge to publish ports"
+    );
     let daemon = TestDaemon::start().await;
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join("fn");
     write_file(&layer.join("bootstrap"), &bootstrap_fixture(), 0o755);
     write_file(&layer.join("message.txt"), "hello from the layer", 0o644);
     let name = unique("fn");
-    let done = build(&daemon.socket, zip_request(&[(&name, &layer)])).await.completed().clone();
+    let done = build(&daemon.socket, zip_request(&[(&name, &layer)]))
+        .await
+        .completed()
+        .clone();
 
     let container = docker_ok(&[
-        "run", "-d", "--rm", "-p", "127.0.0.1::8080", "--entrypoint", "/var/rapid/aws-lambda-rie",
-        &done.tag, "/opt/bootstrap",
+        "run",
+        "-d",
+        "--rm",
+        "-p",
+        "127.0.0.1::8080",
+        "--entrypoint",
+        "/var/rapid/aws-lambda-rie",
+        &done.tag,
+        "/opt/bootstrap",
     ]);
     let container = container.trim().to_owned();
     let port = docker_ok(&["port", &container, "8080/tcp"]);
@@ -162,7 +217,10 @@ async fn end_to_end_invoke_through_the_rie() {
     }
     docker(&["rm", "-f", &container]);
     docker(&["rmi", "-f", &done.tag]);
-    assert_eq!(response, r#"{"echo":{"ping":1},"layer":"hello from the layer"}"#);
+    assert_eq!(
+        response,
+        r#"{"echo":{"ping":1},"layer":"hello from the layer"}"#
+    );
     daemon.stop().await;
 }
 
@@ -174,9 +232,17 @@ async fn bad_requests_get_clear_statuses() {
     request.runtime = "python2.7".into();
     let outcome = build(&daemon.socket, request).await;
     assert_eq!(outcome.status().code(), Code::InvalidArgument);
-    assert!(outcome.status().message().contains("python3.12"), "{}", outcome.status().message());
+    assert!(
+        outcome.status().message().contains("python3.12"),
+        "{}",
+        outcome.status().message()
+    );
 
-    let outcome = build(&daemon.socket, zip_request(&[("x", Path::new("/nonexistent/layer"))])).await;
+    let outcome = build(
+        &daemon.socket,
+        zip_request(&[("x", Path::new("/nonexistent/layer"))]),
+    )
+    .await;
     assert_eq!(outcome.status().code(), Code::NotFound);
     assert!(outcome.status().message().contains("/nonexistent/layer"));
 
@@ -192,7 +258,11 @@ async fn bad_requests_get_clear_statuses() {
     let dir = tempfile::tempdir().unwrap();
     write_file(&dir.path().join("l/f"), "x", 0o644);
     let name = unique("ok");
-    let ok = build(&daemon.socket, zip_request(&[(&name, &dir.path().join("l"))])).await;
+    let ok = build(
+        &daemon.socket,
+        zip_request(&[(&name, &dir.path().join("l"))]),
+    )
+    .await;
     docker(&["rmi", "-f", &ok.completed().tag]);
     daemon.stop().await;
 }
@@ -205,7 +275,12 @@ async fn engine_failure_carries_the_engine_message() {
     let root = dir.path().join("root");
     write_file(&root.join("var/rapid"), "not a directory", 0o644);
     let base = format!("lambda-imaged-test/{}:broken", unique("base"));
-    let tar = Command::new("tar").args(["-C"]).arg(&root).args(["-cf", "-", "."]).output().unwrap();
+    let tar = Command::new("tar")
+        .args(["-C"])
+        .arg(&root)
+        .args(["-cf", "-", "."])
+        .output()
+        .unwrap();
     let mut import = Command::new("docker")
         .args(["import", "-", &base])
         .env("DOCKER_HOST", engine_host())
@@ -226,8 +301,17 @@ async fn engine_failure_carries_the_engine_message() {
     };
     let outcome = build(&daemon.socket, request).await;
     let status = outcome.status();
-    assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
-    assert!(status.message().contains("not a directory"), "{}", status.message());
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("not a directory"),
+        "{}",
+        status.message()
+    );
     docker(&["rmi", "-f", &base]);
     daemon.stop().await;
 }
@@ -242,9 +326,20 @@ async fn engine_down_is_unavailable_and_resolve_still_works() {
     write_file(&dir.path().join("l/f"), "x", 0o644);
     let request = zip_request(&[("l", &dir.path().join("l"))]);
     let outcome = build(&daemon.socket, request.clone()).await;
-    assert_eq!(outcome.status().code(), Code::Unavailable, "{}", outcome.status().message());
+    assert_eq!(
+        outcome.status().code(),
+        Code::Unavailable,
+        "{}",
+        outcome.status().message()
+    );
     assert!(outcome.status().message().contains("nothing.sock"));
-    let plan = daemon.client().await.resolve(request).await.unwrap().into_inner();
+    let plan = daemon
+        .client()
+        .await
+        .resolve(request)
+        .await
+        .unwrap()
+        .into_inner();
     assert!(plan.tag.starts_with("samcli/lambda-python:3.12-x86_64-"));
     assert_eq!(daemon.builds.in_flight(), 0);
     daemon.stop().await;

@@ -143,7 +143,10 @@ impl From<client::ConnectError> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json_errors = matches!(cli.command, Command::Build { json: true, .. });
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -197,7 +200,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Build { request, skip_pull_image, force_image_build, json, quiet } => {
+        Command::Build {
+            request,
+            skip_pull_image,
+            force_image_build,
+            json,
+            quiet,
+        } => {
             let request = build_request(&request, skip_pull_image, force_image_build)?;
             let mut daemon = client::connect(&socket).await?;
             let mut events = daemon.build(request).await?.into_inner();
@@ -209,14 +218,17 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Ls { json } => {
             let mut daemon = client::connect(&socket).await?;
-            let list = daemon.list_builds(proto::ListBuildsRequest {}).await?.into_inner();
+            let list = daemon
+                .list_builds(proto::ListBuildsRequest {})
+                .await?
+                .into_inner();
             if json {
                 print_json(&json!({
                     "in_flight": list.in_flight.iter().map(summary_json).collect::<Vec<_>>(),
                     "recent": list.recent.iter().map(summary_json).collect::<Vec<_>>(),
                 }));
             } else {
-                println!("{:<10} {:<36} {:>4} {}", "STATE", "BUILD ID", "SUBS", "TAG");
+                println!("{:<10} {:<36} {:>4} TAG", "STATE", "BUILD ID", "SUBS");
                 for summary in list.in_flight.iter().chain(&list.recent) {
                     println!(
                         "{:<10} {:<36} {:>4} {}",
@@ -231,7 +243,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Info { json } => {
             let mut daemon = client::connect(&socket).await?;
-            let info = daemon.get_info(proto::GetInfoRequest {}).await?.into_inner();
+            let info = daemon
+                .get_info(proto::GetInfoRequest {})
+                .await?
+                .into_inner();
             let engine = info.engine.clone().unwrap_or_default();
             let value = json!({
                 "version": info.version,
@@ -254,14 +269,21 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             } else {
                 println!("lambda-imaged {}", info.version);
                 if engine.reachable {
-                    println!("engine:  {} {} (API {}) at {}", engine.name, engine.version, engine.api_version, engine.host);
+                    println!(
+                        "engine:  {} {} (API {}) at {}",
+                        engine.name, engine.version, engine.api_version, engine.host
+                    );
                 } else {
                     println!("engine:  unreachable at {}: {}", engine.host, engine.error);
                 }
                 println!("socket:  {}", info.socket_path);
                 println!("cache:   {} ({} bytes)", info.cache_dir, info.cache_bytes);
                 for rie in &info.rie {
-                    let state = if rie.present { rie.sha256.as_str() } else { "MISSING" };
+                    let state = if rie.present {
+                        rie.sha256.as_str()
+                    } else {
+                        "MISSING"
+                    };
                     println!("rie:     {} {} {}", rie.architecture, rie.path, state);
                 }
                 let mut limits: Vec<_> = info.limits.iter().collect();
@@ -273,17 +295,30 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Health => {
-            use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+            use tonic_health::pb::{
+                HealthCheckRequest, health_check_response::ServingStatus,
+                health_client::HealthClient,
+            };
             let channel = client::channel(&socket).await?;
             let response = HealthClient::new(channel)
-                .check(HealthCheckRequest { service: String::new() })
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await?
                 .into_inner();
             let status = ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown);
             println!("{}", status.as_str_name());
-            Ok(if status == ServingStatus::Serving { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if status == ServingStatus::Serving {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
-        Command::Prune { older_than, keep_storage, dry_run } => {
+        Command::Prune {
+            older_than,
+            keep_storage,
+            dry_run,
+        } => {
             let older_than_seconds = match older_than {
                 Some(text) => parse_duration(&text).map_err(Failure::Usage)?,
                 None => 0,
@@ -294,7 +329,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             };
             let mut daemon = client::connect(&socket).await?;
             let response = daemon
-                .prune(proto::PruneRequest { older_than_seconds, keep_storage_bytes, dry_run })
+                .prune(proto::PruneRequest {
+                    older_than_seconds,
+                    keep_storage_bytes,
+                    dry_run,
+                })
                 .await?
                 .into_inner();
             for image in &response.images_removed {
@@ -303,15 +342,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             for layer in &response.layers_removed {
                 println!("layer  {layer}");
             }
-            println!("{} {} bytes", if dry_run { "would free" } else { "freed" }, response.bytes_freed);
+            println!(
+                "{} {} bytes",
+                if dry_run { "would free" } else { "freed" },
+                response.bytes_freed
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 fn parse_duration(text: &str) -> Result<u64, String> {
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let number: u64 = number.parse().map_err(|_| format!("--older-than {text:?}: expected e.g. 30m, 12h, 7d"))?;
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("--older-than {text:?}: expected e.g. 30m, 12h, 7d"))?;
     let scale = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -324,22 +372,37 @@ fn parse_duration(text: &str) -> Result<u64, String> {
 
 fn parse_size(text: &str) -> Result<u64, String> {
     let upper = text.to_ascii_uppercase();
-    let (number, unit) = upper.split_at(upper.find(|c: char| !c.is_ascii_digit()).unwrap_or(upper.len()));
-    let number: u64 = number.parse().map_err(|_| format!("--keep-storage {text:?}: expected e.g. 500MB, 10GB"))?;
+    let (number, unit) = upper.split_at(
+        upper
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(upper.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("--keep-storage {text:?}: expected e.g. 500MB, 10GB"))?;
     let scale: u64 = match unit.trim_end_matches('B').trim_end_matches('I') {
         "" => 1,
         "K" => 1 << 10,
         "M" => 1 << 20,
         "G" => 1 << 30,
         "T" => 1 << 40,
-        _ => return Err(format!("--keep-storage {text:?}: unit must be B, KB, MB, GB or TB")),
+        _ => {
+            return Err(format!(
+                "--keep-storage {text:?}: unit must be B, KB, MB, GB or TB"
+            ));
+        }
     };
     Ok(number * scale)
 }
 
 /// Builds the wire request from flags; paths become absolute (the daemon's cwd means nothing).
-fn build_request(args: &RequestArgs, skip_pull_image: bool, force_image_build: bool) -> Result<proto::BuildRequest, Failure> {
-    let cwd = std::env::current_dir().map_err(|err| Failure::Usage(format!("cannot read the current directory: {err}")))?;
+fn build_request(
+    args: &RequestArgs,
+    skip_pull_image: bool,
+    force_image_build: bool,
+) -> Result<proto::BuildRequest, Failure> {
+    let cwd = std::env::current_dir()
+        .map_err(|err| Failure::Usage(format!("cannot read the current directory: {err}")))?;
     let mut layers = Vec::new();
     for text in &args.layers {
         let (name, path) = match text.split_once('=') {
@@ -347,22 +410,35 @@ fn build_request(args: &RequestArgs, skip_pull_image: bool, force_image_build: b
             None => {
                 let path = PathBuf::from(text);
                 let name = base_name(&path).ok_or_else(|| {
-                    Failure::Usage(format!("--layer {text:?}: cannot derive a name from the path; use NAME=PATH"))
+                    Failure::Usage(format!(
+                        "--layer {text:?}: cannot derive a name from the path; use NAME=PATH"
+                    ))
                 })?;
                 (name, path)
             }
         };
         if path.as_os_str().is_empty() {
-            return Err(Failure::Usage(format!("--layer {text:?}: the path is empty")));
+            return Err(Failure::Usage(format!(
+                "--layer {text:?}: the path is empty"
+            )));
         }
-        layers.push(proto::Layer { name, path: cwd.join(path).display().to_string() });
+        layers.push(proto::Layer {
+            name,
+            path: cwd.join(path).display().to_string(),
+        });
     }
     let invoke_images = args
         .invoke_images
         .iter()
         .map(|text| match text.split_once('=') {
-            Some((function, image)) => proto::InvokeImage { function_name: function.to_owned(), image: image.to_owned() },
-            None => proto::InvokeImage { function_name: String::new(), image: text.clone() },
+            Some((function, image)) => proto::InvokeImage {
+                function_name: function.to_owned(),
+                image: image.to_owned(),
+            },
+            None => proto::InvokeImage {
+                function_name: String::new(),
+                image: text.clone(),
+            },
         })
         .collect();
     Ok(proto::BuildRequest {
@@ -459,7 +535,11 @@ struct Render {
 
 impl Render {
     fn new(json: bool, quiet: bool) -> Render {
-        Render { json, quiet, tty: std::io::stderr().is_terminal() }
+        Render {
+            json,
+            quiet,
+            tty: std::io::stderr().is_terminal(),
+        }
     }
 
     fn event(&mut self, event: &proto::BuildEvent) {
@@ -480,19 +560,37 @@ impl Render {
                 if done.cached {
                     println!("{} is up to date ({})", done.tag, short_id(&done.image_id));
                 } else {
-                    println!("built {} ({}) in {:.1} s, because {why}", done.tag, short_id(&done.image_id), done.duration_ms as f64 / 1000.0);
+                    println!(
+                        "built {} ({}) in {:.1} s, because {why}",
+                        done.tag,
+                        short_id(&done.image_id),
+                        done.duration_ms as f64 / 1000.0
+                    );
                 }
             }
             _ if self.quiet => {}
             Event::Accepted(accepted) => {
-                let how = if accepted.joined { "joined the build in progress" } else { "accepted" };
+                let how = if accepted.joined {
+                    "joined the build in progress"
+                } else {
+                    "accepted"
+                };
                 eprintln!("{} {how} (build {})", accepted.tag, event.build_id);
             }
-            Event::Queued(queued) => eprintln!("queued: position {} waiting for a build slot", queued.position),
+            Event::Queued(queued) => eprintln!(
+                "queued: position {} waiting for a build slot",
+                queued.position
+            ),
             Event::Log(log) => eprintln!("  {}", log.text),
             Event::PullProgress(pull) => {
                 if self.tty {
-                    eprint!("\r\x1b[Kpulling {} {}: {}/{}", pull.image, pull.layer, human_bytes(pull.current), human_bytes(pull.total));
+                    eprint!(
+                        "\r\x1b[Kpulling {} {}: {}/{}",
+                        pull.image,
+                        pull.layer,
+                        human_bytes(pull.current),
+                        human_bytes(pull.total)
+                    );
                 }
             }
             Event::ContextProgress(progress) => {
@@ -523,12 +621,18 @@ fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 fn event_json(build_id: &str, event: &Event) -> Value {
     match event {
-        Event::Accepted(a) => json!({"type": "accepted", "build_id": build_id, "tag": a.tag, "joined": a.joined}),
+        Event::Accepted(a) => {
+            json!({"type": "accepted", "build_id": build_id, "tag": a.tag, "joined": a.joined})
+        }
         Event::Queued(q) => json!({"type": "queued", "build_id": build_id, "position": q.position}),
         Event::Log(l) => json!({
             "type": "log", "build_id": build_id, "text": l.text, "step": l.step,
@@ -545,7 +649,9 @@ fn event_json(build_id: &str, event: &Event) -> Value {
         Event::ContextProgress(c) => json!({
             "type": "context_progress", "build_id": build_id, "bytes_sent": c.bytes_sent, "bytes_total": c.bytes_total,
         }),
-        Event::Warning(w) => json!({"type": "warning", "build_id": build_id, "code": w.code, "message": w.message}),
+        Event::Warning(w) => {
+            json!({"type": "warning", "build_id": build_id, "code": w.code, "message": w.message})
+        }
         Event::Completed(c) => {
             let config = c.config.clone().unwrap_or_default();
             json!({

@@ -43,7 +43,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if args.log_format == "json" {
         subscriber.json().init();
     } else {
@@ -51,7 +53,10 @@ fn main() -> anyhow::Result<()> {
     }
 
     let socket = args.socket.unwrap_or_else(config::default_socket);
-    let mut config = Config::new(socket, args.cache_dir.unwrap_or_else(config::default_cache_dir));
+    let mut config = Config::new(
+        socket,
+        args.cache_dir.unwrap_or_else(config::default_cache_dir),
+    );
     if let Some(rie_dir) = args.rie_dir {
         config.rie_dir = rie_dir;
     }

@@ -31,7 +31,11 @@ pub fn rie_dir() -> PathBuf {
     let dir = PathBuf::from(std::env::var("LAMBDA_IMAGED_RIE_DIR").unwrap_or_else(|_| {
         panic!("LAMBDA_IMAGED_RIE_DIR is not set: run `eval \"$(scripts/test-env.sh)\"` first")
     }));
-    assert!(dir.join("aws-lambda-rie-x86_64").is_file(), "no RIE in {}", dir.display());
+    assert!(
+        dir.join("aws-lambda-rie-x86_64").is_file(),
+        "no RIE in {}",
+        dir.display()
+    );
     dir
 }
 
@@ -70,7 +74,13 @@ impl TestDaemon {
                 .await
                 .unwrap();
         });
-        TestDaemon { socket, dir, builds, shutdown: Some(tx), task: Some(task) }
+        TestDaemon {
+            socket,
+            dir,
+            builds,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// A typed client.
@@ -91,7 +101,10 @@ impl TestDaemon {
 
 /// A unique, valid name for this test run (tags must not collide between parallel tests).
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap())
+    format!(
+        "{prefix}{}",
+        uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap()
+    )
 }
 
 /// A ZIP python3.12 request with the given layers (name, path).
@@ -100,7 +113,10 @@ pub fn zip_request(layers: &[(&str, &Path)]) -> proto::BuildRequest {
         runtime: "python3.12".into(),
         layers: layers
             .iter()
-            .map(|(name, path)| proto::Layer { name: (*name).into(), path: path.display().to_string() })
+            .map(|(name, path)| proto::Layer {
+                name: (*name).into(),
+                path: path.display().to_string(),
+            })
             .collect(),
         skip_pull_image: true,
         ..Default::default()
@@ -146,7 +162,12 @@ pub async fn build(socket: &Path, request: proto::BuildRequest) -> Outcome {
     let mut events = Vec::new();
     let mut stream = match client.build(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return Outcome { events, result: Err(status) },
+        Err(status) => {
+            return Outcome {
+                events,
+                result: Err(status),
+            };
+        }
     };
     loop {
         match stream.message().await {
@@ -157,12 +178,23 @@ pub async fn build(socket: &Path, request: proto::BuildRequest) -> Outcome {
                 };
                 events.push(event);
                 if let Some(completed) = completed {
-                    assert!(stream.message().await.unwrap().is_none(), "events after Completed");
-                    return Outcome { events, result: Ok(completed) };
+                    assert!(
+                        stream.message().await.unwrap().is_none(),
+                        "events after Completed"
+                    );
+                    return Outcome {
+                        events,
+                        result: Ok(completed),
+                    };
                 }
             }
             Ok(None) => panic!("stream ended without Completed or a status"),
-            Err(status) => return Outcome { events, result: Err(status) },
+            Err(status) => {
+                return Outcome {
+                    events,
+                    result: Err(status),
+                };
+            }
         }
     }
 }
@@ -200,15 +232,34 @@ pub fn engine_builds(tag: &str, since: &str) -> usize {
     std::thread::sleep(Duration::from_millis(300));
     let until = now_stamp();
     let out = docker_ok(&[
-        "events", "--since", since, "--until", &until, "--filter", "type=image", "--filter", "event=tag",
-        "--format", "{{.Actor.Attributes.name}}",
+        "events",
+        "--since",
+        since,
+        "--until",
+        &until,
+        "--filter",
+        "type=image",
+        "--filter",
+        "event=tag",
+        "--format",
+        "{{.Actor.Attributes.name}}",
     ]);
-    out.lines().filter(|name| *name == tag || name.ends_with(&format!("/{tag}"))).count()
+    out.lines()
+        .filter(|name| *name == tag || name.ends_with(&format!("/{tag}")))
+        .count()
 }
 
 /// Runs `script` with busybox sh in `image` and returns its stdout.
 pub fn run_in_image(image: &str, script: &str) -> String {
-    docker_ok(&["run", "--rm", "--entrypoint", "/bin/sh", image, "-c", script])
+    docker_ok(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "/bin/sh",
+        image,
+        "-c",
+        script,
+    ])
 }
 
 /// Writes `content` to `path` with `mode`, creating parents.
@@ -221,5 +272,6 @@ pub fn write_file(path: &Path, content: &str, mode: u32) {
 
 /// The bootstrap fixture (busybox-sh runtime API loop).
 pub fn bootstrap_fixture() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bootstrap")).unwrap()
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bootstrap"))
+        .unwrap()
 }
