@@ -457,6 +457,13 @@ impl Builds {
         (in_flight, recent)
     }
 
+    /// The events so far of the build in flight for `tag` (for tests and diagnostics).
+    pub fn events_of(&self, tag: &str) -> Option<Vec<Event>> {
+        let flight = self.table.get(tag)?.value().clone();
+        let events = flight.lock().events.clone();
+        Some(events)
+    }
+
     /// Number of entries in the table (0 once everything has ended).
     pub fn in_flight(&self) -> usize {
         self.table.len()

@@ -27,8 +27,18 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Limits on layer content per request.
     pub limits: Limits,
-    /// Test hook: each engine build waits for a permit here. Never set by flags.
-    pub build_gate: Option<Arc<Semaphore>>,
+    /// Points where tests hold builds. Never set by flags.
+    pub hooks: TestHooks,
+}
+
+/// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
+/// set, consumes one permit per build.
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    /// Before the engine build starts (a build slot is already held).
+    pub before_build: Option<Arc<Semaphore>>,
+    /// After the engine finished building, before the outcome is published.
+    pub after_build: Option<Arc<Semaphore>>,
 }
 
 fn is_root() -> bool {
@@ -77,7 +87,7 @@ impl Config {
                 .unwrap_or(2),
             shutdown_timeout: Duration::from_secs(60),
             limits: Limits::default(),
-            build_gate: None,
+            hooks: TestHooks::default(),
         }
     }
 }

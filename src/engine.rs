@@ -168,6 +168,20 @@ impl Engine {
             }
             index.generation
         };
+        self.inspect_engine(reference, generation).await
+    }
+
+    /// Asks the engine, never the index (after a build moved a tag, before its event arrives).
+    pub async fn inspect_fresh(&self, reference: &str) -> Result<Option<ImageInfo>> {
+        let generation = {
+            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+            index.images.remove(reference);
+            index.generation
+        };
+        self.inspect_engine(reference, generation).await
+    }
+
+    async fn inspect_engine(&self, reference: &str, generation: u64) -> Result<Option<ImageInfo>> {
         let client = self.client().await?;
         let inspected = match client.inspect_image(reference).await {
             Ok(inspected) => inspected,
@@ -214,11 +228,6 @@ impl Engine {
         index.generation += 1;
         index.live = live;
         index.images.clear();
-    }
-
-    /// The index generation now; pass it to [`Engine::inspect_fresh`] after a build.
-    pub fn generation(&self) -> u64 {
-        self.read_index().generation
     }
 
     /// Pulls `reference`, reporting progress as (layer, current, total, status).

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::builds::{Completed, Event, LogKind, Reason, Reporter};
+use crate::config::TestHooks;
 use crate::context;
 use crate::engine::{Engine, ImageInfo};
 use crate::error::{Error, Result};
@@ -33,8 +34,8 @@ pub struct Shared {
     pub rie_dir: PathBuf,
     pub limits: Limits,
     pub build_timeout: Duration,
-    /// Test hook: when set, each engine build waits for a permit here before it starts.
-    pub build_gate: Option<Arc<Semaphore>>,
+    /// Test hooks (see `config::TestHooks`).
+    pub hooks: TestHooks,
 }
 
 /// Where the RIE for `arch` is read from.
@@ -249,12 +250,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
     }
 
     let _slot = reporter.slot().await?;
-    if let Some(gate) = &shared.build_gate {
-        // Test hook; the permit is consumed so each build needs one.
-        if let Ok(permit) = gate.acquire().await {
-            permit.forget();
-        }
-    }
+    pass_gate(shared.hooks.before_build.as_ref()).await;
     let dockerfile = format!("{}{}", plan.dockerfile, label_line(&parts));
     let spec = context::Spec {
         dockerfile,
@@ -273,7 +269,8 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         }
     };
 
-    let built = engine.inspect(&plan.tag).await?.ok_or_else(|| {
+    pass_gate(shared.hooks.after_build.as_ref()).await;
+    let built = engine.inspect_fresh(&plan.tag).await?.ok_or_else(|| {
         Error::Internal(format!(
             "the engine built {image_id} but has no image tagged {}",
             plan.tag
@@ -295,6 +292,15 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         duration_ms: elapsed_ms(started),
         config: built.config,
     })
+}
+
+/// Test hook: waits for (and consumes) one permit when the gate is set.
+async fn pass_gate(gate: Option<&Arc<Semaphore>>) {
+    if let Some(gate) = gate {
+        if let Ok(permit) = gate.acquire().await {
+            permit.forget();
+        }
+    }
 }
 
 fn elapsed_ms(started: Instant) -> u64 {

@@ -45,7 +45,7 @@ impl Daemon {
             rie_dir: config.rie_dir.clone(),
             limits: config.limits,
             build_timeout: config.build_timeout,
-            build_gate: config.build_gate.clone(),
+            hooks: config.hooks.clone(),
         });
         Daemon {
             config,

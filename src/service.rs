@@ -139,6 +139,8 @@ impl ImageBuilder for Service {
             let outcome = loop {
                 let next = tokio::select! {
                     next = subscription.next() => next,
+                    // Noticed even while the build is quiet, so the subscriber count is true.
+                    () = tx.closed() => break "client went away".to_owned(),
                     () = async { let _ = abort.wait_for(|aborted| *aborted).await; } => {
                         let _ = tx.send(Err(Status::unavailable("daemon shutting down; retry once it is back"))).await;
                         break "aborted".to_owned();
