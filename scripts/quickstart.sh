@@ -109,8 +109,9 @@ if ! LAMBDA_IMAGED_TEST_DIR=$D scripts/test-env.sh status; then
 fi
 env_lines=$(LAMBDA_IMAGED_TEST_DIR=$D scripts/test-env.sh) || die "scripts/test-env.sh failed (see above)"
 eval "$env_lines"
-[ -n "${DOCKER_HOST:-}" ] && [ -n "${LAMBDA_IMAGED_RIE_DIR:-}" ] ||
+if [ -z "${DOCKER_HOST:-}" ] || [ -z "${LAMBDA_IMAGED_RIE_DIR:-}" ]; then
 	die "scripts/test-env.sh did not print DOCKER_HOST and LAMBDA_IMAGED_RIE_DIR"
+fi
 echo "engine: DOCKER_HOST=$DOCKER_HOST ($(docker version -f '{{.Server.Version}}' 2>/dev/null || echo '?'))$([ -n "$ENGINE_STARTED" ] && echo ', started for this run')"
 echo "RIE:    $LAMBDA_IMAGED_RIE_DIR"
 
@@ -118,7 +119,9 @@ echo "RIE:    $LAMBDA_IMAGED_RIE_DIR"
 step "cargo build --release --locked --bins"
 cargo build --release --locked --bins || die "cargo build failed"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-[ -x "$BIN/lambda-imaged" ] && [ -x "$BIN/lambda-imagectl" ] || die "no binaries in $BIN"
+if ! [ -x "$BIN/lambda-imaged" ] || ! [ -x "$BIN/lambda-imagectl" ]; then
+	die "no lambda-imaged / lambda-imagectl in $BIN"
+fi
 
 # ---------------------------------------------------------------- start the daemon
 WORK=$(mktemp -d /tmp/lambda-imaged-quickstart.XXXXXX)
@@ -160,7 +163,9 @@ step "lambda-imagectl build ${BUILD_ARGS[*]}"
 ctl build "${BUILD_ARGS[@]}" || die "lambda-imagectl build failed (exit $?)"
 
 step "lambda-imagectl build ${BUILD_ARGS[*]}   (again: answered from the cache)"
-out=$(ctl build "${BUILD_ARGS[@]}" | tee /dev/stderr) || die "the second lambda-imagectl build failed"
+# (stdout captured, then printed: `tee /dev/stderr` would truncate a log file stderr points at)
+out=$(ctl build "${BUILD_ARGS[@]}") || die "the second lambda-imagectl build failed (exit $?)"
+printf '%s\n' "$out"
 grep -q "is up to date" <<<"$out" || die "the second build was not reported as up to date: $out"
 docker image inspect "$TAG" >/dev/null 2>&1 || die "the engine has no image $TAG"
 

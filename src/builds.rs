@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -272,6 +272,10 @@ impl Reporter {
 
     /// Waits for a build slot (bounded parallelism), telling clients the queue position.
     pub async fn slot(&self) -> Result<OwnedSemaphorePermit> {
+        self.builds
+            .stats
+            .engine_builds
+            .fetch_add(1, Ordering::Relaxed);
         if let Ok(permit) = self.builds.slots.clone().try_acquire_owned() {
             self.flight.lock().phase = Some(Phase::Running);
             return Ok(permit);
@@ -310,6 +314,18 @@ pub struct Builds {
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     closing: watch::Sender<bool>,
+    /// Counters for GetInfo.
+    pub stats: Counters,
+}
+
+/// Counters since start.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub joined: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub engine_builds: AtomicU64,
+    pub failures: AtomicU64,
 }
 
 /// How a request wants to be matched against builds in flight.
@@ -331,6 +347,7 @@ impl Builds {
             slots: Arc::new(Semaphore::new(max_parallel.max(1))),
             waiting: AtomicUsize::new(0),
             closing,
+            stats: Counters::default(),
         })
     }
 
@@ -359,6 +376,8 @@ impl Builds {
                     let joinable = flight.key == key.definition
                         && (!key.force || flight.force || flight.phase() != Phase::Checking);
                     if joinable {
+                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        self.stats.joined.fetch_add(1, Ordering::Relaxed);
                         return Ok((Subscription::new(flight), true));
                     }
                     flight
@@ -376,6 +395,7 @@ impl Builds {
                         subscribers: AtomicU32::new(0),
                     });
                     entry.insert(flight.clone());
+                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
                     // Subscribe before the driver can emit anything.
                     let subscription = Subscription::new(flight.clone());
                     let reporter = Reporter {
@@ -402,8 +422,15 @@ impl Builds {
     }
 
     fn record(&self, flight: &InFlight, outcome: &Result<Completed>) {
-        if matches!(outcome, Ok(c) if c.cached) {
-            return; // a cache hit is not a build
+        match outcome {
+            Ok(c) if c.cached => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return; // a cache hit is not a build
+            }
+            Ok(_) => {}
+            Err(_) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let summary = Summary {
             build_id: flight.id.clone(),

@@ -16,6 +16,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -389,6 +390,10 @@ const RACY_WINDOW: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 pub struct StatCache {
     files: Mutex<HashMap<PathBuf, (StatKey, [u8; 32])>>,
+    /// Files read and hashed (misses), for GetInfo and the benchmarks.
+    pub files_hashed: AtomicU64,
+    /// Bytes read for hashing.
+    pub bytes_hashed: AtomicU64,
 }
 
 impl StatCache {
@@ -403,6 +408,8 @@ impl StatCache {
         }
         let started = SystemTime::now();
         let digest = hash_file(path)?;
+        self.files_hashed.fetch_add(1, Ordering::Relaxed);
+        self.bytes_hashed.fetch_add(key.size, Ordering::Relaxed);
         let started_ns = started
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()

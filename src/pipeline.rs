@@ -181,20 +181,38 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
     let engine = &shared.engine;
 
     let rie = rie_path(&shared.rie_dir, plan.arch);
-    let rie_digest = {
-        let cache = shared.stat_cache.clone();
-        let path = rie.clone();
-        blocking(move || cache.file_digest(&path)).await.map_err(|err| match err {
-            Error::NotFound(_) => Error::FailedPrecondition(format!(
-                "runtime interface emulator missing at {}; fetch it with `scripts/fetch-rie.sh {}` \
-                 or point --rie-dir at a directory holding aws-lambda-rie-{}",
-                rie.display(),
-                rie.parent().map(|p| p.display().to_string()).unwrap_or_default(),
-                plan.arch.as_str()
-            )),
-            other => other,
-        })?
+    // One trip to the blocking pool for all file I/O (a warm hit is a few stats; each trip
+    // costs a thread hand-off).
+    let (rie_digest, tree) = {
+        let (cache, path, specs, limits) = (
+            shared.stat_cache.clone(),
+            rie.clone(),
+            plan.layers.clone(),
+            shared.limits,
+        );
+        blocking(move || {
+            let rie_digest = cache.file_digest(&path).map_err(|err| match err {
+                Error::NotFound(_) => Error::FailedPrecondition(format!(
+                    "runtime interface emulator missing at {}; fetch it with `scripts/fetch-rie.sh {}` \
+                     or point --rie-dir at a directory holding {}",
+                    path.display(),
+                    path.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                )),
+                other => other,
+            })?;
+            let tree = if specs.is_empty() { None } else { Some(layers::walk(&specs, limits, &cache)?) };
+            Ok((rie_digest, tree))
+        })
+        .await?
     };
+    for warning in tree.iter().flat_map(|t| t.warnings.iter()) {
+        reporter.emit(Event::Warning {
+            code: warning.code.into(),
+            message: warning.message.clone(),
+        });
+    }
+    let tree = tree.map(Arc::new);
 
     let base = ensure_base(engine, &plan, &reporter).await?;
     if let Some(mismatch) = arch_mismatch(&base, plan.arch) {
@@ -204,23 +222,6 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         });
     }
 
-    let tree = if plan.layers.is_empty() {
-        None
-    } else {
-        let (specs, limits, cache) = (
-            plan.layers.clone(),
-            shared.limits,
-            shared.stat_cache.clone(),
-        );
-        let tree = blocking(move || layers::walk(&specs, limits, &cache)).await?;
-        for warning in &tree.warnings {
-            reporter.emit(Event::Warning {
-                code: warning.code.into(),
-                message: warning.message.clone(),
-            });
-        }
-        Some(Arc::new(tree))
-    };
     let parts = Parts {
         base: base.id.clone(),
         rie: hex::encode(rie_digest),

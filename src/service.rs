@@ -280,7 +280,25 @@ impl ImageBuilder for Service {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
+            stats: Some(self.stats()),
         }))
+    }
+}
+
+impl Service {
+    fn stats(&self) -> proto::Stats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters = &self.builds.stats;
+        let cache = &self.shared.stat_cache;
+        proto::Stats {
+            requests: counters.requests.load(Relaxed),
+            joined: counters.joined.load(Relaxed),
+            cache_hits: counters.cache_hits.load(Relaxed),
+            engine_builds: counters.engine_builds.load(Relaxed),
+            failures: counters.failures.load(Relaxed),
+            files_hashed: cache.files_hashed.load(Relaxed),
+            bytes_hashed: cache.bytes_hashed.load(Relaxed),
+        }
     }
 }
 

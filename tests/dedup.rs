@@ -33,7 +33,11 @@ fn gated() -> (Arc<Semaphore>, Arc<Semaphore>) {
     (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)))
 }
 
-async fn daemon_with(before: &Arc<Semaphore>, after: &Arc<Semaphore>, parallel: usize) -> TestDaemon {
+async fn daemon_with(
+    before: &Arc<Semaphore>,
+    after: &Arc<Semaphore>,
+    parallel: usize,
+) -> TestDaemon {
     let (before, after) = (before.clone(), after.clone());
     TestDaemon::start_with(move |config| {
         config.hooks.before_build = Some(before);
@@ -85,10 +89,18 @@ async fn concurrent_identical_requests_share_one_build() {
     let reference = outcomes[0].shared_events();
     assert!(reference.iter().any(|e| matches!(e, Event::Log(_))));
     for outcome in &outcomes {
-        assert_eq!(outcome.shared_events(), reference, "identical event sequences");
+        assert_eq!(
+            outcome.shared_events(),
+            reference,
+            "identical event sequences"
+        );
         assert_eq!(outcome.completed().image_id, first.image_id);
     }
-    assert_eq!(engine_builds(&first.tag, &since), 1, "exactly one engine build");
+    assert_eq!(
+        engine_builds(&first.tag, &since),
+        1,
+        "exactly one engine build"
+    );
     until("an empty table", || daemon.builds.in_flight() == 0).await;
     docker(&["rmi", "-f", &first.tag]);
     daemon.stop().await;
@@ -126,7 +138,11 @@ async fn late_joiner_gets_the_events_it_missed() {
     let (early, late) = (early.await.unwrap(), late.await.unwrap());
     assert!(matches!(&late.events[0].event, Some(Event::Accepted(a)) if a.joined));
     assert_eq!(late.shared_events(), early.shared_events());
-    assert!(late.events.iter().any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.starts_with("Step 1/"))));
+    assert!(
+        late.events
+            .iter()
+            .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.starts_with("Step 1/")))
+    );
     assert_eq!(late.completed().image_id, early.completed().image_id);
     docker(&["rmi", "-f", &early.completed().tag]);
     daemon.stop().await;
@@ -174,7 +190,10 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
     let recent = daemon.builds.list().1;
     assert_eq!(recent[0].phase, Phase::Succeeded, "{:?}", recent[0]);
     let next = build(&daemon.socket, request).await;
-    assert!(next.completed().cached, "the abandoned build's image serves the next request");
+    assert!(
+        next.completed().cached,
+        "the abandoned build's image serves the next request"
+    );
     docker(&["rmi", "-f", &next.completed().tag]);
     daemon.stop().await;
 }
@@ -209,15 +228,24 @@ async fn same_tag_different_inputs_build_separately() {
     let first = first.completed().clone();
     // The second now builds on its own and parks at the gate: check the first image meanwhile.
     until("the second build", || subscribers(&daemon.builds) == 1).await;
-    assert_eq!(run_in_image(&first.image_id, "cat /opt/message.txt"), "content one");
+    assert_eq!(
+        run_in_image(&first.image_id, "cat /opt/message.txt"),
+        "content one"
+    );
     before.add_permits(1);
     after.add_permits(1);
     let second = second.await.unwrap();
     let second = second.completed().clone();
-    assert!(matches!(second.reason, r if r == proto::Reason::LayerChanged as i32), "{second:?}");
+    assert!(
+        matches!(second.reason, r if r == proto::Reason::LayerChanged as i32),
+        "{second:?}"
+    );
     assert_eq!(second.tag, first.tag);
     assert_ne!(second.image_id, first.image_id);
-    assert_eq!(run_in_image(&second.tag, "cat /opt/message.txt"), "content two");
+    assert_eq!(
+        run_in_image(&second.tag, "cat /opt/message.txt"),
+        "content two"
+    );
     docker(&["rmi", "-f", &second.tag]);
     daemon.stop().await;
 }
@@ -237,7 +265,13 @@ async fn a_failure_reaches_every_subscriber_and_the_next_request_retries() {
         clients.push(tokio::spawn(async move { build(&socket, request).await }));
     }
     until("three subscribers at the gate", || {
-        subscribers(&daemon.builds) == 3 && daemon.builds.list().0.first().is_some_and(|s| s.phase == Phase::Running)
+        subscribers(&daemon.builds) == 3
+            && daemon
+                .builds
+                .list()
+                .0
+                .first()
+                .is_some_and(|s| s.phase == Phase::Running)
     })
     .await;
     // The layer vanishes after it was walked, before the context is sent.
@@ -246,7 +280,10 @@ async fn a_failure_reaches_every_subscriber_and_the_next_request_retries() {
     let mut statuses = Vec::new();
     for client in clients {
         let outcome = client.await.unwrap();
-        statuses.push((outcome.status().code(), outcome.status().message().to_owned()));
+        statuses.push((
+            outcome.status().code(),
+            outcome.status().message().to_owned(),
+        ));
     }
     assert!(statuses.iter().all(|s| *s == statuses[0]), "{statuses:?}");
     assert_eq!(statuses[0].0, Code::NotFound, "{statuses:?}");
@@ -273,10 +310,20 @@ async fn builds_beyond_the_limit_are_queued() {
         let path = layer(dir.path(), &format!("l{index}"), &format!("queued {index}"));
         let name = unique("queue");
         let socket = daemon.socket.clone();
-        clients.push(tokio::spawn(async move { build(&socket, zip_request(&[(&name, &path)])).await }));
-        until("the build to be registered", || daemon.builds.in_flight() == index + 1).await;
+        clients.push(tokio::spawn(async move {
+            build(&socket, zip_request(&[(&name, &path)])).await
+        }));
+        until("the build to be registered", || {
+            daemon.builds.in_flight() == index + 1
+        })
+        .await;
         until("the build to run or queue", || {
-            daemon.builds.list().0.iter().all(|s| matches!(s.phase, Phase::Running | Phase::Queued))
+            daemon
+                .builds
+                .list()
+                .0
+                .iter()
+                .all(|s| matches!(s.phase, Phase::Running | Phase::Queued))
         })
         .await;
     }

@@ -263,6 +263,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 })).collect::<Vec<_>>(),
                 "capabilities": info.capabilities,
                 "limits": info.limits,
+                "stats": info.stats.map(|s| json!({
+                    "requests": s.requests, "joined": s.joined, "cache_hits": s.cache_hits,
+                    "engine_builds": s.engine_builds, "failures": s.failures,
+                    "files_hashed": s.files_hashed, "bytes_hashed": s.bytes_hashed,
+                })),
             });
             if json {
                 print_json(&value);
