@@ -130,7 +130,7 @@ ctl() { "$BIN/lambda-imagectl" --socket "$SOCK" "$@"; }
 
 step "starting lambda-imaged (socket $SOCK, log $DAEMON_LOG)"
 mkdir -p "$WORK/cache"
-"$BIN/lambda-imaged" --socket "$SOCK" --cache-dir "$WORK/cache" --rie-dir "$LAMBDA_IMAGED_RIE_DIR" \
+NO_COLOR=1 "$BIN/lambda-imaged" --socket "$SOCK" --cache-dir "$WORK/cache" --rie-dir "$LAMBDA_IMAGED_RIE_DIR" \
 	>"$DAEMON_LOG" 2>&1 </dev/null &
 DAEMON_PID=$!
 health=""

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::archive::ZipLimits;
 use crate::layers::Limits;
 
 /// Everything the daemon needs to run.
@@ -27,6 +28,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Limits on layer content per request.
     pub limits: Limits,
+    /// Limits on zip layer archives.
+    pub zip_limits: ZipLimits,
+    /// Prune our images down to this size after each build.
+    pub max_cache_bytes: Option<u64>,
     /// Points where tests hold builds. Never set by flags.
     pub hooks: TestHooks,
 }
@@ -87,6 +92,8 @@ impl Config {
                 .unwrap_or(2),
             shutdown_timeout: Duration::from_secs(60),
             limits: Limits::default(),
+            zip_limits: ZipLimits::default(),
+            max_cache_bytes: None,
             hooks: TestHooks::default(),
         }
     }

@@ -272,7 +272,8 @@ mod tests {
             name: "l".into(),
             path: layer,
         }];
-        let tree = walk(&specs, Limits::default(), &StatCache::default()).unwrap();
+        let zips = crate::archive::ZipStore::open(dir.path().join("zips"), Default::default());
+        let tree = walk(&specs, Limits::default(), &StatCache::default(), &zips).unwrap();
         let spec = Spec {
             dockerfile: "FROM x\n".into(),
             rie,

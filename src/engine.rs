@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bollard::Docker;
 use bollard::models::{BuildInfo, CreateImageInfo};
 use bollard::query_parameters::{
-    BuildImageOptions, CreateImageOptions, EventsOptions, ListContainersOptions, RemoveImageOptions,
+    BuildImageOptions, CreateImageOptions, EventsOptions, ListContainersOptions, ListImagesOptions,
+    RemoveImageOptions,
 };
 use futures_util::StreamExt;
 use tokio::sync::{Mutex, watch};
@@ -42,6 +43,15 @@ pub struct ImageInfo {
     pub id: String,
     pub labels: HashMap<String, String>,
     pub config: RunConfig,
+}
+
+/// An image found by label.
+#[derive(Debug, Clone)]
+pub struct LabelledImage {
+    pub id: String,
+    pub tags: Vec<String>,
+    pub size: u64,
+    pub created_unix: i64,
 }
 
 /// Engine identity, for GetInfo.
@@ -293,6 +303,39 @@ impl Engine {
             .remove_image(image_id, Some(options), None)
             .await
             .is_ok()
+    }
+
+    /// Images carrying `label` (ours), with their tags, size and creation time.
+    pub async fn labelled_images(&self, label: &str) -> Result<Vec<LabelledImage>> {
+        let client = self.client().await?;
+        let filters = HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
+        let options = ListImagesOptions { filters: Some(filters), ..Default::default() };
+        let images = client.list_images(Some(options)).await.map_err(|err| self.map_error(err))?;
+        Ok(images
+            .into_iter()
+            .map(|image| LabelledImage {
+                id: image.id,
+                tags: image.repo_tags.into_iter().filter(|t| t != "<none>:<none>").collect(),
+                size: u64::try_from(image.size).unwrap_or(0),
+                created_unix: image.created,
+            })
+            .collect())
+    }
+
+    /// Ids of the images any container (running or not) was created from.
+    pub async fn images_in_use(&self) -> Result<std::collections::HashSet<String>> {
+        let client = self.client().await?;
+        let options = ListContainersOptions { all: true, ..Default::default() };
+        let containers = client.list_containers(Some(options)).await.map_err(|err| self.map_error(err))?;
+        Ok(containers.into_iter().filter_map(|c| c.image_id).collect())
+    }
+
+    /// Removes an image by id (never forced: the engine refuses if something still uses it).
+    pub async fn remove_image(&self, id: &str) -> Result<()> {
+        let client = self.client().await?;
+        let options = RemoveImageOptions { force: false, noprune: false, ..Default::default() };
+        client.remove_image(id, Some(options), None).await.map_err(|err| self.map_error(err))?;
+        Ok(())
     }
 
     /// Engine identity, for GetInfo.

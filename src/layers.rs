@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+use crate::archive::{ZipStore, is_zip};
 use crate::error::{Error, Result};
 use crate::resolve::LayerSpec;
 
@@ -95,7 +96,7 @@ fn normalised_mode(mode: u32, is_dir: bool) -> u32 {
 }
 
 /// Walks every layer and merges them in order.
-pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache) -> Result<Tree> {
+pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache, zips: &ZipStore) -> Result<Tree> {
     let mut tree = Tree::default();
     let mut budget = Budget {
         limits,
@@ -103,11 +104,17 @@ pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache) -> Result<T
         bytes: 0,
     };
     for (index, layer) in layers.iter().enumerate() {
-        let meta = fs::metadata(&layer.path)
-            .map_err(|err| Error::io(&format!("layer {:?}:", layer.name), &layer.path, &err))?;
+        let mut root = layer.path.clone();
+        let mut meta = fs::metadata(&root)
+            .map_err(|err| Error::io(&format!("layer {:?}:", layer.name), &root, &err))?;
+        if meta.is_file() && is_zip(&root) {
+            root = zips.extracted(&layer.name, &layer.path, cache)?;
+            meta = fs::metadata(&root)
+                .map_err(|err| Error::io("reading extracted layer", &root, &err))?;
+        }
         if !meta.is_dir() {
             return Err(Error::InvalidArgument(format!(
-                "layers[{index}].path: {} is not a directory; pass the layer's content directory",
+                "layers[{index}].path: {} is neither a directory nor a zip archive",
                 layer.path.display()
             )));
         }
@@ -119,7 +126,7 @@ pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache) -> Result<T
             budget: &mut budget,
             stack: HashSet::new(),
         };
-        walker.dir(&layer.path, "", &meta)?;
+        walker.dir(&root, "", &meta)?;
         let mut entries = walker.entries;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         tree.layer_digests.push(layer_digest(&entries, cache)?);
@@ -407,6 +414,7 @@ impl StatCache {
             }
         }
         let started = SystemTime::now();
+        tracing::debug!(path = %path.display(), size = key.size, "hashing");
         let digest = hash_file(path)?;
         self.files_hashed.fetch_add(1, Ordering::Relaxed);
         self.bytes_hashed.fetch_add(key.size, Ordering::Relaxed);
@@ -459,6 +467,10 @@ mod tests {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
     }
 
+    fn zips() -> ZipStore {
+        ZipStore::open(std::env::temp_dir().join("lambda-imaged-unit-zips"), Default::default())
+    }
+
     fn spec(name: &str, path: &Path) -> LayerSpec {
         LayerSpec {
             name: name.to_owned(),
@@ -478,7 +490,7 @@ mod tests {
         write(&b.join("bin/tool"), "#!/bin/sh", 0o700);
         write(&b.join("replaced"), "now a file", 0o644);
         let cache = StatCache::default();
-        let tree = walk(&[spec("a", &a), spec("b", &b)], Limits::default(), &cache).unwrap();
+        let tree = walk(&[spec("a", &a), spec("b", &b)], Limits::default(), &cache, &zips()).unwrap();
         let paths: Vec<&str> = tree.entries.keys().map(String::as_str).collect();
         assert_eq!(
             paths,
@@ -512,7 +524,7 @@ mod tests {
         symlink("../outside/pkg", layer.join("node_modules")).unwrap();
         symlink("../../outside/pkg", layer.join("lib/escape")).unwrap();
         let cache = StatCache::default();
-        let tree = walk(&[spec("l", &layer)], Limits::default(), &cache).unwrap();
+        let tree = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
         assert_eq!(
             tree.entries["inside"].kind,
             Kind::Symlink {
@@ -533,7 +545,7 @@ mod tests {
         let looped = dir.path().join("looped");
         fs::create_dir_all(&looped).unwrap();
         symlink(&looped, looped.join("self")).unwrap();
-        let err = walk(&[spec("loop", &looped)], Limits::default(), &cache).unwrap_err();
+        let err = walk(&[spec("loop", &looped)], Limits::default(), &cache, &zips()).unwrap_err();
         assert!(
             matches!(&err, Error::InvalidArgument(m) if m.contains("loop")),
             "{err:?}"
@@ -546,15 +558,15 @@ mod tests {
         let layer = dir.path().join("layer");
         write(&layer.join("f"), "one", 0o644);
         let cache = StatCache::default();
-        let first = walk(&[spec("l", &layer)], Limits::default(), &cache).unwrap();
+        let first = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
         write(&layer.join("f"), "two", 0o644);
-        let second = walk(&[spec("l", &layer)], Limits::default(), &cache).unwrap();
+        let second = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
         assert_ne!(first.layer_digests, second.layer_digests);
         let tight = Limits {
             max_entries: 10,
             max_bytes: 2,
         };
-        let err = walk(&[spec("l", &layer)], tight, &cache).unwrap_err();
+        let err = walk(&[spec("l", &layer)], tight, &cache, &zips()).unwrap_err();
         assert!(matches!(&err, Error::ResourceExhausted(m) if m.contains("max_layer_bytes")));
     }
 

@@ -7,17 +7,20 @@
 //! - [`service`]: the gRPC service; the only code that sees `tonic::Request` and streams.
 //! - [`resolve`]: pure: request -> plan (tag, base, layers, Dockerfile); SAM's rules.
 //! - [`reference`]: image reference parsing that keeps the user's spelling.
+//! - [`archive`]: zip layers extracted once, safely, into the content-addressed cache.
 //! - [`layers`]: walking layer sources into one merged /opt tree; content digests; stat cache.
 //! - [`pipeline`]: one build from plan to image: base, fingerprint, cache check, engine.
 //! - [`context`]: the build context as a tar stream produced while the engine reads it.
 //! - [`engine`]: the few engine calls we make, over one shared bollard client; image index.
 //! - [`builds`]: the in-flight table: one build per tag, events replayed to late joiners.
+//! - [`prune`]: removing our images and unused layers, least recently used first.
 //! - [`server`]: serve on a listener with health and reflection until shutdown.
 //! - [`listener`]: bind the Unix socket or adopt a systemd-passed one.
 //! - [`config`]: the daemon's settings, validated once.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
 //! - [`client`]: connect to the daemon; used by the CLI, the tests and Rust emulators.
 
+pub mod archive;
 pub mod builds;
 pub mod client;
 pub mod config;
@@ -28,6 +31,7 @@ pub mod layers;
 pub mod listener;
 pub mod pipeline;
 pub mod proto;
+pub mod prune;
 pub mod reference;
 pub mod resolve;
 pub mod server;

@@ -14,7 +14,9 @@ use tokio::sync::Semaphore;
 
 use crate::builds::{Completed, Event, LogKind, Reason, Reporter};
 use crate::config::TestHooks;
+use crate::archive::ZipStore;
 use crate::context;
+use crate::prune;
 use crate::engine::{Engine, ImageInfo};
 use crate::error::{Error, Result};
 use crate::layers::{self, Limits, StatCache};
@@ -31,9 +33,14 @@ pub const VERSION_LABEL: &str = "io.lambda-imaged.version";
 pub struct Shared {
     pub engine: Arc<Engine>,
     pub stat_cache: Arc<StatCache>,
+    pub zips: Arc<ZipStore>,
     pub rie_dir: PathBuf,
     pub limits: Limits,
     pub build_timeout: Duration,
+    /// The cache directory (last-use records live under it).
+    pub cache_dir: PathBuf,
+    /// Prune our images down to this many bytes after each build (`--max-cache-size`).
+    pub max_cache_bytes: Option<u64>,
     /// Test hooks (see `config::TestHooks`).
     pub hooks: TestHooks,
 }
@@ -190,6 +197,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
             plan.layers.clone(),
             shared.limits,
         );
+        let zips = shared.zips.clone();
         blocking(move || {
             let rie_digest = cache.file_digest(&path).map_err(|err| match err {
                 Error::NotFound(_) => Error::FailedPrecondition(format!(
@@ -201,7 +209,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
                 )),
                 other => other,
             })?;
-            let tree = if specs.is_empty() { None } else { Some(layers::walk(&specs, limits, &cache)?) };
+            let tree = if specs.is_empty() { None } else { Some(layers::walk(&specs, limits, &cache, &zips)?) };
             Ok((rie_digest, tree))
         })
         .await?
@@ -237,6 +245,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
     let existing = engine.inspect(&plan.tag).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
     if reason == Reason::UpToDate {
+        record_use(&shared, &plan.tag);
         // `decide` only says UpToDate for an existing image.
         let existing = existing.unwrap_or_default();
         return Ok(Completed {
@@ -284,6 +293,17 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         let engine = engine.clone();
         tokio::spawn(async move { engine.remove_unused(&old.id).await });
     }
+    record_use(&shared, &plan.tag);
+    if let Some(cap) = shared.max_cache_bytes {
+        let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
+        tokio::spawn(async move {
+            // Images only: a build in flight may be reading an extracted layer.
+            let policy = prune::Policy { keep_bytes: Some(cap), keep_layers: true, ..Default::default() };
+            if let Err(err) = prune::prune(&engine, &cache_dir, policy).await {
+                tracing::warn!(error = %err, "automatic prune to --max-cache-size failed");
+            }
+        });
+    }
     Ok(Completed {
         tag: plan.tag.clone(),
         image_id: built.id,
@@ -293,6 +313,12 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         duration_ms: elapsed_ms(started),
         config: built.config,
     })
+}
+
+/// Notes the tag's use for prune, off the request path.
+fn record_use(shared: &Shared, tag: &str) {
+    let (cache_dir, tag) = (shared.cache_dir.clone(), tag.to_owned());
+    tokio::task::spawn_blocking(move || prune::record_use(&cache_dir, &tag));
 }
 
 /// Test hook: waits for (and consumes) one permit when the gate is set.

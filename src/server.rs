@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::archive::ZipStore;
 use crate::builds::Builds;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -42,9 +43,12 @@ impl Daemon {
         let shared = Arc::new(Shared {
             engine: engine.clone(),
             stat_cache: Arc::new(StatCache::default()),
+            zips: Arc::new(ZipStore::open(config.cache_dir.join("layers"), config.zip_limits)),
             rie_dir: config.rie_dir.clone(),
             limits: config.limits,
             build_timeout: config.build_timeout,
+            cache_dir: config.cache_dir.clone(),
+            max_cache_bytes: config.max_cache_bytes,
             hooks: config.hooks.clone(),
         });
         Daemon {

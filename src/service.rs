@@ -1,6 +1,6 @@
 //! The gRPC service: the only code that handles `tonic::Request`s and response streams.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use crate::builds::{Builds, Event, Key};
 use crate::config::Config;
 use crate::error::Error;
 use crate::pipeline::{self, Shared};
+use crate::prune;
 use crate::proto::{self, image_builder_server::ImageBuilder};
 use crate::resolve::{self, Arch, Plan};
 
@@ -205,9 +206,29 @@ impl ImageBuilder for Service {
 
     async fn prune(
         &self,
-        _request: Request<proto::PruneRequest>,
+        request: Request<proto::PruneRequest>,
     ) -> Result<Response<proto::PruneResponse>, Status> {
-        Err(Status::unimplemented("prune is not implemented yet"))
+        let peer = peer(&request);
+        let request = request.into_inner();
+        let policy = prune::Policy {
+            older_than: (request.older_than_seconds > 0)
+                .then(|| Duration::from_secs(request.older_than_seconds)),
+            keep_bytes: (request.keep_storage_bytes > 0).then_some(request.keep_storage_bytes),
+            dry_run: request.dry_run,
+            // A build in flight may be reading an extracted layer.
+            keep_layers: self.builds.in_flight() > 0,
+        };
+        let report = prune::prune(&self.shared.engine, &self.cache_dir, policy).await?;
+        tracing::info!(
+            uid = ?peer.uid, pid = ?peer.pid, images = report.images.len(),
+            layers = report.layers.len(), bytes = report.bytes, dry_run = request.dry_run,
+            "prune request"
+        );
+        Ok(Response::new(proto::PruneResponse {
+            images_removed: report.images,
+            layers_removed: report.layers,
+            bytes_freed: report.bytes,
+        }))
     }
 
     async fn get_info(
@@ -247,7 +268,7 @@ impl ImageBuilder for Service {
             });
         }
         let cache_dir = self.cache_dir.clone();
-        let cache_bytes = tokio::task::spawn_blocking(move || dir_size(&cache_dir))
+        let cache_bytes = tokio::task::spawn_blocking(move || prune::dir_size(&cache_dir))
             .await
             .unwrap_or(0);
         let limits = &self.shared.limits;
@@ -300,18 +321,4 @@ impl Service {
             bytes_hashed: cache.bytes_hashed.load(Relaxed),
         }
     }
-}
-
-fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&entry.path()),
-            Ok(t) if t.is_file() => entry.metadata().map(|m| m.len()).unwrap_or(0),
-            _ => 0,
-        })
-        .sum()
 }

@@ -106,7 +106,7 @@ struct RequestArgs {
     /// Function architecture.
     #[arg(long, value_enum, default_value = "x86_64")]
     arch: ArchArg,
-    /// A layer, [NAME=]PATH (a directory); repeat in the function's order. NAME defaults to the
+    /// A layer, [NAME=]PATH (a directory or a .zip); repeat in the function's order. NAME defaults to the
     /// path's base name.
     #[arg(long = "layer", value_name = "[NAME=]PATH")]
     layers: Vec<String>,
@@ -358,46 +358,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
 }
 
 fn parse_duration(text: &str) -> Result<u64, String> {
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("--older-than {text:?}: expected e.g. 30m, 12h, 7d"))?;
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("--older-than {text:?}: unit must be s, m, h or d")),
-    };
-    Ok(number * scale)
+    humantime::parse_duration(text)
+        .map(|d| d.as_secs())
+        .map_err(|err| format!("--older-than {text:?}: {err}; e.g. 30m, 12h, 7d"))
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
-    let upper = text.to_ascii_uppercase();
-    let (number, unit) = upper.split_at(
-        upper
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(upper.len()),
-    );
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("--keep-storage {text:?}: expected e.g. 500MB, 10GB"))?;
-    let scale: u64 = match unit.trim_end_matches('B').trim_end_matches('I') {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "--keep-storage {text:?}: unit must be B, KB, MB, GB or TB"
-            ));
-        }
-    };
-    Ok(number * scale)
+    text.parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|err| format!("--keep-storage {text:?}: {err}; e.g. 500MB, 10GiB"))
 }
 
 /// Builds the wire request from flags; paths become absolute (the daemon's cwd means nothing).

@@ -189,12 +189,17 @@ def build_with_daemon(original: Callable, self, runtime, packagetype, image, lay
     if completed.tag != expected:  # the daemon resolved it to this tag a moment ago
         _warn(f"lambda-imaged built {completed.tag}, not {expected}; SAM builds it itself")
         return sam_build()
-    if not _present_in_sams_engine(self, completed):
+    found_id, built_by_daemon = _image_in_sams_engine(self, completed.tag)
+    if found_id != completed.image_id and not built_by_daemon:
         _warn(
-            f"lambda-imaged built {expected} in another container engine than SAM uses "
-            f"(check DOCKER_HOST for both); SAM builds it itself"
+            f"lambda-imaged built {expected} as {completed.image_id}, but SAM's container engine has "
+            f"{found_id or 'no such image'} (do both use the same DOCKER_HOST?); SAM builds it itself"
         )
         return sam_build()
+    if found_id != completed.image_id:
+        # Daemons before "inspect fresh after a build" could report the image the tag named
+        # before the build; a lambda-imaged image under the tag in SAM's engine is good enough.
+        LOG.debug("lambda-imaged reported %s, SAM's engine has %s", completed.image_id, found_id)
     return expected
 
 
@@ -281,15 +286,20 @@ def _newline_if(flag, writer):
         writer.flush()
 
 
-def _present_in_sams_engine(self, completed) -> bool:
-    """Whether the tag names the daemon's image in the engine SAM talks to."""
+FINGERPRINT_LABEL = "io.lambda-imaged.fingerprint"
+
+
+def _image_in_sams_engine(self, tag):
+    """(ID, built by lambda-imaged) of the image `tag` names in the engine SAM talks to;
+    (None, False) when there is none."""
     import docker
 
     try:
-        found = self.docker_client.images.get(completed.tag)
+        image = self.docker_client.images.get(tag)
     except docker.errors.ImageNotFound:
-        return False
-    return not completed.image_id or found.id == completed.image_id
+        return None, False
+    labels = (image.attrs.get("Config") or {}).get("Labels") or {}
+    return image.id, FINGERPRINT_LABEL in labels
 
 
 def _warn_unreachable(sock: str, reason: str) -> None:

@@ -1,0 +1,140 @@
+"""Unmodified `sam` (aws-sam-cli, pinned) gets its images from lambda-imaged.
+
+Each test has its own SAM app whose template layer has a unique logical ID, hence its own
+tag, and counts the engine's own `tag` events for that tag to know how many builds ran.
+"""
+
+import json
+import subprocess
+import threading
+import time
+
+import boto3
+import botocore.config
+
+from lambda_imaged_client import connect
+
+from conftest import FINGERPRINT_LABEL, SAM, SAM_TIMEOUT_S, engine_tag_events, free_port, image_label
+
+UNREACHABLE = "lambda-imaged is not reachable at"
+
+
+def test_invoke_uses_the_daemon_image_and_repeats_without_a_build(daemon, sam_project):
+    """First invoke: one build, by the daemon, and the function answers with the layer's file.
+    Second invoke: the same answer and no engine build at all."""
+    t0 = time.time()
+    response, stderr = sam_project.invoke({"n": 1}, socket=daemon.socket)
+    t1 = time.time()
+    assert response == {"echo": {"n": 1}, "layer": "from-layer"}
+    assert engine_tag_events(sam_project.tag, t0, t1) == 1
+    assert image_label(sam_project.tag, FINGERPRINT_LABEL), "the image was not built by the daemon"
+    assert f"lambda-imaged: built {sam_project.tag}" in stderr
+    assert "Warning" not in stderr
+
+    response, stderr = sam_project.invoke({"n": 2}, socket=daemon.socket)
+    t2 = time.time()
+    assert response == {"echo": {"n": 2}, "layer": "from-layer"}
+    assert engine_tag_events(sam_project.tag, t1, t2) == 0
+    assert "Building image" not in stderr
+    assert f"lambda-imaged: image {sam_project.tag} is up to date" in stderr
+
+
+def test_changed_layer_file_shows_in_the_next_invoke(daemon, sam_project):
+    """Editing a file of the template layer rebuilds (once) and the function sees the new file."""
+    assert sam_project.invoke({}, socket=daemon.socket)[0]["layer"] == "from-layer"
+    sam_project.set_message("changed")
+    t1 = time.time()
+    response, stderr = sam_project.invoke({}, socket=daemon.socket)
+    assert response["layer"] == "changed"
+    assert engine_tag_events(sam_project.tag, t1, time.time()) == 1, stderr
+    assert f"(a layer changed: {sam_project.layer_id})" in stderr
+
+
+def test_daemon_stopped_sam_falls_back_with_one_warning(daemon, sam_project):
+    """With the daemon gone, SAM builds the image itself and works; the user is told once."""
+    daemon.stop()
+    response, stderr = sam_project.invoke({"n": 3}, socket=daemon.socket)
+    assert response == {"echo": {"n": 3}, "layer": "from-layer"}
+    assert stderr.count(UNREACHABLE) == 1, stderr
+    assert f"{UNREACHABLE} {daemon.socket}" in stderr
+    assert "Building image..." in stderr  # SAM's own builder
+    assert image_label(sam_project.tag, FINGERPRINT_LABEL) is None
+
+
+def test_lambda_imaged_0_turns_it_off(daemon, sam_project):
+    """LAMBDA_IMAGED=0 beats LAMBDA_IMAGED_SOCKET: SAM builds, silently."""
+    response, stderr = sam_project.invoke({}, socket=daemon.socket, LAMBDA_IMAGED="0")
+    assert response["layer"] == "from-layer"
+    assert "lambda-imaged" not in stderr
+    assert image_label(sam_project.tag, FINGERPRINT_LABEL) is None
+
+
+def test_start_lambda_two_concurrent_invokes_make_one_build(daemon, sam_project):
+    """`sam local start-lambda`, two invokes at once through boto3: both answer, one build."""
+    port = free_port()
+    log_path = sam_project.root / "start-lambda.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(SAM), "local", "start-lambda", "--host", "127.0.0.1", "--port", str(port),
+             "--skip-pull-image", "-t", "template.yaml"],
+            cwd=sam_project.root, env=sam_project.env(daemon.socket),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        _wait_for_port(port, server, log_path)
+        client = boto3.client(
+            "lambda", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+            aws_access_key_id="test", aws_secret_access_key="test",
+            config=botocore.config.Config(
+                retries={"max_attempts": 0}, read_timeout=SAM_TIMEOUT_S, connect_timeout=10
+            ),
+        )
+        barrier = threading.Barrier(2, timeout=30)
+        results = [None, None]
+
+        def invoke(i):
+            barrier.wait()
+            out = client.invoke(FunctionName="EchoFunction", Payload=json.dumps({"i": i}).encode())
+            results[i] = json.loads(out["Payload"].read())
+
+        t0 = time.time()
+        threads = [threading.Thread(target=invoke, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(SAM_TIMEOUT_S)
+        t1 = time.time()
+        assert not any(t.is_alive() for t in threads), "an invoke did not return in time"
+        assert results == [{"echo": {"i": 0}, "layer": "from-layer"}, {"echo": {"i": 1}, "layer": "from-layer"}], (
+            log_path.read_text()
+        )
+        assert engine_tag_events(sam_project.tag, t0, t1) == 1
+        assert image_label(sam_project.tag, FINGERPRINT_LABEL)
+        assert "Warning" not in log_path.read_text()
+        with connect(daemon.socket) as client:
+            stats = client.info().stats
+        # Both invokes asked the daemon; the second one joined the first one's build or, if
+        # SAM happened to serialise them, found its image up to date.
+        assert (stats.requests, stats.engine_builds, stats.joined + stats.cache_hits) == (2, 1, 1), stats
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def _wait_for_port(port, server, log_path, timeout=90):
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"start-lambda exited ({server.returncode}):\n{log_path.read_text()}")
+        with socket.socket() as s:
+            s.settimeout(1)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"start-lambda did not listen on {port} in {timeout} s:\n{log_path.read_text()}")
