@@ -245,7 +245,9 @@ fn engine_builds(tags: &[String], since: &str) -> usize {
 
 fn rmi(tags: &[String]) {
     for tag in tags {
-        let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", "--no-prune", tag])
+            .output();
     }
 }
 

@@ -33,14 +33,20 @@ pub struct ZipLimits {
 
 impl Default for ZipLimits {
     fn default() -> Self {
-        ZipLimits { max_bytes: 4 << 30, max_entries: 200_000, max_ratio: 200 }
+        ZipLimits {
+            max_bytes: 4 << 30,
+            max_entries: 200_000,
+            max_ratio: 200,
+        }
     }
 }
 
 /// True when `path` is a regular file that starts like a zip archive.
 pub fn is_zip(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
         && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06")
 }
 
@@ -63,7 +69,11 @@ impl ZipStore {
                 }
             }
         }
-        ZipStore { root, limits, locks: Mutex::new(HashMap::new()) }
+        ZipStore {
+            root,
+            limits,
+            locks: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Where extracted layers live.
@@ -72,12 +82,28 @@ impl ZipStore {
     }
 
     /// The extracted directory for the zip at `archive`, extracting it if needed.
+    ///
+    /// The archive is opened (and hashed) by the calling thread, so with the requesting
+    /// peer's rights when called inside `access::as_peer`; the cache is written with the
+    /// daemon's own rights.
     pub fn extracted(&self, name: &str, archive: &Path, cache: &StatCache) -> Result<PathBuf> {
-        let digest = hex::encode(cache.file_digest(archive)?);
-        let target = self.root.join(&digest);
+        let mut file =
+            File::open(archive).map_err(|err| Error::io("reading layer", archive, &err))?;
+        let digest = hex::encode(cache.digest_of_open(archive, &mut file)?);
+        crate::access::as_daemon(|| self.extract_once(name, archive, file, &digest))
+    }
+
+    fn extract_once(
+        &self,
+        name: &str,
+        archive: &Path,
+        file: File,
+        digest: &str,
+    ) -> Result<PathBuf> {
+        let target = self.root.join(digest);
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(digest.clone()).or_default().clone()
+            locks.entry(digest.to_owned()).or_default().clone()
         };
         let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
         if target.is_dir() {
@@ -85,8 +111,10 @@ impl ZipStore {
             return Ok(target);
         }
         fs::create_dir_all(&self.root).map_err(|err| Error::io("creating", &self.root, &err))?;
-        let temp = self.root.join(format!(".tmp-{digest}-{}", uuid::Uuid::new_v4().simple()));
-        let result = extract(name, archive, &digest, &temp, self.limits);
+        let temp = self
+            .root
+            .join(format!(".tmp-{digest}-{}", uuid::Uuid::new_v4().simple()));
+        let result = extract(name, archive, file, digest, &temp, self.limits);
         if let Err(err) = result {
             let _ = fs::remove_dir_all(&temp);
             return Err(err);
@@ -110,14 +138,18 @@ fn sync_dir(dir: &Path) {
 }
 
 fn bad(name: &str, entry: &str, why: &str) -> Error {
-    Error::InvalidArgument(format!("layer {name:?}: zip entry {entry:?} rejected: {why}"))
+    Error::InvalidArgument(format!(
+        "layer {name:?}: zip entry {entry:?} rejected: {why}"
+    ))
 }
 
 /// Checks an entry name and returns its normalised relative path.
 fn safe_path(name: &str, raw: &str) -> Result<PathBuf> {
     let text = raw.replace('\\', "/");
     let bytes = text.as_bytes();
-    if text.starts_with('/') || (bytes.len() >= 2 && bytes[1] == b':' && bytes[0].is_ascii_alphabetic()) {
+    if text.starts_with('/')
+        || (bytes.len() >= 2 && bytes[1] == b':' && bytes[0].is_ascii_alphabetic())
+    {
         return Err(bad(name, raw, "absolute or drive-letter path"));
     }
     if text.contains('\0') {
@@ -128,8 +160,12 @@ fn safe_path(name: &str, raw: &str) -> Result<PathBuf> {
         match component {
             Component::Normal(part) => path.push(part),
             Component::CurDir => {}
-            Component::ParentDir => return Err(bad(name, raw, "'..' would write outside the layer")),
-            Component::RootDir | Component::Prefix(_) => return Err(bad(name, raw, "absolute path")),
+            Component::ParentDir => {
+                return Err(bad(name, raw, "'..' would write outside the layer"));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(bad(name, raw, "absolute path"));
+            }
         }
     }
     if path.as_os_str().is_empty() {
@@ -143,10 +179,19 @@ const S_IFREG: u32 = 0o100_000;
 const S_IFDIR: u32 = 0o040_000;
 const S_IFLNK: u32 = 0o120_000;
 
-fn extract(name: &str, archive: &Path, digest: &str, temp: &Path, limits: ZipLimits) -> Result<()> {
-    let file = File::open(archive).map_err(|err| Error::io("reading", archive, &err))?;
+fn extract(
+    name: &str,
+    archive: &Path,
+    file: File,
+    digest: &str,
+    temp: &Path,
+    limits: ZipLimits,
+) -> Result<()> {
     let mut zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(|err| {
-        Error::InvalidArgument(format!("layer {name:?}: {} is not a readable zip: {err}", archive.display()))
+        Error::InvalidArgument(format!(
+            "layer {name:?}: {} is not a readable zip: {err}",
+            archive.display()
+        ))
     })?;
     if zip.len() > limits.max_entries {
         return Err(Error::InvalidArgument(format!(
@@ -162,7 +207,9 @@ fn extract(name: &str, archive: &Path, digest: &str, temp: &Path, limits: ZipLim
     let mut total: u64 = 0;
     for index in 0..zip.len() {
         let mut entry = zip.by_index(index).map_err(|err| {
-            Error::InvalidArgument(format!("layer {name:?}: zip entry #{index} is unreadable: {err}"))
+            Error::InvalidArgument(format!(
+                "layer {name:?}: zip entry #{index} is unreadable: {err}"
+            ))
         })?;
         let raw = String::from_utf8_lossy(entry.name_raw()).into_owned();
         let rel = safe_path(name, &raw)?;
@@ -170,14 +217,22 @@ fn extract(name: &str, archive: &Path, digest: &str, temp: &Path, limits: ZipLim
             return Err(bad(name, &raw, "duplicate name"));
         }
         if rel.ancestors().skip(1).any(|a| link_paths.contains(a)) {
-            return Err(bad(name, &raw, "it would be written through a symlink entry"));
+            return Err(bad(
+                name,
+                &raw,
+                "it would be written through a symlink entry",
+            ));
         }
         let mode = entry.unix_mode();
         let kind = mode.map(|m| m & S_IFMT).unwrap_or(0);
         let is_dir = entry.is_dir() || kind == S_IFDIR;
         let is_link = kind == S_IFLNK;
         if kind != 0 && !is_dir && !is_link && kind != S_IFREG {
-            return Err(bad(name, &raw, "device, fifo or socket entries are not allowed"));
+            return Err(bad(
+                name,
+                &raw,
+                "device, fifo or socket entries are not allowed",
+            ));
         }
         let dest = temp.join(&rel);
         if is_dir {
@@ -190,19 +245,34 @@ fn extract(name: &str, archive: &Path, digest: &str, temp: &Path, limits: ZipLim
         let size = entry.size();
         total = total.saturating_add(size);
         if total > limits.max_bytes {
-            return Err(bad(name, &raw, &format!("the archive extracts to more than max_zip_bytes = {}", limits.max_bytes)));
+            return Err(bad(
+                name,
+                &raw,
+                &format!(
+                    "the archive extracts to more than max_zip_bytes = {}",
+                    limits.max_bytes
+                ),
+            ));
         }
         let compressed = entry.compressed_size().max(1);
         if size > (1 << 20) && size / compressed > limits.max_ratio {
             return Err(bad(
                 name,
                 &raw,
-                &format!("compression ratio {}:1 exceeds max_zip_ratio = {}", size / compressed, limits.max_ratio),
+                &format!(
+                    "compression ratio {}:1 exceeds max_zip_ratio = {}",
+                    size / compressed,
+                    limits.max_ratio
+                ),
             ));
         }
         if is_link {
             let mut target = String::new();
-            entry.by_ref().take(4096).read_to_string(&mut target).map_err(|err| bad(name, &raw, &err.to_string()))?;
+            entry
+                .by_ref()
+                .take(4096)
+                .read_to_string(&mut target)
+                .map_err(|err| bad(name, &raw, &err.to_string()))?;
             links.push((rel.clone(), PathBuf::from(target), raw));
             link_paths.insert(rel);
             continue;
@@ -221,11 +291,13 @@ fn extract(name: &str, archive: &Path, digest: &str, temp: &Path, limits: ZipLim
         if written != size {
             return Err(bad(name, &raw, "its data does not match its declared size"));
         }
-        out.flush().map_err(|err| Error::io("extracting", &dest, &err))?;
+        out.flush()
+            .map_err(|err| Error::io("extracting", &dest, &err))?;
         // No Unix permission bits at all: made on Windows; assume executable (SAM #1014).
         let executable = mode.is_none_or(|m| m & 0o777 == 0 || m & 0o111 != 0);
         let perm = if executable { 0o755 } else { 0o644 };
-        fs::set_permissions(&dest, fs::Permissions::from_mode(perm)).map_err(|err| Error::io("extracting", &dest, &err))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(perm))
+            .map_err(|err| Error::io("extracting", &dest, &err))?;
     }
     // Links last, so nothing is ever written through one.
     for (rel, target, raw) in links {
@@ -244,7 +316,8 @@ fn extract(name: &str, archive: &Path, digest: &str, temp: &Path, limits: ZipLim
             return Err(bad(name, &raw, "symlink points outside the layer"));
         }
         let dest = temp.join(&rel);
-        std::os::unix::fs::symlink(&target, &dest).map_err(|err| Error::io("extracting", &dest, &err))?;
+        std::os::unix::fs::symlink(&target, &dest)
+            .map_err(|err| Error::io("extracting", &dest, &err))?;
     }
     // Directories 0755 regardless of the archive.
     set_dir_modes(temp)?;
@@ -254,8 +327,12 @@ fn extract(name: &str, archive: &Path, digest: &str, temp: &Path, limits: ZipLim
 }
 
 fn set_dir_modes(dir: &Path) -> Result<()> {
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(|err| Error::io("extracting", dir, &err))?;
-    for entry in fs::read_dir(dir).map_err(|err| Error::io("extracting", dir, &err))?.flatten() {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        .map_err(|err| Error::io("extracting", dir, &err))?;
+    for entry in fs::read_dir(dir)
+        .map_err(|err| Error::io("extracting", dir, &err))?
+        .flatten()
+    {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             set_dir_modes(&entry.path())?;
         }
@@ -279,7 +356,8 @@ mod tests {
     fn make_zip(path: &Path, entries: &[(&str, &[u8], Option<u32>)]) {
         let mut writer = zip::ZipWriter::new(File::create(path).unwrap());
         for (name, data, mode) in entries {
-            let mut options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+            let mut options =
+                SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
             if let Some(mode) = mode {
                 options = options.unix_permissions(*mode);
             }
@@ -314,27 +392,53 @@ mod tests {
         let store = store(dir.path());
         let cache = StatCache::default();
         let out = store.extracted("l", &archive, &cache).unwrap();
-        let mode = |p: &str| fs::symlink_metadata(out.join(p)).unwrap().permissions().mode() & 0o7777;
+        let mode = |p: &str| {
+            fs::symlink_metadata(out.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
         assert_eq!(mode("bootstrap"), 0o755);
         assert_eq!(mode("lib/data.txt"), 0o644);
         assert_eq!(mode("lib"), 0o755);
-        assert_eq!(fs::read_link(out.join("lib/alias")).unwrap(), PathBuf::from("data.txt"));
+        assert_eq!(
+            fs::read_link(out.join("lib/alias")).unwrap(),
+            PathBuf::from("data.txt")
+        );
         let again = store.extracted("l", &archive, &cache).unwrap();
         assert_eq!(out, again);
-        assert_eq!(fs::read_dir(store.root()).unwrap().count(), 1, "no temp dirs left");
+        assert_eq!(
+            fs::read_dir(store.root()).unwrap().count(),
+            1,
+            "no temp dirs left"
+        );
     }
 
     #[test]
     fn malicious_archives_are_rejected_and_nothing_is_left() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: Vec<(&str, Vec<(&str, &[u8], Option<u32>)>)> = vec![
+        type Entries<'a> = Vec<(&'a str, &'a [u8], Option<u32>)>;
+        let cases: Vec<(&str, Entries)> = vec![
             ("zip-slip", vec![("../evil", b"x", Some(0o644))]),
             ("absolute", vec![("/etc/evil", b"x", Some(0o644))]),
             ("drive", vec![("C:\\evil", b"x", Some(0o644))]),
-            ("backslash-slip", vec![("a\\..\\..\\evil", b"x", Some(0o644))]),
-            ("duplicate", vec![("a", b"x", Some(0o644)), ("a", b"y", Some(0o644))]),
-            ("through-link", vec![("link:d->/tmp", b"", None), ("d/evil", b"x", Some(0o644))]),
-            ("link-outside", vec![("link:l->../../etc/passwd", b"", None)]),
+            (
+                "backslash-slip",
+                vec![("a\\..\\..\\evil", b"x", Some(0o644))],
+            ),
+            (
+                "duplicate",
+                vec![("a", b"x", Some(0o644)), ("a", b"y", Some(0o644))],
+            ),
+            (
+                "through-link",
+                vec![("link:d->/tmp", b"", None), ("d/evil", b"x", Some(0o644))],
+            ),
+            (
+                "link-outside",
+                vec![("link:l->../../etc/passwd", b"", None)],
+            ),
         ];
         for (label, entries) in cases {
             let archive = dir.path().join(format!("{label}.zip"));
@@ -347,8 +451,13 @@ mod tests {
             let Err(err) = store.extracted(label, &archive, &StatCache::default()) else {
                 panic!("{label}: accepted");
             };
-            assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("rejected")), "{label}: {err:?}");
-            let left: Vec<_> = fs::read_dir(store.root()).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+            assert!(
+                matches!(&err, Error::InvalidArgument(m) if m.contains("rejected")),
+                "{label}: {err:?}"
+            );
+            let left: Vec<_> = fs::read_dir(store.root())
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
             assert!(left.is_empty(), "{label}: left {left:?}");
         }
         assert!(!dir.path().parent().unwrap().join("evil").exists());
@@ -360,12 +469,35 @@ mod tests {
         let archive = dir.path().join("bomb.zip");
         let zeros = vec![0u8; 8 << 20];
         make_zip(&archive, &[("zeros", &zeros, Some(0o644))]);
-        let store = ZipStore::open(dir.path().join("layers"), ZipLimits { max_ratio: 100, ..Default::default() });
-        let err = store.extracted("bomb", &archive, &StatCache::default()).unwrap_err();
-        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_ratio")), "{err:?}");
-        let store = ZipStore::open(dir.path().join("layers"), ZipLimits { max_bytes: 1 << 20, max_ratio: 1 << 20, ..Default::default() });
-        let err = store.extracted("bomb", &archive, &StatCache::default()).unwrap_err();
-        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_bytes")), "{err:?}");
+        let store = ZipStore::open(
+            dir.path().join("layers"),
+            ZipLimits {
+                max_ratio: 100,
+                ..Default::default()
+            },
+        );
+        let err = store
+            .extracted("bomb", &archive, &StatCache::default())
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_ratio")),
+            "{err:?}"
+        );
+        let store = ZipStore::open(
+            dir.path().join("layers"),
+            ZipLimits {
+                max_bytes: 1 << 20,
+                max_ratio: 1 << 20,
+                ..Default::default()
+            },
+        );
+        let err = store
+            .extracted("bomb", &archive, &StatCache::default())
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_bytes")),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -375,7 +507,11 @@ mod tests {
         fs::create_dir_all(root.join(".tmp-abc-123/partial")).unwrap();
         fs::create_dir_all(root.join("0123")).unwrap();
         let store = ZipStore::open(root.clone(), ZipLimits::default());
-        let names: Vec<_> = fs::read_dir(store.root()).unwrap().flatten().map(|e| e.file_name()).collect();
+        let names: Vec<_> = fs::read_dir(store.root())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(names, ["0123"]);
     }
 }

@@ -23,9 +23,15 @@ use tower::service_fn;
 pub use crate::proto;
 pub use crate::proto::image_builder_client::ImageBuilderClient;
 
-/// The socket a client uses by default: `LAMBDA_IMAGED_SOCKET`, else the daemon's default.
+/// The socket a client uses by default: `LAMBDA_IMAGED_SOCKET`, else the daemon's default
+/// for this user; a non-root user without a per-user daemon falls back to the system one.
 pub fn default_socket() -> PathBuf {
-    crate::config::default_socket()
+    let path = crate::config::default_socket();
+    let system = Path::new("/run/lambda-imaged/lambda-imaged.sock");
+    if std::env::var_os("LAMBDA_IMAGED_SOCKET").is_none() && !path.exists() && system.exists() {
+        return system.to_owned();
+    }
+    path
 }
 
 /// The daemon could not be reached.

@@ -32,6 +32,12 @@ pub struct Config {
     pub zip_limits: ZipLimits,
     /// Prune our images down to this size after each build.
     pub max_cache_bytes: Option<u64>,
+    /// Group that owns the socket (and may use the daemon).
+    pub socket_gid: Option<u32>,
+    /// Further uids allowed to use the daemon (root and the daemon's own uid always are).
+    pub allow_uids: Vec<u32>,
+    /// Further gids allowed to use the daemon.
+    pub allow_gids: Vec<u32>,
     /// Points where tests hold builds. Never set by flags.
     pub hooks: TestHooks,
 }
@@ -79,6 +85,11 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 impl Config {
+    /// Who may call, from this config.
+    pub fn policy(&self) -> crate::access::Policy {
+        crate::access::Policy::new(&self.allow_uids, &self.allow_gids, self.socket_gid)
+    }
+
     /// Defaults for everything, with `socket` and `cache_dir` as given.
     pub fn new(socket: PathBuf, cache_dir: PathBuf) -> Config {
         Config {
@@ -94,7 +105,278 @@ impl Config {
             limits: Limits::default(),
             zip_limits: ZipLimits::default(),
             max_cache_bytes: None,
+            socket_gid: None,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
             hooks: TestHooks::default(),
         }
+    }
+}
+
+/// Settings as written in the TOML file or given as flags; every field optional, flags win.
+/// Durations are humantime strings ("15m", "90s"), sizes bytesize strings ("10GiB").
+#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Unix socket to serve on [default: /run/lambda-imaged/lambda-imaged.sock as root,
+    /// $XDG_RUNTIME_DIR/lambda-imaged.sock otherwise]
+    #[arg(long, env = "LAMBDA_IMAGED_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Group that owns the socket (name or gid); its members may use the daemon
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Further uids allowed to use the daemon (root and the daemon's own uid always are)
+    #[arg(long = "allow-uid")]
+    #[serde(default)]
+    pub allow_uid: Vec<u32>,
+    /// Further gids allowed to use the daemon
+    #[arg(long = "allow-gid")]
+    #[serde(default)]
+    pub allow_gid: Vec<u32>,
+    /// Layer cache and records [default: /var/cache/lambda-imaged as root,
+    /// $XDG_CACHE_HOME/lambda-imaged otherwise]
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Directory holding aws-lambda-rie-x86_64 and aws-lambda-rie-arm64 [default: <cache-dir>/rie]
+    #[arg(long, env = "LAMBDA_IMAGED_RIE_DIR")]
+    pub rie_dir: Option<PathBuf>,
+    /// Container engine address [default: $DOCKER_HOST, else unix:///var/run/docker.sock]
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// Longest one engine build may take [default: 15m]
+    #[arg(long)]
+    pub build_timeout: Option<String>,
+    /// Most engine builds at once [default: number of CPUs]
+    #[arg(long)]
+    pub max_parallel_builds: Option<usize>,
+    /// How long SIGTERM waits for builds in flight [default: 60s]
+    #[arg(long)]
+    pub shutdown_timeout: Option<String>,
+    /// Prune our images down to this size after each build (e.g. 20GiB) [default: no cap]
+    #[arg(long)]
+    pub max_cache_size: Option<String>,
+    /// Most bytes of layer content per request [default: 8GiB]
+    #[arg(long)]
+    pub max_layer_bytes: Option<String>,
+    /// Most files and directories across a request's layers [default: 500000]
+    #[arg(long)]
+    pub max_layer_entries: Option<usize>,
+    /// Most bytes a zip layer may extract to [default: 4GiB]
+    #[arg(long)]
+    pub max_zip_bytes: Option<String>,
+    /// Most entries in a zip layer [default: 200000]
+    #[arg(long)]
+    pub max_zip_entries: Option<usize>,
+    /// Largest compression ratio of a zip entry over 1 MiB [default: 200]
+    #[arg(long)]
+    pub max_zip_ratio: Option<u64>,
+    /// Log format: text or json [default: text]
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
+    over.or(base)
+}
+
+impl Settings {
+    /// Reads a TOML file; unknown keys are an error naming the key.
+    pub fn from_file(path: &Path) -> Result<Settings, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("reading {}: {err}", path.display()))?;
+        toml::from_str(&text).map_err(|err| format!("{}: {err}", path.display()))
+    }
+
+    /// `self` with every field `over` sets replaced (lists: `over` wins when non-empty).
+    pub fn overridden_by(self, over: Settings) -> Settings {
+        Settings {
+            socket: pick(over.socket, self.socket),
+            socket_group: pick(over.socket_group, self.socket_group),
+            allow_uid: if over.allow_uid.is_empty() {
+                self.allow_uid
+            } else {
+                over.allow_uid
+            },
+            allow_gid: if over.allow_gid.is_empty() {
+                self.allow_gid
+            } else {
+                over.allow_gid
+            },
+            cache_dir: pick(over.cache_dir, self.cache_dir),
+            rie_dir: pick(over.rie_dir, self.rie_dir),
+            engine: pick(over.engine, self.engine),
+            build_timeout: pick(over.build_timeout, self.build_timeout),
+            max_parallel_builds: pick(over.max_parallel_builds, self.max_parallel_builds),
+            shutdown_timeout: pick(over.shutdown_timeout, self.shutdown_timeout),
+            max_cache_size: pick(over.max_cache_size, self.max_cache_size),
+            max_layer_bytes: pick(over.max_layer_bytes, self.max_layer_bytes),
+            max_layer_entries: pick(over.max_layer_entries, self.max_layer_entries),
+            max_zip_bytes: pick(over.max_zip_bytes, self.max_zip_bytes),
+            max_zip_entries: pick(over.max_zip_entries, self.max_zip_entries),
+            max_zip_ratio: pick(over.max_zip_ratio, self.max_zip_ratio),
+            log_format: pick(over.log_format, self.log_format),
+        }
+    }
+
+    /// Validates everything once; the error names the setting and what is expected.
+    pub fn into_config(self) -> Result<Config, String> {
+        let duration =
+            |name: &str, text: &Option<String>, default: Duration| -> Result<Duration, String> {
+                match text {
+                    None => Ok(default),
+                    Some(text) => text
+                        .parse::<u64>()
+                        .map(Duration::from_secs)
+                        .or_else(|_| humantime::parse_duration(text))
+                        .map_err(|err| format!("{name} = {text:?}: {err} (e.g. \"90s\", \"15m\")")),
+                }
+            };
+        let size = |name: &str, text: &Option<String>| -> Result<Option<u64>, String> {
+            text.as_ref()
+                .map(|text| {
+                    text.parse::<bytesize::ByteSize>()
+                        .map(|s| s.as_u64())
+                        .map_err(|err| {
+                            format!("{name} = {text:?}: {err} (e.g. \"500MB\", \"10GiB\")")
+                        })
+                })
+                .transpose()
+        };
+        let socket = self.socket.clone().unwrap_or_else(default_socket);
+        let mut config = Config::new(
+            socket,
+            self.cache_dir.clone().unwrap_or_else(default_cache_dir),
+        );
+        if let Some(rie_dir) = &self.rie_dir {
+            config.rie_dir = rie_dir.clone();
+        }
+        if let Some(engine) = &self.engine {
+            config.engine_host = engine.clone();
+        }
+        config.build_timeout =
+            duration("build_timeout", &self.build_timeout, config.build_timeout)?;
+        config.shutdown_timeout = duration(
+            "shutdown_timeout",
+            &self.shutdown_timeout,
+            config.shutdown_timeout,
+        )?;
+        if let Some(max) = self.max_parallel_builds {
+            if max == 0 {
+                return Err("max_parallel_builds must be at least 1".into());
+            }
+            config.max_parallel_builds = max;
+        }
+        config.max_cache_bytes = size("max_cache_size", &self.max_cache_size)?;
+        if let Some(bytes) = size("max_layer_bytes", &self.max_layer_bytes)? {
+            config.limits.max_bytes = bytes;
+        }
+        if let Some(entries) = self.max_layer_entries {
+            config.limits.max_entries = entries;
+        }
+        if let Some(bytes) = size("max_zip_bytes", &self.max_zip_bytes)? {
+            config.zip_limits.max_bytes = bytes;
+        }
+        if let Some(entries) = self.max_zip_entries {
+            config.zip_limits.max_entries = entries;
+        }
+        if let Some(ratio) = self.max_zip_ratio {
+            config.zip_limits.max_ratio = ratio;
+        }
+        if let Some(group) = &self.socket_group {
+            config.socket_gid = Some(group_id(group)?);
+        }
+        config.allow_uids = self.allow_uid.clone();
+        config.allow_gids = self.allow_gid.clone();
+        match self.log_format.as_deref() {
+            None | Some("text" | "json") => {}
+            Some(other) => {
+                return Err(format!("log_format = {other:?}: one of \"text\", \"json\""));
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// A group name or number to its gid.
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|err| format!("reading /etc/group: {err}"))?;
+    groups
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("socket_group = {group:?}: no such group (create it with groupadd)"))
+}
+
+/// The effective settings of `config`, as TOML (for `--print-config`).
+pub fn effective_toml(config: &Config, log_format: &str) -> String {
+    let settings = Settings {
+        socket: Some(config.socket.clone()),
+        socket_group: config.socket_gid.map(|g| g.to_string()),
+        allow_uid: config.allow_uids.clone(),
+        allow_gid: config.allow_gids.clone(),
+        cache_dir: Some(config.cache_dir.clone()),
+        rie_dir: Some(config.rie_dir.clone()),
+        engine: Some(config.engine_host.clone()),
+        build_timeout: Some(humantime::format_duration(config.build_timeout).to_string()),
+        max_parallel_builds: Some(config.max_parallel_builds),
+        shutdown_timeout: Some(humantime::format_duration(config.shutdown_timeout).to_string()),
+        max_cache_size: config
+            .max_cache_bytes
+            .map(|b| bytesize::ByteSize(b).to_string()),
+        max_layer_bytes: Some(bytesize::ByteSize(config.limits.max_bytes).to_string()),
+        max_layer_entries: Some(config.limits.max_entries),
+        max_zip_bytes: Some(bytesize::ByteSize(config.zip_limits.max_bytes).to_string()),
+        max_zip_entries: Some(config.zip_limits.max_entries),
+        max_zip_ratio: Some(config.zip_limits.max_ratio),
+        log_format: Some(log_format.to_owned()),
+    };
+    toml::to_string(&settings).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "cache_dir = \"/tmp/c\"\nbuild_timeout = \"2m\"\nmax_zip_ratio = 50\nallow_uid = [1000]\n").unwrap();
+        let from_file = Settings::from_file(&file).unwrap();
+        let flags = Settings {
+            build_timeout: Some("30s".into()),
+            ..Default::default()
+        };
+        let config = from_file.overridden_by(flags).into_config().unwrap();
+        assert_eq!(config.cache_dir, PathBuf::from("/tmp/c"));
+        assert_eq!(config.rie_dir, PathBuf::from("/tmp/c/rie"));
+        assert_eq!(config.build_timeout, Duration::from_secs(30), "flags win");
+        assert_eq!(config.zip_limits.max_ratio, 50);
+        assert_eq!(config.allow_uids, [1000]);
+        let printed = effective_toml(&config, "text");
+        assert!(printed.contains("build_timeout = \"30s\""), "{printed}");
+
+        std::fs::write(&file, "cache_dir = \"/tmp/c\"\nbuild_timeuot = \"2m\"\n").unwrap();
+        let err = Settings::from_file(&file).unwrap_err();
+        assert!(err.contains("build_timeuot"), "{err}");
+        let bad = Settings {
+            build_timeout: Some("soon".into()),
+            ..Default::default()
+        };
+        assert!(bad.into_config().unwrap_err().starts_with("build_timeout"));
+        let bad = Settings {
+            socket_group: Some("no-such-group-here".into()),
+            ..Default::default()
+        };
+        assert!(bad.into_config().unwrap_err().contains("no such group"));
     }
 }

@@ -18,6 +18,7 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::access::{self, Peer};
 use crate::error::{Error, Result};
 use crate::layers::{Kind, Tree};
 
@@ -33,6 +34,8 @@ pub struct Spec {
     pub rie: PathBuf,
     /// The merged /opt tree; `None` when the request has no layers.
     pub tree: Option<Arc<Tree>>,
+    /// Whose rights layer files are read with (`None`: the daemon's own).
+    pub peer: Option<Peer>,
 }
 
 /// A started producer: the byte stream for the engine, and the producer's own result (which
@@ -51,11 +54,14 @@ pub fn produce(spec: Spec, sent: Arc<AtomicU64>) -> Producer {
             buffer: Vec::with_capacity(CHUNK),
             sent,
         };
-        let result = write_context(&spec, &mut writer).and_then(|()| {
-            writer
-                .flush_chunk()
-                .map_err(|err| Error::Internal(format!("sending context: {err}")))
-        });
+        // Layer files are opened with the requesting peer's rights, again: a file swapped for
+        // a link between the walk and now is judged by the kernel as the peer.
+        let result = access::as_peer(spec.peer.as_ref(), || write_context(&spec, &mut writer))
+            .and_then(|()| {
+                writer
+                    .flush_chunk()
+                    .map_err(|err| Error::Internal(format!("sending context: {err}")))
+            });
         if let Err(err) = &result {
             // Fail the upload so the engine does not build a truncated context. If the
             // receiver is gone the engine call already ended; nothing to tell.
@@ -80,7 +86,7 @@ fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
         dockerfile.len() as u64,
         dockerfile,
     )?;
-    let rie = open_exact(&spec.rie)?;
+    let rie = access::as_daemon(|| open_exact(&spec.rie))?;
     append(&mut tar, "aws-lambda-rie", 0o755, rie.size, rie)?;
     if let Some(tree) = &spec.tree {
         append_dir(&mut tar, "opt")?;
@@ -89,7 +95,11 @@ fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
             match &entry.kind {
                 Kind::Dir => append_dir(&mut tar, &path)?,
                 Kind::File { source, size } => {
-                    let file = open_exact(source)?;
+                    let file = if entry.from_cache {
+                        access::as_daemon(|| open_exact(source))?
+                    } else {
+                        open_exact(source)?
+                    };
                     if file.size != *size {
                         return Err(changed(source));
                     }
@@ -278,6 +288,7 @@ mod tests {
             dockerfile: "FROM x\n".into(),
             rie,
             tree: Some(Arc::new(tree)),
+            peer: None,
         };
         let first = collect(spec.clone()).await;
         assert_eq!(first, collect(spec).await, "same input, same bytes");
@@ -315,6 +326,7 @@ mod tests {
             dockerfile: "FROM x\n".into(),
             rie: "/nonexistent/rie".into(),
             tree: None,
+            peer: None,
         };
         let mut producer = produce(spec, Arc::new(AtomicU64::new(0)));
         let mut saw_error = false;

@@ -309,13 +309,23 @@ impl Engine {
     pub async fn labelled_images(&self, label: &str) -> Result<Vec<LabelledImage>> {
         let client = self.client().await?;
         let filters = HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
-        let options = ListImagesOptions { filters: Some(filters), ..Default::default() };
-        let images = client.list_images(Some(options)).await.map_err(|err| self.map_error(err))?;
+        let options = ListImagesOptions {
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let images = client
+            .list_images(Some(options))
+            .await
+            .map_err(|err| self.map_error(err))?;
         Ok(images
             .into_iter()
             .map(|image| LabelledImage {
                 id: image.id,
-                tags: image.repo_tags.into_iter().filter(|t| t != "<none>:<none>").collect(),
+                tags: image
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
                 size: u64::try_from(image.size).unwrap_or(0),
                 created_unix: image.created,
             })
@@ -325,16 +335,30 @@ impl Engine {
     /// Ids of the images any container (running or not) was created from.
     pub async fn images_in_use(&self) -> Result<std::collections::HashSet<String>> {
         let client = self.client().await?;
-        let options = ListContainersOptions { all: true, ..Default::default() };
-        let containers = client.list_containers(Some(options)).await.map_err(|err| self.map_error(err))?;
+        let options = ListContainersOptions {
+            all: true,
+            ..Default::default()
+        };
+        let containers = client
+            .list_containers(Some(options))
+            .await
+            .map_err(|err| self.map_error(err))?;
         Ok(containers.into_iter().filter_map(|c| c.image_id).collect())
     }
 
     /// Removes an image by id (never forced: the engine refuses if something still uses it).
-    pub async fn remove_image(&self, id: &str) -> Result<()> {
+    /// `prune_parents` also removes its untagged parents; only safe while nothing builds.
+    pub async fn remove_image(&self, id: &str, prune_parents: bool) -> Result<()> {
         let client = self.client().await?;
-        let options = RemoveImageOptions { force: false, noprune: false, ..Default::default() };
-        client.remove_image(id, Some(options), None).await.map_err(|err| self.map_error(err))?;
+        let options = RemoveImageOptions {
+            force: false,
+            noprune: !prune_parents,
+            ..Default::default()
+        };
+        client
+            .remove_image(id, Some(options), None)
+            .await
+            .map_err(|err| self.map_error(err))?;
         Ok(())
     }
 
@@ -346,6 +370,12 @@ impl Engine {
             .platform
             .map(|p| p.name)
             .filter(|n| !n.is_empty())
+            .or_else(|| {
+                version
+                    .components
+                    .and_then(|c| c.into_iter().next())
+                    .map(|c| c.name)
+            })
             .unwrap_or_else(|| "unknown engine".to_owned());
         Ok(EngineVersion {
             name,

@@ -68,6 +68,9 @@ pub struct Entry {
     pub mode: u32,
     /// Index of the layer the entry comes from.
     pub layer: usize,
+    /// True when the entry lives in the daemon's own extracted-layer cache (a zip layer the
+    /// peer was allowed to read); such files are read with the daemon's rights.
+    pub from_cache: bool,
 }
 
 /// A problem that does not fail the build.
@@ -96,7 +99,12 @@ fn normalised_mode(mode: u32, is_dir: bool) -> u32 {
 }
 
 /// Walks every layer and merges them in order.
-pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache, zips: &ZipStore) -> Result<Tree> {
+pub fn walk(
+    layers: &[LayerSpec],
+    limits: Limits,
+    cache: &StatCache,
+    zips: &ZipStore,
+) -> Result<Tree> {
     let mut tree = Tree::default();
     let mut budget = Budget {
         limits,
@@ -105,10 +113,12 @@ pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache, zips: &ZipS
     };
     for (index, layer) in layers.iter().enumerate() {
         let mut root = layer.path.clone();
+        let mut from_cache = false;
         let mut meta = fs::metadata(&root)
             .map_err(|err| Error::io(&format!("layer {:?}:", layer.name), &root, &err))?;
         if meta.is_file() && is_zip(&root) {
             root = zips.extracted(&layer.name, &layer.path, cache)?;
+            from_cache = true;
             meta = fs::metadata(&root)
                 .map_err(|err| Error::io("reading extracted layer", &root, &err))?;
         }
@@ -125,11 +135,22 @@ pub fn walk(layers: &[LayerSpec], limits: Limits, cache: &StatCache, zips: &ZipS
             warnings: &mut tree.warnings,
             budget: &mut budget,
             stack: HashSet::new(),
+            from_cache,
         };
-        walker.dir(&root, "", &meta)?;
-        let mut entries = walker.entries;
+        let mut entries = if from_cache {
+            // Our own cache: read with the daemon's rights (the archive was read as the peer).
+            crate::access::as_daemon(|| walker.dir(&root, "", &meta).map(|()| walker.entries))?
+        } else {
+            walker.dir(&root, "", &meta)?;
+            walker.entries
+        };
         entries.sort_by(|a, b| a.path.cmp(&b.path));
-        tree.layer_digests.push(layer_digest(&entries, cache)?);
+        let digest = if from_cache {
+            crate::access::as_daemon(|| layer_digest(&entries, cache))?
+        } else {
+            layer_digest(&entries, cache)?
+        };
+        tree.layer_digests.push(digest);
         for entry in entries {
             merge(&mut tree.entries, entry);
         }
@@ -188,6 +209,7 @@ struct Walker<'a> {
     budget: &'a mut Budget,
     /// (dev, ino) of the directories being walked: a dereferenced link back into one is a loop.
     stack: HashSet<(u64, u64)>,
+    from_cache: bool,
 }
 
 impl Walker<'_> {
@@ -319,6 +341,7 @@ impl Walker<'_> {
             kind,
             mode,
             layer: self.layer,
+            from_cache: self.from_cache,
         });
     }
 }
@@ -438,9 +461,48 @@ impl StatCache {
     }
 }
 
+impl StatCache {
+    /// Like [`StatCache::file_digest`] for a file already open (so the digest is of exactly
+    /// what will be read from it); leaves the file positioned at its start.
+    pub fn digest_of_open(&self, path: &Path, file: &mut File) -> Result<[u8; 32]> {
+        use std::io::Seek;
+        let meta = file
+            .metadata()
+            .map_err(|err| Error::io("reading", path, &err))?;
+        let key = StatKey::of(&meta);
+        if let Some((cached, digest)) = self.lock().get(path) {
+            if *cached == key {
+                return Ok(*digest);
+            }
+        }
+        let started = SystemTime::now();
+        let digest = hash_reader(path, &mut *file)?;
+        file.rewind()
+            .map_err(|err| Error::io("reading", path, &err))?;
+        self.files_hashed.fetch_add(1, Ordering::Relaxed);
+        self.bytes_hashed.fetch_add(key.size, Ordering::Relaxed);
+        if settled(&key, started) {
+            self.lock().insert(path.to_owned(), (key, digest));
+        }
+        Ok(digest)
+    }
+}
+
+fn settled(key: &StatKey, started: SystemTime) -> bool {
+    let started_ns = started
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128;
+    key.ctime_ns.max(key.mtime_ns) + (RACY_WINDOW.as_nanos() as i128) < started_ns
+}
+
 /// sha256 of a file's content.
 pub fn hash_file(path: &Path) -> Result<[u8; 32]> {
     let mut file = File::open(path).map_err(|err| Error::io("reading", path, &err))?;
+    hash_reader(path, &mut file)
+}
+
+fn hash_reader(path: &Path, file: &mut impl Read) -> Result<[u8; 32]> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 256 * 1024];
     loop {
@@ -468,7 +530,10 @@ mod tests {
     }
 
     fn zips() -> ZipStore {
-        ZipStore::open(std::env::temp_dir().join("lambda-imaged-unit-zips"), Default::default())
+        ZipStore::open(
+            std::env::temp_dir().join("lambda-imaged-unit-zips"),
+            Default::default(),
+        )
     }
 
     fn spec(name: &str, path: &Path) -> LayerSpec {
@@ -490,7 +555,13 @@ mod tests {
         write(&b.join("bin/tool"), "#!/bin/sh", 0o700);
         write(&b.join("replaced"), "now a file", 0o644);
         let cache = StatCache::default();
-        let tree = walk(&[spec("a", &a), spec("b", &b)], Limits::default(), &cache, &zips()).unwrap();
+        let tree = walk(
+            &[spec("a", &a), spec("b", &b)],
+            Limits::default(),
+            &cache,
+            &zips(),
+        )
+        .unwrap();
         let paths: Vec<&str> = tree.entries.keys().map(String::as_str).collect();
         assert_eq!(
             paths,

@@ -5,6 +5,7 @@
 //! A request flows top to bottom:
 //! - [`proto`]: the generated wire types and conversions; the only home of wire types.
 //! - [`service`]: the gRPC service; the only code that sees `tonic::Request` and streams.
+//! - [`access`]: who may use the daemon; reading layers with the peer's own rights.
 //! - [`resolve`]: pure: request -> plan (tag, base, layers, Dockerfile); SAM's rules.
 //! - [`reference`]: image reference parsing that keeps the user's spelling.
 //! - [`archive`]: zip layers extracted once, safely, into the content-addressed cache.
@@ -20,6 +21,7 @@
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
 //! - [`client`]: connect to the daemon; used by the CLI, the tests and Rust emulators.
 
+pub mod access;
 pub mod archive;
 pub mod builds;
 pub mod client;

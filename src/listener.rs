@@ -38,7 +38,7 @@ pub enum ListenError {
 impl Listener {
     /// Uses the systemd-passed socket if there is one (`LISTEN_PID` checked by `sd-notify`),
     /// else binds `path` with mode 0660.
-    pub async fn open(path: &Path) -> Result<Listener, ListenError> {
+    pub async fn open(path: &Path, group: Option<u32>) -> Result<Listener, ListenError> {
         let io = |source| ListenError::Io {
             path: path.to_owned(),
             source,
@@ -77,6 +77,9 @@ impl Listener {
         }
         let listener = UnixListener::bind(path).map_err(io)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(io)?;
+        }
         Ok(Listener {
             listener,
             path: path.to_owned(),

@@ -12,14 +12,15 @@ use bollard::query_parameters::BuildImageOptions;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::access::{self, Peer};
+use crate::archive::ZipStore;
 use crate::builds::{Completed, Event, LogKind, Reason, Reporter};
 use crate::config::TestHooks;
-use crate::archive::ZipStore;
 use crate::context;
-use crate::prune;
 use crate::engine::{Engine, ImageInfo};
 use crate::error::{Error, Result};
 use crate::layers::{self, Limits, StatCache};
+use crate::prune;
 use crate::resolve::{Arch, Plan};
 
 /// Label holding the content fingerprint of an image we built.
@@ -183,7 +184,13 @@ pub fn decide(existing: Option<&ImageInfo>, parts: &Parts, force: bool) -> (Reas
 }
 
 /// Runs one build (or cache check) to its outcome.
-pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<Completed> {
+/// Layer files are read with `peer`'s rights (see `access.rs`).
+pub async fn run(
+    shared: Arc<Shared>,
+    plan: Plan,
+    peer: Option<Peer>,
+    reporter: Reporter,
+) -> Result<Completed> {
     let started = Instant::now();
     let engine = &shared.engine;
 
@@ -198,6 +205,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
             shared.limits,
         );
         let zips = shared.zips.clone();
+        let peer_for_walk = peer.clone();
         blocking(move || {
             let rie_digest = cache.file_digest(&path).map_err(|err| match err {
                 Error::NotFound(_) => Error::FailedPrecondition(format!(
@@ -209,7 +217,14 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
                 )),
                 other => other,
             })?;
-            let tree = if specs.is_empty() { None } else { Some(layers::walk(&specs, limits, &cache, &zips)?) };
+            let tree = if specs.is_empty() {
+                None
+            } else {
+                let walked = access::as_peer(peer_for_walk.as_ref(), || {
+                    layers::walk(&specs, limits, &cache, &zips)
+                });
+                Some(walked.map_err(|err| access::denied_for(peer_for_walk.as_ref(), err))?)
+            };
             Ok((rie_digest, tree))
         })
         .await?
@@ -266,10 +281,27 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         dockerfile,
         rie,
         tree,
+        peer: peer.clone(),
     };
-    let build = engine_build(&shared, &plan, spec, &reporter);
+    let build = async {
+        let first = engine_build(&shared, &plan, spec.clone(), &reporter).await;
+        match first {
+            // Someone (`docker rmi`, `image prune`) removed the build cache step this build
+            // was reusing while it ran; the next attempt rebuilds that step.
+            Err(Error::FailedPrecondition(message))
+                if message.contains("unknown parent image ID") =>
+            {
+                reporter.emit(Event::Warning {
+                    code: "build_cache_removed".into(),
+                    message: format!("the engine's build cache changed under the build ({message}); retrying once"),
+                });
+                engine_build(&shared, &plan, spec, &reporter).await
+            }
+            other => other,
+        }
+    };
     let image_id = match tokio::time::timeout(shared.build_timeout, build).await {
-        Ok(result) => result?,
+        Ok(result) => result.map_err(|err| access::denied_for(peer.as_ref(), err))?,
         Err(_) => {
             return Err(Error::DeadlineExceeded(format!(
                 "building {} took longer than --build-timeout ({}s); raise it or check the engine",
@@ -298,7 +330,11 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, reporter: Reporter) -> Result<
         let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
         tokio::spawn(async move {
             // Images only: a build in flight may be reading an extracted layer.
-            let policy = prune::Policy { keep_bytes: Some(cap), keep_layers: true, ..Default::default() };
+            let policy = prune::Policy {
+                keep_bytes: Some(cap),
+                keep_layers: true,
+                ..Default::default()
+            };
             if let Err(err) = prune::prune(&engine, &cache_dir, policy).await {
                 tracing::warn!(error = %err, "automatic prune to --max-cache-size failed");
             }

@@ -23,7 +23,8 @@ pub struct Policy {
     /// Then remove least recently used until at most this many bytes remain (None: no cap).
     pub keep_bytes: Option<u64>,
     pub dry_run: bool,
-    /// Leave extracted layers alone (a build may be reading them).
+    /// A build may be running: leave extracted layers and images' untagged parents (build
+    /// cache it may be using) alone.
     pub keep_layers: bool,
 }
 
@@ -41,14 +42,21 @@ pub fn record_use(cache_dir: &Path, tag: &str) {
     let dir = cache_dir.join("used");
     let path = dir.join(hex::encode(Sha256::digest(tag.as_bytes())));
     let now = SystemTime::now();
-    if fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(now)).is_ok() {
+    if fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(now))
+        .is_ok()
+    {
         return;
     }
     let _ = fs::create_dir_all(&dir).and_then(|()| fs::write(&path, tag));
 }
 
 fn last_use(cache_dir: &Path, tag: &str) -> Option<SystemTime> {
-    let path = cache_dir.join("used").join(hex::encode(Sha256::digest(tag.as_bytes())));
+    let path = cache_dir
+        .join("used")
+        .join(hex::encode(Sha256::digest(tag.as_bytes())));
     fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
@@ -74,10 +82,28 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
         if in_use.contains(&image.id) {
             continue;
         }
-        let created = UNIX_EPOCH + Duration::from_secs(u64::try_from(image.created_unix).unwrap_or(0));
-        let last = image.tags.iter().filter_map(|t| last_use(cache_dir, t)).max().unwrap_or(created);
-        let name = image.tags.first().cloned().unwrap_or_else(|| image.id.clone());
-        candidates.push(Candidate { kind: Kind::Image { id: image.id, tags: image.tags }, name, bytes: image.size, last_use: last });
+        let created =
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(image.created_unix).unwrap_or(0));
+        let last = image
+            .tags
+            .iter()
+            .filter_map(|t| last_use(cache_dir, t))
+            .max()
+            .unwrap_or(created);
+        let name = image
+            .tags
+            .first()
+            .cloned()
+            .unwrap_or_else(|| image.id.clone());
+        candidates.push(Candidate {
+            kind: Kind::Image {
+                id: image.id,
+                tags: image.tags,
+            },
+            name,
+            bytes: image.size,
+            last_use: last,
+        });
     }
     let layers_dir = cache_dir.join("layers");
     if let Ok(entries) = fs::read_dir(&layers_dir) {
@@ -92,8 +118,15 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
             if policy.keep_layers {
                 continue;
             }
-            let last = fs::metadata(&path).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
-            candidates.push(Candidate { kind: Kind::Layer(path), name, bytes, last_use: last });
+            let last = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH);
+            candidates.push(Candidate {
+                kind: Kind::Layer(path),
+                name,
+                bytes,
+                last_use: last,
+            });
         }
     }
     candidates.sort_by_key(|c| c.last_use);
@@ -116,7 +149,9 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
         }
         let removed = policy.dry_run
             || match &candidate.kind {
-                Kind::Image { id, .. } => engine.remove_image(id).await.is_ok(),
+                Kind::Image { id, .. } => {
+                    engine.remove_image(id, !policy.keep_layers).await.is_ok()
+                }
                 Kind::Layer(path) => remove_layer(path),
             };
         if !removed {
@@ -128,7 +163,11 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
             Kind::Image { tags, .. } => {
                 for tag in &tags {
                     if !policy.dry_run {
-                        let _ = fs::remove_file(cache_dir.join("used").join(hex::encode(Sha256::digest(tag.as_bytes()))));
+                        let _ = fs::remove_file(
+                            cache_dir
+                                .join("used")
+                                .join(hex::encode(Sha256::digest(tag.as_bytes()))),
+                        );
                     }
                 }
                 report.images.push(candidate.name);
@@ -141,7 +180,9 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
 
 /// Renames first so a half-removed layer is never mistaken for a complete one.
 fn remove_layer(path: &Path) -> bool {
-    let Some(parent) = path.parent() else { return false };
+    let Some(parent) = path.parent() else {
+        return false;
+    };
     let doomed = parent.join(format!(".tmp-doomed-{}", uuid::Uuid::new_v4().simple()));
     if fs::rename(path, &doomed).is_err() {
         return false;
@@ -152,7 +193,9 @@ fn remove_layer(path: &Path) -> bool {
 
 /// Bytes of regular files under `path` (links not followed).
 pub fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = fs::read_dir(path) else { return 0 };
+    let Ok(entries) = fs::read_dir(path) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|entry| match entry.file_type() {

@@ -43,7 +43,10 @@ impl Daemon {
         let shared = Arc::new(Shared {
             engine: engine.clone(),
             stat_cache: Arc::new(StatCache::default()),
-            zips: Arc::new(ZipStore::open(config.cache_dir.join("layers"), config.zip_limits)),
+            zips: Arc::new(ZipStore::open(
+                config.cache_dir.join("layers"),
+                config.zip_limits,
+            )),
             rie_dir: config.rie_dir.clone(),
             limits: config.limits,
             build_timeout: config.build_timeout,

@@ -12,12 +12,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
+use crate::access::{self, Peer};
 use crate::builds::{Builds, Event, Key};
 use crate::config::Config;
 use crate::error::Error;
 use crate::pipeline::{self, Shared};
-use crate::prune;
 use crate::proto::{self, image_builder_server::ImageBuilder};
+use crate::prune;
 use crate::resolve::{self, Arch, Plan};
 
 /// Capacity of each client's outgoing queue. A slow client only delays itself: the build's
@@ -32,6 +33,8 @@ pub struct Service {
     pub cache_dir: PathBuf,
     /// Becomes true when shutdown gave up waiting: open streams end with UNAVAILABLE.
     pub abort: watch::Receiver<bool>,
+    /// Who may call.
+    pub policy: access::Policy,
 }
 
 impl Service {
@@ -48,27 +51,31 @@ impl Service {
             socket: config.socket.clone(),
             cache_dir: config.cache_dir.clone(),
             abort,
+            policy: config.policy(),
         }
     }
 }
 
-/// Who is asking, from SO_PEERCRED.
-#[derive(Debug, Clone, Copy, Default)]
-struct Peer {
-    uid: Option<u32>,
-    gid: Option<u32>,
-    pid: Option<i32>,
-}
-
-fn peer<T>(request: &Request<T>) -> Peer {
+/// Who is asking, from SO_PEERCRED (always present on a Unix socket).
+fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
     let cred = request
         .extensions()
         .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred);
-    Peer {
-        uid: cred.map(|c| c.uid()),
-        gid: cred.map(|c| c.gid()),
-        pid: cred.and_then(|c| c.pid()),
+        .and_then(|info| info.peer_cred)?;
+    Some(Peer::new(cred.uid(), cred.gid(), cred.pid()))
+}
+
+impl Service {
+    /// The peer, if allowed; PERMISSION_DENIED (logged) otherwise.
+    fn authorize<T>(&self, request: &Request<T>, rpc: &str) -> Result<Option<Peer>, Status> {
+        let peer = peer_of(request);
+        if let Some(peer) = &peer {
+            if let Err(err) = self.policy.check(peer) {
+                tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, rpc, "request denied");
+                return Err(err.into_status());
+            }
+        }
+        Ok(peer)
     }
 }
 
@@ -77,8 +84,13 @@ fn plan_of(request: proto::BuildRequest) -> Result<Plan, Error> {
 }
 
 /// Identifies a request's inputs: requests with the same key may share one build.
-fn definition_key(plan: &Plan) -> String {
+fn definition_key(plan: &Plan, peer: Option<&Peer>) -> String {
     let mut hasher = Sha256::new();
+    // Builds are shared only between requests with the same rights: each peer's layer reads
+    // are its own.
+    if let Some(peer) = peer {
+        hasher.update(format!("{}:{}:{:?}\0", peer.uid, peer.gid, peer.groups));
+    }
     hasher.update(plan.tag.as_bytes());
     hasher.update([0]);
     hasher.update(plan.base.as_str().as_bytes());
@@ -107,20 +119,26 @@ impl ImageBuilder for Service {
         request: Request<proto::BuildRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let started = Instant::now();
-        let peer = peer(&request);
+        let peer = self.authorize(&request, "Build")?;
+        let (uid, pid) = (
+            peer.as_ref().map(|p| p.uid),
+            peer.as_ref().and_then(|p| p.pid),
+        );
         let plan = plan_of(request.into_inner()).inspect_err(|err| {
-            tracing::info!(uid = ?peer.uid, pid = ?peer.pid, code = err.code_name(), error = %err, "build rejected");
+            tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
         })?;
         let key = Key {
             tag: plan.tag.clone(),
-            definition: definition_key(&plan),
+            definition: definition_key(&plan, peer.as_ref()),
             force: plan.force_image_build,
         };
         let shared = self.shared.clone();
         let tag = plan.tag.clone();
         let (mut subscription, joined) = self
             .builds
-            .submit(key, move |reporter| pipeline::run(shared, plan, reporter))
+            .submit(key, move |reporter| {
+                pipeline::run(shared, plan, peer, reporter)
+            })
             .await?;
         let build_id = subscription.flight().id.clone();
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
@@ -176,7 +194,7 @@ impl ImageBuilder for Service {
                 }
             };
             tracing::info!(
-                uid = ?peer.uid, gid = ?peer.gid, pid = ?peer.pid, %tag, %build_id, joined, %outcome,
+                ?uid, ?pid, %tag, %build_id, joined, %outcome,
                 duration_ms = started.elapsed().as_millis() as u64, "build request"
             );
         });
@@ -187,16 +205,17 @@ impl ImageBuilder for Service {
         &self,
         request: Request<proto::BuildRequest>,
     ) -> Result<Response<proto::BuildPlan>, Status> {
-        let peer = peer(&request);
+        let peer = self.authorize(&request, "Resolve")?;
         let plan = plan_of(request.into_inner());
-        tracing::info!(uid = ?peer.uid, pid = ?peer.pid, tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""), ok = plan.is_ok(), "resolve request");
+        tracing::info!(uid = ?peer.map(|p| p.uid), tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""), ok = plan.is_ok(), "resolve request");
         Ok(Response::new(proto::BuildPlan::from(&plan?)))
     }
 
     async fn list_builds(
         &self,
-        _request: Request<proto::ListBuildsRequest>,
+        request: Request<proto::ListBuildsRequest>,
     ) -> Result<Response<proto::ListBuildsResponse>, Status> {
+        self.authorize(&request, "ListBuilds")?;
         let (in_flight, recent) = self.builds.list();
         Ok(Response::new(proto::ListBuildsResponse {
             in_flight: in_flight.iter().map(Into::into).collect(),
@@ -208,7 +227,7 @@ impl ImageBuilder for Service {
         &self,
         request: Request<proto::PruneRequest>,
     ) -> Result<Response<proto::PruneResponse>, Status> {
-        let peer = peer(&request);
+        let peer = self.authorize(&request, "Prune")?;
         let request = request.into_inner();
         let policy = prune::Policy {
             older_than: (request.older_than_seconds > 0)
@@ -220,7 +239,7 @@ impl ImageBuilder for Service {
         };
         let report = prune::prune(&self.shared.engine, &self.cache_dir, policy).await?;
         tracing::info!(
-            uid = ?peer.uid, pid = ?peer.pid, images = report.images.len(),
+            uid = ?peer.map(|p| p.uid), images = report.images.len(),
             layers = report.layers.len(), bytes = report.bytes, dry_run = request.dry_run,
             "prune request"
         );
@@ -233,8 +252,9 @@ impl ImageBuilder for Service {
 
     async fn get_info(
         &self,
-        _request: Request<proto::GetInfoRequest>,
+        request: Request<proto::GetInfoRequest>,
     ) -> Result<Response<proto::GetInfoResponse>, Status> {
+        self.authorize(&request, "GetInfo")?;
         let engine = &self.shared.engine;
         let mut engine_info = proto::EngineInfo {
             host: engine.host().to_owned(),

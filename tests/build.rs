@@ -142,7 +142,7 @@ async fn build_contents_cache_and_invalidation() {
     assert!(gone, "superseded image {} still present", done.image_id);
 
     // Removed behind the daemon's back: the next request rebuilds.
-    docker_ok(&["rmi", "-f", &changed.tag]);
+    docker_ok(&["rmi", "-f", "--no-prune", &changed.tag]);
     let mut rebuilt = None;
     for _ in 0..50 {
         let outcome = build(&daemon.socket, request.clone()).await;
@@ -163,7 +163,7 @@ async fn build_contents_cache_and_invalidation() {
     let rebuilt = rebuilt.expect("the daemon noticed the removal");
     assert_eq!(rebuilt.reason, proto::Reason::Missing as i32);
     docker_ok(&["image", "inspect", &rebuilt.tag]);
-    docker_ok(&["rmi", "-f", &rebuilt.tag]);
+    docker_ok(&["rmi", "-f", "--no-prune", &rebuilt.tag]);
     daemon.stop().await;
 }
 
@@ -216,7 +216,7 @@ async fn end_to_end_invoke_through_the_rie() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     docker(&["rm", "-f", &container]);
-    docker(&["rmi", "-f", &done.tag]);
+    docker(&["rmi", "-f", "--no-prune", &done.tag]);
     assert_eq!(
         response,
         r#"{"echo":{"ping":1},"layer":"hello from the layer"}"#
@@ -263,7 +263,7 @@ async fn bad_requests_get_clear_statuses() {
         zip_request(&[(&name, &dir.path().join("l"))]),
     )
     .await;
-    docker(&["rmi", "-f", &ok.completed().tag]);
+    docker(&["rmi", "-f", "--no-prune", &ok.completed().tag]);
     daemon.stop().await;
 }
 
@@ -312,7 +312,7 @@ async fn engine_failure_carries_the_engine_message() {
         "{}",
         status.message()
     );
-    docker(&["rmi", "-f", &base]);
+    docker(&["rmi", "-f", "--no-prune", &base]);
     daemon.stop().await;
 }
 

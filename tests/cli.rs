@@ -43,6 +43,9 @@ fn spawn_daemon(socket: &Path, dir: &Path) -> Child {
         .arg(socket)
         .arg("--cache-dir")
         .arg(dir.join("cache"))
+        .arg("--rie-dir")
+        .arg(dir.join("no-rie-here"))
+        .env_remove("LAMBDA_IMAGED_SOCKET")
         .env(
             "DOCKER_HOST",
             format!("unix://{}/no-engine.sock", dir.display()),

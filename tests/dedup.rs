@@ -102,7 +102,7 @@ async fn concurrent_identical_requests_share_one_build() {
         "exactly one engine build"
     );
     until("an empty table", || daemon.builds.in_flight() == 0).await;
-    docker(&["rmi", "-f", &first.tag]);
+    docker(&["rmi", "-f", "--no-prune", &first.tag]);
     daemon.stop().await;
 }
 
@@ -144,7 +144,7 @@ async fn late_joiner_gets_the_events_it_missed() {
             .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.starts_with("Step 1/")))
     );
     assert_eq!(late.completed().image_id, early.completed().image_id);
-    docker(&["rmi", "-f", &early.completed().tag]);
+    docker(&["rmi", "-f", "--no-prune", &early.completed().tag]);
     daemon.stop().await;
 }
 
@@ -173,7 +173,7 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
     after.add_permits(1);
     let done = stayer.await.unwrap().completed().clone();
     assert!(!done.cached);
-    docker(&["rmi", "-f", &done.tag]);
+    docker(&["rmi", "-f", "--no-prune", &done.tag]);
 
     // Everyone leaves: the build still runs to its end.
     let only = {
@@ -194,7 +194,7 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
         next.completed().cached,
         "the abandoned build's image serves the next request"
     );
-    docker(&["rmi", "-f", &next.completed().tag]);
+    docker(&["rmi", "-f", "--no-prune", &next.completed().tag]);
     daemon.stop().await;
 }
 
@@ -246,7 +246,7 @@ async fn same_tag_different_inputs_build_separately() {
         run_in_image(&second.tag, "cat /opt/message.txt"),
         "content two"
     );
-    docker(&["rmi", "-f", &second.tag]);
+    docker(&["rmi", "-f", "--no-prune", &second.tag]);
     daemon.stop().await;
 }
 
@@ -295,7 +295,7 @@ async fn a_failure_reaches_every_subscriber_and_the_next_request_retries() {
     after.add_permits(1);
     let retry = build(&daemon.socket, request).await;
     assert!(!retry.completed().cached);
-    docker(&["rmi", "-f", &retry.completed().tag]);
+    docker(&["rmi", "-f", "--no-prune", &retry.completed().tag]);
     daemon.stop().await;
 }
 
@@ -339,7 +339,7 @@ async fn builds_beyond_the_limit_are_queued() {
             Some(Event::Queued(q)) => Some(q.position),
             _ => None,
         }));
-        docker(&["rmi", "-f", &outcome.completed().tag]);
+        docker(&["rmi", "-f", "--no-prune", &outcome.completed().tag]);
     }
     queued_positions.sort();
     assert_eq!(queued_positions, [1, 2]);

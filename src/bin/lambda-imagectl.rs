@@ -555,7 +555,7 @@ impl Render {
                 "queued: position {} waiting for a build slot",
                 queued.position
             ),
-            Event::Log(log) => eprintln!("  {}", log.text),
+            Event::Log(log) => eprintln!("  {}", shorten(&log.text, 160)),
             Event::PullProgress(pull) => {
                 if self.tty {
                     eprint!(
@@ -579,6 +579,14 @@ impl Render {
             }
             Event::Warning(warning) => eprintln!("warning [{}]: {}", warning.code, warning.message),
         }
+    }
+}
+
+/// At most `max` characters (engine lines such as our LABEL step can be very long).
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
     }
 }
 

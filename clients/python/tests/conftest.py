@@ -34,11 +34,14 @@ def _load_test_env() -> None:
         return
     out = subprocess.run(
         ["bash", str(ROOT / "scripts" / "test-env.sh")],
-        check=True, capture_output=True, text=True, timeout=900,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
     ).stdout
     for line in out.splitlines():
         if line.startswith("export ") and "=" in line:
-            key, value = line[len("export "):].split("=", 1)
+            key, value = line[len("export ") :].split("=", 1)
             os.environ[key] = value
     os.environ["LAMBDA_IMAGED_TEST_ENV_LOADED"] = "1"
 
@@ -53,17 +56,23 @@ def engine():
 
 
 def docker(*args, timeout=60, check=True) -> str:
-    return subprocess.run(
-        ["docker", *args], check=check, capture_output=True, text=True, timeout=timeout
-    ).stdout
+    return subprocess.run(["docker", *args], check=check, capture_output=True, text=True, timeout=timeout).stdout
 
 
 def engine_tag_events(tag: str, since: float, until: float) -> int:
     """How many times the engine itself tagged `tag` between the two times (one per build)."""
     out = docker(
-        "events", "--since", f"{since:.6f}", "--until", f"{until:.6f}",
-        "--filter", "type=image", "--filter", "event=tag",
-        "--format", "{{.Actor.Attributes.name}}",
+        "events",
+        "--since",
+        f"{since:.6f}",
+        "--until",
+        f"{until:.6f}",
+        "--filter",
+        "type=image",
+        "--filter",
+        "event=tag",
+        "--format",
+        "{{.Actor.Attributes.name}}",
     )
     return sum(1 for line in out.splitlines() if line.strip() == tag)
 
@@ -93,9 +102,21 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDA_IMAGED_SOCKET")}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(self.binary), "--socket", self.socket, "--cache-dir", str(self.cache),
-             "--rie-dir", os.environ["LAMBDA_IMAGED_RIE_DIR"], "--shutdown-timeout", "10"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            [
+                str(self.binary),
+                "--socket",
+                self.socket,
+                "--cache-dir",
+                str(self.cache),
+                "--rie-dir",
+                os.environ["LAMBDA_IMAGED_RIE_DIR"],
+                "--shutdown-timeout",
+                "10",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
         log.close()
         from lambda_imaged_client import DaemonError, connect
@@ -108,9 +129,9 @@ class Daemon:
                 with connect(self.socket, timeout=2) as client:
                     client.info()
                 return self
-            except DaemonError:
+            except DaemonError as err:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"lambda-imaged did not answer in {DAEMON_START_S} s:\n{self.log()}")
+                    raise RuntimeError(f"lambda-imaged did not answer in {DAEMON_START_S} s:\n{self.log()}") from err
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -148,9 +169,20 @@ def workdir():
 
 @pytest.fixture
 def daemon(engine, daemon_binary, workdir):
+    """A daemon of this test's own (it may be stopped, its builds are counted)."""
     d = Daemon(daemon_binary, workdir).start()
     yield d
     d.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(engine, daemon_binary):
+    """One daemon for the tests that only resolve (no engine state, never stopped)."""
+    path = Path(tempfile.mkdtemp(prefix="limg-py-"))
+    d = Daemon(daemon_binary, path).start()
+    yield d
+    d.stop()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def sam_layered_tag(runtime_image_tag: str, layer_names) -> str:
@@ -210,10 +242,23 @@ class SamProject:
         """`sam local invoke EchoFunction --skip-pull-image`; returns (response, stderr)."""
         (self.root / "event.json").write_text(json.dumps(event))
         proc = subprocess.run(
-            [str(SAM), "local", "invoke", "EchoFunction", "--skip-pull-image",
-             "-t", "template.yaml", "-e", "event.json"],
-            cwd=self.root, env=self.env(socket, **extra_env), capture_output=True, text=True,
-            timeout=SAM_TIMEOUT_S, stdin=subprocess.DEVNULL,
+            [
+                str(SAM),
+                "local",
+                "invoke",
+                "EchoFunction",
+                "--skip-pull-image",
+                "-t",
+                "template.yaml",
+                "-e",
+                "event.json",
+            ],
+            cwd=self.root,
+            env=self.env(socket, **extra_env),
+            capture_output=True,
+            text=True,
+            timeout=SAM_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
         )
         assert proc.returncode == 0, f"sam local invoke failed ({proc.returncode}):\n{proc.stderr}"
         last = [line for line in proc.stdout.splitlines() if line.strip()][-1]

@@ -1,8 +1,10 @@
 """The client against a real daemon: connect, resolve, build events, error mapping."""
 
+import time
+
 import pytest
 
-from conftest import FINGERPRINT_LABEL, engine_tag_events, image_label, docker, sam_layered_tag
+from conftest import FINGERPRINT_LABEL, docker, engine_tag_events, image_label, sam_layered_tag
 from lambda_imaged_client import DaemonError, DaemonUnavailable, build_request, connect
 
 
@@ -15,11 +17,11 @@ def test_connect_to_a_missing_socket_is_unavailable_at_once(workdir):
     assert path in err.value.message
 
 
-def test_resolve_gives_sams_tag_without_building(daemon, tmp_path):
+def test_resolve_gives_sams_tag_without_building(shared_daemon, tmp_path):
     """Resolve answers SAM's tag for a layered zip function and the plain rapid tag without."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    with connect(daemon.socket) as client:
+    with connect(shared_daemon.socket) as client:
         plan = client.resolve(runtime="python3.12", layers=[("layerA", tmp_path / "a"), ("layerB", tmp_path / "b")])
         assert plan.tag == "samcli/lambda-python:3.12-x86_64-826cc3a931cbea33312dcc046"
         assert client.resolve(runtime="python3.12").tag == "public.ecr.aws/lambda/python:3.12-rapid-x86_64"
@@ -28,9 +30,9 @@ def test_resolve_gives_sams_tag_without_building(daemon, tmp_path):
         assert image_plan.tag == "myrepo/fn:rapid-arm64"
 
 
-def test_bad_request_is_invalid_argument(daemon):
+def test_bad_request_is_invalid_argument(shared_daemon):
     """The daemon's status code and message come through as DaemonError."""
-    with connect(daemon.socket) as client:
+    with connect(shared_daemon.socket) as client:
         with pytest.raises(DaemonError) as err:
             client.resolve(runtime="cobol85")
         assert err.value.code == "INVALID_ARGUMENT"
@@ -49,8 +51,6 @@ def test_build_streams_events_then_hits_the_cache(daemon, tmp_path):
     docker("image", "rm", "-f", tag, check=False)
     try:
         with connect(daemon.socket) as client:
-            import time
-
             since = time.time()
             events = list(client.build(runtime="provided.al2023", layers=[(name, layer)], skip_pull_image=True))
             kinds = [e.WhichOneof("event") for e in events]

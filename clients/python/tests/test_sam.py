@@ -75,26 +75,40 @@ def test_start_lambda_two_concurrent_invokes_make_one_build(daemon, sam_project)
     log_path = sam_project.root / "start-lambda.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [str(SAM), "local", "start-lambda", "--host", "127.0.0.1", "--port", str(port),
-             "--skip-pull-image", "-t", "template.yaml"],
-            cwd=sam_project.root, env=sam_project.env(daemon.socket),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                str(SAM),
+                "local",
+                "start-lambda",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--skip-pull-image",
+                "-t",
+                "template.yaml",
+            ],
+            cwd=sam_project.root,
+            env=sam_project.env(daemon.socket),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     try:
         _wait_for_port(port, server, log_path)
-        client = boto3.client(
-            "lambda", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-            aws_access_key_id="test", aws_secret_access_key="test",
-            config=botocore.config.Config(
-                retries={"max_attempts": 0}, read_timeout=SAM_TIMEOUT_S, connect_timeout=10
-            ),
+        lambda_api = boto3.client(
+            "lambda",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            config=botocore.config.Config(retries={"max_attempts": 0}, read_timeout=SAM_TIMEOUT_S, connect_timeout=10),
         )
         barrier = threading.Barrier(2, timeout=30)
         results = [None, None]
 
         def invoke(i):
             barrier.wait()
-            out = client.invoke(FunctionName="EchoFunction", Payload=json.dumps({"i": i}).encode())
+            out = lambda_api.invoke(FunctionName="EchoFunction", Payload=json.dumps({"i": i}).encode())
             results[i] = json.loads(out["Payload"].read())
 
         t0 = time.time()
@@ -111,8 +125,8 @@ def test_start_lambda_two_concurrent_invokes_make_one_build(daemon, sam_project)
         assert engine_tag_events(sam_project.tag, t0, t1) == 1
         assert image_label(sam_project.tag, FINGERPRINT_LABEL)
         assert "Warning" not in log_path.read_text()
-        with connect(daemon.socket) as client:
-            stats = client.info().stats
+        with connect(daemon.socket) as imaged:
+            stats = imaged.info().stats
         # Both invokes asked the daemon; the second one joined the first one's build or, if
         # SAM happened to serialise them, found its image up to date.
         assert (stats.requests, stats.engine_builds, stats.joined + stats.cache_hits) == (2, 1, 1), stats

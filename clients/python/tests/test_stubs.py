@@ -16,7 +16,9 @@ def test_committed_stubs_match_the_proto(tmp_path):
     """Regenerating into a temp dir gives byte-identical files: run clients/python/generate.sh."""
     subprocess.run(
         ["bash", str(HERE / "generate.sh"), str(tmp_path)],
-        check=True, timeout=600, env={**os.environ, "PYTHON": sys.executable},
+        check=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     fresh = tmp_path / "lambda_imaged_client" / "v1"
     generated = sorted(p.name for p in fresh.iterdir())

@@ -122,8 +122,9 @@ def patch_lambda_image(cls) -> bool:
     return True
 
 
-def build_with_daemon(original: Callable, self, runtime, packagetype, image, layers, architecture,
-                      stream=None, function_name=None):
+def build_with_daemon(
+    original: Callable, self, runtime, packagetype, image, layers, architecture, stream=None, function_name=None
+):
     """SAM's `LambdaImage.build`, with the image built by the daemon when it is enabled."""
 
     def sam_build():
@@ -175,7 +176,8 @@ def build_with_daemon(original: Callable, self, runtime, packagetype, image, lay
             if plan.tag != expected:
                 LOG.info(
                     "lambda-imaged: SAM names this image %s, the daemon %s; SAM builds it itself",
-                    expected, plan.tag,
+                    expected,
+                    plan.tag,
                 )
                 return sam_build()
             completed = _stream_build(daemon, request, stream)
@@ -184,6 +186,9 @@ def build_with_daemon(original: Callable, self, runtime, packagetype, image, lay
         return sam_build()
     except DaemonError as err:
         _warn(f"lambda-imaged could not build {expected} ({err.code}: {err.message}); SAM builds it itself")
+        return sam_build()
+    except Exception as err:  # noqa: BLE001 - never worse off than SAM alone
+        _warn(f"lambda-imaged failed unexpectedly building {expected} ({err!r}); SAM builds it itself")
         return sam_build()
 
     if completed.tag != expected:  # the daemon resolved it to this tag a moment ago
@@ -229,9 +234,11 @@ def sam_tag(self, runtime, packagetype, image, downloaded_layers, architecture, 
         raise ValueError(f"no base image for package type {packagetype!r}")
 
     if downloaded_layers and packagetype == ZIP:
-        version = runtime_image_tag + "-" + hashlib.sha256(
-            "-".join(layer.name for layer in downloaded_layers).encode("utf-8")
-        ).hexdigest()[0:25]
+        version = (
+            runtime_image_tag
+            + "-"
+            + hashlib.sha256("-".join(layer.name for layer in downloaded_layers).encode("utf-8")).hexdigest()[0:25]
+        )
         return f"{sam.LambdaImage._SAM_CLI_REPO_NAME}-{version}"
     image_repo = base_image.split(":")[0].replace("@", "")
     return f"{image_repo}:{tag_prefix}{sam.RAPID_IMAGE_TAG_PREFIX}-{architecture}"
@@ -274,9 +281,7 @@ def _stream_build(daemon, request, stream):
         why = _REASONS.get(completed.reason, "rebuilt")
         if completed.changed_layer:
             why = f"{why}: {completed.changed_layer}"
-        LOG.info(
-            "lambda-imaged: built %s (%s) in %.2f s", completed.tag, why, time.monotonic() - started
-        )
+        LOG.info("lambda-imaged: built %s (%s) in %.2f s", completed.tag, why, time.monotonic() - started)
     return completed
 
 

@@ -1,10 +1,13 @@
-"""The wrapper returns exactly the tag SAM's own `LambdaImage.build` returns.
+"""The LambdaImage.build wrapper, in process: it returns exactly the tag SAM's own
+`LambdaImage.build` returns, falls back to SAM when the daemon cannot help, and the .pth hook
+installs it only when asked.
 
 SAM's real `build` runs here with a stand-in engine client (no image exists, building is a
 no-op), so its tag logic — runtime names, arch suffixes, layer hash, invoke images, image
 functions — is SAM 1.170.0's own code, compared with `sam_tag` and with the daemon's Resolve.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -77,20 +80,25 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}-{c[0] or c[2]}-{c[4]}-{len(c[3])}L")
-def test_tag_is_sams(case, daemon, tmp_path):
+def test_tag_is_sams(case, shared_daemon, tmp_path):
     """SAM's build, sam_tag and the daemon's Resolve agree on the tag."""
     runtime, packagetype, image, names, arch, function_name, invoke_images = case
     layers = [Layer(n, str(tmp_path / n)) for n in names]
     for layer in layers:
         os.mkdir(layer.codeuri)
-    expected = sam_build(sam_image(invoke_images), runtime, packagetype, image, layers, arch,
-                         function_name=function_name)
+    expected = sam_build(
+        sam_image(invoke_images), runtime, packagetype, image, layers, arch, function_name=function_name
+    )
     ours = integration.sam_tag(sam_image(invoke_images), runtime, packagetype, image, layers, arch, function_name)
     assert ours == expected
-    with connect(daemon.socket) as client:
+    with connect(shared_daemon.socket) as client:
         plan = client.resolve(
-            package_type=packagetype, runtime=runtime or "", image=image or "", architecture=arch,
-            layers=[(layer.name, layer.codeuri) for layer in layers], invoke_images=invoke_images,
+            package_type=packagetype,
+            runtime=runtime or "",
+            image=image or "",
+            architecture=arch,
+            layers=[(layer.name, layer.codeuri) for layer in layers],
+            invoke_images=invoke_images,
             function_name=function_name,
         )
     assert plan.tag == expected
@@ -133,3 +141,51 @@ def test_pth_hook_patches_sam_only_when_asked():
     assert hooked({**base, "LAMBDA_IMAGED_SOCKET": "/nonexistent.sock"}) == "True False"
     assert hooked({**base, "LAMBDA_IMAGED": "1"}) == "True False"
     assert hooked({**base, "LAMBDA_IMAGED_SOCKET": "/x.sock", "LAMBDA_IMAGED": "0"}) == "False False"
+
+
+def recording_original(calls):
+    def original(self, *args):
+        calls.append(args)
+        return "built-by-sam"
+
+    return original
+
+
+def test_daemon_refusal_falls_back_with_the_daemons_error(daemon, tmp_path, monkeypatch, caplog):
+    """A request the daemon refuses (here a layer that is a plain file) is built by SAM, after a
+    warning carrying the daemon's status and message."""
+    not_a_layer = tmp_path / "layer.txt"
+    not_a_layer.write_text("x")
+    monkeypatch.setenv("LAMBDA_IMAGED_SOCKET", daemon.socket)
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="samcli.lambda_imaged"):
+        tag = integration.build_with_daemon(
+            recording_original(calls),
+            sam_image(),
+            "python3.12",
+            "Zip",
+            None,
+            [Layer("FileLayer", str(not_a_layer))],
+            "x86_64",
+            None,
+            "Fn",
+        )
+    assert tag == "built-by-sam" and len(calls) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "lambda-imaged could not build" in warnings[0], warnings
+    assert "SAM builds it itself" in warnings[0]
+
+
+def test_unreachable_daemon_warns_once_per_process(workdir, monkeypatch, caplog):
+    """Every build falls back to SAM while the socket is dead, with a single warning."""
+    monkeypatch.setattr(integration, "_warned_unreachable", False)
+    monkeypatch.setenv("LAMBDA_IMAGED_SOCKET", str(workdir / "gone.sock"))
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="samcli.lambda_imaged"):
+        for _ in range(3):
+            integration.build_with_daemon(
+                recording_original(calls), sam_image(), "python3.12", "Zip", None, [], "x86_64", None, "Fn"
+            )
+    assert len(calls) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "is not reachable at" in warnings[0], warnings

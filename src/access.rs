@@ -1,0 +1,314 @@
+//! Who may use the daemon, and reading layers with the requesting peer's own rights.
+//!
+//! The socket is as strong as the engine's: whoever can talk to it can make the engine build.
+//! Every request's peer credentials (SO_PEERCRED) are checked against the allowed uids and
+//! gids. Layer files are then read *as the peer*: the blocking thread doing the reads switches
+//! its filesystem uid, gid and supplementary groups to the peer's (`setfsuid`, `setfsgid` and
+//! the raw `setgroups` syscall are per thread on Linux) and switches back when done. The kernel
+//! itself then decides every open, link and directory walk, so there is no check-then-open
+//! race, and a client in the group cannot bake `/etc/shadow` into an image.
+
+use std::collections::HashSet;
+
+use crate::error::{Error, Result};
+
+/// The credentials of a requesting process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    /// Supplementary groups, from `/proc/<pid>/status`.
+    pub groups: Vec<u32>,
+}
+
+impl Peer {
+    /// The peer with its supplementary groups read from procfs (empty if the process is gone).
+    pub fn new(uid: u32, gid: u32, pid: Option<i32>) -> Peer {
+        let groups = pid.map(supplementary_groups).unwrap_or_default();
+        Peer {
+            uid,
+            gid,
+            pid,
+            groups,
+        }
+    }
+}
+
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Groups:"))
+                .map(|groups| {
+                    groups
+                        .split_whitespace()
+                        .filter_map(|g| g.parse().ok())
+                        .collect()
+                })
+        })
+        .unwrap_or_default()
+}
+
+/// Which peers may use the daemon.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub uids: HashSet<u32>,
+    pub gids: HashSet<u32>,
+}
+
+impl Policy {
+    /// root, the daemon's own uid, and the socket group (if any), plus what was configured.
+    pub fn new(allow_uids: &[u32], allow_gids: &[u32], socket_gid: Option<u32>) -> Policy {
+        let mut uids: HashSet<u32> = allow_uids.iter().copied().collect();
+        uids.insert(0);
+        uids.insert(own_uid());
+        let mut gids: HashSet<u32> = allow_gids.iter().copied().collect();
+        gids.extend(socket_gid);
+        Policy { uids, gids }
+    }
+
+    /// PERMISSION_DENIED unless `peer` is allowed.
+    pub fn check(&self, peer: &Peer) -> Result<()> {
+        let allowed = self.uids.contains(&peer.uid)
+            || self.gids.contains(&peer.gid)
+            || peer.groups.iter().any(|g| self.gids.contains(g));
+        if allowed {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "uid {} (gid {}) may not use lambda-imaged; ask an administrator to add you to the \
+             socket group or to --allow-uid",
+            peer.uid, peer.gid
+        )))
+    }
+}
+
+/// The daemon's effective uid.
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Runs `f` on this thread with the filesystem rights of `peer` (or unchanged when the peer is
+/// the daemon's own user). Must run on a thread of its own (a blocking-pool thread), never on
+/// an async worker, since the rights are per thread.
+pub fn as_peer<T>(peer: Option<&Peer>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(peer) = peer else { return f() };
+    let own = own_uid();
+    if peer.uid == own {
+        return f();
+    }
+    if own != 0 {
+        return Err(Error::PermissionDenied(format!(
+            "this lambda-imaged runs as uid {own} and can read layers only for that user, not for \
+             uid {}; run the daemon as root or as the client's user",
+            peer.uid
+        )));
+    }
+    let guard = Switched::enter(peer)?;
+    let result = f();
+    drop(guard);
+    result
+}
+
+/// Runs `f` with the daemon's own rights while inside [`as_peer`] (to write the cache).
+pub fn as_daemon<T>(f: impl FnOnce() -> T) -> T {
+    let saved = Saved::current();
+    if saved.fsuid == own_uid() && saved.groups.is_none() {
+        return f();
+    }
+    let restore = Saved::root();
+    restore.apply();
+    let result = f();
+    saved.apply();
+    result
+}
+
+/// This thread's filesystem credentials.
+struct Saved {
+    fsuid: u32,
+    fsgid: u32,
+    /// `None` when the thread has the process's own groups.
+    groups: Option<Vec<u32>>,
+}
+
+thread_local! {
+    static CURRENT: std::cell::RefCell<Option<Peer>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Saved {
+    fn current() -> Saved {
+        CURRENT.with(|current| match &*current.borrow() {
+            Some(peer) => Saved {
+                fsuid: peer.uid,
+                fsgid: peer.gid,
+                groups: Some(peer.groups.clone()),
+            },
+            None => Saved::root(),
+        })
+    }
+
+    fn root() -> Saved {
+        // SAFETY: getegid has no preconditions and cannot fail.
+        Saved {
+            fsuid: own_uid(),
+            fsgid: unsafe { libc::getegid() },
+            groups: None,
+        }
+    }
+
+    fn apply(&self) {
+        // SAFETY: plain syscalls on this thread's credentials; the values are valid ids.
+        unsafe {
+            match &self.groups {
+                Some(groups) => {
+                    libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
+                }
+                None => {
+                    let own = process_groups();
+                    libc::syscall(libc::SYS_setgroups, own.len(), own.as_ptr());
+                }
+            }
+            libc::setfsgid(self.fsgid);
+            libc::setfsuid(self.fsuid);
+        }
+    }
+}
+
+fn process_groups() -> Vec<u32> {
+    // The process's groups as the daemon started with them (what the raw syscall restores).
+    static GROUPS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    GROUPS
+        .get_or_init(|| {
+            // SAFETY: getgroups with a correctly sized buffer.
+            unsafe {
+                let n = libc::getgroups(0, std::ptr::null_mut());
+                let mut groups = vec![0 as libc::gid_t; usize::try_from(n).unwrap_or(0)];
+                let n = libc::getgroups(n, groups.as_mut_ptr());
+                groups.truncate(usize::try_from(n).unwrap_or(0));
+                groups
+            }
+        })
+        .clone()
+}
+
+/// Switched credentials; switches back on drop (also on panic).
+struct Switched;
+
+impl Switched {
+    fn enter(peer: &Peer) -> Result<Switched> {
+        process_groups();
+        let target = Saved {
+            fsuid: peer.uid,
+            fsgid: peer.gid,
+            groups: Some(peer.groups.clone()),
+        };
+        target.apply();
+        // setfsuid reports the previous value; asking again tells whether it took.
+        // SAFETY: querying with an invalid id changes nothing and returns the current value.
+        let now = unsafe { libc::setfsuid(u32::MAX) } as u32;
+        if now != peer.uid {
+            Saved::root().apply();
+            return Err(Error::Internal(format!(
+                "could not take the filesystem rights of uid {}",
+                peer.uid
+            )));
+        }
+        CURRENT.with(|current| *current.borrow_mut() = Some(peer.clone()));
+        Ok(Switched)
+    }
+}
+
+impl Drop for Switched {
+    fn drop(&mut self) {
+        CURRENT.with(|current| *current.borrow_mut() = None);
+        Saved::root().apply();
+    }
+}
+
+/// Turns a permission error met while reading as the peer into a clear PERMISSION_DENIED.
+pub fn denied_for(peer: Option<&Peer>, err: Error) -> Error {
+    match (peer, err) {
+        (Some(peer), Error::PermissionDenied(message)) => Error::PermissionDenied(format!(
+            "{}; uid {} cannot read it, and the daemon reads layers only with the client's own rights",
+            message.trim_end_matches(": permission denied for the daemon"),
+            peer.uid
+        )),
+        (_, err) => err,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_allows_root_own_uid_and_groups() {
+        let policy = Policy::new(&[1234], &[500], Some(600));
+        let peer = |uid, gid, groups: &[u32]| Peer {
+            uid,
+            gid,
+            pid: None,
+            groups: groups.to_vec(),
+        };
+        assert!(policy.check(&peer(0, 0, &[])).is_ok());
+        assert!(policy.check(&peer(own_uid(), 99, &[])).is_ok());
+        assert!(policy.check(&peer(1234, 99, &[])).is_ok());
+        assert!(policy.check(&peer(4321, 500, &[])).is_ok());
+        assert!(policy.check(&peer(4321, 99, &[7, 600])).is_ok());
+        let denied = policy.check(&peer(4321, 99, &[7])).unwrap_err();
+        assert!(matches!(denied, Error::PermissionDenied(m) if m.contains("uid 4321")));
+    }
+
+    /// As root, a thread reading as an unprivileged peer cannot open a root-only file, and the
+    /// thread's own rights come back afterwards.
+    #[test]
+    fn reads_happen_with_the_peers_rights() {
+        if own_uid() != 0 {
+            // Without root the switch itself is impossible; as_peer refuses instead.
+            let peer = Peer {
+                uid: own_uid() + 1,
+                gid: 65534,
+                pid: None,
+                groups: vec![],
+            };
+            assert!(matches!(
+                as_peer(Some(&peer), || Ok(())),
+                Err(Error::PermissionDenied(_))
+            ));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let nobody = Peer {
+            uid: 65534,
+            gid: 65534,
+            pid: None,
+            groups: vec![],
+        };
+        let read = std::thread::spawn(move || {
+            let as_nobody = as_peer(Some(&nobody), || {
+                Ok(std::fs::read(&secret).map_err(|e| e.kind()))
+            })
+            .unwrap();
+            let written = as_peer(Some(&nobody), || {
+                Ok(as_daemon(|| std::fs::read(&secret).is_ok()))
+            })
+            .unwrap();
+            let after = std::fs::read(&secret).is_ok();
+            (as_nobody, written, after)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(read.0, Err(std::io::ErrorKind::PermissionDenied));
+        assert!(read.1, "as_daemon restores the daemon's rights inside");
+        assert!(read.2, "rights restored after");
+    }
+}
