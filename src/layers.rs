@@ -16,7 +16,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -424,33 +424,112 @@ pub struct StatCache {
     pub files_hashed: AtomicU64,
     /// Bytes read for hashing.
     pub bytes_hashed: AtomicU64,
+    /// Entries added since the last save.
+    dirty: AtomicBool,
+}
+
+/// On-disk form of the stat cache. A file of another version, or one that does not parse, is
+/// ignored (and replaced at the next save), never trusted.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    version: u32,
+    /// (path, dev, ino, size, mtime_ns, ctime_ns, sha256 hex)
+    entries: Vec<(PathBuf, u64, u64, u64, i128, i128, String)>,
+}
+
+const PERSISTED_VERSION: u32 = 1;
+
+impl StatCache {
+    /// Loads the cache saved at `path`; anything unreadable gives an empty cache.
+    pub fn load(path: &Path) -> StatCache {
+        let cache = StatCache::default();
+        let Ok(bytes) = fs::read(path) else {
+            return cache;
+        };
+        let Ok(persisted) = serde_json::from_slice::<Persisted>(&bytes) else {
+            tracing::warn!(path = %path.display(), "ignoring an unreadable stat cache");
+            return cache;
+        };
+        if persisted.version != PERSISTED_VERSION {
+            tracing::warn!(path = %path.display(), version = persisted.version, "ignoring a stat cache of another version");
+            return cache;
+        }
+        let mut files = cache.lock();
+        for (file, dev, ino, size, mtime_ns, ctime_ns, digest) in persisted.entries {
+            let mut bytes = [0u8; 32];
+            if hex::decode_to_slice(&digest, &mut bytes).is_ok() {
+                files.insert(
+                    file,
+                    (
+                        StatKey {
+                            dev,
+                            ino,
+                            size,
+                            mtime_ns,
+                            ctime_ns,
+                        },
+                        bytes,
+                    ),
+                );
+            }
+        }
+        drop(files);
+        cache
+    }
+
+    /// Saves the cache atomically (temp file, fsync, rename) if it changed since the last save.
+    pub fn save_if_dirty(&self, path: &Path) -> Result<()> {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let entries = self
+            .lock()
+            .iter()
+            .map(|(file, (k, digest))| {
+                (
+                    file.clone(),
+                    k.dev,
+                    k.ino,
+                    k.size,
+                    k.mtime_ns,
+                    k.ctime_ns,
+                    hex::encode(digest),
+                )
+            })
+            .collect();
+        let persisted = Persisted {
+            version: PERSISTED_VERSION,
+            entries,
+        };
+        let bytes = serde_json::to_vec(&persisted)
+            .map_err(|err| Error::Internal(format!("serialising the stat cache: {err}")))?;
+        let temp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let write = || -> io::Result<()> {
+            let mut file = File::create(&temp)?;
+            io::Write::write_all(&mut file, &bytes)?;
+            file.sync_all()?;
+            fs::rename(&temp, path)?;
+            if let Some(parent) = path.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|err| {
+            let _ = fs::remove_file(&temp);
+            self.dirty.store(true, Ordering::Relaxed);
+            Error::io("saving the stat cache", path, &err)
+        })
+    }
 }
 
 impl StatCache {
-    /// The sha256 of `path`'s content, from the cache when its stat key is unchanged.
+    /// The sha256 of `path`'s content, from the cache when its stat key is unchanged. The
+    /// file is opened either way (with the calling thread's rights), so a cached digest is
+    /// never handed out for a file the caller could not read.
     pub fn file_digest(&self, path: &Path) -> Result<[u8; 32]> {
-        let meta = fs::metadata(path).map_err(|err| Error::io("reading layer file", path, &err))?;
-        let key = StatKey::of(&meta);
-        if let Some((cached, digest)) = self.lock().get(path) {
-            if *cached == key {
-                return Ok(*digest);
-            }
-        }
-        let started = SystemTime::now();
-        tracing::debug!(path = %path.display(), size = key.size, "hashing");
-        let digest = hash_file(path)?;
-        self.files_hashed.fetch_add(1, Ordering::Relaxed);
-        self.bytes_hashed.fetch_add(key.size, Ordering::Relaxed);
-        let started_ns = started
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as i128;
-        let settled =
-            key.ctime_ns.max(key.mtime_ns) + (RACY_WINDOW.as_nanos() as i128) < started_ns;
-        if settled {
-            self.lock().insert(path.to_owned(), (key, digest));
-        }
-        Ok(digest)
+        let mut file =
+            File::open(path).map_err(|err| Error::io("reading layer file", path, &err))?;
+        self.digest_of_open(path, &mut file)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (StatKey, [u8; 32])>> {
@@ -476,6 +555,7 @@ impl StatCache {
             }
         }
         let started = SystemTime::now();
+        tracing::debug!(path = %path.display(), size = key.size, "hashing");
         let digest = hash_reader(path, &mut *file)?;
         file.rewind()
             .map_err(|err| Error::io("reading", path, &err))?;
@@ -483,6 +563,7 @@ impl StatCache {
         self.bytes_hashed.fetch_add(key.size, Ordering::Relaxed);
         if settled(&key, started) {
             self.lock().insert(path.to_owned(), (key, digest));
+            self.dirty.store(true, Ordering::Relaxed);
         }
         Ok(digest)
     }
@@ -639,6 +720,44 @@ mod tests {
         };
         let err = walk(&[spec("l", &layer)], tight, &cache, &zips()).unwrap_err();
         assert!(matches!(&err, Error::ResourceExhausted(m) if m.contains("max_layer_bytes")));
+    }
+
+    /// The cache survives a save and load; a corrupt or foreign-version file is ignored.
+    #[test]
+    fn stat_cache_persists_atomically_and_distrusts_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        write(&file, "content", 0o644);
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        // ctime cannot be set back: wait out the racy window instead (bounded).
+        std::thread::sleep(RACY_WINDOW + Duration::from_millis(100));
+        let cache = StatCache::default();
+        let digest = cache.file_digest(&file).unwrap();
+        let saved = dir.path().join("statcache.json");
+        cache.save_if_dirty(&saved).unwrap();
+        let loaded = StatCache::load(&saved);
+        assert_eq!(loaded.file_digest(&file).unwrap(), digest);
+        assert_eq!(
+            loaded.files_hashed.load(Ordering::Relaxed),
+            0,
+            "served from the loaded cache"
+        );
+        fs::write(&saved, b"{not json").unwrap();
+        assert_eq!(StatCache::load(&saved).lock().len(), 0);
+        fs::write(&saved, br#"{"version":99,"entries":[]}"#).unwrap();
+        assert_eq!(StatCache::load(&saved).lock().len(), 0);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no temp files left: {names:?}");
     }
 
     #[test]

@@ -18,6 +18,11 @@ use crate::pipeline::Shared;
 use crate::proto::{self, image_builder_server::ImageBuilderServer};
 use crate::service::Service;
 
+/// Where the stat cache is persisted, under the cache dir.
+const STAT_CACHE_FILE: &str = "statcache.v1.json";
+/// How often a changed stat cache is saved.
+const STAT_CACHE_SAVE_EVERY: Duration = Duration::from_secs(10);
+
 /// The daemon's parts, built from a config; tests keep a handle to inspect the table.
 pub struct Daemon {
     pub config: Config,
@@ -42,7 +47,7 @@ impl Daemon {
         let builds = Builds::new(config.max_parallel_builds);
         let shared = Arc::new(Shared {
             engine: engine.clone(),
-            stat_cache: Arc::new(StatCache::default()),
+            stat_cache: Arc::new(StatCache::load(&config.cache_dir.join(STAT_CACHE_FILE))),
             zips: Arc::new(ZipStore::open(
                 config.cache_dir.join("layers"),
                 config.zip_limits,
@@ -76,6 +81,22 @@ impl Daemon {
             guard,
         } = listener;
         let watcher = tokio::spawn(self.engine.clone().watch());
+        let stat_cache_path = self.config.cache_dir.join(STAT_CACHE_FILE);
+        let saver = {
+            let (cache, path) = (self.shared.stat_cache.clone(), stat_cache_path.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(STAT_CACHE_SAVE_EVERY);
+                loop {
+                    every.tick().await;
+                    let (cache, path) = (cache.clone(), path.clone());
+                    let saved =
+                        tokio::task::spawn_blocking(move || cache.save_if_dirty(&path)).await;
+                    if let Ok(Err(err)) = saved {
+                        tracing::warn!(error = %err, "saving the stat cache failed");
+                    }
+                }
+            })
+        };
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut engine_health = self.engine.health();
@@ -142,6 +163,13 @@ impl Daemon {
             .await;
         watcher.abort();
         health_task.abort();
+        saver.abort();
+        let cache = self.shared.stat_cache.clone();
+        let saved =
+            tokio::task::spawn_blocking(move || cache.save_if_dirty(&stat_cache_path)).await;
+        if let Ok(Err(err)) = saved {
+            tracing::warn!(error = %err, "saving the stat cache failed");
+        }
         drop(guard);
         result.map_err(ServeError::from)
     }
