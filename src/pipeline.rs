@@ -40,6 +40,8 @@ pub struct Shared {
     pub build_timeout: Duration,
     /// The cache directory (last-use records live under it).
     pub cache_dir: PathBuf,
+    /// When each tag's use was last written to disk.
+    pub last_recorded: dashmap::DashMap<String, Instant>,
     /// Prune our images down to this many bytes after each build (`--max-cache-size`).
     pub max_cache_bytes: Option<u64>,
     /// Test hooks (see `config::TestHooks`).
@@ -351,8 +353,18 @@ pub async fn run(
     })
 }
 
-/// Notes the tag's use for prune, off the request path.
+/// Notes the tag's use for prune, off the request path and at most once a minute per tag
+/// (prune works in hours; a warm hit should not pay for a file write).
 fn record_use(shared: &Shared, tag: &str) {
+    let now = Instant::now();
+    let fresh = shared
+        .last_recorded
+        .get(tag)
+        .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60));
+    if fresh {
+        return;
+    }
+    shared.last_recorded.insert(tag.to_owned(), now);
     let (cache_dir, tag) = (shared.cache_dir.clone(), tag.to_owned());
     tokio::task::spawn_blocking(move || prune::record_use(&cache_dir, &tag));
 }

@@ -57,6 +57,7 @@ impl Daemon {
             build_timeout: config.build_timeout,
             cache_dir: config.cache_dir.clone(),
             max_cache_bytes: config.max_cache_bytes,
+            last_recorded: dashmap::DashMap::new(),
             hooks: config.hooks.clone(),
         });
         Daemon {
