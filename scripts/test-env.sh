@@ -102,7 +102,8 @@ stop_daemon() {
 # ---------------------------------------------------------------- packages
 ensure_packages() {
 	local want=() missing=() p
-	want=(docker.io busybox-static curl unzip jq iproute2 util-linux procps)
+	# systemd: systemd-analyze and systemd-socket-activate for tests/systemd.rs (nothing is started).
+	want=(docker.io busybox-static curl unzip jq iproute2 util-linux procps systemd passwd)
 	command -v python3 >/dev/null || want+=(python3)
 	if ! python3 -m pip --version >/dev/null 2>&1; then
 		want+=(python3-venv)
