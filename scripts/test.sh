@@ -111,4 +111,12 @@ else
 	passed
 fi
 
+# The Python client and the AWS SAM CLI integration (issue 8): pinned SAM in a venv, the real
+# daemon, the private engine. Skipped only when a test filter was given for the Rust tests.
+if [ $# -eq 0 ]; then
+	stage "clients/python/run-tests.sh (Python client + AWS SAM CLI integration)"
+	run bash clients/python/run-tests.sh
+	passed
+fi
+
 printf '\ntest.sh: all stages passed in %ss\n' "$((SECONDS - T0))"

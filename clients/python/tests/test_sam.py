@@ -40,12 +40,13 @@ def test_invoke_uses_the_daemon_image_and_repeats_without_a_build(daemon, sam_pr
 
 
 def test_changed_layer_file_shows_in_the_next_invoke(daemon, sam_project):
-    """Editing a file of the template layer rebuilds (once) and the function sees the new file."""
+    """Editing a file of the template layer rebuilds (once) and the function sees the new file
+    (same size, right after the previous invoke: content, not size, must tell)."""
     assert sam_project.invoke({}, socket=daemon.socket)[0]["layer"] == "from-layer"
-    sam_project.set_message("changed")
+    sam_project.set_message("new-layer!")
     t1 = time.time()
     response, stderr = sam_project.invoke({}, socket=daemon.socket)
-    assert response["layer"] == "changed"
+    assert response["layer"] == "new-layer!"
     assert engine_tag_events(sam_project.tag, t1, time.time()) == 1, stderr
     assert f"(a layer changed: {sam_project.layer_id})" in stderr
 

@@ -140,61 +140,49 @@ def build_with_daemon(
         return sam_build()  # SAM raises its own error for this
 
     try:
-        from .client import DaemonError, DaemonUnavailable, build_request, connect
+        from .client import DaemonError, DaemonUnavailable, connect
     except Exception as err:  # noqa: BLE001 - a broken install must not break SAM
         _warn(f"the lambda-imaged client cannot be loaded ({err}); SAM builds the image itself")
         return sam_build()
 
-    # As SAM's build(): an image function's image is never pulled, and local layers are
-    # resolved (ARN layers downloaded) by SAM's own downloader before anything else.
-    if image:
-        self.skip_pull_image = True
-    downloaded = []
-    if layers and packagetype == ZIP:
-        downloaded = self.layer_downloader.download_all(layers, self.force_image_build)
-
+    what = "the image"
     try:
-        expected = sam_tag(self, runtime, packagetype, image, downloaded, architecture, function_name)
-        request = build_request(
-            package_type="zip" if packagetype == ZIP else "image",
-            runtime=runtime if packagetype == ZIP else "",
-            image=image or "",
-            architecture=architecture,
-            layers=[(layer.name, str(layer.codeuri)) for layer in downloaded],
-            invoke_images=self.invoke_images or None,
-            function_name=function_name or "",
-            skip_pull_image=self.skip_pull_image,
-            force_image_build=self.force_image_build,
-        )
-    except Exception as err:  # noqa: BLE001 - a request SAM can build but we cannot express
-        LOG.debug("lambda-imaged: cannot express this build as a request (%s); SAM builds it", err)
-        return sam_build()
-
-    try:
+        # Before SAM's downloader runs, so a dead daemon costs nothing (connect fails at once).
         with connect(sock) as daemon:
+            # As SAM's build(): an image function's image is never pulled, and local layers are
+            # resolved (ARN layers downloaded) by SAM's own downloader before anything else.
+            # Its errors (no credentials for an ARN layer, ...) are SAM's and reach the user.
+            if image:
+                self.skip_pull_image = True
+            downloaded = []
+            if layers and packagetype == ZIP:
+                downloaded = self.layer_downloader.download_all(layers, self.force_image_build)
+            expected = sam_tag(self, runtime, packagetype, image, downloaded, architecture, function_name)
+            what = expected
+            request = _request(self, runtime, packagetype == ZIP, image, downloaded, architecture, function_name)
             plan = daemon.resolve(request)
             if plan.tag != expected:
-                LOG.info(
-                    "lambda-imaged: SAM names this image %s, the daemon %s; SAM builds it itself",
-                    expected,
-                    plan.tag,
-                )
+                # SAM's tag for a reference with a registry port or a digest is malformed, and
+                # SAM decides by its spelling whether to pull it: leave those to SAM.
+                LOG.info("lambda-imaged: SAM names this image %s, the daemon %s; SAM builds it", expected, plan.tag)
                 return sam_build()
             completed = _stream_build(daemon, request, stream)
+        if completed.tag != expected:  # the daemon resolved it to this tag a moment ago
+            _warn(f"lambda-imaged built {completed.tag}, not {expected}; SAM builds it itself")
+            return sam_build()
+        found_id, built_by_daemon = _image_in_sams_engine(self, completed.tag)
     except DaemonUnavailable as err:
         _warn_unreachable(sock, err.reason)
         return sam_build()
     except DaemonError as err:
-        _warn(f"lambda-imaged could not build {expected} ({err.code}: {err.message}); SAM builds it itself")
+        _warn(f"lambda-imaged could not build {what} ({err.code}: {err.message}); SAM builds it itself")
         return sam_build()
     except Exception as err:  # noqa: BLE001 - never worse off than SAM alone
-        _warn(f"lambda-imaged failed unexpectedly building {expected} ({err!r}); SAM builds it itself")
+        if _is_sams_own(err):
+            raise
+        _warn(f"lambda-imaged failed unexpectedly building {what} ({err!r}); SAM builds it itself")
         return sam_build()
 
-    if completed.tag != expected:  # the daemon resolved it to this tag a moment ago
-        _warn(f"lambda-imaged built {completed.tag}, not {expected}; SAM builds it itself")
-        return sam_build()
-    found_id, built_by_daemon = _image_in_sams_engine(self, completed.tag)
     if found_id != completed.image_id and not built_by_daemon:
         _warn(
             f"lambda-imaged built {expected} as {completed.image_id}, but SAM's container engine has "
@@ -206,6 +194,28 @@ def build_with_daemon(
         # before the build; a lambda-imaged image under the tag in SAM's engine is good enough.
         LOG.debug("lambda-imaged reported %s, SAM's engine has %s", completed.image_id, found_id)
     return expected
+
+
+def _request(self, runtime, is_zip, image, downloaded, architecture, function_name):
+    from .client import build_request
+
+    return build_request(
+        package_type="zip" if is_zip else "image",
+        runtime=runtime if is_zip else "",
+        image=image or "",
+        architecture=architecture,
+        layers=[(layer.name, str(layer.codeuri)) for layer in downloaded],
+        invoke_images=self.invoke_images or None,
+        function_name=function_name or "",
+        skip_pull_image=self.skip_pull_image,
+        force_image_build=self.force_image_build,
+    )
+
+
+def _is_sams_own(err: Exception) -> bool:
+    """Errors SAM's own build would raise the same way (its user-facing exceptions, e.g. from
+    the layer downloader): they go to the user as they are, not to a second attempt."""
+    return type(err).__module__.startswith("samcli.")
 
 
 def sam_tag(self, runtime, packagetype, image, downloaded_layers, architecture, function_name) -> str:
