@@ -20,6 +20,8 @@ use crate::service::Service;
 
 /// Where the stat cache is persisted, under the cache dir.
 const STAT_CACHE_FILE: &str = "statcache.v1.json";
+/// HTTP/2 streams one client connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// How often a changed stat cache is saved.
 const STAT_CACHE_SAVE_EVERY: Duration = Duration::from_secs(10);
 
@@ -151,11 +153,30 @@ impl Daemon {
             abort_tx.send_replace(true);
         };
 
+        // STATUS= for `systemctl status`: builds in flight, refreshed while serving.
+        let status_task = {
+            let builds = self.builds.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                let mut last = usize::MAX;
+                loop {
+                    every.tick().await;
+                    let now = builds.in_flight();
+                    if now != last {
+                        let status = format!("{now} builds in flight");
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+                        last = now;
+                    }
+                }
+            })
+        };
         tracing::info!(socket = %path.display(), engine = %self.engine.host(), "serving");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Streams per connection: further ones wait for the client's HTTP/2 flow control.
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .add_service(ImageBuilderServer::new(service))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -165,6 +186,7 @@ impl Daemon {
         watcher.abort();
         health_task.abort();
         saver.abort();
+        status_task.abort();
         let cache = self.shared.stat_cache.clone();
         let saved =
             tokio::task::spawn_blocking(move || cache.save_if_dirty(&stat_cache_path)).await;

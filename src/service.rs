@@ -21,6 +21,9 @@ use crate::proto::{self, image_builder_server::ImageBuilder};
 use crate::prune;
 use crate::resolve::{self, Arch, Plan};
 
+/// Build streams open at once across all clients; beyond it, RESOURCE_EXHAUSTED.
+pub const MAX_STREAMS: usize = 4096;
+
 /// Capacity of each client's outgoing queue. A slow client only delays itself: the build's
 /// log is in memory and each client reads it at its own pace.
 const CLIENT_QUEUE: usize = 64;
@@ -35,6 +38,8 @@ pub struct Service {
     pub abort: watch::Receiver<bool>,
     /// Who may call.
     pub policy: access::Policy,
+    /// One permit per open Build stream.
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
@@ -52,6 +57,7 @@ impl Service {
             cache_dir: config.cache_dir.clone(),
             abort,
             policy: config.policy(),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         }
     }
 }
@@ -120,6 +126,11 @@ impl ImageBuilder for Service {
     ) -> Result<Response<EventStream>, Status> {
         let started = Instant::now();
         let peer = self.authorize(&request, "Build")?;
+        let stream_permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "max_streams: {MAX_STREAMS} build streams are open; retry when some have ended"
+            ))
+        })?;
         let (uid, pid) = (
             peer.as_ref().map(|p| p.uid),
             peer.as_ref().and_then(|p| p.pid),
@@ -144,6 +155,7 @@ impl ImageBuilder for Service {
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let mut abort = self.abort.clone();
         tokio::spawn(async move {
+            let _stream_permit = stream_permit;
             let accepted = proto::build_event::Event::Accepted(proto::Accepted {
                 tag: tag.clone(),
                 joined,

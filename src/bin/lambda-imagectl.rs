@@ -19,6 +19,12 @@ struct Cli {
     /// as root, $XDG_RUNTIME_DIR/lambda-imaged.sock otherwise]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    /// Give up after this long (e.g. 30s, 10m); the command then fails with exit code 1
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// If the daemon is not up yet, keep trying to connect (until --timeout, default 60s)
+    #[arg(long, global = true)]
+    wait: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -153,7 +159,21 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let timeout = cli.timeout;
+    let outcome = runtime.block_on(async move {
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit, run(cli))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure::Status(tonic::Status::deadline_exceeded(format!(
+                        "no answer within --timeout {}",
+                        humantime::format_duration(limit)
+                    ))))
+                }),
+            None => run(cli).await,
+        }
+    });
+    match outcome {
         Ok(code) => code,
         Err(Failure::Usage(message)) => {
             eprintln!("error: {message}");
@@ -177,12 +197,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Connects, retrying while the daemon is not up yet when `wait` is set.
+async fn connect(
+    socket: &Path,
+    wait: bool,
+    timeout: Option<std::time::Duration>,
+) -> Result<tonic::transport::Channel, Failure> {
+    let deadline =
+        tokio::time::Instant::now() + timeout.unwrap_or(std::time::Duration::from_secs(60));
+    loop {
+        match client::channel(socket).await {
+            Ok(channel) => return Ok(channel),
+            Err(err) if !wait || tokio::time::Instant::now() >= deadline => return Err(err.into()),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let socket = cli.socket.unwrap_or_else(client::default_socket);
+    let channel = connect(&socket, cli.wait, cli.timeout).await?;
     match cli.command {
         Command::Resolve { request, json } => {
             let request = build_request(&request, false, false)?;
-            let mut daemon = client::connect(&socket).await?;
+            let mut daemon = client::ImageBuilderClient::new(channel);
             let plan = daemon.resolve(request).await?.into_inner();
             if json {
                 print_json(&plan_json(&plan));
@@ -208,7 +246,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             quiet,
         } => {
             let request = build_request(&request, skip_pull_image, force_image_build)?;
-            let mut daemon = client::connect(&socket).await?;
+            let mut daemon = client::ImageBuilderClient::new(channel);
             let mut events = daemon.build(request).await?.into_inner();
             let mut render = Render::new(json, quiet);
             while let Some(event) = events.message().await? {
@@ -217,7 +255,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ls { json } => {
-            let mut daemon = client::connect(&socket).await?;
+            let mut daemon = client::ImageBuilderClient::new(channel);
             let list = daemon
                 .list_builds(proto::ListBuildsRequest {})
                 .await?
@@ -242,7 +280,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json } => {
-            let mut daemon = client::connect(&socket).await?;
+            let mut daemon = client::ImageBuilderClient::new(channel);
             let info = daemon
                 .get_info(proto::GetInfoRequest {})
                 .await?
@@ -304,7 +342,6 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 HealthCheckRequest, health_check_response::ServingStatus,
                 health_client::HealthClient,
             };
-            let channel = client::channel(&socket).await?;
             let response = HealthClient::new(channel)
                 .check(HealthCheckRequest {
                     service: String::new(),
@@ -332,7 +369,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Some(text) => parse_size(&text).map_err(Failure::Usage)?,
                 None => 0,
             };
-            let mut daemon = client::connect(&socket).await?;
+            let mut daemon = client::ImageBuilderClient::new(channel);
             let response = daemon
                 .prune(proto::PruneRequest {
                     older_than_seconds,
