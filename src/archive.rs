@@ -193,6 +193,13 @@ fn extract(
             archive.display()
         ))
     })?;
+    // The zip crate keys entries by name, so duplicates would be merged silently.
+    if zip.has_duplicate_names() {
+        return Err(Error::InvalidArgument(format!(
+            "layer {name:?}: zip {} rejected: it holds duplicate entry names",
+            archive.display()
+        )));
+    }
     if zip.len() > limits.max_entries {
         return Err(Error::InvalidArgument(format!(
             "layer {name:?}: the zip has {} entries, more than max_zip_entries = {}",
@@ -223,7 +230,14 @@ fn extract(
                 "it would be written through a symlink entry",
             ));
         }
-        let mode = entry.unix_mode();
+        // Only an archive made on Unix carries Unix modes; for others (Explorer, 7-Zip, Python
+        // on Windows: "MS-DOS" entries) the zip crate invents 0o664, which would make a
+        // Windows-zipped bootstrap non-executable (SAM #1014). Treat them as mode-less.
+        let mode = if entry.system() == zip::System::Unix {
+            entry.unix_mode()
+        } else {
+            None
+        };
         let kind = mode.map(|m| m & S_IFMT).unwrap_or(0);
         let is_dir = entry.is_dir() || kind == S_IFDIR;
         let is_link = kind == S_IFLNK;
@@ -314,6 +328,28 @@ fn extract(
         }
         if !inside {
             return Err(bad(name, &raw, "symlink points outside the layer"));
+        }
+        // A target walking through another link (`x -> a/b/..` with `a/b -> ..`) could still
+        // leave the layer: no link may be an intermediate step of another link's target.
+        let mut current = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+        let steps: Vec<Component> = target.components().collect();
+        for (index, component) in steps.iter().enumerate() {
+            match component {
+                Component::ParentDir => {
+                    current.pop();
+                }
+                Component::Normal(part) => {
+                    current.push(part);
+                    if index + 1 < steps.len() && link_paths.contains(&current) {
+                        return Err(bad(
+                            name,
+                            &raw,
+                            "symlink target passes through another symlink",
+                        ));
+                    }
+                }
+                _ => {}
+            }
         }
         let dest = temp.join(&rel);
         std::os::unix::fs::symlink(&target, &dest)
