@@ -40,6 +40,21 @@ run() {
 	"$@" || rc=$?
 	[ "$rc" -eq 0 ] || fail "$rc"
 }
+# Like run, keeping a copy of the output in $LOG for the closing count.
+LOGDIR=$(mktemp -d)
+trap 'rm -rf "$LOGDIR"' EXIT
+run_logged() {
+	local log=$1 rc=0
+	shift
+	"$@" 2>&1 | tee "$LOGDIR/$log" || rc=${PIPESTATUS[0]}
+	[ "$rc" -eq 0 ] || fail "$rc"
+}
+PASSED=0
+count() { # count FILE REGEX [GROUP]: adds the number REGEX captures (sed -E; group 1 by default)
+	local n
+	n=$(sed -nE "s/$2/\\${3:-1}/p" "$LOGDIR/$1" | tail -n1)
+	PASSED=$((PASSED + ${n:-0}))
+}
 
 [ "$(id -u)" -eq 0 ] || {
 	echo "test.sh: run as root (it installs packages and starts a private dockerd)" >&2
@@ -99,11 +114,13 @@ passed
 
 if [ -n "$NEXTEST" ]; then
 	stage "cargo nextest run --locked --no-fail-fast $*"
-	run cargo nextest run --locked --no-fail-fast "$@"
+	run_logged nextest cargo nextest run --locked --no-fail-fast "$@"
+	count nextest '.*Summary .* ([0-9]+) tests run: ([0-9]+) passed.*' 2
 	passed
 
 	stage "cargo test --doc --locked"
-	run cargo test --doc --locked
+	run_logged doc cargo test --doc --locked
+	count doc '^test result: ok\. ([0-9]+) passed.*'
 	passed
 else
 	stage "cargo test --locked --no-fail-fast $*"
@@ -115,8 +132,11 @@ fi
 # daemon, the private engine. Skipped only when a test filter was given for the Rust tests.
 if [ $# -eq 0 ]; then
 	stage "clients/python/run-tests.sh (Python client + AWS SAM CLI integration)"
-	run bash clients/python/run-tests.sh
+	run_logged pytest bash clients/python/run-tests.sh
+	count pytest '^=*? *([0-9]+) passed.*'
 	passed
 fi
 
 printf '\ntest.sh: all stages passed in %ss\n' "$((SECONDS - T0))"
+# The plain closing count (every stage above stops the script on a failure).
+printf '%s passed, 0 failed\n' "$PASSED"
