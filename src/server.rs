@@ -177,7 +177,8 @@ impl Daemon {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             // Streams per connection: further ones wait for the client's HTTP/2 flow control.
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            .add_service(ImageBuilderServer::new(service))
+            // Above our own 1 MiB limit (RESOURCE_EXHAUSTED, service.rs) but bounded.
+            .add_service(ImageBuilderServer::new(service).max_decoding_message_size(8 << 20))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

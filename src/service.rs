@@ -21,6 +21,9 @@ use crate::proto::{self, image_builder_server::ImageBuilder};
 use crate::prune;
 use crate::resolve::{self, Arch, Plan};
 
+/// Largest BuildRequest accepted (a request names paths; it never carries content).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 /// Build streams open at once across all clients; beyond it, RESOURCE_EXHAUSTED.
 pub const MAX_STREAMS: usize = 4096;
 
@@ -86,6 +89,13 @@ impl Service {
 }
 
 fn plan_of(request: proto::BuildRequest) -> Result<Plan, Error> {
+    let size = prost::Message::encoded_len(&request);
+    if size > MAX_REQUEST_BYTES {
+        return Err(Error::ResourceExhausted(format!(
+            "max_request_bytes: the request is {size} bytes, the limit is {MAX_REQUEST_BYTES}; \
+             send fewer or shorter layers and invoke images"
+        )));
+    }
     resolve::resolve(&proto::request_from_wire(request)?)
 }
 

@@ -254,6 +254,12 @@ async fn bad_requests_get_clear_statuses() {
     assert_eq!(outcome.status().code(), Code::NotFound);
     assert!(outcome.status().message().contains(&request.image));
 
+    let mut huge = zip_request(&[]);
+    huge.function_name = "f".repeat(2 << 20);
+    let outcome = build(&daemon.socket, huge).await;
+    assert_eq!(outcome.status().code(), Code::ResourceExhausted);
+    assert!(outcome.status().message().contains("max_request_bytes"));
+
     // Still serving.
     let dir = tempfile::tempdir().unwrap();
     write_file(&dir.path().join("l/f"), "x", 0o644);
