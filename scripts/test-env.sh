@@ -235,6 +235,19 @@ ensure_rie() {
 	rm -rf "$tmp"
 }
 
+# ---------------------------------------------------------------- python gRPC tools
+# tests/service.rs talks to the daemon through reflection with a client we did not write
+# (grpcio + grpcio-reflection); it uses $D/venv/bin/python3.
+ensure_grpc_python() {
+	if [ -x "$D/venv/bin/python3" ] &&
+		"$D/venv/bin/python3" -c 'import grpc, grpc_reflection, grpc_health, google.protobuf' 2>/dev/null; then
+		return 0
+	fi
+	[ -x "$D/venv/bin/pip" ] || quiet python3 -m venv "$D/venv"
+	quiet "$D/venv/bin/pip" install --quiet --disable-pip-version-check \
+		grpcio grpcio-reflection grpcio-health-checking protobuf
+}
+
 # ---------------------------------------------------------------- base image
 # Every public.ecr.aws/lambda/<name:tag> SAM can ask for (design.md §1), as name:tag without
 # the arch suffix; single-arch ones (x86_64 only) are listed in SINGLE_ARCH.
@@ -386,6 +399,7 @@ main() {
 			started=1
 		fi
 		ensure_rie
+		ensure_grpc_python
 		ensure_base
 		# Checked after every start, and on request; a live daemon that answered is trusted.
 		if [ -n "$started" ] || [ -n "${LAMBDA_IMAGED_TEST_VERIFY:-}" ]; then

@@ -148,9 +148,9 @@ impl Daemon {
                     left,
                     "shutdown timeout passed; ending the remaining streams"
                 );
+                // Only now: streams of builds that finished must deliver their outcome.
+                abort_tx.send_replace(true);
             }
-            // Tell every open stream to end (a no-op when all builds finished).
-            abort_tx.send_replace(true);
         };
 
         // STATUS= for `systemctl status`: builds in flight, refreshed while serving.

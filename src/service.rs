@@ -99,6 +99,21 @@ fn plan_of(request: proto::BuildRequest) -> Result<Plan, Error> {
     resolve::resolve(&proto::request_from_wire(request)?)
 }
 
+/// Resolves with the peer's rights: the layer paths are stat'ed as the peer, so a peer learns
+/// nothing about paths it could not see itself. The daemon's own user (the common case, and
+/// every warm hit from it) resolves inline.
+async fn plan_as(peer: Option<Peer>, request: proto::BuildRequest) -> Result<Plan, Error> {
+    match peer {
+        Some(peer) if peer.uid != access::own_uid() => tokio::task::spawn_blocking(move || {
+            access::as_peer(Some(&peer), || plan_of(request))
+                .map_err(|err| access::denied_for(Some(&peer), err))
+        })
+        .await
+        .map_err(|err| Error::Internal(format!("worker thread failed: {err}")))?,
+        _ => plan_of(request),
+    }
+}
+
 /// Identifies a request's inputs: requests with the same key may share one build.
 fn definition_key(plan: &Plan, peer: Option<&Peer>) -> String {
     let mut hasher = Sha256::new();
@@ -145,9 +160,11 @@ impl ImageBuilder for Service {
             peer.as_ref().map(|p| p.uid),
             peer.as_ref().and_then(|p| p.pid),
         );
-        let plan = plan_of(request.into_inner()).inspect_err(|err| {
-            tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
-        })?;
+        let plan = plan_as(peer.clone(), request.into_inner())
+            .await
+            .inspect_err(|err| {
+                tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
+            })?;
         let key = Key {
             tag: plan.tag.clone(),
             definition: definition_key(&plan, peer.as_ref()),
@@ -182,7 +199,12 @@ impl ImageBuilder for Service {
                     next = subscription.next() => next,
                     // Noticed even while the build is quiet, so the subscriber count is true.
                     () = tx.closed() => break "client went away".to_owned(),
-                    () = async { let _ = abort.wait_for(|aborted| *aborted).await; } => {
+                    () = async {
+                        // A dropped sender (shutdown finished without giving up) never aborts.
+                        if abort.wait_for(|aborted| *aborted).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    } => {
                         let _ = tx.send(Err(Status::unavailable("daemon shutting down; retry once it is back"))).await;
                         break "aborted".to_owned();
                     }
@@ -228,7 +250,7 @@ impl ImageBuilder for Service {
         request: Request<proto::BuildRequest>,
     ) -> Result<Response<proto::BuildPlan>, Status> {
         let peer = self.authorize(&request, "Resolve")?;
-        let plan = plan_of(request.into_inner());
+        let plan = plan_as(peer.clone(), request.into_inner()).await;
         tracing::info!(uid = ?peer.map(|p| p.uid), tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""), ok = plan.is_ok(), "resolve request");
         Ok(Response::new(proto::BuildPlan::from(&plan?)))
     }
