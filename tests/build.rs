@@ -171,12 +171,6 @@ async fn build_contents_cache_and_invalidation() {
 /// returns the bootstrap's answer, including the layer's file.
 #[tokio::test(flavor = "multi_thread")]
 async fn end_to_end_invoke_through_the_rie() {
-    let output = docker_ok(&["network", "inspect", "bridge", "--format", "{{.Name}}"]);
-    assert_eq!(
-        output.trim(),
-        "bridge",
-        "the engine needs its default bridge to publish ports"
-    );
     let daemon = TestDaemon::start().await;
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join("fn");
@@ -188,34 +182,7 @@ async fn end_to_end_invoke_through_the_rie() {
         .completed()
         .clone();
 
-    let container = docker_ok(&[
-        "run",
-        "-d",
-        "--rm",
-        "-p",
-        "127.0.0.1::8080",
-        "--entrypoint",
-        "/var/rapid/aws-lambda-rie",
-        &done.tag,
-        "/opt/bootstrap",
-    ]);
-    let container = container.trim().to_owned();
-    let port = docker_ok(&["port", &container, "8080/tcp"]);
-    let address = port.lines().next().unwrap().trim().to_owned();
-    let url = format!("http://{address}/2015-03-31/functions/function/invocations");
-    let mut response = String::new();
-    for _ in 0..100 {
-        let out = Command::new("curl")
-            .args(["-s", "-m", "10", "-XPOST", &url, "-d", r#"{"ping":1}"#])
-            .output()
-            .unwrap();
-        response = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() && !response.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    docker(&["rm", "-f", &container]);
+    let response = invoke_through_rie(&done.tag).await;
     docker(&["rmi", "-f", "--no-prune", &done.tag]);
     assert_eq!(
         response,

@@ -275,3 +275,49 @@ pub fn bootstrap_fixture() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bootstrap"))
         .unwrap()
 }
+
+/// Runs `tag` with the real RIE and invokes the function once over HTTP; returns the answer.
+pub async fn invoke_through_rie(tag: &str) -> String {
+    let output = docker_ok(&["network", "inspect", "bridge", "--format", "{{.Name}}"]);
+    assert_eq!(
+        output.trim(),
+        "bridge",
+        "the engine needs its default bridge to publish ports"
+    );
+    let container = docker_ok(&[
+        "run",
+        "-d",
+        "--rm",
+        "-p",
+        "127.0.0.1::8080",
+        "--entrypoint",
+        "/var/rapid/aws-lambda-rie",
+        tag,
+        "/opt/bootstrap",
+    ]);
+    let container = container.trim().to_owned();
+    let port = docker_ok(&["port", &container, "8080/tcp"]);
+    let address = port.lines().next().unwrap().trim().to_owned();
+    let url = format!("http://{address}/2015-03-31/functions/function/invocations");
+    let mut response = String::new();
+    for _ in 0..100 {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "10", "-XPOST", &url, "-d", r#"{"ping":1}"#])
+            .output()
+            .unwrap();
+        response = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && !response.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = docker(&["logs", &container]);
+    docker(&["rm", "-f", &container]);
+    assert!(
+        !response.is_empty(),
+        "no answer from the RIE; container log: {}{}",
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    response
+}
