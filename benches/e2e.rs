@@ -10,8 +10,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lambda_imaged::client::{self, proto};
+
+// The integration tests' helpers (engine events, unique names) serve the benchmarks too.
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use proto::build_event::Event;
 use serde_json::{Value, json};
+use support::{engine_builds_of, now_stamp, unique};
 
 const SCENARIOS: &[&str] = &[
     "warm_hit",
@@ -131,13 +137,6 @@ impl Drop for Daemon {
     }
 }
 
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
-
 fn request(name: &str, path: &Path) -> proto::BuildRequest {
     proto::BuildRequest {
         runtime: "python3.12".into(),
@@ -203,46 +202,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[index]
 }
 
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker CLI");
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn now_stamp() -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    format!("{}.{:09}", now.as_secs(), now.subsec_nanos())
-}
-
-/// Builds the engine itself tagged (its own `tag` events) for tags in `tags` since `since`.
-fn engine_builds(tags: &[String], since: &str) -> usize {
-    std::thread::sleep(Duration::from_millis(500));
-    let until = now_stamp();
-    let out = docker(&[
-        "events",
-        "--since",
-        since,
-        "--until",
-        &until,
-        "--filter",
-        "type=image",
-        "--filter",
-        "event=tag",
-        "--format",
-        "{{.Actor.Attributes.name}}",
-    ]);
-    out.lines()
-        .filter(|name| tags.iter().any(|t| t == name))
-        .count()
-}
-
 fn rmi(tags: &[String]) {
     for tag in tags {
         let _ = Command::new("docker")
@@ -302,7 +261,7 @@ async fn dedup() -> Value {
     let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
     ids.dedup();
     let tag = build(&daemon.socket, req).await.tag;
-    let builds = engine_builds(std::slice::from_ref(&tag), &since);
+    let builds = engine_builds_of(std::slice::from_ref(&tag), &since);
     rmi(&[tag, single.tag]);
     json!({
         "scenario": "dedup", "clients": 64, "engine_builds": builds, "distinct_image_ids": ids.len(),
@@ -335,7 +294,7 @@ async fn fanout() -> Value {
     let completed = tags.len();
     tags.sort();
     tags.dedup();
-    let builds = engine_builds(&tags, &since);
+    let builds = engine_builds_of(&tags, &since);
     let peak = daemon.peak_rss();
     rmi(&tags);
     json!({

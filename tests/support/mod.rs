@@ -228,6 +228,11 @@ pub fn now_stamp() -> String {
 /// How many builds the engine itself tagged `tag` between `since` and now (Docker emits one
 /// image `tag` event per successful build, cached ones included).
 pub fn engine_builds(tag: &str, since: &str) -> usize {
+    engine_builds_of(&[tag.to_owned()], since)
+}
+
+/// Like [`engine_builds`], summed over `tags`.
+pub fn engine_builds_of(tags: &[String], since: &str) -> usize {
     // Events reach the stream asynchronously; give the engine a moment to publish them.
     std::thread::sleep(Duration::from_millis(300));
     let until = now_stamp();
@@ -245,7 +250,10 @@ pub fn engine_builds(tag: &str, since: &str) -> usize {
         "{{.Actor.Attributes.name}}",
     ]);
     out.lines()
-        .filter(|name| *name == tag || name.ends_with(&format!("/{tag}")))
+        .filter(|name| {
+            tags.iter()
+                .any(|tag| name == tag || name.ends_with(&format!("/{tag}")))
+        })
         .count()
 }
 
