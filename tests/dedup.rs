@@ -346,3 +346,44 @@ async fn builds_beyond_the_limit_are_queued() {
     assert_eq!(daemon.builds.in_flight(), 0);
     daemon.stop().await;
 }
+
+/// A forced rebuild that arrives while the same tag is being built from the same inputs joins
+/// that build instead of starting a second one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forced_request_joins_a_running_build_of_the_same_inputs() {
+    let (before, after) = gated();
+    let daemon = daemon_with(&before, &after, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = layer(dir.path(), "l", "forced");
+    let name = unique("force");
+    let request = zip_request(&[(&name, &path)]);
+    let since = now_stamp();
+    let first = {
+        let (socket, request) = (daemon.socket.clone(), request.clone());
+        tokio::spawn(async move { build(&socket, request).await })
+    };
+    until("the build to hold a slot", || {
+        daemon
+            .builds
+            .list()
+            .0
+            .first()
+            .is_some_and(|s| s.phase == Phase::Running)
+    })
+    .await;
+    let mut forced_request = request.clone();
+    forced_request.force_image_build = true;
+    let forced = {
+        let socket = daemon.socket.clone();
+        tokio::spawn(async move { build(&socket, forced_request).await })
+    };
+    until("two subscribers", || subscribers(&daemon.builds) == 2).await;
+    before.add_permits(1);
+    after.add_permits(1);
+    let (first, forced) = (first.await.unwrap(), forced.await.unwrap());
+    assert!(matches!(&forced.events[0].event, Some(Event::Accepted(a)) if a.joined));
+    assert_eq!(forced.completed().image_id, first.completed().image_id);
+    assert_eq!(engine_builds(&first.completed().tag, &since), 1);
+    docker(&["rmi", "-f", "--no-prune", &first.completed().tag]);
+    daemon.stop().await;
+}
