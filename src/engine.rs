@@ -366,16 +366,14 @@ impl Engine {
     pub async fn version(&self) -> Result<EngineVersion> {
         let client = self.client().await?;
         let version = client.version().await.map_err(|err| self.map_error(err))?;
+        // Components name the product ("Engine" for Docker, "Podman Engine" for Podman);
+        // Podman's platform name is only "linux/amd64/<distro>".
         let name = version
-            .platform
-            .map(|p| p.name)
+            .components
+            .and_then(|c| c.into_iter().next())
+            .map(|c| c.name)
             .filter(|n| !n.is_empty())
-            .or_else(|| {
-                version
-                    .components
-                    .and_then(|c| c.into_iter().next())
-                    .map(|c| c.name)
-            })
+            .or_else(|| version.platform.map(|p| p.name).filter(|n| !n.is_empty()))
             .unwrap_or_else(|| "unknown engine".to_owned());
         Ok(EngineVersion {
             name,
