@@ -537,19 +537,51 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Renders build events: JSON Lines, or lines for people (with a live byte counter on a TTY).
+/// Renders build events: JSON Lines, plain lines, or on a TTY engine output scrolling above a
+/// live status line (elapsed time, build step, bytes of context sent; `indicatif`).
 struct Render {
     json: bool,
     quiet: bool,
-    tty: bool,
+    /// The live status line, on a TTY only.
+    bar: Option<indicatif::ProgressBar>,
+    step: String,
+    transfer: String,
 }
 
 impl Render {
     fn new(json: bool, quiet: bool) -> Render {
+        let bar = (!json && !quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            let style = indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            bar.set_style(style);
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
         Render {
             json,
             quiet,
-            tty: std::io::stderr().is_terminal(),
+            bar,
+            step: String::new(),
+            transfer: String::new(),
+        }
+    }
+
+    /// A line of output: above the status line on a TTY, else on stderr.
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn status(&self) {
+        if let Some(bar) = &self.bar {
+            let parts: Vec<&str> = [self.step.as_str(), self.transfer.as_str()]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect();
+            bar.set_message(parts.join(" · "));
         }
     }
 
@@ -561,8 +593,8 @@ impl Render {
         }
         match kind {
             Event::Completed(done) => {
-                if self.tty {
-                    eprint!("\r\x1b[K");
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
                 }
                 let why = match (proto::reason_name(done.reason), done.changed_layer.as_str()) {
                     (reason, "") => reason.to_owned(),
@@ -586,35 +618,54 @@ impl Render {
                 } else {
                     "accepted"
                 };
-                eprintln!("{} {how} (build {})", accepted.tag, event.build_id);
+                self.line(format!("{} {how} (build {})", accepted.tag, event.build_id));
             }
-            Event::Queued(queued) => eprintln!(
-                "queued: position {} waiting for a build slot",
-                queued.position
-            ),
-            Event::Log(log) => eprintln!("  {}", shorten(&log.text, 160)),
-            Event::PullProgress(pull) => {
-                if self.tty {
-                    eprint!(
-                        "\r\x1b[Kpulling {} {}: {}/{}",
-                        pull.image,
-                        pull.layer,
-                        human_bytes(pull.current),
-                        human_bytes(pull.total)
-                    );
+            Event::Queued(queued) => {
+                self.step = format!("queued at position {}", queued.position);
+                self.line(format!(
+                    "queued: position {} waiting for a build slot",
+                    queued.position
+                ));
+                self.status();
+            }
+            Event::Log(log) => {
+                if log.step > 0 {
+                    self.step = format!("step {}", log.step);
                 }
+                self.line(format!("  {}", shorten(&log.text, 160)));
+                self.status();
+            }
+            Event::PullProgress(pull) => {
+                self.transfer = format!(
+                    "pulling {}: {}/{}",
+                    pull.image,
+                    human_bytes(pull.current),
+                    human_bytes(pull.total)
+                );
+                self.status();
             }
             Event::ContextProgress(progress) => {
-                if self.tty {
-                    eprint!("\r\x1b[Kcontext: {} sent", human_bytes(progress.bytes_sent));
-                    if progress.bytes_total > 0 {
-                        eprintln!();
-                    }
-                } else if progress.bytes_total > 0 {
-                    eprintln!("context: {} sent", human_bytes(progress.bytes_sent));
+                self.transfer = format!("context {} sent", human_bytes(progress.bytes_sent));
+                if progress.bytes_total > 0 {
+                    self.line(format!(
+                        "context: {} sent",
+                        human_bytes(progress.bytes_sent)
+                    ));
                 }
+                self.status();
             }
-            Event::Warning(warning) => eprintln!("warning [{}]: {}", warning.code, warning.message),
+            Event::Warning(warning) => {
+                self.line(format!("warning [{}]: {}", warning.code, warning.message))
+            }
+        }
+    }
+}
+
+impl Drop for Render {
+    fn drop(&mut self) {
+        // A failed build ends here: clear the status line before the error is printed.
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
     }
 }
