@@ -317,3 +317,28 @@ async fn engine_down_is_unavailable_and_resolve_still_works() {
     assert_eq!(daemon.builds.in_flight(), 0);
     daemon.stop().await;
 }
+
+/// An image that already has the tag but not our fingerprint label (someone else built it) is
+/// not trusted: the daemon rebuilds it, with reason MISSING.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_image_under_our_tag_is_rebuilt() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("l/message.txt"), "ours", 0o644);
+    let request = zip_request(&[(&unique("foreign"), &dir.path().join("l"))]);
+    let plan = daemon
+        .client()
+        .await
+        .resolve(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    docker_ok(&["tag", "public.ecr.aws/lambda/python:3.12-x86_64", &plan.tag]);
+    let outcome = build(&daemon.socket, request).await;
+    let done = outcome.completed();
+    assert!(!done.cached);
+    assert_eq!(done.reason, proto::Reason::Missing as i32);
+    assert_eq!(run_in_image(&done.tag, "cat /opt/message.txt"), "ours");
+    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+    daemon.stop().await;
+}

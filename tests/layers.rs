@@ -1061,3 +1061,37 @@ async fn prune_removes_only_our_unused_images() {
     assert_eq!(second.images_removed, vec![busy.tag.clone()]);
     assert!(busy_gone);
 }
+
+/// Two concurrent requests (different layer names, so different builds) naming the same zip
+/// extract it once: both succeed and the cache holds one extracted layer.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_for_one_zip_extract_it_once() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("shared.zip");
+    let entries: Vec<Value> = (0..200)
+        .map(|i| json!({ "name": format!("pkg/f{i}.txt"), "text": "x".repeat(20_000), "mode": 0o100_644 }))
+        .collect();
+    make_zip(&archive, Value::Array(entries));
+    let mut cleanup = Cleanup::default();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (socket, name) = (daemon.socket.clone(), unique("samezip"));
+        let archive = archive.clone();
+        clients.push(tokio::spawn(async move {
+            build(&socket, zip_request(&[(&name, &archive)])).await
+        }));
+    }
+    for client in clients {
+        let outcome = client.await.unwrap();
+        cleanup.images.push(outcome.completed().tag.clone());
+    }
+    let cache = daemon.dir.path().join("cache");
+    assert_eq!(
+        layer_entries(&cache),
+        [sha256_file(&archive)],
+        "one extraction, no temp dirs"
+    );
+    drop(cleanup);
+    daemon.stop().await;
+}
