@@ -103,7 +103,7 @@ stop_daemon() {
 ensure_packages() {
 	local want=() missing=() p
 	# systemd: systemd-analyze and systemd-socket-activate for tests/systemd.rs (nothing is started).
-	want=(docker.io busybox-static curl unzip jq iproute2 util-linux procps systemd passwd)
+	want=(docker.io busybox-static curl unzip jq iproute2 util-linux procps systemd passwd docker-registry)
 	command -v python3 >/dev/null || want+=(python3)
 	if ! python3 -m pip --version >/dev/null 2>&1; then
 		want+=(python3-venv)
@@ -233,6 +233,45 @@ ensure_rie() {
 		mv -f "$tmp/aws-lambda-rie-$a" "$RIE_DIR/aws-lambda-rie-$a"
 	done
 	rm -rf "$tmp"
+}
+
+# ---------------------------------------------------------------- registry
+# A real registry on loopback (insecure-allowed by default) for the pull tests.
+# The port follows the state dir, so the quickstart's and the tests' environments never share.
+REGISTRY=127.0.0.1:${LAMBDA_IMAGED_TEST_REGISTRY_PORT:-$((5100 + 16#${D_HASH:0:4} % 800))}
+REGISTRY_PIDFILE=$D/registry.pid
+registry_answering() { curl -fsS -m 5 "http://$REGISTRY/v2/" >/dev/null 2>&1; }
+ensure_registry() {
+	local i
+	registry_answering && return 0
+	mkdir -p "$D/registry"
+	cat >"$D/registry/config.yml" <<-EOF
+		version: 0.1
+		log:
+		  level: warn
+		storage:
+		  filesystem:
+		    rootdirectory: $D/registry/data
+		  delete:
+		    enabled: true
+		http:
+		  addr: $REGISTRY
+	EOF
+	setsid docker-registry serve "$D/registry/config.yml" >"$D/registry/log" 2>&1 </dev/null 9>&- &
+	echo $! >"$REGISTRY_PIDFILE"
+	for ((i = 0; i < 100; i++)); do
+		registry_answering && return 0
+		sleep 0.1
+	done
+	die "docker-registry did not answer on $REGISTRY: $(tail -n 5 "$D/registry/log")"
+}
+stop_registry() {
+	local pid
+	pid=$(cat "$REGISTRY_PIDFILE" 2>/dev/null || true)
+	if [ -n "$pid" ] && grep -q docker-registry "/proc/$pid/cmdline" 2>/dev/null; then
+		kill "$pid" 2>/dev/null || true
+	fi
+	rm -f "$REGISTRY_PIDFILE"
 }
 
 # ---------------------------------------------------------------- python gRPC tools
@@ -377,6 +416,7 @@ write_env() {
 		export DOCKER_HOST=unix://$SOCK
 		export LAMBDA_IMAGED_TEST_DIR=$D
 		export LAMBDA_IMAGED_RIE_DIR=$RIE_DIR
+		export LAMBDA_IMAGED_TEST_REGISTRY=$REGISTRY
 	EOF
 	chmod 0644 "$tmp"
 	mv -f "$tmp" "$f"
@@ -401,13 +441,17 @@ main() {
 		ensure_rie
 		ensure_grpc_python
 		ensure_base
+		ensure_registry
 		# Checked after every start, and on request; a live daemon that answered is trusted.
 		if [ -n "$started" ] || [ -n "${LAMBDA_IMAGED_TEST_VERIFY:-}" ]; then
 			verify_containers
 		fi
 		write_env
 		;;
-	stop) stop_daemon ;;
+	stop)
+		stop_registry
+		stop_daemon
+		;;
 	status) answering ;;
 	env) [ -f "$D/env" ] && cat "$D/env" ;;
 	*) die "usage: $0 [up|stop|status|env]" ;;

@@ -342,3 +342,63 @@ async fn a_foreign_image_under_our_tag_is_rebuilt() {
     docker(&["rmi", "-f", "--no-prune", &done.tag]);
     daemon.stop().await;
 }
+
+/// The local test registry (`scripts/test-env.sh` starts it on loopback).
+fn registry() -> String {
+    std::env::var("LAMBDA_IMAGED_TEST_REGISTRY").unwrap_or_else(|_| {
+        panic!(
+            "LAMBDA_IMAGED_TEST_REGISTRY is not set: run `eval \"$(scripts/test-env.sh)\"` first"
+        )
+    })
+}
+
+/// A base missing from the engine is pulled before the build (never by the build itself):
+/// pull progress is streamed and the image builds; a base that no registry has is NOT_FOUND
+/// naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_base_is_pulled_and_an_unpullable_one_is_not_found() {
+    let daemon = TestDaemon::start().await;
+    let image = format!("{}/lambda-imaged-test/{}:1", registry(), unique("pulled"));
+    docker_ok(&["tag", "public.ecr.aws/lambda/python:3.12-x86_64", &image]);
+    docker_ok(&["push", &image]);
+    docker_ok(&["rmi", "--no-prune", &image]);
+    assert!(!docker(&["image", "inspect", &image]).status.success());
+
+    let request = proto::BuildRequest {
+        package_type: proto::PackageType::Image as i32,
+        image: image.clone(),
+        skip_pull_image: false,
+        ..Default::default()
+    };
+    let outcome = build(&daemon.socket, request.clone()).await;
+    let done = outcome.completed().clone();
+    assert!(
+        outcome.events.iter().any(
+            |e| matches!(&e.event, Some(Event::Log(l)) if l.text == format!("pulling {image}"))
+        )
+    );
+    docker_ok(&["image", "inspect", &image]);
+    let repository = image.strip_suffix(":1").unwrap();
+    assert_eq!(
+        done.tag,
+        format!("{repository}:rapid-x86_64"),
+        "registry port kept in the tag"
+    );
+    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+    docker(&["rmi", "--no-prune", &image]);
+
+    let missing = format!("{}/lambda-imaged-test/{}:1", registry(), unique("nowhere"));
+    let request = proto::BuildRequest {
+        image: missing.clone(),
+        ..request
+    };
+    let outcome = build(&daemon.socket, request).await;
+    assert_eq!(
+        outcome.status().code(),
+        Code::NotFound,
+        "{}",
+        outcome.status().message()
+    );
+    assert!(outcome.status().message().contains(&missing));
+    daemon.stop().await;
+}
