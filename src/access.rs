@@ -25,7 +25,9 @@ pub struct Peer {
 impl Peer {
     /// The peer with its supplementary groups read from procfs (empty if the process is gone).
     pub fn new(uid: u32, gid: u32, pid: Option<i32>) -> Peer {
-        let groups = pid.map(supplementary_groups).unwrap_or_default();
+        let groups = pid
+            .map(|pid| supplementary_groups(pid, uid, gid))
+            .unwrap_or_default();
         Peer {
             uid,
             gid,
@@ -35,19 +37,33 @@ impl Peer {
     }
 }
 
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Groups:"))
-                .map(|groups| {
-                    groups
-                        .split_whitespace()
-                        .filter_map(|g| g.parse().ok())
-                        .collect()
-                })
+/// The groups of process `pid`, if it is still the process that connected: the pid in
+/// SO_PEERCRED may have been reused by another process since, so the status file's effective
+/// uid and gid must match the peer's; otherwise no supplementary groups (fewer rights).
+fn supplementary_groups(pid: i32, uid: u32, gid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let effective = |key: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    if effective("Uid:") != Some(uid) || effective("Gid:") != Some(gid) {
+        return Vec::new();
+    }
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .map(|groups| {
+            groups
+                .split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
         })
         .unwrap_or_default()
 }
@@ -114,16 +130,26 @@ pub fn as_peer<T>(peer: Option<&Peer>, f: impl FnOnce() -> Result<T>) -> Result<
     result
 }
 
-/// Runs `f` with the daemon's own rights while inside [`as_peer`] (to write the cache).
-pub fn as_daemon<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f` with the daemon's own rights while inside [`as_peer`] (to use the cache).
+pub fn as_daemon<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     let saved = Saved::current();
     if saved.fsuid == own_uid() && saved.groups.is_none() {
         return f();
     }
-    let restore = Saved::root();
-    restore.apply();
+    if !Saved::root().apply() {
+        return Err(Error::Internal(
+            "could not take the daemon's own filesystem rights".into(),
+        ));
+    }
     let result = f();
-    saved.apply();
+    if !saved.apply() {
+        // Fail closed: never go on reading for the peer with the daemon's rights.
+        Saved::root().apply();
+        CURRENT.with(|current| *current.borrow_mut() = None);
+        return Err(Error::Internal(
+            "could not return to the client's filesystem rights".into(),
+        ));
+    }
     result
 }
 
@@ -160,20 +186,21 @@ impl Saved {
         }
     }
 
-    fn apply(&self) {
-        // SAFETY: plain syscalls on this thread's credentials; the values are valid ids.
+    /// Sets this thread's filesystem credentials; false if any part did not take.
+    fn apply(&self) -> bool {
+        let groups = match &self.groups {
+            Some(groups) => groups.clone(),
+            None => process_groups(),
+        };
+        // SAFETY: plain syscalls on this thread's credentials with a valid buffer; querying
+        // with an invalid id (u32::MAX) changes nothing and returns the current value.
         unsafe {
-            match &self.groups {
-                Some(groups) => {
-                    libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
-                }
-                None => {
-                    let own = process_groups();
-                    libc::syscall(libc::SYS_setgroups, own.len(), own.as_ptr());
-                }
-            }
+            let set = libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0;
             libc::setfsgid(self.fsgid);
             libc::setfsuid(self.fsuid);
+            let fsgid = libc::setfsgid(u32::MAX) as u32;
+            let fsuid = libc::setfsuid(u32::MAX) as u32;
+            set && fsgid == self.fsgid && fsuid == self.fsuid
         }
     }
 }
@@ -299,7 +326,7 @@ mod tests {
             })
             .unwrap();
             let written = as_peer(Some(&nobody), || {
-                Ok(as_daemon(|| std::fs::read(&secret).is_ok()))
+                as_daemon(|| Ok(std::fs::read(&secret).is_ok()))
             })
             .unwrap();
             let after = std::fs::read(&secret).is_ok();

@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::layers::{StatCache, hash_file};
+use crate::layers::{StatCache, StatKey, changed_under_us, hash_file, open_regular};
 
 /// Limits on what one archive may extract to.
 #[derive(Debug, Clone, Copy)]
@@ -44,9 +44,9 @@ impl Default for ZipLimits {
 /// True when `path` is a regular file that starts like a zip archive.
 pub fn is_zip(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
+    open_regular(path)
+        .ok()
+        .is_some_and(|mut f| f.read_exact(&mut magic).is_ok())
         && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06")
 }
 
@@ -87,10 +87,22 @@ impl ZipStore {
     /// peer's rights when called inside `access::as_peer`; the cache is written with the
     /// daemon's own rights.
     pub fn extracted(&self, name: &str, archive: &Path, cache: &StatCache) -> Result<PathBuf> {
-        let mut file =
-            File::open(archive).map_err(|err| Error::io("reading layer", archive, &err))?;
+        let mut file = open_regular(archive)?;
+        let before = file
+            .metadata()
+            .map_err(|err| Error::io("reading", archive, &err))?;
         let digest = hex::encode(cache.digest_of_open(archive, &mut file)?);
-        crate::access::as_daemon(|| self.extract_once(name, archive, file, &digest))
+        // The archive is the client's and may be rewritten while we read it twice (hash, then
+        // extract): the cache entry is published only if it is still the same file after.
+        let check = file
+            .try_clone()
+            .map_err(|err| Error::io("reading", archive, &err))?;
+        let unchanged = move || {
+            check
+                .metadata()
+                .is_ok_and(|now| StatKey::of(&now) == StatKey::of(&before))
+        };
+        crate::access::as_daemon(|| self.extract_once(name, archive, file, &digest, &unchanged))
     }
 
     fn extract_once(
@@ -99,6 +111,7 @@ impl ZipStore {
         archive: &Path,
         file: File,
         digest: &str,
+        unchanged: &dyn Fn() -> bool,
     ) -> Result<PathBuf> {
         let target = self.root.join(digest);
         let lock = {
@@ -114,7 +127,13 @@ impl ZipStore {
         let temp = self
             .root
             .join(format!(".tmp-{digest}-{}", uuid::Uuid::new_v4().simple()));
-        let result = extract(name, archive, file, digest, &temp, self.limits);
+        let result = extract(name, archive, file, digest, &temp, self.limits).and_then(|()| {
+            if unchanged() {
+                Ok(())
+            } else {
+                Err(changed_under_us(archive))
+            }
+        });
         if let Err(err) = result {
             let _ = fs::remove_dir_all(&temp);
             return Err(err);

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::engine::RunConfig;
@@ -406,7 +407,17 @@ impl Builds {
                     let future = (driver.take().expect("driver used once"))(reporter);
                     let builds = self.clone();
                     tokio::spawn(async move {
-                        let outcome = future.await;
+                        // A panic in the driver must still end the build for everyone waiting.
+                        let outcome = std::panic::AssertUnwindSafe(future)
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(Error::Internal(
+                                    "the build failed unexpectedly (a bug in lambda-imaged; its \
+                                     log has details); retry"
+                                        .into(),
+                                ))
+                            });
                         builds
                             .table
                             .remove_if(&flight.tag, |_, v| Arc::ptr_eq(v, &flight));

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::access::{self, Peer};
 use crate::error::{Error, Result};
-use crate::layers::{Kind, Tree};
+use crate::layers::{Kind, StatKey, Tree, open_regular};
 
 const CHUNK: usize = 64 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 8;
@@ -94,13 +94,15 @@ fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
             let path = format!("opt/{}", entry.path);
             match &entry.kind {
                 Kind::Dir => append_dir(&mut tar, &path)?,
-                Kind::File { source, size } => {
+                Kind::File { source, size, key } => {
                     let file = if entry.from_cache {
                         access::as_daemon(|| open_exact(source))?
                     } else {
                         open_exact(source)?
                     };
-                    if file.size != *size {
+                    // The very file that was walked and hashed, or the image would not match
+                    // its fingerprint.
+                    if file.size != *size || file.key != *key {
                         return Err(changed(source));
                     }
                     append(&mut tar, &path, entry.mode, *size, file)?;
@@ -146,6 +148,13 @@ fn append_dir(tar: &mut tar::Builder<&mut ChanWriter>, path: &str) -> Result<()>
 }
 
 fn tar_error(err: io::Error) -> Error {
+    // A layer file that changed while streamed (ExactFile) is the client's to fix, not ours.
+    if err
+        .to_string()
+        .contains("changed while the build context was being sent")
+    {
+        return Error::FailedPrecondition(err.to_string());
+    }
     // The only writer is the channel; it fails when the engine stopped reading, or a source
     // file changed size under us (ExactFile says which).
     Error::Unavailable(format!("build context upload stopped: {err}"))
@@ -164,19 +173,21 @@ struct ExactFile {
     file: File,
     path: PathBuf,
     size: u64,
+    key: StatKey,
     remaining: u64,
 }
 
 fn open_exact(path: &Path) -> Result<ExactFile> {
-    let file = File::open(path).map_err(|err| Error::io("reading", path, &err))?;
-    let size = file
+    let file = open_regular(path)?;
+    let meta = file
         .metadata()
-        .map_err(|err| Error::io("reading", path, &err))?
-        .len();
+        .map_err(|err| Error::io("reading", path, &err))?;
+    let (size, key) = (meta.len(), StatKey::of(&meta));
     Ok(ExactFile {
         file,
         path: path.to_owned(),
         size,
+        key,
         remaining: size,
     })
 }

@@ -274,7 +274,7 @@ impl Engine {
         let client = self
             .client()
             .await?
-            .with_timeout(self.build_timeout + CALL_TIMEOUT);
+            .with_timeout(self.build_timeout.saturating_add(CALL_TIMEOUT));
         Ok(spawn_build(client, options, body))
     }
 
@@ -419,6 +419,7 @@ impl Engine {
             };
             // The events call must not time out while idle.
             let events_client = client.with_timeout(Duration::from_secs(u64::from(u32::MAX)));
+            let attached = std::time::Instant::now();
             let mut events = events_client.events(Some(options));
             while let Some(event) = events.next().await {
                 match event {
@@ -433,6 +434,10 @@ impl Engine {
             }
             self.invalidate(false);
             self.reset_client().await;
+            if attached.elapsed() < Duration::from_secs(1) {
+                // Ended at once (a proxy, an engine quirk): do not spin.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }

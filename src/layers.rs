@@ -43,6 +43,11 @@ impl Default for Limits {
     }
 }
 
+/// Deepest directory nesting a layer may have (links followed included).
+const MAX_DEPTH: usize = 128;
+/// Longest path inside a layer.
+const MAX_PATH_BYTES: usize = 4096;
+
 /// What an entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -51,6 +56,9 @@ pub enum Kind {
     File {
         source: PathBuf,
         size: u64,
+        /// The file's identity when walked; it must be the same file when hashed and when
+        /// streamed, or the image could hold other bytes than its fingerprint says.
+        key: StatKey,
     },
     /// A link kept as a link; `target` as written (relative, stays inside the layer).
     Symlink {
@@ -214,6 +222,15 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     fn dir(&mut self, dir: &Path, rel: &str, meta: &fs::Metadata) -> Result<()> {
+        // The walk recurses (also through dereferenced links): bound it, so a chain of links
+        // cannot exhaust the thread's stack.
+        if rel.len() > MAX_PATH_BYTES || rel.matches('/').count() >= MAX_DEPTH {
+            return Err(Error::InvalidArgument(format!(
+                "layer {:?}: {rel:?} is nested deeper than {MAX_DEPTH} directories or longer \
+                 than {MAX_PATH_BYTES} bytes (a chain of links?)",
+                self.name
+            )));
+        }
         let id = (meta.dev(), meta.ino());
         if !self.stack.insert(id) {
             return Err(Error::InvalidArgument(format!(
@@ -265,6 +282,7 @@ impl Walker<'_> {
             let kind = Kind::File {
                 source: path.to_owned(),
                 size: meta.len(),
+                key: StatKey::of(meta),
             };
             self.push(rel, kind, mode);
             return Ok(());
@@ -298,6 +316,12 @@ impl Walker<'_> {
                 self.name,
                 path.display()
             )),
+            Some(libc::EACCES) => Error::PermissionDenied(format!(
+                "layer {:?}: link {} points to {}, which the client may not read",
+                self.name,
+                path.display(),
+                target.display()
+            )),
             _ => Error::NotFound(format!(
                 "layer {:?}: link {} points to {}, which cannot be read ({err})",
                 self.name,
@@ -319,6 +343,7 @@ impl Walker<'_> {
                 Kind::File {
                     source: real,
                     size: meta.len(),
+                    key: StatKey::of(&meta),
                 },
                 mode,
             );
@@ -376,9 +401,9 @@ fn layer_digest(entries: &[Entry], cache: &StatCache) -> Result<String> {
         hasher.update([0]);
         match &entry.kind {
             Kind::Dir => hasher.update(b"d"),
-            Kind::File { source, .. } => {
+            Kind::File { source, key, .. } => {
                 hasher.update(format!("f{:o}", entry.mode));
-                hasher.update(cache.file_digest(source)?);
+                hasher.update(cache.file_digest_of(source, key)?);
             }
             Kind::Symlink { target } => {
                 hasher.update(b"l");
@@ -392,7 +417,7 @@ fn layer_digest(entries: &[Entry], cache: &StatCache) -> Result<String> {
 
 /// The (device, inode, size, mtime, ctime) key of git's index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StatKey {
+pub struct StatKey {
     dev: u64,
     ino: u64,
     size: u64,
@@ -401,7 +426,8 @@ struct StatKey {
 }
 
 impl StatKey {
-    fn of(meta: &fs::Metadata) -> StatKey {
+    /// The key of `meta`.
+    pub fn of(meta: &fs::Metadata) -> StatKey {
         StatKey {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -527,8 +553,19 @@ impl StatCache {
     /// file is opened either way (with the calling thread's rights), so a cached digest is
     /// never handed out for a file the caller could not read.
     pub fn file_digest(&self, path: &Path) -> Result<[u8; 32]> {
-        let mut file =
-            File::open(path).map_err(|err| Error::io("reading layer file", path, &err))?;
+        let mut file = open_regular(path)?;
+        self.digest_of_open(path, &mut file)
+    }
+
+    /// Like [`StatCache::file_digest`], failing when the file is no longer the one walked.
+    pub fn file_digest_of(&self, path: &Path, walked: &StatKey) -> Result<[u8; 32]> {
+        let mut file = open_regular(path)?;
+        let now = file
+            .metadata()
+            .map_err(|err| Error::io("reading", path, &err))?;
+        if StatKey::of(&now) != *walked {
+            return Err(changed_under_us(path));
+        }
         self.digest_of_open(path, &mut file)
     }
 
@@ -556,7 +593,8 @@ impl StatCache {
         }
         let started = SystemTime::now();
         tracing::debug!(path = %path.display(), size = key.size, "hashing");
-        let digest = hash_reader(path, &mut *file)?;
+        // Never more than the size just seen: a file growing under us cannot keep us reading.
+        let digest = hash_reader(path, &mut Read::take(&mut *file, key.size))?;
         file.rewind()
             .map_err(|err| Error::io("reading", path, &err))?;
         self.files_hashed.fetch_add(1, Ordering::Relaxed);
@@ -575,6 +613,35 @@ fn settled(key: &StatKey, started: SystemTime) -> bool {
         .unwrap_or_default()
         .as_nanos() as i128;
     key.ctime_ns.max(key.mtime_ns) + (RACY_WINDOW.as_nanos() as i128) < started_ns
+}
+
+/// The error for a layer file that changed while a request was reading it.
+pub fn changed_under_us(path: &Path) -> Error {
+    Error::FailedPrecondition(format!(
+        "{} changed while the request was reading it; retry once it is stable",
+        path.display()
+    ))
+}
+
+/// Opens a file that must be a regular file. O_NONBLOCK so that a path swapped for a fifo
+/// cannot hang the reading thread; a device or fifo is refused after the open.
+pub fn open_regular(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|err| Error::io("reading layer file", path, &err))?;
+    let meta = file
+        .metadata()
+        .map_err(|err| Error::io("reading", path, &err))?;
+    if !meta.is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a regular file (a fifo, socket or device cannot be part of an image)",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// sha256 of a file's content.

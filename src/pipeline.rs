@@ -239,7 +239,17 @@ pub async fn run(
     }
     let tree = tree.map(Arc::new);
 
-    let base = ensure_base(engine, &plan, &reporter).await?;
+    // A registry that stalls mid-pull must not hang this tag forever.
+    let base = tokio::time::timeout(shared.build_timeout, ensure_base(engine, &plan, &reporter))
+        .await
+        .map_err(|_| {
+            Error::DeadlineExceeded(format!(
+                "getting base image {} took longer than --build-timeout ({}s); check the \
+                 registry, or pull it yourself",
+                plan.base,
+                shared.build_timeout.as_secs()
+            ))
+        })??;
     if let Some(mismatch) = arch_mismatch(&base, plan.arch) {
         reporter.emit(Event::Warning {
             code: "arch_mismatch".into(),
@@ -531,9 +541,13 @@ async fn engine_build(
                 Err(Error::Internal(format!("context writer failed: {err}")))
             }));
     }
-    // The producer's own error is the real cause when the upload broke off.
+    // The producer's own error is the real cause when the upload broke off, unless it only
+    // saw the engine stop reading: then the engine's error says why.
     if let Some(Err(err)) = producer_result {
-        return Err(err);
+        let engine_stopped = err.to_string().contains("the engine stopped reading");
+        if !(engine_stopped && engine_error.is_some()) {
+            return Err(err);
+        }
     }
     if let Some(err) = engine_error {
         let err = shared.engine.map_error(err);

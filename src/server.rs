@@ -22,6 +22,8 @@ use crate::service::Service;
 const STAT_CACHE_FILE: &str = "statcache.v1.json";
 /// HTTP/2 streams one client connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// After every build ended at shutdown, how long streams may take to deliver their outcome.
+const STREAM_GRACE: Duration = Duration::from_secs(10);
 /// How often a changed stat cache is saved.
 const STAT_CACHE_SAVE_EVERY: Duration = Duration::from_secs(10);
 
@@ -132,6 +134,14 @@ impl Daemon {
         let (abort_tx, abort_rx) = watch::channel(false);
         let mut config = self.config.clone();
         config.socket = path.clone();
+        if config.socket_gid.is_none() {
+            // A socket systemd made (SocketGroup=): its group's members may use the daemon.
+            use std::os::unix::fs::MetadataExt;
+            config.socket_gid = std::fs::metadata(&path)
+                .ok()
+                .map(|m| m.gid())
+                .filter(|g| *g != 0);
+        }
         let service = Service::new(&config, self.shared.clone(), self.builds.clone(), abort_rx);
         let builds = self.builds.clone();
         let shutdown_timeout = self.config.shutdown_timeout;
@@ -148,8 +158,14 @@ impl Daemon {
                     left,
                     "shutdown timeout passed; ending the remaining streams"
                 );
-                // Only now: streams of builds that finished must deliver their outcome.
                 abort_tx.send_replace(true);
+            } else {
+                // Every build ended: give their streams a grace period to deliver the outcome,
+                // then end any stream whose client stopped reading, so shutdown cannot hang.
+                tokio::spawn(async move {
+                    tokio::time::sleep(STREAM_GRACE).await;
+                    abort_tx.send_replace(true);
+                });
             }
         };
 

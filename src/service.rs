@@ -77,14 +77,18 @@ fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
 impl Service {
     /// The peer, if allowed; PERMISSION_DENIED (logged) otherwise.
     fn authorize<T>(&self, request: &Request<T>, rpc: &str) -> Result<Option<Peer>, Status> {
-        let peer = peer_of(request);
-        if let Some(peer) = &peer {
-            if let Err(err) = self.policy.check(peer) {
-                tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, rpc, "request denied");
-                return Err(err.into_status());
-            }
+        // Fail closed: a connection without peer credentials is not a Unix-socket peer we know.
+        let Some(peer) = peer_of(request) else {
+            tracing::warn!(rpc, "request denied: no peer credentials");
+            return Err(Status::permission_denied(
+                "no peer credentials on this connection; connect over the daemon's Unix socket",
+            ));
+        };
+        if let Err(err) = self.policy.check(&peer) {
+            tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, rpc, "request denied");
+            return Err(err.into_status());
         }
-        Ok(peer)
+        Ok(Some(peer))
     }
 }
 

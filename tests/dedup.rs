@@ -387,3 +387,44 @@ async fn a_forced_request_joins_a_running_build_of_the_same_inputs() {
     docker(&["rmi", "-f", "--no-prune", &first.completed().tag]);
     daemon.stop().await;
 }
+
+/// A layer file rewritten (same size) between the walk that fingerprinted it and the upload
+/// fails the build: the image never holds other bytes than its fingerprint describes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_swapped_after_fingerprinting_fails_the_build() {
+    let (before, after) = gated();
+    let daemon = daemon_with(&before, &after, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = layer(dir.path(), "l", "version 1");
+    let request = zip_request(&[(&unique("swap"), &path)]);
+    let client = {
+        let (socket, request) = (daemon.socket.clone(), request.clone());
+        tokio::spawn(async move { build(&socket, request).await })
+    };
+    until("the build to wait at the gate", || {
+        daemon
+            .builds
+            .list()
+            .0
+            .first()
+            .is_some_and(|s| s.phase == Phase::Running)
+    })
+    .await;
+    write_file(&path.join("message.txt"), "version 2", 0o644);
+    before.add_permits(1);
+    after.add_permits(1);
+    let outcome = client.await.unwrap();
+    let status = outcome.status();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("message.txt"),
+        "{}",
+        status.message()
+    );
+    daemon.stop().await;
+}
