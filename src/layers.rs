@@ -45,6 +45,8 @@ impl Default for Limits {
 
 /// Deepest directory nesting a layer may have (links followed included).
 const MAX_DEPTH: usize = 128;
+/// Skipped special files warned about one by one, per layer.
+const MAX_SKIP_WARNINGS: usize = 20;
 /// Longest path inside a layer.
 const MAX_PATH_BYTES: usize = 4096;
 
@@ -144,6 +146,7 @@ pub fn walk(
             budget: &mut budget,
             stack: HashSet::new(),
             from_cache,
+            skips: 0,
         };
         let mut entries = if from_cache {
             // Our own cache: read with the daemon's rights (the archive was read as the peer).
@@ -218,6 +221,8 @@ struct Walker<'a> {
     /// (dev, ino) of the directories being walked: a dereferenced link back into one is a loop.
     stack: HashSet<(u64, u64)>,
     from_cache: bool,
+    /// Special files skipped so far in this layer.
+    skips: usize,
 }
 
 impl Walker<'_> {
@@ -290,14 +295,35 @@ impl Walker<'_> {
         if file_type.is_symlink() {
             return self.symlink(path, rel);
         }
-        self.warnings.push(Warning {
-            code: "skipped_special_file",
-            message: format!(
-                "layer {:?}: skipped {} (a socket, fifo or device cannot be part of an image)",
-                self.name,
-                path.display()
-            ),
-        });
+        let message = format!(
+            "layer {:?}: skipped {} (a socket, fifo or device cannot be part of an image)",
+            self.name,
+            path.display()
+        );
+        self.skipped(message)
+    }
+
+    /// Notes a skipped special file: it counts against the entry limit, and only the first
+    /// [`MAX_SKIP_WARNINGS`] get a warning of their own.
+    fn skipped(&mut self, message: String) -> Result<()> {
+        self.budget.add(0)?;
+        self.skips += 1;
+        match self.skips.cmp(&MAX_SKIP_WARNINGS) {
+            std::cmp::Ordering::Less => {
+                self.warnings.push(Warning {
+                    code: "skipped_special_file",
+                    message,
+                });
+            }
+            std::cmp::Ordering::Equal => self.warnings.push(Warning {
+                code: "skipped_special_file",
+                message: format!(
+                    "layer {:?}: more sockets, fifos or devices skipped; not listed one by one",
+                    self.name
+                ),
+            }),
+            std::cmp::Ordering::Greater => {}
+        }
         Ok(())
     }
 
@@ -349,15 +375,12 @@ impl Walker<'_> {
             );
             return Ok(());
         }
-        self.warnings.push(Warning {
-            code: "skipped_special_file",
-            message: format!(
-                "layer {:?}: skipped link {} to a socket, fifo or device",
-                self.name,
-                path.display()
-            ),
-        });
-        Ok(())
+        let message = format!(
+            "layer {:?}: skipped link {} to a socket, fifo or device",
+            self.name,
+            path.display()
+        );
+        self.skipped(message)
     }
 
     fn push(&mut self, path: String, kind: Kind, mode: u32) {
@@ -825,6 +848,41 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names.len(), 2, "no temp files left: {names:?}");
+    }
+
+    /// Fifos are skipped with a bounded number of warnings and count against the entry limit.
+    #[test]
+    fn special_files_are_skipped_counted_and_warned_about_boundedly() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        fs::create_dir_all(&layer).unwrap();
+        write(&layer.join("real.txt"), "x", 0o644);
+        for index in 0..30 {
+            let path = std::ffi::CString::new(
+                layer
+                    .join(format!("fifo{index}"))
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            )
+            .unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+        }
+        let tree = walk(
+            &[spec("l", &layer)],
+            Limits::default(),
+            &StatCache::default(),
+            &zips(),
+        )
+        .unwrap();
+        assert_eq!(tree.entries.keys().collect::<Vec<_>>(), ["real.txt"]);
+        assert_eq!(tree.warnings.len(), MAX_SKIP_WARNINGS);
+        let tight = Limits {
+            max_entries: 10,
+            max_bytes: 1 << 20,
+        };
+        let err = walk(&[spec("l", &layer)], tight, &StatCache::default(), &zips()).unwrap_err();
+        assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
     }
 
     #[test]
