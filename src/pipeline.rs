@@ -46,6 +46,8 @@ pub struct Shared {
     pub max_cache_bytes: Option<u64>,
     /// Test hooks (see `config::TestHooks`).
     pub hooks: TestHooks,
+    /// Bounds concurrent layer walks (hashing), one per CPU and at least two.
+    pub walks: Semaphore,
 }
 
 /// Where the RIE for `arch` is read from.
@@ -198,7 +200,13 @@ pub async fn run(
 
     let rie = rie_path(&shared.rie_dir, plan.arch);
     // One trip to the blocking pool for all file I/O (a warm hit is a few stats; each trip
-    // costs a thread hand-off).
+    // costs a thread hand-off). Walks are bounded (`walks`): many large distinct requests
+    // must not fill the blocking pool that running builds stream from.
+    let walk_permit = shared
+        .walks
+        .acquire()
+        .await
+        .map_err(|_| Error::Unavailable("daemon shutting down".into()))?;
     let (rie_digest, tree) = {
         let (cache, path, specs, limits) = (
             shared.stat_cache.clone(),
@@ -238,6 +246,7 @@ pub async fn run(
         });
     }
     let tree = tree.map(Arc::new);
+    drop(walk_permit);
 
     // A registry that stalls mid-pull must not hang this tag forever.
     let base = tokio::time::timeout(shared.build_timeout, ensure_base(engine, &plan, &reporter))

@@ -63,6 +63,7 @@ impl Daemon {
             max_cache_bytes: config.max_cache_bytes,
             last_recorded: dashmap::DashMap::new(),
             hooks: config.hooks.clone(),
+            walks: tokio::sync::Semaphore::new(config.max_parallel_builds.max(2)),
         });
         Daemon {
             config,
