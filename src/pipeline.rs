@@ -23,6 +23,9 @@ use crate::layers::{self, Limits, StatCache};
 use crate::prune;
 use crate::resolve::{Arch, Plan};
 
+/// Layers with at most this many entries at their last walk are walked inline.
+const INLINE_WALK_ENTRIES: usize = 64;
+
 /// Label holding the content fingerprint of an image we built.
 pub const FINGERPRINT_LABEL: &str = "io.lambda-imaged.fingerprint";
 /// Label holding the per-part digests, so a rebuild can say what changed.
@@ -46,6 +49,8 @@ pub struct Shared {
     pub max_cache_bytes: Option<u64>,
     /// Test hooks (see `config::TestHooks`).
     pub hooks: TestHooks,
+    /// Entries each tag's layers had at its last walk (decides inline vs blocking pool).
+    pub walk_sizes: dashmap::DashMap<String, usize>,
     /// Bounds concurrent layer walks (hashing), one per CPU and at least two.
     pub walks: Semaphore,
 }
@@ -216,7 +221,7 @@ pub async fn run(
         );
         let zips = shared.zips.clone();
         let peer_for_walk = peer.clone();
-        blocking(move || {
+        let work = move || {
             let rie_digest = cache.file_digest(&path).map_err(|err| match err {
                 Error::NotFound(_) => Error::FailedPrecondition(format!(
                     "runtime interface emulator missing at {}; fetch it with `scripts/fetch-rie.sh {}` \
@@ -236,9 +241,30 @@ pub async fn run(
                 Some(walked.map_err(|err| access::denied_for(peer_for_walk.as_ref(), err))?)
             };
             Ok((rie_digest, tree))
-        })
-        .await?
+        };
+        // A layer this tag walked before with only a few entries costs microseconds: walk it
+        // right here instead of waking a blocking-pool thread, which on an idle machine costs
+        // more than the walk. The rights switch is per thread and this code does not yield,
+        // so the worker thread gets its own rights back before it runs anything else.
+        let small = shared
+            .walk_sizes
+            .get(&plan.tag)
+            .is_some_and(|n| *n <= INLINE_WALK_ENTRIES);
+        if small {
+            work()?
+        } else {
+            blocking(work).await?
+        }
     };
+    // Zip layers never go inline: a changed archive may need a long extraction.
+    let entries = tree.as_ref().map_or(0, |t| {
+        if t.entries.values().any(|e| e.from_cache) {
+            usize::MAX
+        } else {
+            t.entries.len()
+        }
+    });
+    shared.walk_sizes.insert(plan.tag.clone(), entries);
     for warning in tree.iter().flat_map(|t| t.warnings.iter()) {
         reporter.emit(Event::Warning {
             code: warning.code.into(),

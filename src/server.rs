@@ -64,6 +64,7 @@ impl Daemon {
             last_recorded: dashmap::DashMap::new(),
             hooks: config.hooks.clone(),
             walks: tokio::sync::Semaphore::new(config.max_parallel_builds.max(2)),
+            walk_sizes: dashmap::DashMap::new(),
         });
         Daemon {
             config,
