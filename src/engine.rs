@@ -294,15 +294,9 @@ impl Engine {
             Ok(containers) if containers.is_empty() => {}
             _ => return false,
         }
-        let options = RemoveImageOptions {
-            force: false,
-            noprune: false,
-            ..Default::default()
-        };
-        client
-            .remove_image(image_id, Some(options), None)
-            .await
-            .is_ok()
+        // Keep the untagged parents: they are build cache a concurrent build may be using
+        // right now ("unknown parent image ID" otherwise).
+        self.remove_image(image_id, false).await.is_ok()
     }
 
     /// Images carrying `label` (ours), with their tags, size and creation time.
