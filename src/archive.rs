@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::layers::{StatCache, StatKey, changed_under_us, hash_file, open_regular};
+use crate::layers::{StatCache, StatKey, changed_under_us, open_regular};
 
 /// Limits on what one archive may extract to.
 #[derive(Debug, Clone, Copy)]
@@ -393,11 +393,6 @@ fn set_dir_modes(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// sha256 of a file, hex (for callers that do not hold a stat cache).
-pub fn file_sha256(path: &Path) -> Result<String> {
-    hash_file(path).map(hex::encode)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::access::{self, Peer};
 use crate::error::{Error, Result};
-use crate::layers::{Kind, StatKey, Tree, open_regular};
+use crate::layers::{Kind, StatKey, Tree, changed_under_us, open_regular};
 
 const CHUNK: usize = 64 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 8;
@@ -103,7 +103,7 @@ fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
                     // The very file that was walked and hashed, or the image would not match
                     // its fingerprint.
                     if file.size != *size || file.key != *key {
-                        return Err(changed(source));
+                        return Err(changed_under_us(source));
                     }
                     append(&mut tar, &path, entry.mode, *size, file)?;
                 }
@@ -148,23 +148,16 @@ fn append_dir(tar: &mut tar::Builder<&mut ChanWriter>, path: &str) -> Result<()>
 }
 
 fn tar_error(err: io::Error) -> Error {
-    // A layer file that changed while streamed (ExactFile) is the client's to fix, not ours.
-    if err
-        .to_string()
-        .contains("changed while the build context was being sent")
+    // A source that failed with our own error (ExactFile: the file changed under us) carries
+    // it through the io::Error; keep its kind.
+    if let Some(ours) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>())
     {
-        return Error::FailedPrecondition(err.to_string());
+        return ours.clone();
     }
-    // The only writer is the channel; it fails when the engine stopped reading, or a source
-    // file changed size under us (ExactFile says which).
+    // Otherwise the only writer is the channel: the engine stopped reading.
     Error::Unavailable(format!("build context upload stopped: {err}"))
-}
-
-fn changed(path: &Path) -> Error {
-    Error::FailedPrecondition(format!(
-        "{} changed while the build context was being sent; retry the request",
-        path.display()
-    ))
 }
 
 /// A file that must yield exactly `size` bytes: a layer file that shrinks or grows while it is
@@ -202,7 +195,7 @@ impl Read for ExactFile {
             .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         let read = self.file.read(&mut buf[..limit])?;
         if read == 0 {
-            return Err(io::Error::other(changed(&self.path).to_string()));
+            return Err(io::Error::other(changed_under_us(&self.path)));
         }
         self.remaining -= read as u64;
         Ok(read)

@@ -667,12 +667,6 @@ pub fn open_regular(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// sha256 of a file's content.
-pub fn hash_file(path: &Path) -> Result<[u8; 32]> {
-    let mut file = File::open(path).map_err(|err| Error::io("reading", path, &err))?;
-    hash_reader(path, &mut file)
-}
-
 fn hash_reader(path: &Path, file: &mut impl Read) -> Result<[u8; 32]> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 256 * 1024];

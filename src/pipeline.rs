@@ -577,10 +577,9 @@ async fn engine_build(
             }));
     }
     // The producer's own error is the real cause when the upload broke off, unless it only
-    // saw the engine stop reading: then the engine's error says why.
+    // saw the engine stop reading (UNAVAILABLE): then the engine's error says why.
     if let Some(Err(err)) = producer_result {
-        let engine_stopped = err.to_string().contains("the engine stopped reading");
-        if !(engine_stopped && engine_error.is_some()) {
+        if !(matches!(err, Error::Unavailable(_)) && engine_error.is_some()) {
             return Err(err);
         }
     }
