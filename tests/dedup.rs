@@ -66,8 +66,7 @@ async fn concurrent_identical_requests_share_one_build() {
     let since = now_stamp();
     let mut clients = Vec::new();
     for _ in 0..8 {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        clients.push(tokio::spawn(async move { build(&socket, request).await }));
+        clients.push(spawn_build(&daemon.socket, request.clone()));
     }
     until("8 subscribers on one build", || {
         daemon.builds.in_flight() == 1 && subscribers(&daemon.builds) == 8
@@ -115,10 +114,7 @@ async fn late_joiner_gets_the_events_it_missed() {
     let path = layer(dir.path(), "l", "late");
     let name = unique("late");
     let request = zip_request(&[(&name, &path)]);
-    let early = {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let early = spawn_build(&daemon.socket, request.clone());
     before.add_permits(1);
     // The engine has finished (the build is parked at the after-build gate) once its log
     // holds "Successfully tagged": everything before that is history for the late joiner.
@@ -129,10 +125,7 @@ async fn late_joiner_gets_the_events_it_missed() {
         })
     })
     .await;
-    let late = {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let late = spawn_build(&daemon.socket, request.clone());
     until("two subscribers", || subscribers(&daemon.builds) == 2).await;
     after.add_permits(1);
     let (early, late) = (early.await.unwrap(), late.await.unwrap());
@@ -158,14 +151,8 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
     let path = layer(dir.path(), "l", "leave");
     let name = unique("leave");
     let request = zip_request(&[(&name, &path)]);
-    let leaver = {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        tokio::spawn(async move { build(&socket, request).await })
-    };
-    let stayer = {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let leaver = spawn_build(&daemon.socket, request.clone());
+    let stayer = spawn_build(&daemon.socket, request.clone());
     until("two subscribers", || subscribers(&daemon.builds) == 2).await;
     leaver.abort();
     until("the leaver to be gone", || subscribers(&daemon.builds) == 1).await;
@@ -176,10 +163,7 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
     docker(&["rmi", "-f", "--no-prune", &done.tag]);
 
     // Everyone leaves: the build still runs to its end.
-    let only = {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let only = spawn_build(&daemon.socket, request.clone());
     until("one subscriber", || subscribers(&daemon.builds) == 1).await;
     only.abort();
     until("no subscriber", || subscribers(&daemon.builds) == 0).await;
@@ -208,17 +192,9 @@ async fn same_tag_different_inputs_build_separately() {
     let one = layer(dir.path(), "one", "content one");
     let two = layer(dir.path(), "two", "content two");
     let name = unique("same");
-    let first = {
-        let socket = daemon.socket.clone();
-        let request = zip_request(&[(&name, &one)]);
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let first = spawn_build(&daemon.socket, zip_request(&[(&name, &one)]));
     until("the first build", || subscribers(&daemon.builds) == 1).await;
-    let second = {
-        let socket = daemon.socket.clone();
-        let request = zip_request(&[(&name, &two)]);
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let second = spawn_build(&daemon.socket, zip_request(&[(&name, &two)]));
     // The second request must not attach to the first build.
     tokio::task::yield_now().await;
     assert_eq!(subscribers(&daemon.builds), 1);
@@ -261,8 +237,7 @@ async fn a_failure_reaches_every_subscriber_and_the_next_request_retries() {
     let request = zip_request(&[(&name, &path)]);
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        clients.push(tokio::spawn(async move { build(&socket, request).await }));
+        clients.push(spawn_build(&daemon.socket, request.clone()));
     }
     until("three subscribers at the gate", || {
         subscribers(&daemon.builds) == 3
@@ -358,10 +333,7 @@ async fn a_forced_request_joins_a_running_build_of_the_same_inputs() {
     let name = unique("force");
     let request = zip_request(&[(&name, &path)]);
     let since = now_stamp();
-    let first = {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let first = spawn_build(&daemon.socket, request.clone());
     until("the build to hold a slot", || {
         daemon
             .builds
@@ -373,10 +345,7 @@ async fn a_forced_request_joins_a_running_build_of_the_same_inputs() {
     .await;
     let mut forced_request = request.clone();
     forced_request.force_image_build = true;
-    let forced = {
-        let socket = daemon.socket.clone();
-        tokio::spawn(async move { build(&socket, forced_request).await })
-    };
+    let forced = spawn_build(&daemon.socket, forced_request);
     until("two subscribers", || subscribers(&daemon.builds) == 2).await;
     before.add_permits(1);
     after.add_permits(1);
@@ -397,10 +366,7 @@ async fn a_file_swapped_after_fingerprinting_fails_the_build() {
     let dir = tempfile::tempdir().unwrap();
     let path = layer(dir.path(), "l", "version 1");
     let request = zip_request(&[(&unique("swap"), &path)]);
-    let client = {
-        let (socket, request) = (daemon.socket.clone(), request.clone());
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let client = spawn_build(&daemon.socket, request.clone());
     until("the build to wait at the gate", || {
         daemon
             .builds

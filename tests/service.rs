@@ -675,10 +675,7 @@ async fn shutdown_refuses_new_builds_and_finishes_those_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     let request = zip_request(&[(&unique("drain"), &layer(dir.path(), "l", "drain"))]);
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (socket, request) = (daemon.socket.clone(), request.clone());
-            tokio::spawn(async move { build(&socket, request).await })
-        })
+        .map(|_| spawn_build(&daemon.socket, request.clone()))
         .collect();
     let (socket, builds) = (daemon.socket.clone(), daemon.builds.clone());
     until(
@@ -769,10 +766,7 @@ async fn shutdown_timeout_ends_waiting_streams_with_unavailable() {
     let daemon = gated_daemon(&gate, Duration::from_secs(1)).await;
     let dir = tempfile::tempdir().unwrap();
     let request = zip_request(&[(&unique("timeout"), &layer(dir.path(), "l", "timeout"))]);
-    let in_flight = {
-        let socket = daemon.socket.clone();
-        tokio::spawn(async move { build(&socket, request).await })
-    };
+    let in_flight = spawn_build(&daemon.socket, request);
     let builds = daemon.builds.clone();
     until("the build to be held at the gate", || async {
         held_at_gate(&builds)

@@ -199,6 +199,15 @@ pub async fn build(socket: &Path, request: proto::BuildRequest) -> Outcome {
     }
 }
 
+/// Starts one Build on a task of its own (for concurrent clients); its handle yields the outcome.
+pub fn spawn_build(
+    socket: &Path,
+    request: proto::BuildRequest,
+) -> tokio::task::JoinHandle<Outcome> {
+    let socket = socket.to_owned();
+    tokio::spawn(async move { build(&socket, request).await })
+}
+
 /// Runs the docker CLI against the test engine.
 pub fn docker(args: &[&str]) -> Output {
     Command::new("docker")
