@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::layers::{StatCache, StatKey, changed_under_us, open_regular};
+use crate::stat_cache::{StatCache, StatKey, changed_under_us, open_regular};
 
 /// Limits on what one archive may extract to.
 #[derive(Debug, Clone, Copy)]

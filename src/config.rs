@@ -1,13 +1,12 @@
 //! The daemon's settings, validated once at start-up.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::Semaphore;
 
 use crate::archive::ZipLimits;
 use crate::layers::Limits;
+/// Re-exported: tests set the hooks through [`Config::hooks`].
+pub use crate::pipeline::TestHooks;
 
 /// Everything the daemon needs to run.
 #[derive(Debug, Clone)]
@@ -40,16 +39,6 @@ pub struct Config {
     pub allow_gids: Vec<u32>,
     /// Points where tests hold builds. Never set by flags.
     pub hooks: TestHooks,
-}
-
-/// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
-/// set, consumes one permit per build.
-#[derive(Debug, Clone, Default)]
-pub struct TestHooks {
-    /// Before the engine build starts (a build slot is already held).
-    pub before_build: Option<Arc<Semaphore>>,
-    /// After the engine finished building, before the outcome is published.
-    pub after_build: Option<Arc<Semaphore>>,
 }
 
 fn is_root() -> bool {

@@ -20,7 +20,8 @@ use tokio::task::JoinHandle;
 
 use crate::access::{self, Peer};
 use crate::error::{Error, Result};
-use crate::layers::{Kind, StatKey, Tree, changed_under_us, open_regular};
+use crate::layers::{Kind, Tree};
+use crate::stat_cache::{StatKey, changed_under_us, open_regular};
 
 const CHUNK: usize = 64 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 8;
@@ -250,8 +251,9 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
-    use crate::layers::{Limits, StatCache, walk};
+    use crate::layers::{Limits, walk};
     use crate::resolve::LayerSpec;
+    use crate::stat_cache::StatCache;
 
     async fn collect(spec: Spec) -> Vec<u8> {
         let sent = Arc::new(AtomicU64::new(0));

@@ -7,23 +7,20 @@
 //! execute bit become 0755, other files 0644; setuid/setgid/sticky never survive. Later layers
 //! win, as in Lambda.
 //!
-//! File contents are hashed through a [`StatCache`], keyed like git's index by (device, inode,
-//! size, mtime, ctime), so an unchanged layer costs one walk and no reads.
+//! File contents are hashed through a [`StatCache`] (see `stat_cache.rs`), so an unchanged layer
+//! costs one walk and no reads.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
 use crate::archive::{ZipStore, is_zip};
 use crate::error::{Error, Result};
 use crate::resolve::LayerSpec;
+use crate::stat_cache::{StatCache, StatKey};
 
 /// Limits on what one request may send.
 #[derive(Debug, Clone, Copy)]
@@ -438,250 +435,6 @@ fn layer_digest(entries: &[Entry], cache: &StatCache) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// The (device, inode, size, mtime, ctime) key of git's index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StatKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-}
-
-impl StatKey {
-    /// The key of `meta`.
-    pub fn of(meta: &fs::Metadata) -> StatKey {
-        StatKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
-        }
-    }
-}
-
-/// File timestamps come from a coarse clock: a file changed within this window of being hashed
-/// may keep the same key, so its hash is not remembered (git's "racy" entries).
-const RACY_WINDOW: Duration = Duration::from_secs(2);
-
-/// Per-file content hashes keyed by stat data.
-#[derive(Debug, Default)]
-pub struct StatCache {
-    files: Mutex<HashMap<PathBuf, (StatKey, [u8; 32])>>,
-    /// Files read and hashed (misses), for GetInfo and the benchmarks.
-    pub files_hashed: AtomicU64,
-    /// Bytes read for hashing.
-    pub bytes_hashed: AtomicU64,
-    /// Entries added since the last save.
-    dirty: AtomicBool,
-}
-
-/// On-disk form of the stat cache. A file of another version, or one that does not parse, is
-/// ignored (and replaced at the next save), never trusted.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Persisted {
-    version: u32,
-    /// (path, dev, ino, size, mtime_ns, ctime_ns, sha256 hex)
-    entries: Vec<(PathBuf, u64, u64, u64, i128, i128, String)>,
-}
-
-const PERSISTED_VERSION: u32 = 1;
-
-impl StatCache {
-    /// Loads the cache saved at `path`; anything unreadable gives an empty cache.
-    pub fn load(path: &Path) -> StatCache {
-        let cache = StatCache::default();
-        let Ok(bytes) = fs::read(path) else {
-            return cache;
-        };
-        let Ok(persisted) = serde_json::from_slice::<Persisted>(&bytes) else {
-            tracing::warn!(path = %path.display(), "ignoring an unreadable stat cache");
-            return cache;
-        };
-        if persisted.version != PERSISTED_VERSION {
-            tracing::warn!(path = %path.display(), version = persisted.version, "ignoring a stat cache of another version");
-            return cache;
-        }
-        let mut files = cache.lock();
-        for (file, dev, ino, size, mtime_ns, ctime_ns, digest) in persisted.entries {
-            let mut bytes = [0u8; 32];
-            if hex::decode_to_slice(&digest, &mut bytes).is_ok() {
-                files.insert(
-                    file,
-                    (
-                        StatKey {
-                            dev,
-                            ino,
-                            size,
-                            mtime_ns,
-                            ctime_ns,
-                        },
-                        bytes,
-                    ),
-                );
-            }
-        }
-        drop(files);
-        cache
-    }
-
-    /// Saves the cache atomically (temp file, fsync, rename) if it changed since the last save.
-    pub fn save_if_dirty(&self, path: &Path) -> Result<()> {
-        if !self.dirty.swap(false, Ordering::Relaxed) {
-            return Ok(());
-        }
-        let entries = self
-            .lock()
-            .iter()
-            .map(|(file, (k, digest))| {
-                (
-                    file.clone(),
-                    k.dev,
-                    k.ino,
-                    k.size,
-                    k.mtime_ns,
-                    k.ctime_ns,
-                    hex::encode(digest),
-                )
-            })
-            .collect();
-        let persisted = Persisted {
-            version: PERSISTED_VERSION,
-            entries,
-        };
-        let bytes = serde_json::to_vec(&persisted)
-            .map_err(|err| Error::Internal(format!("serialising the stat cache: {err}")))?;
-        let temp = path.with_extension(format!("tmp-{}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut file = File::create(&temp)?;
-            io::Write::write_all(&mut file, &bytes)?;
-            file.sync_all()?;
-            fs::rename(&temp, path)?;
-            if let Some(parent) = path.parent() {
-                File::open(parent)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write().map_err(|err| {
-            let _ = fs::remove_file(&temp);
-            self.dirty.store(true, Ordering::Relaxed);
-            Error::io("saving the stat cache", path, &err)
-        })
-    }
-}
-
-impl StatCache {
-    /// The sha256 of `path`'s content, from the cache when its stat key is unchanged. The
-    /// file is opened either way (with the calling thread's rights), so a cached digest is
-    /// never handed out for a file the caller could not read.
-    pub fn file_digest(&self, path: &Path) -> Result<[u8; 32]> {
-        let mut file = open_regular(path)?;
-        self.digest_of_open(path, &mut file)
-    }
-
-    /// Like [`StatCache::file_digest`], failing when the file is no longer the one walked.
-    pub fn file_digest_of(&self, path: &Path, walked: &StatKey) -> Result<[u8; 32]> {
-        let mut file = open_regular(path)?;
-        let now = file
-            .metadata()
-            .map_err(|err| Error::io("reading", path, &err))?;
-        if StatKey::of(&now) != *walked {
-            return Err(changed_under_us(path));
-        }
-        self.digest_of_open(path, &mut file)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (StatKey, [u8; 32])>> {
-        // A panic while holding this lock leaves a plain map behind; it is still consistent.
-        self.files
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl StatCache {
-    /// Like [`StatCache::file_digest`] for a file already open (so the digest is of exactly
-    /// what will be read from it); leaves the file positioned at its start.
-    pub fn digest_of_open(&self, path: &Path, file: &mut File) -> Result<[u8; 32]> {
-        use std::io::Seek;
-        let meta = file
-            .metadata()
-            .map_err(|err| Error::io("reading", path, &err))?;
-        let key = StatKey::of(&meta);
-        if let Some((cached, digest)) = self.lock().get(path) {
-            if *cached == key {
-                return Ok(*digest);
-            }
-        }
-        let started = SystemTime::now();
-        tracing::debug!(path = %path.display(), size = key.size, "hashing");
-        // Never more than the size just seen: a file growing under us cannot keep us reading.
-        let digest = hash_reader(path, &mut Read::take(&mut *file, key.size))?;
-        file.rewind()
-            .map_err(|err| Error::io("reading", path, &err))?;
-        self.files_hashed.fetch_add(1, Ordering::Relaxed);
-        self.bytes_hashed.fetch_add(key.size, Ordering::Relaxed);
-        if settled(&key, started) {
-            self.lock().insert(path.to_owned(), (key, digest));
-            self.dirty.store(true, Ordering::Relaxed);
-        }
-        Ok(digest)
-    }
-}
-
-fn settled(key: &StatKey, started: SystemTime) -> bool {
-    let started_ns = started
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as i128;
-    key.ctime_ns.max(key.mtime_ns) + (RACY_WINDOW.as_nanos() as i128) < started_ns
-}
-
-/// The error for a layer file that changed while a request was reading it.
-pub fn changed_under_us(path: &Path) -> Error {
-    Error::FailedPrecondition(format!(
-        "{} changed while the request was reading it; retry once it is stable",
-        path.display()
-    ))
-}
-
-/// Opens a file that must be a regular file. O_NONBLOCK so that a path swapped for a fifo
-/// cannot hang the reading thread; a device or fifo is refused after the open.
-pub fn open_regular(path: &Path) -> Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|err| Error::io("reading layer file", path, &err))?;
-    let meta = file
-        .metadata()
-        .map_err(|err| Error::io("reading", path, &err))?;
-    if !meta.is_file() {
-        return Err(Error::InvalidArgument(format!(
-            "{} is not a regular file (a fifo, socket or device cannot be part of an image)",
-            path.display()
-        )));
-    }
-    Ok(file)
-}
-
-fn hash_reader(path: &Path, file: &mut impl Read) -> Result<[u8; 32]> {
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 256 * 1024];
-    loop {
-        let read = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(read) => read,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(Error::io("reading", path, &err)),
-        };
-        hasher.update(&buffer[..read]);
-    }
-    Ok(hasher.finalize().into())
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
@@ -804,44 +557,6 @@ mod tests {
         };
         let err = walk(&[spec("l", &layer)], tight, &cache, &zips()).unwrap_err();
         assert!(matches!(&err, Error::ResourceExhausted(m) if m.contains("max_layer_bytes")));
-    }
-
-    /// The cache survives a save and load; a corrupt or foreign-version file is ignored.
-    #[test]
-    fn stat_cache_persists_atomically_and_distrusts_bad_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        write(&file, "content", 0o644);
-        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
-        File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        // ctime cannot be set back: wait out the racy window instead (bounded).
-        std::thread::sleep(RACY_WINDOW + Duration::from_millis(100));
-        let cache = StatCache::default();
-        let digest = cache.file_digest(&file).unwrap();
-        let saved = dir.path().join("statcache.json");
-        cache.save_if_dirty(&saved).unwrap();
-        let loaded = StatCache::load(&saved);
-        assert_eq!(loaded.file_digest(&file).unwrap(), digest);
-        assert_eq!(
-            loaded.files_hashed.load(Ordering::Relaxed),
-            0,
-            "served from the loaded cache"
-        );
-        fs::write(&saved, b"{not json").unwrap();
-        assert_eq!(StatCache::load(&saved).lock().len(), 0);
-        fs::write(&saved, br#"{"version":99,"entries":[]}"#).unwrap();
-        assert_eq!(StatCache::load(&saved).lock().len(), 0);
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert_eq!(names.len(), 2, "no temp files left: {names:?}");
     }
 
     /// Fifos are skipped with a bounded number of warnings and count against the entry limit.

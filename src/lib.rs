@@ -9,8 +9,10 @@
 //! - [`resolve`]: pure: request -> plan (tag, base, layers, Dockerfile); SAM's rules.
 //! - [`reference`]: image reference parsing that keeps the user's spelling.
 //! - [`archive`]: zip layers extracted once, safely, into the content-addressed cache.
-//! - [`layers`]: walking layer sources into one merged /opt tree; content digests; stat cache.
-//! - [`pipeline`]: one build from plan to image: base, fingerprint, cache check, engine.
+//! - [`layers`]: walking layer sources into one merged /opt tree; per-layer content digests.
+//! - [`stat_cache`]: file identity (stat key), content hashing, the persisted stat cache.
+//! - [`fingerprint`]: pure: the digests that determine an image, its labels, rebuild or not.
+//! - [`pipeline`]: one build from plan to image: walk, base, fingerprint, cache check, engine.
 //! - [`context`]: the build context as a tar stream produced while the engine reads it.
 //! - [`engine`]: the few engine calls we make, over one shared bollard client; image index.
 //! - [`builds`]: the in-flight table: one build per tag, events replayed to late joiners.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod context;
 pub mod engine;
 pub mod error;
+pub mod fingerprint;
 pub mod layers;
 pub mod listener;
 pub mod pipeline;
@@ -38,3 +41,4 @@ pub mod reference;
 pub mod resolve;
 pub mod server;
 pub mod service;
+pub mod stat_cache;

@@ -15,23 +15,17 @@ use tokio::sync::Semaphore;
 use crate::access::{self, Peer};
 use crate::archive::ZipStore;
 use crate::builds::{Completed, Event, LogKind, Reason, Reporter};
-use crate::config::TestHooks;
 use crate::context;
 use crate::engine::{Engine, ImageInfo};
 use crate::error::{Error, Result};
-use crate::layers::{self, Limits, StatCache};
+use crate::fingerprint::{FINGERPRINT_LABEL, Parts, decide, label_line};
+use crate::layers::{self, Limits};
 use crate::prune;
 use crate::resolve::{Arch, Plan};
+use crate::stat_cache::StatCache;
 
 /// Layers with at most this many entries at their last walk are walked inline.
 const INLINE_WALK_ENTRIES: usize = 64;
-
-/// Label holding the content fingerprint of an image we built.
-pub const FINGERPRINT_LABEL: &str = "io.lambda-imaged.fingerprint";
-/// Label holding the per-part digests, so a rebuild can say what changed.
-pub const PARTS_LABEL: &str = "io.lambda-imaged.parts";
-/// Label naming the daemon version that built the image.
-pub const VERSION_LABEL: &str = "io.lambda-imaged.version";
 
 /// What every build shares.
 pub struct Shared {
@@ -47,7 +41,7 @@ pub struct Shared {
     pub last_recorded: dashmap::DashMap<String, Instant>,
     /// Prune our images down to this many bytes after each build (`--max-cache-size`).
     pub max_cache_bytes: Option<u64>,
-    /// Test hooks (see `config::TestHooks`).
+    /// Test hooks (see [`TestHooks`]).
     pub hooks: TestHooks,
     /// Entries each tag's layers had at its last walk (decides inline vs blocking pool).
     pub walk_sizes: dashmap::DashMap<String, usize>,
@@ -55,141 +49,19 @@ pub struct Shared {
     pub walks: Semaphore,
 }
 
+/// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
+/// set, consumes one permit per build. Set through `config::Config::hooks`, never by flags.
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    /// Before the engine build starts (a build slot is already held).
+    pub before_build: Option<Arc<Semaphore>>,
+    /// After the engine finished building, before the outcome is published.
+    pub after_build: Option<Arc<Semaphore>>,
+}
+
 /// Where the RIE for `arch` is read from.
 pub fn rie_path(rie_dir: &std::path::Path, arch: Arch) -> PathBuf {
     rie_dir.join(format!("aws-lambda-rie-{}", arch.as_str()))
-}
-
-/// The digests that determine an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parts {
-    pub base: String,
-    pub rie: String,
-    pub dockerfile: String,
-    /// (layer name, content digest) in request order.
-    pub layers: Vec<(String, String)>,
-}
-
-impl Parts {
-    /// The fingerprint: sha256 over every part.
-    pub fn fingerprint(&self) -> String {
-        hex::encode(Sha256::digest(self.to_label().as_bytes()))
-    }
-
-    fn names_digest(&self) -> String {
-        let mut hasher = Sha256::new();
-        for (name, _) in &self.layers {
-            hasher.update(name.as_bytes());
-            hasher.update([0]);
-        }
-        hex::encode(hasher.finalize())
-    }
-
-    /// The label form: only hex digests and fixed words, so it is safe inside a Dockerfile
-    /// (layer names, which are free text, appear only as a digest).
-    pub fn to_label(&self) -> String {
-        let layers: Vec<&str> = self
-            .layers
-            .iter()
-            .map(|(_, digest)| digest.as_str())
-            .collect();
-        format!(
-            "v1 base={} rie={} dockerfile={} names={} layers={}",
-            self.base,
-            self.rie,
-            self.dockerfile,
-            self.names_digest(),
-            layers.join(",")
-        )
-    }
-}
-
-/// The label form of [`Parts`], parsed back (names are only known as a digest).
-#[derive(Debug, Default, PartialEq, Eq)]
-struct LabelParts {
-    base: String,
-    rie: String,
-    dockerfile: String,
-    names: String,
-    layers: Vec<String>,
-}
-
-fn parse_label(text: &str) -> Option<LabelParts> {
-    let mut fields = text.split(' ');
-    if fields.next()? != "v1" {
-        return None;
-    }
-    let mut parts = LabelParts::default();
-    for field in fields {
-        let (key, value) = field.split_once('=')?;
-        match key {
-            "base" => parts.base = value.to_owned(),
-            "rie" => parts.rie = value.to_owned(),
-            "dockerfile" => parts.dockerfile = value.to_owned(),
-            "names" => parts.names = value.to_owned(),
-            "layers" => {
-                parts.layers = value
-                    .split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(str::to_owned)
-                    .collect();
-            }
-            _ => return None,
-        }
-    }
-    Some(parts)
-}
-
-/// The LABEL line appended to the Dockerfile: one step for all labels (the classic builder
-/// commits one intermediate image per LABEL instruction).
-pub fn label_line(parts: &Parts) -> String {
-    format!(
-        "LABEL {FINGERPRINT_LABEL}=\"{}\" {PARTS_LABEL}=\"{}\" {VERSION_LABEL}=\"{}\"\n",
-        parts.fingerprint(),
-        parts.to_label(),
-        env!("CARGO_PKG_VERSION")
-    )
-}
-
-/// Why an existing image does (not) serve the request.
-pub fn decide(existing: Option<&ImageInfo>, parts: &Parts, force: bool) -> (Reason, String) {
-    let Some(existing) = existing else {
-        return (Reason::Missing, String::new());
-    };
-    let Some(old) = existing.labels.get(FINGERPRINT_LABEL) else {
-        return (Reason::Missing, String::new());
-    };
-    if force {
-        return (Reason::Forced, String::new());
-    }
-    if *old == parts.fingerprint() {
-        return (Reason::UpToDate, String::new());
-    }
-    let Some(old) = existing
-        .labels
-        .get(PARTS_LABEL)
-        .and_then(|p| parse_label(p))
-    else {
-        return (Reason::DefinitionChanged, String::new());
-    };
-    if old.base != parts.base {
-        return (Reason::BaseChanged, String::new());
-    }
-    if old.rie != parts.rie {
-        return (Reason::RieChanged, String::new());
-    }
-    if old.dockerfile != parts.dockerfile
-        || old.names != parts.names_digest()
-        || old.layers.len() != parts.layers.len()
-    {
-        return (Reason::DefinitionChanged, String::new());
-    }
-    for ((name, digest), old_digest) in parts.layers.iter().zip(&old.layers) {
-        if digest != old_digest {
-            return (Reason::LayerChanged, name.clone());
-        }
-    }
-    (Reason::DefinitionChanged, String::new())
 }
 
 /// Runs one build (or cache check) to its outcome.
@@ -610,73 +482,7 @@ fn parse_step(line: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-
-    fn parts() -> Parts {
-        Parts {
-            base: "sha256:base".into(),
-            rie: "rie".into(),
-            dockerfile: "df".into(),
-            layers: vec![("a".into(), "1".into()), ("b".into(), "2".into())],
-        }
-    }
-
-    fn image(parts: &Parts) -> ImageInfo {
-        ImageInfo {
-            id: "sha256:x".into(),
-            labels: HashMap::from([
-                (FINGERPRINT_LABEL.into(), parts.fingerprint()),
-                (PARTS_LABEL.into(), parts.to_label()),
-            ]),
-            config: Default::default(),
-        }
-    }
-
-    #[test]
-    fn reasons_name_what_changed() {
-        let old = parts();
-        let existing = image(&old);
-        assert_eq!(decide(None, &old, false).0, Reason::Missing);
-        assert_eq!(
-            decide(Some(&ImageInfo::default()), &old, false).0,
-            Reason::Missing
-        );
-        assert_eq!(decide(Some(&existing), &old, false).0, Reason::UpToDate);
-        assert_eq!(decide(Some(&existing), &old, true).0, Reason::Forced);
-        let mut new = old.clone();
-        new.layers[1].1 = "changed".into();
-        assert_eq!(
-            decide(Some(&existing), &new, false),
-            (Reason::LayerChanged, "b".into())
-        );
-        let mut new = old.clone();
-        new.base = "sha256:other".into();
-        assert_eq!(decide(Some(&existing), &new, false).0, Reason::BaseChanged);
-        let mut new = old.clone();
-        new.rie = "other".into();
-        assert_eq!(decide(Some(&existing), &new, false).0, Reason::RieChanged);
-        let mut new = old.clone();
-        new.layers.pop();
-        assert_eq!(
-            decide(Some(&existing), &new, false).0,
-            Reason::DefinitionChanged
-        );
-    }
-
-    #[test]
-    fn label_round_trips_and_is_dockerfile_safe() {
-        let mut p = parts();
-        p.layers[0].0 = "evil\"\nRUN rm -rf /".into();
-        let line = label_line(&p);
-        assert_eq!(line.matches('\n').count(), 1, "one line: {line}");
-        assert!(!line.contains("evil"));
-        let parsed = parse_label(&p.to_label()).unwrap();
-        assert_eq!(parsed.layers, vec!["1".to_owned(), "2".to_owned()]);
-        assert_eq!(parsed.names, p.names_digest());
-        assert_eq!(parse_label("v2 base=x"), None);
-    }
 
     #[test]
     fn steps_are_parsed_from_both_engines() {

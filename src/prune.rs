@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::pipeline::FINGERPRINT_LABEL;
+use crate::fingerprint::FINGERPRINT_LABEL;
 
 /// What to remove.
 #[derive(Debug, Clone, Copy, Default)]

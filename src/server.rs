@@ -12,11 +12,11 @@ use crate::archive::ZipStore;
 use crate::builds::Builds;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::layers::StatCache;
 use crate::listener::Listener;
 use crate::pipeline::Shared;
 use crate::proto::{self, image_builder_server::ImageBuilderServer};
 use crate::service::Service;
+use crate::stat_cache::StatCache;
 
 /// Where the stat cache is persisted, under the cache dir.
 const STAT_CACHE_FILE: &str = "statcache.v1.json";
