@@ -256,16 +256,20 @@ impl Drop for Switched {
     }
 }
 
-/// Turns a permission error met while reading as the peer into a clear PERMISSION_DENIED.
+/// Turns a permission error met while reading as the peer into a clear PERMISSION_DENIED that
+/// names the peer's uid: a refused open ([`Error::ReadDenied`]) says what and which path, any
+/// other refusal keeps its message. Other errors, and any error without a peer, pass through.
 pub fn denied_for(peer: Option<&Peer>, err: Error) -> Error {
-    match (peer, err) {
-        (Some(peer), Error::PermissionDenied(message)) => Error::PermissionDenied(format!(
-            "{}; uid {} cannot read it, and the daemon reads layers only with the client's own rights",
-            message.trim_end_matches(": permission denied for the daemon"),
-            peer.uid
-        )),
-        (_, err) => err,
-    }
+    let Some(peer) = peer else { return err };
+    let what = match err {
+        Error::ReadDenied { what, path } => format!("{what} {}", path.display()),
+        Error::PermissionDenied(message) => message,
+        other => return other,
+    };
+    Error::PermissionDenied(format!(
+        "{what}; uid {} cannot read it, and the daemon reads layers only with the client's own rights",
+        peer.uid
+    ))
 }
 
 #[cfg(test)]

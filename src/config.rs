@@ -102,6 +102,60 @@ impl Config {
     }
 }
 
+/// Why a config file or a setting was refused. Each message names the file or the setting, and
+/// what is expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, or has an unknown key (the TOML error names it).
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's error, with line and key (boxed: it is large).
+        source: Box<toml::de::Error>,
+    },
+    /// A duration setting that is neither seconds nor a humantime string.
+    #[error("{name} = {value:?}: {source} (e.g. \"90s\", \"15m\")")]
+    Duration {
+        /// The setting (`build_timeout`, `shutdown_timeout`).
+        name: &'static str,
+        /// What was given.
+        value: String,
+        /// Why it does not parse.
+        source: humantime::DurationError,
+    },
+    /// A size setting that is not a bytesize string.
+    #[error("{name} = {value:?}: {reason} (e.g. \"500MB\", \"10GiB\")")]
+    Size {
+        /// The setting (`max_cache_size`, `max_layer_bytes`, `max_zip_bytes`).
+        name: &'static str,
+        /// What was given.
+        value: String,
+        /// Why it does not parse (bytesize reports a message, not a type).
+        reason: String,
+    },
+    /// `max_parallel_builds = 0`.
+    #[error("max_parallel_builds must be at least 1")]
+    NoParallelBuilds,
+    /// `log_format` is neither `text` nor `json`.
+    #[error("log_format = {0:?}: one of \"text\", \"json\"")]
+    LogFormat(String),
+    /// `/etc/group` could not be read to look `socket_group` up.
+    #[error("reading /etc/group: {0}")]
+    GroupFile(std::io::Error),
+    /// `socket_group` names no group in `/etc/group`.
+    #[error("socket_group = {0:?}: no such group (create it with groupadd)")]
+    NoSuchGroup(String),
+}
+
 /// Settings as written in the TOML file or given as flags; every field optional, flags win.
 /// Durations are humantime strings ("15m", "90s"), sizes bytesize strings ("10GiB").
 #[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize, clap::Args)]
@@ -170,10 +224,15 @@ fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
 
 impl Settings {
     /// Reads a TOML file; unknown keys are an error naming the key.
-    pub fn from_file(path: &Path) -> Result<Settings, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| format!("reading {}: {err}", path.display()))?;
-        toml::from_str(&text).map_err(|err| format!("{}: {err}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     /// `self` with every field `over` sets replaced (lists: `over` wins when non-empty).
@@ -208,29 +267,38 @@ impl Settings {
     }
 
     /// Validates everything once; the error names the setting and what is expected.
-    pub fn into_config(self) -> Result<Config, String> {
-        let duration =
-            |name: &str, text: &Option<String>, default: Duration| -> Result<Duration, String> {
-                match text {
-                    None => Ok(default),
-                    Some(text) => text
-                        .parse::<u64>()
-                        .map(Duration::from_secs)
-                        .or_else(|_| humantime::parse_duration(text))
-                        .map_err(|err| format!("{name} = {text:?}: {err} (e.g. \"90s\", \"15m\")")),
-                }
-            };
-        let size = |name: &str, text: &Option<String>| -> Result<Option<u64>, String> {
-            text.as_ref()
-                .map(|text| {
-                    text.parse::<bytesize::ByteSize>()
-                        .map(|s| s.as_u64())
-                        .map_err(|err| {
-                            format!("{name} = {text:?}: {err} (e.g. \"500MB\", \"10GiB\")")
-                        })
-                })
-                .transpose()
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let duration = |name: &'static str,
+                        text: &Option<String>,
+                        default: Duration|
+         -> Result<Duration, ConfigError> {
+            match text {
+                None => Ok(default),
+                Some(text) => text
+                    .parse::<u64>()
+                    .map(Duration::from_secs)
+                    .or_else(|_| humantime::parse_duration(text))
+                    .map_err(|source| ConfigError::Duration {
+                        name,
+                        value: text.clone(),
+                        source,
+                    }),
+            }
         };
+        let size =
+            |name: &'static str, text: &Option<String>| -> Result<Option<u64>, ConfigError> {
+                text.as_ref()
+                    .map(|text| {
+                        text.parse::<bytesize::ByteSize>()
+                            .map(|s| s.as_u64())
+                            .map_err(|reason| ConfigError::Size {
+                                name,
+                                value: text.clone(),
+                                reason,
+                            })
+                    })
+                    .transpose()
+            };
         let socket = self.socket.clone().unwrap_or_else(default_socket);
         let mut config = Config::new(
             socket,
@@ -251,7 +319,7 @@ impl Settings {
         )?;
         if let Some(max) = self.max_parallel_builds {
             if max == 0 {
-                return Err("max_parallel_builds must be at least 1".into());
+                return Err(ConfigError::NoParallelBuilds);
             }
             config.max_parallel_builds = max;
         }
@@ -279,7 +347,7 @@ impl Settings {
         match self.log_format.as_deref() {
             None | Some("text" | "json") => {}
             Some(other) => {
-                return Err(format!("log_format = {other:?}: one of \"text\", \"json\""));
+                return Err(ConfigError::LogFormat(other.to_owned()));
             }
         }
         Ok(config)
@@ -287,12 +355,11 @@ impl Settings {
 }
 
 /// A group name or number to its gid.
-fn group_id(group: &str) -> Result<u32, String> {
+fn group_id(group: &str) -> Result<u32, ConfigError> {
     if let Ok(gid) = group.parse() {
         return Ok(gid);
     }
-    let groups = std::fs::read_to_string("/etc/group")
-        .map_err(|err| format!("reading /etc/group: {err}"))?;
+    let groups = std::fs::read_to_string("/etc/group").map_err(ConfigError::GroupFile)?;
     groups
         .lines()
         .filter_map(|line| {
@@ -302,7 +369,7 @@ fn group_id(group: &str) -> Result<u32, String> {
             (name == group).then_some(gid)
         })
         .next()
-        .ok_or_else(|| format!("socket_group = {group:?}: no such group (create it with groupadd)"))
+        .ok_or_else(|| ConfigError::NoSuchGroup(group.to_owned()))
 }
 
 /// The effective settings of `config`, as TOML (for `--print-config`).
@@ -356,16 +423,40 @@ mod tests {
 
         std::fs::write(&file, "cache_dir = \"/tmp/c\"\nbuild_timeuot = \"2m\"\n").unwrap();
         let err = Settings::from_file(&file).unwrap_err();
-        assert!(err.contains("build_timeuot"), "{err}");
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+        assert!(err.to_string().contains("build_timeuot"), "{err}");
         let bad = Settings {
             build_timeout: Some("soon".into()),
             ..Default::default()
         };
-        assert!(bad.into_config().unwrap_err().starts_with("build_timeout"));
+        let err = bad.into_config().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Duration {
+                    name: "build_timeout",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with("build_timeout = \"soon\""),
+            "{err}"
+        );
         let bad = Settings {
             socket_group: Some("no-such-group-here".into()),
             ..Default::default()
         };
-        assert!(bad.into_config().unwrap_err().contains("no such group"));
+        let err = bad.into_config().unwrap_err();
+        assert!(matches!(&err, ConfigError::NoSuchGroup(g) if g == "no-such-group-here"));
+        assert!(err.to_string().contains("no such group"), "{err}");
+        let bad = Settings {
+            max_parallel_builds: Some(0),
+            max_cache_size: Some("lots".into()),
+            ..Default::default()
+        };
+        let err = bad.into_config().unwrap_err();
+        assert!(matches!(err, ConfigError::NoParallelBuilds), "{err:?}");
     }
 }

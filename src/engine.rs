@@ -155,6 +155,10 @@ impl Engine {
             B::DockerResponseServerError { message, .. } => {
                 Error::FailedPrecondition(format!("the engine refused: {}", message.trim_end()))
             }
+            // The engine says so only in text; this is the one place that reads it.
+            B::DockerStreamError { error } if error.contains("unknown parent image ID") => {
+                Error::BuildCacheRemoved(format!("the engine failed: {}", error.trim_end()))
+            }
             B::DockerStreamError { error } => {
                 Error::FailedPrecondition(format!("the engine failed: {}", error.trim_end()))
             }
@@ -472,4 +476,31 @@ fn spawn_build(
         }
     });
     BuildStream { rx, task }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine reports a lost build-cache step only as text; it becomes its own variant here,
+    /// so the pipeline's retry branches on the type. Other stream errors stay preconditions.
+    #[test]
+    fn lost_build_cache_is_a_variant_of_its_own() {
+        let engine = Engine::new("unix:///nonexistent".into(), Duration::from_secs(1));
+        let stream = |error: &str| bollard::errors::Error::DockerStreamError {
+            error: error.to_owned(),
+        };
+        let lost = engine.map_error(stream("unknown parent image ID sha256:abc\n"));
+        assert_eq!(
+            lost,
+            Error::BuildCacheRemoved(
+                "the engine failed: unknown parent image ID sha256:abc".into()
+            )
+        );
+        let other = engine.map_error(stream("COPY failed: no such file"));
+        assert_eq!(
+            other,
+            Error::FailedPrecondition("the engine failed: COPY failed: no such file".into())
+        );
+    }
 }

@@ -5,6 +5,10 @@
 //! do about it. `Error` is `Clone` because one build's outcome is delivered to every client
 //! attached to it.
 
+use std::path::PathBuf;
+
+use tonic::Code;
+
 /// An error a request can end with. Variants exist because callers (and the status mapping)
 /// branch on them.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -33,40 +37,55 @@ pub enum Error {
     /// A bug of ours, or an I/O failure we did not expect.
     #[error("{0}")]
     Internal(String),
+    /// The engine lost a build cache step the build was reusing (someone ran `docker rmi` or
+    /// `image prune` meanwhile); the pipeline retries once. Carries the engine's own text.
+    /// Status: FAILED_PRECONDITION.
+    #[error("{0}")]
+    BuildCacheRemoved(String),
+    /// Opening `path` (while doing `what`) was refused by the kernel. Kept apart from
+    /// [`Error::PermissionDenied`] so that `access::denied_for` can say whose rights were
+    /// used without editing the message. Status: PERMISSION_DENIED.
+    #[error("{what} {}: permission denied for the daemon", path.display())]
+    ReadDenied {
+        /// What was being done ("reading layer file", ...).
+        what: String,
+        /// The path the kernel refused.
+        path: PathBuf,
+    },
+    /// A layer file (or zip archive) changed between being walked, hashed and streamed, so the
+    /// image could hold other bytes than its fingerprint says. Status: FAILED_PRECONDITION.
+    #[error("{} changed while the request was reading it; retry once it is stable", .0.display())]
+    FileChanged(PathBuf),
 }
 
 /// Shorthand used throughout the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// The gRPC code name, as printed by the CLI (`NOT_FOUND`, ...).
-    pub fn code_name(&self) -> &'static str {
+    /// The one mapping from our errors to gRPC codes.
+    pub fn code(&self) -> Code {
         match self {
-            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
-            Error::NotFound(_) => "NOT_FOUND",
-            Error::PermissionDenied(_) => "PERMISSION_DENIED",
-            Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
-            Error::Unavailable(_) => "UNAVAILABLE",
-            Error::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
-            Error::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
-            Error::Internal(_) => "INTERNAL",
-        }
-    }
-
-    /// The one mapping from our errors to gRPC statuses.
-    pub fn into_status(self) -> tonic::Status {
-        use tonic::Code;
-        let code = match &self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
-            Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::PermissionDenied(_) | Error::ReadDenied { .. } => Code::PermissionDenied,
+            Error::FailedPrecondition(_) | Error::BuildCacheRemoved(_) | Error::FileChanged(_) => {
+                Code::FailedPrecondition
+            }
             Error::Unavailable(_) => Code::Unavailable,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
-        };
-        tonic::Status::new(code, self.to_string())
+        }
+    }
+
+    /// The gRPC code name, as printed by the CLI (`NOT_FOUND`, ...).
+    pub fn code_name(&self) -> &'static str {
+        code_name(self.code())
+    }
+
+    /// The status a client receives: [`Error::code`] and the message.
+    pub fn into_status(self) -> tonic::Status {
+        tonic::Status::new(self.code(), self.to_string())
     }
 
     /// An unexpected I/O failure on `path` while doing `what`.
@@ -76,17 +95,74 @@ impl Error {
                 "{what} {}: no such file or directory",
                 path.display()
             )),
-            std::io::ErrorKind::PermissionDenied => Error::PermissionDenied(format!(
-                "{what} {}: permission denied for the daemon",
-                path.display()
-            )),
+            std::io::ErrorKind::PermissionDenied => Error::ReadDenied {
+                what: what.to_owned(),
+                path: path.to_owned(),
+            },
             _ => Error::Internal(format!("{what} {}: {err}", path.display())),
         }
+    }
+}
+
+/// The name of `code` as the CLI prints it (`NOT_FOUND`, ...); the names of the gRPC spec.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         err.into_status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::Path;
+
+    use super::*;
+
+    /// The causes callers branch on keep the status code and the message clients always saw.
+    #[test]
+    fn typed_causes_keep_their_codes_and_messages() {
+        let path = Path::new("/layers/a/secret");
+        let denied = Error::io(
+            "reading layer file",
+            path,
+            &io::Error::from(io::ErrorKind::PermissionDenied),
+        );
+        assert!(matches!(&denied, Error::ReadDenied { path: p, .. } if p == path));
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert_eq!(
+            denied.to_string(),
+            "reading layer file /layers/a/secret: permission denied for the daemon"
+        );
+        let changed = Error::FileChanged(path.to_owned());
+        assert_eq!(changed.code_name(), "FAILED_PRECONDITION");
+        assert_eq!(
+            changed.to_string(),
+            "/layers/a/secret changed while the request was reading it; retry once it is stable"
+        );
+        let removed = Error::BuildCacheRemoved("the engine failed: x".into()).into_status();
+        assert_eq!(removed.code(), Code::FailedPrecondition);
+        assert_eq!(removed.message(), "the engine failed: x");
     }
 }

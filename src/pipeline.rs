@@ -207,9 +207,7 @@ pub async fn run(
         match first {
             // Someone (`docker rmi`, `image prune`) removed the build cache step this build
             // was reusing while it ran; the next attempt rebuilds that step.
-            Err(Error::FailedPrecondition(message))
-                if message.contains("unknown parent image ID") =>
-            {
+            Err(Error::BuildCacheRemoved(message)) => {
                 reporter.emit(Event::Warning {
                     code: "build_cache_removed".into(),
                     message: format!("the engine's build cache changed under the build ({message}); retrying once"),
@@ -492,5 +490,35 @@ mod tests {
         );
         assert_eq!(parse_step("STEP 3/3: COPY opt/ /opt/"), Some(3));
         assert_eq!(parse_step(" ---> Using cache"), None);
+    }
+
+    /// A read refused while acting for a peer names the peer's uid and the path, once.
+    #[test]
+    fn refused_reads_name_the_peer() {
+        let peer = Peer {
+            uid: 4321,
+            gid: 4321,
+            pid: None,
+            groups: Vec::new(),
+        };
+        let denied = Error::ReadDenied {
+            what: "reading layer file".into(),
+            path: "/layers/a/secret".into(),
+        };
+        assert_eq!(
+            access::denied_for(Some(&peer), denied.clone()),
+            Error::PermissionDenied(
+                "reading layer file /layers/a/secret; uid 4321 cannot read it, and the daemon \
+                 reads layers only with the client's own rights"
+                    .into()
+            )
+        );
+        assert_eq!(
+            access::denied_for(None, denied.clone()),
+            denied,
+            "no peer: unchanged"
+        );
+        let other = Error::NotFound("x".into());
+        assert_eq!(access::denied_for(Some(&peer), other.clone()), other);
     }
 }

@@ -80,9 +80,11 @@ impl Service {
         // Fail closed: a connection without peer credentials is not a Unix-socket peer we know.
         let Some(peer) = peer_of(request) else {
             tracing::warn!(rpc, "request denied: no peer credentials");
-            return Err(Status::permission_denied(
-                "no peer credentials on this connection; connect over the daemon's Unix socket",
-            ));
+            return Err(Error::PermissionDenied(
+                "no peer credentials on this connection; connect over the daemon's Unix socket"
+                    .into(),
+            )
+            .into_status());
         };
         if let Err(err) = self.policy.check(&peer) {
             tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, rpc, "request denied");
@@ -156,9 +158,10 @@ impl ImageBuilder for Service {
         let started = Instant::now();
         let peer = self.authorize(&request, "Build")?;
         let stream_permit = self.streams.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
+            Error::ResourceExhausted(format!(
                 "max_streams: {MAX_STREAMS} build streams are open; retry when some have ended"
             ))
+            .into_status()
         })?;
         let (uid, pid) = (
             peer.as_ref().map(|p| p.uid),
@@ -209,7 +212,8 @@ impl ImageBuilder for Service {
                             std::future::pending::<()>().await;
                         }
                     } => {
-                        let _ = tx.send(Err(Status::unavailable("daemon shutting down; retry once it is back"))).await;
+                        let gone = Error::Unavailable("daemon shutting down; retry once it is back".into());
+                        let _ = tx.send(Err(gone.into_status())).await;
                         break "aborted".to_owned();
                     }
                 };

@@ -221,10 +221,7 @@ fn settled(key: &StatKey, started: SystemTime) -> bool {
 
 /// The error for a layer file that changed while a request was reading it.
 pub fn changed_under_us(path: &Path) -> Error {
-    Error::FailedPrecondition(format!(
-        "{} changed while the request was reading it; retry once it is stable",
-        path.display()
-    ))
+    Error::FileChanged(path.to_owned())
 }
 
 /// Opens a file that must be a regular file. O_NONBLOCK so that a path swapped for a fifo
