@@ -55,7 +55,8 @@ pub fn is_zip(path: &Path) -> bool {
 pub struct ZipStore {
     root: PathBuf,
     limits: ZipLimits,
-    /// One lock per archive digest: two requests for the same zip extract it once.
+    /// One lock per archive digest being extracted or checked: two requests for the same zip
+    /// extract it once. An entry lives only while someone holds it ([`DigestLock`]).
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
@@ -114,11 +115,10 @@ impl ZipStore {
         unchanged: &dyn Fn() -> bool,
     ) -> Result<PathBuf> {
         let target = self.root.join(digest);
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(digest.to_owned()).or_default().clone()
-        };
-        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = DigestLock::enter(&self.locks, digest);
+        // Declared after `entry`, so dropped before it: the digest's lock is released before
+        // its map entry is considered for removal.
+        let _guard = entry.lock.lock().unwrap_or_else(|p| p.into_inner());
         if target.is_dir() {
             touch(&target);
             return Ok(target);
@@ -144,6 +144,43 @@ impl ZipStore {
         })?;
         sync_dir(&self.root);
         Ok(target)
+    }
+}
+
+/// A holder of one digest's lock in [`ZipStore::locks`]; removes the map entry on drop when no
+/// one else holds it, so the map holds only digests in use, not every digest ever seen.
+///
+/// Invariant: the `Arc` is cloned out of the map only under the map's mutex, and the count is
+/// read under it too, so a strong count of 2 (the map's and ours) means no other request holds
+/// or waits for this lock, and none can get it before the entry is gone.
+struct DigestLock<'a> {
+    locks: &'a Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    digest: String,
+    lock: Arc<Mutex<()>>,
+}
+
+impl<'a> DigestLock<'a> {
+    fn enter(locks: &'a Mutex<HashMap<String, Arc<Mutex<()>>>>, digest: &str) -> DigestLock<'a> {
+        let lock = locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.to_owned())
+            .or_default()
+            .clone();
+        DigestLock {
+            locks,
+            digest: digest.to_owned(),
+            lock,
+        }
+    }
+}
+
+impl Drop for DigestLock<'_> {
+    fn drop(&mut self) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(&self.digest);
+        }
     }
 }
 
@@ -563,5 +600,44 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names, ["0123"]);
+    }
+
+    /// The per-digest locks do not pile up: an entry lives while someone holds it, and goes
+    /// with its last holder (after an extraction, a cache hit, or a failure alike).
+    #[test]
+    fn digest_locks_are_removed_with_their_last_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let held = |store: &ZipStore| store.locks.lock().unwrap().len();
+        {
+            let first = DigestLock::enter(&store.locks, "abc");
+            let second = DigestLock::enter(&store.locks, "abc");
+            assert!(
+                Arc::ptr_eq(&first.lock, &second.lock),
+                "one lock per digest"
+            );
+            let other = DigestLock::enter(&store.locks, "def");
+            assert_eq!(held(&store), 2);
+            drop(first);
+            assert_eq!(held(&store), 2, "still held by the second request");
+            drop(second);
+            assert_eq!(held(&store), 1);
+            drop(other);
+        }
+        assert_eq!(held(&store), 0);
+
+        let archive = dir.path().join("layer.zip");
+        make_zip(&archive, &[("bootstrap", b"#!/bin/sh", Some(0o755))]);
+        let cache = StatCache::default();
+        store.extracted("l", &archive, &cache).unwrap();
+        store.extracted("l", &archive, &cache).unwrap();
+        let bad = dir.path().join("bad.zip");
+        make_zip(&bad, &[("../evil", b"x", Some(0o644))]);
+        assert!(store.extracted("bad", &bad, &cache).is_err());
+        assert_eq!(
+            held(&store),
+            0,
+            "extract, hit and failure leave no lock behind"
+        );
     }
 }
