@@ -13,7 +13,7 @@ use crate::builds::Builds;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::listener::Listener;
-use crate::pipeline::Shared;
+use crate::pipeline::{MAX_TAG_HINTS, Shared, TagHints};
 use crate::proto::{self, image_builder_server::ImageBuilderServer};
 use crate::service::Service;
 use crate::stat_cache::StatCache;
@@ -61,10 +61,10 @@ impl Daemon {
             build_timeout: config.build_timeout,
             cache_dir: config.cache_dir.clone(),
             max_cache_bytes: config.max_cache_bytes,
-            last_recorded: dashmap::DashMap::new(),
+            last_recorded: TagHints::new(MAX_TAG_HINTS),
             hooks: config.hooks.clone(),
             walks: tokio::sync::Semaphore::new(config.max_parallel_builds.max(2)),
-            walk_sizes: dashmap::DashMap::new(),
+            walk_sizes: TagHints::new(MAX_TAG_HINTS),
         });
         Daemon {
             config,
