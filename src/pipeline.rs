@@ -124,6 +124,10 @@ pub fn rie_path(rie_dir: &std::path::Path, arch: Arch) -> PathBuf {
 
 /// Runs one build (or cache check) to its outcome.
 /// Layer files are read with `peer`'s rights (see `access.rs`).
+///
+/// The steps of one build, in order: walk the inputs (RIE and layers, hashed), get the base
+/// image, compute the parts and decide whether the image is up to date, build it in the engine,
+/// and tidy up after the build.
 pub async fn run(
     shared: Arc<Shared>,
     plan: Plan,
@@ -131,37 +135,77 @@ pub async fn run(
     reporter: Reporter,
 ) -> Result<Completed> {
     let started = Instant::now();
-    let engine = &shared.engine;
+    let inputs = walk_inputs(&shared, &plan, peer.as_ref(), &reporter).await?;
+    let base = base_image(&shared, &plan, &reporter).await?;
+    let parts = parts_of(&plan, &base, &inputs);
+    let existing = shared.engine.inspect(&plan.tag).await?;
+    let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
+    let (image_id, config, cached) = if reason == Reason::UpToDate {
+        record_use(&shared, &plan.tag);
+        // `decide` only says UpToDate for an existing image.
+        let existing = existing.unwrap_or_default();
+        (existing.id, existing.config, true)
+    } else {
+        let image_id = build(&shared, &plan, &parts, inputs, peer, &reporter).await?;
+        let built = after_build(&shared, &plan, &image_id, existing).await?;
+        (built.id, built.config, false)
+    };
+    Ok(Completed {
+        tag: plan.tag,
+        image_id,
+        cached,
+        reason,
+        changed_layer,
+        duration_ms: elapsed_ms(started),
+        config,
+    })
+}
 
+/// What the walk read: the RIE's digest and the merged layer tree (none without layers).
+struct Inputs {
+    rie: PathBuf,
+    rie_digest: [u8; 32],
+    tree: Option<Arc<layers::Tree>>,
+}
+
+/// Step 1: hashes the RIE and walks the layers (with the peer's rights), and reports the
+/// walk's warnings.
+///
+/// One trip to the blocking pool for all file I/O (a warm hit is a few stats; each trip costs
+/// a thread hand-off). Walks are bounded (`walks`): many large distinct requests must not fill
+/// the blocking pool that running builds stream from.
+async fn walk_inputs(
+    shared: &Shared,
+    plan: &Plan,
+    peer: Option<&Peer>,
+    reporter: &Reporter,
+) -> Result<Inputs> {
     let rie = rie_path(&shared.rie_dir, plan.arch);
-    // One trip to the blocking pool for all file I/O (a warm hit is a few stats; each trip
-    // costs a thread hand-off). Walks are bounded (`walks`): many large distinct requests
-    // must not fill the blocking pool that running builds stream from.
     let walk_permit = shared
         .walks
         .acquire()
         .await
         .map_err(|_| Error::Unavailable("daemon shutting down".into()))?;
-    let (rie_digest, tree) = {
-        let (cache, path, specs, limits) = (
-            shared.stat_cache.clone(),
-            rie.clone(),
-            plan.layers.clone(),
-            shared.limits,
-        );
-        let zips = shared.zips.clone();
-        let peer_for_walk = peer.clone();
-        let work = move || {
+    let (cache, path, specs, limits) = (
+        shared.stat_cache.clone(),
+        rie.clone(),
+        plan.layers.clone(),
+        shared.limits,
+    );
+    let zips = shared.zips.clone();
+    let peer_for_walk = peer.cloned();
+    let work =
+        move || {
             let rie_digest = cache.file_digest(&path).map_err(|err| match err {
-                Error::NotFound(_) => Error::FailedPrecondition(format!(
-                    "runtime interface emulator missing at {}; fetch it with `scripts/fetch-rie.sh {}` \
-                     or point --rie-dir at a directory holding {}",
-                    path.display(),
-                    path.parent().map(|p| p.display().to_string()).unwrap_or_default(),
-                    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                )),
-                other => other,
-            })?;
+            Error::NotFound(_) => Error::FailedPrecondition(format!(
+                "runtime interface emulator missing at {}; fetch it with `scripts/fetch-rie.sh {}` \
+                 or point --rie-dir at a directory holding {}",
+                path.display(),
+                path.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            )),
+            other => other,
+        })?;
             let tree = if specs.is_empty() {
                 None
             } else {
@@ -172,19 +216,18 @@ pub async fn run(
             };
             Ok((rie_digest, tree))
         };
-        // A layer this tag walked before with only a few entries costs microseconds: walk it
-        // right here instead of waking a blocking-pool thread, which on an idle machine costs
-        // more than the walk. The rights switch is per thread and this code does not yield,
-        // so the worker thread gets its own rights back before it runs anything else.
-        let small = shared
-            .walk_sizes
-            .get(&plan.tag)
-            .is_some_and(|(entries, _)| entries <= INLINE_WALK_ENTRIES);
-        if small {
-            work()?
-        } else {
-            blocking(work).await?
-        }
+    // A layer this tag walked before with only a few entries costs microseconds: walk it
+    // right here instead of waking a blocking-pool thread, which on an idle machine costs
+    // more than the walk. The rights switch is per thread and this code does not yield,
+    // so the worker thread gets its own rights back before it runs anything else.
+    let small = shared
+        .walk_sizes
+        .get(&plan.tag)
+        .is_some_and(|(entries, _)| entries <= INLINE_WALK_ENTRIES);
+    let (rie_digest, tree) = if small {
+        work()?
+    } else {
+        blocking(work).await?
     };
     // Zip layers never go inline: a changed archive may need a long extraction.
     let entries = tree.as_ref().map_or(0, |t| {
@@ -201,92 +244,109 @@ pub async fn run(
             message: warning.message.clone(),
         });
     }
-    let tree = tree.map(Arc::new);
     drop(walk_permit);
+    Ok(Inputs {
+        rie,
+        rie_digest,
+        tree: tree.map(Arc::new),
+    })
+}
 
-    // A registry that stalls mid-pull must not hang this tag forever.
-    let base = tokio::time::timeout(shared.build_timeout, ensure_base(engine, &plan, &reporter))
-        .await
-        .map_err(|_| {
-            Error::DeadlineExceeded(format!(
-                "getting base image {} took longer than --build-timeout ({}s); check the \
-                 registry, or pull it yourself",
-                plan.base,
-                shared.build_timeout.as_secs()
-            ))
-        })??;
+/// Step 2: the base image, pulled when missing and allowed, within `--build-timeout` (a
+/// registry that stalls mid-pull must not hang this tag forever); warns when its
+/// architecture is not the requested one.
+async fn base_image(shared: &Shared, plan: &Plan, reporter: &Reporter) -> Result<ImageInfo> {
+    let base = tokio::time::timeout(
+        shared.build_timeout,
+        ensure_base(&shared.engine, plan, reporter),
+    )
+    .await
+    .map_err(|_| {
+        Error::DeadlineExceeded(format!(
+            "getting base image {} took longer than --build-timeout ({}s); check the \
+             registry, or pull it yourself",
+            plan.base,
+            shared.build_timeout.as_secs()
+        ))
+    })??;
     if let Some(mismatch) = arch_mismatch(&base, plan.arch) {
         reporter.emit(Event::Warning {
             code: "arch_mismatch".into(),
             message: mismatch,
         });
     }
+    Ok(base)
+}
 
-    let parts = Parts {
+/// Step 3: the digests that determine the image (the decision follows in [`decide`]).
+fn parts_of(plan: &Plan, base: &ImageInfo, inputs: &Inputs) -> Parts {
+    Parts {
         base: base.id.clone(),
-        rie: hex::encode(rie_digest),
+        rie: hex::encode(inputs.rie_digest),
         dockerfile: hex::encode(Sha256::digest(plan.dockerfile.as_bytes())),
         layers: plan
             .layers
             .iter()
-            .zip(tree.iter().flat_map(|t| t.layer_digests.iter()))
+            .zip(inputs.tree.iter().flat_map(|t| t.layer_digests.iter()))
             .map(|(spec, digest)| (spec.name.clone(), digest.clone()))
             .collect(),
-    };
-
-    let existing = engine.inspect(&plan.tag).await?;
-    let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
-    if reason == Reason::UpToDate {
-        record_use(&shared, &plan.tag);
-        // `decide` only says UpToDate for an existing image.
-        let existing = existing.unwrap_or_default();
-        return Ok(Completed {
-            tag: plan.tag.clone(),
-            image_id: existing.id,
-            cached: true,
-            reason,
-            changed_layer,
-            duration_ms: elapsed_ms(started),
-            config: existing.config,
-        });
     }
+}
 
+/// Step 4: builds the image in the engine, within `--build-timeout`, holding a build slot.
+/// Returns the image id the engine reported.
+async fn build(
+    shared: &Shared,
+    plan: &Plan,
+    parts: &Parts,
+    inputs: Inputs,
+    peer: Option<Peer>,
+    reporter: &Reporter,
+) -> Result<String> {
     let _slot = reporter.slot().await?;
     pass_gate(shared.hooks.before_build.as_ref()).await;
-    let dockerfile = format!("{}{}", plan.dockerfile, label_line(&parts));
     let spec = context::Spec {
-        dockerfile,
-        rie,
-        tree,
+        dockerfile: format!("{}{}", plan.dockerfile, label_line(parts)),
+        rie: inputs.rie,
+        tree: inputs.tree,
         peer: peer.clone(),
     };
     let build = async {
-        let first = engine_build(&shared, &plan, spec.clone(), &reporter).await;
-        match first {
+        match engine_build(shared, plan, spec.clone(), reporter).await {
             // Someone (`docker rmi`, `image prune`) removed the build cache step this build
             // was reusing while it ran; the next attempt rebuilds that step.
             Err(Error::BuildCacheRemoved(message)) => {
                 reporter.emit(Event::Warning {
                     code: "build_cache_removed".into(),
-                    message: format!("the engine's build cache changed under the build ({message}); retrying once"),
+                    message: format!(
+                        "the engine's build cache changed under the build ({message}); retrying once"
+                    ),
                 });
-                engine_build(&shared, &plan, spec, &reporter).await
+                engine_build(shared, plan, spec, reporter).await
             }
             other => other,
         }
     };
-    let image_id = match tokio::time::timeout(shared.build_timeout, build).await {
-        Ok(result) => result.map_err(|err| access::denied_for(peer.as_ref(), err))?,
-        Err(_) => {
-            return Err(Error::DeadlineExceeded(format!(
-                "building {} took longer than --build-timeout ({}s); raise it or check the engine",
-                plan.tag,
-                shared.build_timeout.as_secs()
-            )));
-        }
-    };
+    match tokio::time::timeout(shared.build_timeout, build).await {
+        Ok(result) => result.map_err(|err| access::denied_for(peer.as_ref(), err)),
+        Err(_) => Err(Error::DeadlineExceeded(format!(
+            "building {} took longer than --build-timeout ({}s); raise it or check the engine",
+            plan.tag,
+            shared.build_timeout.as_secs()
+        ))),
+    }
+}
 
+/// Step 5: the built image as the engine now has it under the tag; then, in the background,
+/// removes the image the tag moved from, records the use, and prunes to `--max-cache-size`.
+async fn after_build(
+    shared: &Shared,
+    plan: &Plan,
+    image_id: &str,
+    existing: Option<ImageInfo>,
+) -> Result<ImageInfo> {
     pass_gate(shared.hooks.after_build.as_ref()).await;
+    let engine = &shared.engine;
     let built = engine.inspect_fresh(&plan.tag).await?.ok_or_else(|| {
         Error::Internal(format!(
             "the engine built {image_id} but has no image tagged {}",
@@ -300,7 +360,7 @@ pub async fn run(
         let engine = engine.clone();
         tokio::spawn(async move { engine.remove_unused(&old.id).await });
     }
-    record_use(&shared, &plan.tag);
+    record_use(shared, &plan.tag);
     if let Some(cap) = shared.max_cache_bytes {
         let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
         tokio::spawn(async move {
@@ -315,15 +375,7 @@ pub async fn run(
             }
         });
     }
-    Ok(Completed {
-        tag: plan.tag.clone(),
-        image_id: built.id,
-        cached: false,
-        reason,
-        changed_layer,
-        duration_ms: elapsed_ms(started),
-        config: built.config,
-    })
+    Ok(built)
 }
 
 /// Notes the tag's use for prune, off the request path and at most once a minute per tag

@@ -1,12 +1,18 @@
 //! Serves the API, health and reflection on a listener until shutdown, then drains builds.
 
 use std::future::Future;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
 
 use crate::archive::ZipStore;
 use crate::builds::Builds;
@@ -87,132 +93,180 @@ impl Daemon {
             path,
             guard,
         } = listener;
-        let watcher = tokio::spawn(self.engine.clone().watch());
         let stat_cache_path = self.config.cache_dir.join(STAT_CACHE_FILE);
-        let saver = {
-            let (cache, path) = (self.shared.stat_cache.clone(), stat_cache_path.clone());
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(STAT_CACHE_SAVE_EVERY);
-                loop {
-                    every.tick().await;
-                    let (cache, path) = (cache.clone(), path.clone());
-                    let saved =
-                        tokio::task::spawn_blocking(move || cache.save_if_dirty(&path)).await;
-                    if let Ok(Err(err)) = saved {
-                        tracing::warn!(error = %err, "saving the stat cache failed");
-                    }
-                }
-            })
-        };
-
+        let mut background = Background::default();
+        background.spawn(self.engine.clone().watch());
+        background.spawn(save_stat_cache_every(
+            self.shared.stat_cache.clone(),
+            stat_cache_path.clone(),
+        ));
+        background.spawn(report_builds_in_flight(self.builds.clone()));
         let (health, health_service) = tonic_health::server::health_reporter();
-        let mut engine_health = self.engine.health();
-        let health_task = tokio::spawn(async move {
-            loop {
-                let status = if *engine_health.borrow_and_update() {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
-                health.set_service_status("", status).await;
-                health
-                    .set_service_status("lambda_imaged.v1.ImageBuilder", status)
-                    .await;
-                if engine_health.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        background.spawn(report_engine_health(health, self.engine.health()));
 
         let (abort_tx, abort_rx) = watch::channel(false);
+        let service = Service::new(
+            &self.config_for(&path),
+            self.shared.clone(),
+            self.builds.clone(),
+            abort_rx,
+        );
+        let router = routes(service, health_service)?;
+        let drained = drain(
+            shutdown,
+            self.builds.clone(),
+            self.config.shutdown_timeout,
+            abort_tx,
+        );
+        tracing::info!(socket = %path.display(), engine = %self.engine.host(), "serving");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let result = router
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), drained)
+            .await;
+
+        drop(background);
+        save_stat_cache(self.shared.stat_cache.clone(), stat_cache_path).await;
+        drop(guard);
+        result.map_err(ServeError::from)
+    }
+
+    /// The config the service sees: the socket actually served, and, for a socket systemd
+    /// made (`SocketGroup=`) with no group configured, the socket's group, whose members may
+    /// then use the daemon.
+    fn config_for(&self, socket: &Path) -> Config {
         let mut config = self.config.clone();
-        config.socket = path.clone();
+        config.socket = socket.to_owned();
         if config.socket_gid.is_none() {
-            // A socket systemd made (SocketGroup=): its group's members may use the daemon.
-            use std::os::unix::fs::MetadataExt;
-            config.socket_gid = std::fs::metadata(&path)
+            config.socket_gid = std::fs::metadata(socket)
                 .ok()
                 .map(|m| m.gid())
                 .filter(|g| *g != 0);
         }
-        let service = Service::new(&config, self.shared.clone(), self.builds.clone(), abort_rx);
-        let builds = self.builds.clone();
-        let shutdown_timeout = self.config.shutdown_timeout;
-        let drained = async move {
-            shutdown.await;
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-            tracing::info!(
-                in_flight = builds.in_flight(),
-                "shutting down: waiting for builds in flight"
-            );
-            let left = builds.drain(shutdown_timeout).await;
-            if left > 0 {
-                tracing::warn!(
-                    left,
-                    "shutdown timeout passed; ending the remaining streams"
-                );
-                abort_tx.send_replace(true);
-            } else {
-                // Every build ended: give their streams a grace period to deliver the outcome,
-                // then end any stream whose client stopped reading, so shutdown cannot hang.
-                tokio::spawn(async move {
-                    tokio::time::sleep(STREAM_GRACE).await;
-                    abort_tx.send_replace(true);
-                });
-            }
-        };
+        config
+    }
+}
 
-        // STATUS= for `systemctl status`: builds in flight, refreshed while serving.
-        let status_task = {
-            let builds = self.builds.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_secs(5));
-                let mut last = usize::MAX;
-                loop {
-                    every.tick().await;
-                    let now = builds.in_flight();
-                    if now != last {
-                        let status = format!("{now} builds in flight");
-                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
-                        last = now;
-                    }
-                }
-            })
-        };
-        tracing::info!(socket = %path.display(), engine = %self.engine.host(), "serving");
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            // Streams per connection: further ones wait for the client's HTTP/2 flow control.
-            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            // Above our own 1 MiB limit (RESOURCE_EXHAUSTED, service.rs) but bounded.
-            .add_service(ImageBuilderServer::new(service).max_decoding_message_size(8 << 20))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), drained)
-            .await;
-        watcher.abort();
-        health_task.abort();
-        saver.abort();
-        status_task.abort();
-        let cache = self.shared.stat_cache.clone();
-        let saved =
-            tokio::task::spawn_blocking(move || cache.save_if_dirty(&stat_cache_path)).await;
-        if let Ok(Err(err)) = saved {
-            tracing::warn!(error = %err, "saving the stat cache failed");
+/// The tasks that run while the daemon serves; all aborted when this is dropped, so none
+/// outlives `serve`, whether it returns normally or early with an error.
+#[derive(Default)]
+struct Background(Vec<JoinHandle<()>>);
+
+impl Background {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(task));
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
         }
-        drop(guard);
-        result.map_err(ServeError::from)
+    }
+}
+
+/// The API, health and reflection (v1 and v1alpha, for grpcurl and older clients), on one
+/// HTTP/2 server with our limits.
+fn routes(service: Service, health: HealthServer<impl Health>) -> Result<Router, ServeError> {
+    let descriptors = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = descriptors().build_v1()?;
+    let reflection_v1alpha = descriptors().build_v1alpha()?;
+    Ok(tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Streams per connection: further ones wait for the client's HTTP/2 flow control.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        // Above our own 1 MiB limit (RESOURCE_EXHAUSTED, service.rs) but bounded.
+        .add_service(ImageBuilderServer::new(service).max_decoding_message_size(8 << 20))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
+}
+
+/// Waits for `shutdown`, then for the builds in flight (up to `timeout`), and ends the streams
+/// left: at once when builds were cut off, after [`STREAM_GRACE`] otherwise, so shutdown
+/// cannot hang on a client that stopped reading.
+async fn drain(
+    shutdown: impl Future<Output = ()>,
+    builds: Arc<Builds>,
+    timeout: Duration,
+    abort: watch::Sender<bool>,
+) {
+    shutdown.await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!(
+        in_flight = builds.in_flight(),
+        "shutting down: waiting for builds in flight"
+    );
+    let left = builds.drain(timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "shutdown timeout passed; ending the remaining streams"
+        );
+        abort.send_replace(true);
+    } else {
+        // Every build ended: give their streams a grace period to deliver the outcome, then
+        // end any stream whose client stopped reading. Not held by `Background`: it must
+        // still fire while the server waits for those streams.
+        tokio::spawn(async move {
+            tokio::time::sleep(STREAM_GRACE).await;
+            abort.send_replace(true);
+        });
+    }
+}
+
+/// Saves a changed stat cache every [`STAT_CACHE_SAVE_EVERY`].
+async fn save_stat_cache_every(cache: Arc<StatCache>, path: PathBuf) {
+    let mut every = tokio::time::interval(STAT_CACHE_SAVE_EVERY);
+    loop {
+        every.tick().await;
+        save_stat_cache(cache.clone(), path.clone()).await;
+    }
+}
+
+/// Saves the stat cache if it changed, on the blocking pool; a failure is logged (the cache
+/// is only an optimisation).
+async fn save_stat_cache(cache: Arc<StatCache>, path: PathBuf) {
+    let saved = tokio::task::spawn_blocking(move || cache.save_if_dirty(&path)).await;
+    if let Ok(Err(err)) = saved {
+        tracing::warn!(error = %err, "saving the stat cache failed");
+    }
+}
+
+/// Mirrors the engine's reachability into the health service (overall and for the API).
+async fn report_engine_health(health: HealthReporter, mut engine_health: watch::Receiver<bool>) {
+    loop {
+        let status = if *engine_health.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        health
+            .set_service_status("lambda_imaged.v1.ImageBuilder", status)
+            .await;
+        if engine_health.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// STATUS= for `systemctl status`: builds in flight, refreshed while serving.
+async fn report_builds_in_flight(builds: Arc<Builds>) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    let mut last = usize::MAX;
+    loop {
+        every.tick().await;
+        let now = builds.in_flight();
+        if now != last {
+            let status = format!("{now} builds in flight");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+            last = now;
+        }
     }
 }
