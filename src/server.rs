@@ -270,3 +270,25 @@ async fn report_builds_in_flight(builds: Arc<Builds>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dropping the guard aborts its tasks (here one that would otherwise never end).
+    #[tokio::test]
+    async fn background_tasks_end_with_their_guard() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut background = Background::default();
+        background.spawn(async move {
+            let _held_until_aborted = tx;
+            std::future::pending::<()>().await;
+        });
+        drop(background);
+        let ended = tokio::time::timeout(Duration::from_secs(60), rx).await;
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the task was aborted and dropped its sender"
+        );
+    }
+}
