@@ -231,13 +231,16 @@ fi
 # daemon, the private engine.
 PY_STAGE="Python client + AWS SAM CLI: clients/python/run-tests.sh"
 if [ $# -eq 0 ]; then
+	# With the daemon binary of this build, wherever CARGO_TARGET_DIR (or a cargo config) puts it.
+	python_tests() {
+		local target_dir
+		cargo build --locked --bins || return
+		target_dir=$(cargo metadata --locked --no-deps --format-version 1 | jq -er .target_directory) ||
+			return
+		LAMBDA_IMAGED_BIN="$target_dir/debug/lambda-imaged" bash clients/python/run-tests.sh
+	}
 	stage "$PY_STAGE"
-	# The daemon binary of this build, wherever CARGO_TARGET_DIR puts it.
-	run cargo build --locked --bins
-	target_dir=$(cargo metadata --locked --no-deps --format-version 1 | jq -er .target_directory) ||
-		fail 1 "cargo metadata gave no target_directory"
-	export LAMBDA_IMAGED_BIN="$target_dir/debug/lambda-imaged"
-	test_stage pytest pytest_counts bash clients/python/run-tests.sh
+	test_stage pytest pytest_counts python_tests
 else
 	skip_stage "$PY_STAGE" "a test filter was given (it selects Rust tests only)"
 fi
