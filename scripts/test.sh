@@ -20,7 +20,8 @@
 # "test result:" lines, pytest's closing line), or says that a stage could not be counted or
 # was skipped, and the total. The exit status is the first failing stage's (0 if none failed).
 # Extra arguments go to the Rust test runner, e.g. `bash scripts/test.sh build_` (a filter);
-# with them, the doctest stage (nextest path) and the Python stage are skipped, and say so.
+# with them, the doctests (on either path) and the Python stage are skipped, and say so.
+# LAMBDA_IMAGED_TEST_RUNNER=cargo-test takes the cargo test path even with nextest installed.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -65,7 +66,8 @@ TEST_RC=0
 
 no_colour() { sed 's/\x1b\[[0-9;]*[A-Za-z]//g' "$1"; }
 
-# Each *_counts LOG prints "PASSED FAILED", or nothing when LOG holds no summary.
+# Each *_counts LOG prints "PASSED FAILED [SKIPPED [GAP]]", or nothing when LOG holds no
+# summary; GAP (free text) says what the count leaves out.
 # nextest's closing line: "Summary [ 1.2s] 94 tests run: 93 passed, 1 failed, 0 skipped"
 # (skipped = filtered out). Every test run that did not pass (failed, timed out, crashed)
 # counts as failed.
@@ -88,6 +90,17 @@ cargo_test_counts() {
 		}
 	} END { if (n) print p + 0, f + 0 }'
 }
+# The same, for a cargo test run that should have run the doctests too: says so if it did not.
+cargo_test_all_counts() {
+	local counts
+	counts=$(cargo_test_counts "$1")
+	[ -n "$counts" ] || return 0
+	if no_colour "$1" | grep -q '^ *Doc-tests '; then
+		echo "$counts"
+	else
+		echo "$counts 0 no doctests ran (cargo printed no Doc-tests section)"
+	fi
+}
 # pytest's closing line, with or without the ='s of the non -q form:
 # "1 failed, 30 passed, 2 skipped, 1 error in 95.12s (0:01:35)". Errors count as failed.
 pytest_counts() {
@@ -105,26 +118,31 @@ pytest_counts() {
 }
 
 # Runs one test stage to its end, keeping its output for the count; never exits.
-# test_stage LOG COUNTER CMD...
+# test_stage NAME COUNTER CMD...   (NAME: the stage's name in the closing table)
 test_stage() {
-	local log=$1 counter=$2 rc=0 counts p f s note=""
+	local name=$1 counter=$2 log rc=0 counts p f s gap note=""
 	shift 2
-	"$@" 2>&1 | tee "$LOGDIR/$log" || rc=${PIPESTATUS[0]}
-	counts=$("$counter" "$LOGDIR/$log")
+	stage "$name: $*"
+	log=$LOGDIR/stage-${#COUNTS[@]}.log
+	"$@" 2>&1 | tee "$log" || rc=${PIPESTATUS[0]}
+	counts=$("$counter" "$log")
 	if [ -z "$counts" ]; then
-		UNCOUNTED+="${UNCOUNTED:+, }$STAGE"
-		COUNTS+=("$STAGE: not counted: its output holds no summary (exit $rc)")
+		UNCOUNTED+="${UNCOUNTED:+, }$name"
+		COUNTS+=("$name: not counted: its output holds no summary (exit $rc)")
 	else
-		read -r p f s <<<"$counts"
+		read -r p f s gap <<<"$counts"
 		PASSED=$((PASSED + p))
 		FAILED=$((FAILED + f))
 		[ "${s:-0}" -eq 0 ] || note=", $s skipped by the tests themselves"
-		if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+		if [ -n "$gap" ]; then
+			UNCOUNTED+="${UNCOUNTED:+, }$name"
+			note+="; $gap"
+		elif [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
 			# e.g. cargo test: a binary that crashed or did not build reports nothing.
-			UNCOUNTED+="${UNCOUNTED:+, }$STAGE"
+			UNCOUNTED+="${UNCOUNTED:+, }$name"
 			note+="; exit $rc with no failed test counted: some tests reported nothing (see above)"
 		fi
-		COUNTS+=("$STAGE: $p passed, $f failed$note")
+		COUNTS+=("$name: $p passed, $f failed$note")
 	fi
 	if [ "$rc" -eq 0 ]; then
 		passed
@@ -134,10 +152,10 @@ test_stage() {
 			"$rc" "$STAGE" "$((SECONDS - STAGE_T0))" >&2
 	fi
 }
-skip_stage() { # skip_stage NAME REASON
+skip_stage() { # skip_stage NAME COMMAND REASON
 	SKIPPED+="${SKIPPED:+, }$1"
-	COUNTS+=("$1: skipped: $2")
-	printf '\n==> %s\n--> skipped: %s\n' "$1" "$2"
+	COUNTS+=("$1: skipped: $3")
+	printf '\n==> %s: %s\n--> skipped: %s\n' "$1" "$2" "$3"
 }
 
 [ "$(id -u)" -eq 0 ] || {
@@ -182,9 +200,16 @@ for component in fmt clippy; do
 		cargo "$component" --version >/dev/null 2>&1 || fail 1 "cargo $component still does not run"
 	fi
 done
-if cargo nextest --version >/dev/null 2>&1; then NEXTEST=1; else NEXTEST=""; fi
+FORCE_CARGO_TEST=""
+case "${LAMBDA_IMAGED_TEST_RUNNER:-}" in
+"" | nextest) ;;
+cargo-test) FORCE_CARGO_TEST=1 ;;
+*) fail 1 "LAMBDA_IMAGED_TEST_RUNNER=${LAMBDA_IMAGED_TEST_RUNNER}: use nextest (the default when installed) or cargo-test" ;;
+esac
+NEXTEST=""
+if [ -z "$FORCE_CARGO_TEST" ] && cargo nextest --version >/dev/null 2>&1; then NEXTEST=1; fi
 echo "$(cargo --version); $(cargo fmt --version); $(cargo clippy --version)"
-echo "test runner: $([ -n "$NEXTEST" ] && cargo nextest --version 2>/dev/null | head -n1 || echo 'cargo test (cargo-nextest not installed)')"
+echo "test runner: $([ -n "$NEXTEST" ] && cargo nextest --version 2>/dev/null | head -n1 || echo 'cargo test')"
 passed
 
 # ---------------------------------------------------------------- test environment
@@ -211,25 +236,30 @@ passed
 
 # ---------------------------------------------------------------- tests
 if [ -n "$NEXTEST" ]; then
-	stage "Rust tests: cargo nextest run --locked --no-fail-fast $*"
-	test_stage nextest nextest_counts cargo nextest run --locked --no-fail-fast "$@"
+	test_stage "Rust tests (nextest)" nextest_counts cargo nextest run --locked --no-fail-fast "$@"
 	if [ $# -eq 0 ]; then
-		stage "doctests: cargo test --doc --locked"
-		test_stage doc cargo_test_counts cargo test --doc --locked
+		test_stage "doctests" cargo_test_counts cargo test --doc --locked
 	else
-		skip_stage "doctests: cargo test --doc --locked" "a test filter was given (it is nextest's)"
+		skip_stage "doctests" "cargo test --doc --locked" "a test filter was given (it is nextest's)"
 	fi
 else
 	echo
-	echo "test.sh: cargo-nextest is not installed: the Rust tests run under cargo test" \
-		"(install it with: cargo install --locked cargo-nextest)"
-	stage "Rust tests and doctests: cargo test --locked --no-fail-fast $*"
-	test_stage cargo-test cargo_test_counts cargo test --locked --no-fail-fast "$@"
+	echo "test.sh: the Rust tests run under cargo test: cargo-nextest is $([ -n "$FORCE_CARGO_TEST" ] &&
+		echo "set aside (LAMBDA_IMAGED_TEST_RUNNER=cargo-test)" ||
+		echo "not installed (cargo install --locked cargo-nextest)")"
+	if [ $# -eq 0 ]; then
+		test_stage "Rust tests and doctests (cargo test)" cargo_test_all_counts \
+			cargo test --locked --no-fail-fast
+	else
+		test_stage "Rust tests (cargo test)" cargo_test_counts cargo test --locked --no-fail-fast "$@"
+		# (cargo runs no doctests when given a test name filter: rust-lang/cargo#6981)
+		skip_stage "doctests" "cargo test" "a test filter was given (cargo test then runs no doctests)"
+	fi
 fi
 
 # The Python client and the AWS SAM CLI integration (issue 8): pinned SAM in a venv, the real
 # daemon, the private engine.
-PY_STAGE="Python client + AWS SAM CLI: clients/python/run-tests.sh"
+PY_STAGE="Python client + SAM CLI"
 if [ $# -eq 0 ]; then
 	# With the daemon binary of this build, wherever CARGO_TARGET_DIR (or a cargo config) puts it.
 	python_tests() {
@@ -239,10 +269,9 @@ if [ $# -eq 0 ]; then
 			return
 		LAMBDA_IMAGED_BIN="$target_dir/debug/lambda-imaged" bash clients/python/run-tests.sh
 	}
-	stage "$PY_STAGE"
-	test_stage pytest pytest_counts python_tests
+	test_stage "$PY_STAGE" pytest_counts python_tests
 else
-	skip_stage "$PY_STAGE" "a test filter was given (it selects Rust tests only)"
+	skip_stage "$PY_STAGE" "clients/python/run-tests.sh" "a test filter was given (it selects Rust tests only)"
 fi
 
 # ---------------------------------------------------------------- counts
