@@ -267,6 +267,7 @@ if [ $# -eq 0 ]; then
 		cargo build --locked --bins || return
 		target_dir=$(cargo metadata --locked --no-deps --format-version 1 | jq -er .target_directory) ||
 			return
+		echo "LAMBDA_IMAGED_BIN=$target_dir/debug/lambda-imaged bash clients/python/run-tests.sh"
 		LAMBDA_IMAGED_BIN="$target_dir/debug/lambda-imaged" bash clients/python/run-tests.sh
 	}
 	test_stage "$PY_STAGE" pytest_counts python_tests
@@ -275,7 +276,7 @@ else
 fi
 
 # ---------------------------------------------------------------- counts
-printf '\ntest counts (from each runner'"'"'s own summary):\n'
+printf "\ntest counts (from each runner's own summary):\n"
 printf '  %s\n' "${COUNTS[@]}"
 total="$PASSED passed, $FAILED failed"
 [ -z "$UNCOUNTED" ] || total+="; incomplete: not (fully) counted: $UNCOUNTED"
