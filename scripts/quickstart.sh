@@ -4,6 +4,8 @@
 #
 #   bash scripts/quickstart.sh
 #
+# 0. the Rust toolchain: Cargo.toml's rust-version (1.85: edition 2024) or newer, via rustup,
+#    checked before anything is installed.
 # 1. scripts/test-env.sh: packages, a private dockerd, the RIE binaries and busybox stand-ins
 #    for the public.ecr.aws/lambda/* base images (the internet's images are not needed). Its
 #    state dir is $LAMBDA_IMAGED_TEST_DIR (default /tmp/lambda-imaged-quickstart, apart from
@@ -15,8 +17,9 @@
 # 5. docker run the image like SAM does (--entrypoint /var/rapid/aws-lambda-rie), invoke it with
 #    curl and check the answer.
 # On exit (success or not) the container, the daemon and the temporary files are removed, and
-# the private dockerd is stopped if this script started it (set LAMBDA_IMAGED_KEEP_ENGINE=1 to
-# keep it). Exit status 0 only if the function answered as expected.
+# if this script started the private dockerd it is stopped, with the registry beside it and the
+# bridge test-env.sh created for it (set LAMBDA_IMAGED_KEEP_ENGINE=1 to keep them). The state
+# dir stays, as a cache for the next run. Exit status 0 only if the function answered as expected.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -87,12 +90,25 @@ trap 'echo "quickstart: terminated" >&2; exit 143' TERM
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and starts a private dockerd)"
 
 # ---------------------------------------------------------------- toolchain
-if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+# Before anything is installed: an old cargo would fail only after minutes of set-up.
+# (rustup's ~/.cargo/bin comes first, as its env script does, ahead of Debian's /usr/bin/cargo.)
+RUST_MIN=$(sed -nE 's/^rust-version *= *"([0-9.]+)".*/\1/p' Cargo.toml)
+[ -n "$RUST_MIN" ] || die "Cargo.toml has no rust-version"
+if [ -x "$HOME/.cargo/bin/cargo" ] && [[ ":$PATH:" != *":$HOME/.cargo/bin:"* ]]; then
 	export PATH="$HOME/.cargo/bin:$PATH"
 fi
-command -v cargo >/dev/null ||
-	die "cargo not found: install Rust first, e.g.
+RUST_HELP="install Rust $RUST_MIN or newer with rustup (Debian bookworm's cargo and rustc packages, 1.65/1.63, are too old for edition 2024); rustup needs ca-certificates and curl:
+  apt-get install -y ca-certificates curl
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y && . \"\$HOME/.cargo/env\""
+for tool in cargo rustc; do
+	command -v "$tool" >/dev/null || die "$tool not found: $RUST_HELP"
+	version=$("$tool" --version | awk '{ print $2 }') # "1.95.0", "1.96.0-nightly"
+	version=${version%%-*}
+	if [ "$(printf '%s\n%s\n' "$RUST_MIN" "$version" | sort -V | head -n1)" != "$RUST_MIN" ]; then
+		die "$(command -v "$tool") is $version, older than $RUST_MIN (Cargo.toml rust-version): $RUST_HELP"
+	fi
+done
+echo "toolchain: $(cargo --version), $(rustc --version) (needs $RUST_MIN or newer)"
 if ! command -v cc >/dev/null; then
 	step "installing a C linker (gcc, libc6-dev)"
 	export DEBIAN_FRONTEND=noninteractive

@@ -6,7 +6,7 @@
 #    "daemon_repeat_s": …, "tiny_layer_repeat_s": …, "ratio": …, …}
 #
 # Usage (as root): scripts/sam-bench.sh
-#   LAMBDA_IMAGED_BIN     daemon binary [default: target/release/lambda-imaged, built here]
+#   LAMBDA_IMAGED_BIN     daemon binary [default: <cargo target dir>/release/lambda-imaged, built here]
 #   SAM_BENCH_REPEATS     repeated invokes per case, median reported [3]
 #   SAM_BENCH_LAYER_BYTES, SAM_BENCH_LAYER_FILES   the big layer [200000000, 4000]
 # Uses the private dockerd of scripts/test-env.sh and the venv of clients/python/sam-venv.sh.
@@ -18,8 +18,10 @@ eval "$(bash "$root/scripts/test-env.sh")"
 venv=$(bash "$root/clients/python/sam-venv.sh")
 
 if [ -z "${LAMBDA_IMAGED_BIN:-}" ]; then
-	(cd "$root" && cargo build --quiet --release --bins)
-	export LAMBDA_IMAGED_BIN=$root/target/release/lambda-imaged
+	(cd "$root" && cargo build --quiet --release --locked --bins)
+	# Wherever CARGO_TARGET_DIR (or a cargo config) puts the build.
+	target_dir=$(cd "$root" && cargo metadata --locked --no-deps --format-version 1 | jq -er .target_directory)
+	export LAMBDA_IMAGED_BIN=$target_dir/release/lambda-imaged
 fi
 
 export LAMBDA_IMAGED_TEST_ENV_LOADED=1 PYTHONDONTWRITEBYTECODE=1

@@ -5,7 +5,8 @@
 # Usage (as root):
 #   eval "$(scripts/test-env.sh)"     # prepare (idempotent) and print `export` lines
 #   . "$LAMBDA_IMAGED_TEST_DIR/env"   # the same lines, written to a file
-#   scripts/test-env.sh stop          # stop the private dockerd this script started
+#   scripts/test-env.sh stop          # stop the private dockerd and registry this script
+#                                     # started, and remove the bridge it created (if any)
 #   scripts/test-env.sh status        # exit 0 if the private dockerd answers
 #
 # State dir D = ${LAMBDA_IMAGED_TEST_DIR:-/tmp/lambda-imaged-test}:
@@ -13,6 +14,7 @@
 #   wheel/       the aws-sam-cli wheel (pinned, sha256-checked)
 #   rie/         aws-lambda-rie-x86_64, aws-lambda-rie-arm64 (0755, sha256-checked)
 #   env          export lines: DOCKER_HOST, LAMBDA_IMAGED_TEST_DIR, LAMBDA_IMAGED_RIE_DIR
+#   bridge.created  the bridge / address created for our dockerd (removed by `stop`)
 #
 # Only the export lines go to stdout; everything else is quiet unless something fails.
 # /var/run/docker.sock and any other engine are never touched. If another dockerd is
@@ -44,6 +46,9 @@ ALT_BRIDGE=${LAMBDA_IMAGED_TEST_BRIDGE:-limg-$D_HASH}
 ALT_BRIDGE_CIDR=${LAMBDA_IMAGED_TEST_BRIDGE_CIDR:-}
 
 DOCKER_WAIT_SECS=60
+# What start_daemon added to the host's network, one line each: "link NAME" (a bridge it
+# created) or "addr NAME CIDR" (an address it put on a bridge that already existed).
+BRIDGE_RECORD="$D/bridge.created"
 
 die() {
 	echo "test-env.sh: error: $*" >&2
@@ -78,25 +83,69 @@ our_pid() {
 
 answering() { [ -S "$SOCK" ] && timeout 10 docker -H "unix://$SOCK" version >/dev/null 2>&1; }
 
+# True while process $1 runs: it exists and is not a zombie. A dockerd that exited but whose
+# parent does not reap it (a CI container whose first process reaps nothing) stays in /proc in
+# state Z (proc(5), /proc/<pid>/stat field 3) and holds nothing: it has stopped.
+running() {
+	local stat state
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	state=${stat##*) } # field 2, the command name, is in parentheses and may hold spaces
+	state=${state%% *}
+	[ "$state" != Z ] && [ "$state" != X ]
+}
+
 stop_daemon() {
 	local pid i
 	pid=$(our_pid)
 	if [ -z "$pid" ]; then
 		note "no private dockerd running (pidfile $PIDFILE)"
-		return 0
-	fi
-	kill -TERM "$pid" 2>/dev/null || true
-	# dockerd stops its containers (up to 15 s each, in parallel), then containerd.
-	for ((i = 0; i < 450; i++)); do
-		[ -d "/proc/$pid" ] || break
-		sleep 0.1
-	done
-	if [ -d "/proc/$pid" ]; then
-		echo "test-env.sh: dockerd $pid did not stop in 45 s; sending SIGKILL" >&2
-		kill -KILL "$pid" 2>/dev/null || true
-		sleep 0.5
+	else
+		kill -TERM "$pid" 2>/dev/null || true
+		# dockerd stops its containers (up to 15 s each, in parallel), then containerd.
+		for ((i = 0; i < 450; i++)); do
+			running "$pid" || break
+			sleep 0.1
+		done
+		if running "$pid"; then
+			echo "test-env.sh: dockerd $pid did not stop in 45 s; sending SIGKILL" >&2
+			kill -KILL "$pid" 2>/dev/null || true
+			for ((i = 0; i < 100; i++)); do
+				running "$pid" || break
+				sleep 0.1
+			done
+		fi
+		running "$pid" && die "dockerd $pid survived SIGKILL for 10 s; not removing its bridge"
 	fi
 	rm -f "$PIDFILE"
+	remove_bridge
+}
+
+# Removes what start_daemon added to the host's network ($BRIDGE_RECORD), nothing else: a
+# bridge or address that existed before is left alone. Called once our dockerd is gone.
+remove_bridge() {
+	local kind name cidr deleted=" "
+	[ -f "$BRIDGE_RECORD" ] || return 0
+	if answering; then
+		echo "test-env.sh: a dockerd still answers on $SOCK; leaving its bridge ($BRIDGE_RECORD)" >&2
+		return 0
+	fi
+	while read -r kind name cidr; do
+		case "$kind" in
+		link)
+			if ip link show "$name" >/dev/null 2>&1; then
+				quiet ip link delete "$name" type bridge
+			fi
+			deleted+="$name "
+			;;
+		addr)
+			# (deleting a bridge took its addresses with it)
+			if [[ "$deleted" != *" $name "* ]] && ip -4 -o addr show dev "$name" 2>/dev/null | grep -qF " $cidr "; then
+				quiet ip addr del "$cidr" dev "$name"
+			fi
+			;;
+		esac
+	done <"$BRIDGE_RECORD"
+	rm -f "$BRIDGE_RECORD"
 }
 
 # ---------------------------------------------------------------- packages
@@ -145,7 +194,7 @@ free_cidr() {
 }
 
 start_daemon() {
-	local args i pid
+	local args i pid cidr
 	if answering; then
 		return 0
 	fi
@@ -160,11 +209,15 @@ start_daemon() {
 		args=(--host "unix://$SOCK" --data-root "$D/data" --exec-root "$D/exec" --pidfile "$PIDFILE")
 		if another_dockerd; then
 			# Sharing docker0 / the DOCKER iptables chains would disturb the other engine.
+			# What is created here is written to $BRIDGE_RECORD first, for `stop` to remove.
 			if ! ip link show "$ALT_BRIDGE" >/dev/null 2>&1; then
+				echo "link $ALT_BRIDGE" >>"$BRIDGE_RECORD"
 				quiet ip link add "$ALT_BRIDGE" type bridge
 			fi
 			if [ -z "$(ip -4 -o addr show dev "$ALT_BRIDGE")" ]; then
-				quiet ip addr add "${ALT_BRIDGE_CIDR:-$(free_cidr)}" dev "$ALT_BRIDGE"
+				cidr=${ALT_BRIDGE_CIDR:-$(free_cidr)}
+				echo "addr $ALT_BRIDGE $cidr" >>"$BRIDGE_RECORD"
+				quiet ip addr add "$cidr" dev "$ALT_BRIDGE"
 			fi
 			quiet ip link set "$ALT_BRIDGE" up
 			args+=(--bridge "$ALT_BRIDGE" --iptables=false)
@@ -178,7 +231,7 @@ start_daemon() {
 	fi
 	for ((i = 0; i < DOCKER_WAIT_SECS * 4; i++)); do
 		answering && return 0
-		if ! [ -d "/proc/$pid" ]; then
+		if ! running "$pid"; then
 			echo "--- tail of $LOG" >&2
 			tail -n 30 "$LOG" >&2 || true
 			die "dockerd exited during start-up"
