@@ -619,6 +619,68 @@ mod tests {
         );
     }
 
+    /// Links Lambda keeps as links stay links: absolute into /opt, dangling ones. Inside a
+    /// followed directory, a link is judged by where it points on the host: one inside the
+    /// followed tree stays a link, a pnpm workspace link out of it is followed.
+    #[test]
+    fn links_are_judged_where_they_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        let project = dir.path().join("project");
+        write(&layer.join("bref/bin/php"), "elf", 0o755);
+        fs::create_dir_all(layer.join("bin")).unwrap();
+        symlink("/opt/bref/bin/php", layer.join("bin/php")).unwrap();
+        symlink("../../lib64/libnothere.so.6", layer.join("bin/libc")).unwrap();
+        write(&project.join("packages/shared/index.js"), "shared", 0o644);
+        write(&project.join("node_modules/dep/index.js"), "dep", 0o644);
+        fs::create_dir_all(project.join("node_modules/@scope")).unwrap();
+        symlink(
+            "../../packages/shared",
+            project.join("node_modules/@scope/shared"),
+        )
+        .unwrap();
+        symlink("dep/index.js", project.join("node_modules/main.js")).unwrap();
+        fs::create_dir_all(layer.join("nodejs")).unwrap();
+        symlink(
+            project.join("node_modules"),
+            layer.join("nodejs/node_modules"),
+        )
+        .unwrap();
+        let cache = StatCache::default();
+        let tree = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
+        let kind = |p: &str| tree.entries[p].kind.clone();
+        let link = |t: &str| Kind::Symlink {
+            target: PathBuf::from(t),
+        };
+        assert_eq!(kind("bin/php"), link("/opt/bref/bin/php"));
+        assert_eq!(kind("bin/libc"), link("../../lib64/libnothere.so.6"));
+        assert_eq!(kind("nodejs/node_modules"), Kind::Dir);
+        assert_eq!(kind("nodejs/node_modules/main.js"), link("dep/index.js"));
+        assert_eq!(kind("nodejs/node_modules/@scope/shared"), Kind::Dir);
+        assert!(matches!(
+            kind("nodejs/node_modules/@scope/shared/index.js"),
+            Kind::File { .. }
+        ));
+    }
+
+    /// Files keep their own time, directories carry 0, and a change of time alone changes the
+    /// layer's digest (a `.pyc` is never paired with a source of another time).
+    #[test]
+    fn times_are_kept_and_part_of_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        write(&layer.join("pkg/m.py"), "x = 1", 0o644);
+        let at = |seconds| filetime::FileTime::from_unix_time(seconds, 0);
+        filetime::set_file_mtime(layer.join("pkg/m.py"), at(1_600_000_000)).unwrap();
+        let cache = StatCache::default();
+        let first = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
+        assert_eq!(first.entries["pkg/m.py"].mtime, 1_600_000_000);
+        assert_eq!(first.entries["pkg"].mtime, 0);
+        filetime::set_file_mtime(layer.join("pkg/m.py"), at(1_600_000_002)).unwrap();
+        let second = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
+        assert_ne!(first.layer_digests, second.layer_digests);
+    }
+
     #[test]
     fn digest_changes_with_content_and_limits_are_enforced() {
         let dir = tempfile::tempdir().unwrap();
