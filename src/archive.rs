@@ -4,18 +4,34 @@
 //! a temporary directory that is renamed into place only when complete, so a crash never
 //! leaves a half layer that is later trusted (leftover `.tmp-*` directories are removed at
 //! start-up and never read). Rejected, naming the entry: absolute, drive-letter and `..`
-//! paths (zip-slip), entries below a symlink entry (writing through a link), links pointing
-//! outside the layer, duplicate names, devices/fifos/sockets, and bombs (limits on total
-//! bytes, entry count and compression ratio). Modes follow design §2: anything executable
-//! 0755, other files 0644, directories 0755; an entry without Unix modes (zips made on
-//! Windows) is made 0755, so a `bootstrap` zipped on Windows still runs.
+//! paths (zip-slip), entries below a symlink entry (writing through a link), a link entry over
+//! a directory other entries are inside, link targets a link cannot hold (longer than 4095
+//! bytes, empty, or with NUL: a file a broken packer stored as a link), duplicate names,
+//! devices/fifos/sockets, and bombs (limits on total bytes, entry count and compression
+//! ratio). Every refusal is INVALID_ARGUMENT naming the layer and the entry, never a path of
+//! the daemon's cache.
+//!
+//! Links are extracted as they are, wherever they point (`bin/php -> /opt/bref/bin/php`,
+//! `lib/x -> ../../lib64/x`): Lambda does the same and they resolve inside the function's
+//! filesystem. They are never followed on the host: nothing is written through one (links
+//! are created last, files with `O_NOFOLLOW`), and the walk of an extracted layer keeps every
+//! link as a link (`layers.rs`).
+//!
+//! File and link times are the entry's: the Info-ZIP extended-timestamp field (`UT`, UTC
+//! seconds) where present, else the MS-DOS time read as UTC. Python checks each `.pyc`
+//! against its source's mtime, so erasing times would recompile every module on each invoke.
+//! Modes follow design §2: anything executable 0755, other files 0644, directories 0755; an
+//! entry without Unix modes (zips made on Windows) is made 0755, so a `bootstrap` zipped on
+//! Windows still runs.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::stat_cache::{StatCache, StatKey, changed_under_us, open_regular};
@@ -41,6 +57,14 @@ impl Default for ZipLimits {
     }
 }
 
+/// The layout of an extracted layer; bumped when extraction changes what it writes (2: entry
+/// times kept, links kept wherever they point).
+pub const FORMAT: &str = "2";
+/// The file under the store's root that records the [`FORMAT`] of what is in it.
+const FORMAT_MARKER: &str = ".format";
+/// The longest link target Linux stores (`PATH_MAX` minus the NUL).
+const MAX_LINK_TARGET: u64 = 4095;
+
 /// True when `path` is a regular file that starts like a zip archive.
 pub fn is_zip(path: &Path) -> bool {
     let mut magic = [0u8; 4];
@@ -61,14 +85,22 @@ pub struct ZipStore {
 }
 
 impl ZipStore {
-    /// A store under `root` (`<cache>/layers`); removes leftovers of interrupted extractions.
+    /// A store under `root` (`<cache>/layers`); removes leftovers of interrupted extractions,
+    /// and every entry extracted by another [`FORMAT`] (they are derived data: the next
+    /// request extracts its archive again).
     pub fn open(root: PathBuf, limits: ZipLimits) -> ZipStore {
+        let marker = root.join(FORMAT_MARKER);
+        let current = fs::read_to_string(&marker).is_ok_and(|text| text.trim() == FORMAT);
         if let Ok(entries) = fs::read_dir(&root) {
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".tmp-") || (!current && !name.starts_with('.')) {
                     let _ = fs::remove_dir_all(entry.path());
                 }
             }
+        }
+        if !current && fs::create_dir_all(&root).is_ok() {
+            let _ = fs::write(&marker, FORMAT);
         }
         ZipStore {
             root,
@@ -199,6 +231,59 @@ fn bad(name: &str, entry: &str, why: &str) -> Error {
     ))
 }
 
+/// An I/O failure while writing entry `entry` into the cache, named by the entry (the cache
+/// path means nothing to the client): a full disk is RESOURCE_EXHAUSTED, a shape the file
+/// system cannot hold (a name too long, a link over a directory, ...) is the archive's fault.
+fn write_failed(name: &str, entry: &str, err: &io::Error) -> Error {
+    match err.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => Error::ResourceExhausted(format!(
+            "layer {name:?}: no space left in the daemon's cache while extracting zip entry \
+             {entry:?}; free space or run `lambda-imagectl prune`"
+        )),
+        Some(libc::EEXIST) => bad(
+            name,
+            entry,
+            "its path is already taken by an entry of another kind (a link or file over a \
+             directory that other entries are inside?)",
+        ),
+        Some(
+            libc::ENAMETOOLONG
+            | libc::ENOTDIR
+            | libc::EISDIR
+            | libc::ELOOP
+            | libc::EINVAL
+            | libc::EILSEQ,
+        ) => bad(
+            name,
+            entry,
+            &format!("it cannot be written as a file: {err}"),
+        ),
+        _ => Error::Internal(format!(
+            "layer {name:?}: extracting zip entry {entry:?} failed: {err}"
+        )),
+    }
+}
+
+/// The entry's modification time: the extended-timestamp field (UTC seconds, written by
+/// Info-ZIP and most Unix tools) where present, else its MS-DOS time read as UTC; the epoch
+/// when the entry has no valid time.
+fn entry_mtime(entry: &zip::read::ZipFile<'_, impl Read>) -> SystemTime {
+    let extended = entry.extra_data_fields().find_map(|field| match field {
+        zip::ExtraField::ExtendedTimestamp(stamp) => stamp.mod_time(),
+        _ => None,
+    });
+    if let Some(seconds) = extended {
+        return UNIX_EPOCH + Duration::from_secs(u64::from(seconds));
+    }
+    entry
+        .last_modified()
+        .and_then(|dos| time::PrimitiveDateTime::try_from(dos).ok())
+        .and_then(|civil| u64::try_from(civil.assume_utc().unix_timestamp()).ok())
+        .map_or(UNIX_EPOCH, |seconds| {
+            UNIX_EPOCH + Duration::from_secs(seconds)
+        })
+}
+
 /// Checks an entry name and returns its normalised relative path.
 fn safe_path(name: &str, raw: &str) -> Result<PathBuf> {
     let text = raw.replace('\\', "/");
@@ -265,7 +350,7 @@ fn extract(
     }
     fs::create_dir(temp).map_err(|err| Error::io("creating", temp, &err))?;
     let mut seen = HashSet::new();
-    let mut links: Vec<(PathBuf, PathBuf, String)> = Vec::new();
+    let mut links: Vec<(PathBuf, PathBuf, String, SystemTime)> = Vec::new();
     let mut link_paths = HashSet::new();
     let mut total: u64 = 0;
     for index in 0..zip.len() {
@@ -306,12 +391,13 @@ fn extract(
         }
         let dest = temp.join(&rel);
         if is_dir {
-            fs::create_dir_all(&dest).map_err(|err| Error::io("extracting", &dest, &err))?;
+            fs::create_dir_all(&dest).map_err(|err| write_failed(name, &raw, &err))?;
             continue;
         }
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(|err| Error::io("extracting", parent, &err))?;
+            fs::create_dir_all(parent).map_err(|err| write_failed(name, &raw, &err))?;
         }
+        let mtime = entry_mtime(&entry);
         let size = entry.size();
         total = total.saturating_add(size);
         if total > limits.max_bytes {
@@ -337,13 +423,32 @@ fn extract(
             ));
         }
         if is_link {
-            let mut target = String::new();
+            if size > MAX_LINK_TARGET {
+                return Err(bad(
+                    name,
+                    &raw,
+                    &format!(
+                        "it is a symbolic link whose target is {size} bytes, longer than the \
+                         {MAX_LINK_TARGET} a link can hold (a file stored as a link by a broken \
+                         packer?); repack the layer"
+                    ),
+                ));
+            }
+            let mut target = Vec::new();
             entry
                 .by_ref()
-                .take(4096)
-                .read_to_string(&mut target)
-                .map_err(|err| bad(name, &raw, &err.to_string()))?;
-            links.push((rel.clone(), PathBuf::from(target), raw));
+                .take(MAX_LINK_TARGET + 1)
+                .read_to_end(&mut target)
+                .map_err(|err| bad(name, &raw, &format!("cannot decompress: {err}")))?;
+            if target.is_empty() || target.contains(&0) {
+                return Err(bad(
+                    name,
+                    &raw,
+                    "it is a symbolic link with an empty target or a NUL in it; repack the layer",
+                ));
+            }
+            let target = PathBuf::from(std::ffi::OsString::from_vec(target));
+            links.push((rel.clone(), target, raw, mtime));
             link_paths.insert(rel);
             continue;
         }
@@ -354,7 +459,7 @@ fn extract(
             .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&dest)
-            .map_err(|err| Error::io("extracting", &dest, &err))?;
+            .map_err(|err| write_failed(name, &raw, &err))?;
         // Never trust the declared size: read at most one byte more than it says.
         let written = io::copy(&mut entry.by_ref().take(size + 1), &mut out)
             .map_err(|err| bad(name, &raw, &format!("cannot decompress: {err}")))?;
@@ -362,54 +467,22 @@ fn extract(
             return Err(bad(name, &raw, "its data does not match its declared size"));
         }
         out.flush()
-            .map_err(|err| Error::io("extracting", &dest, &err))?;
+            .and_then(|()| out.set_modified(mtime))
+            .map_err(|err| write_failed(name, &raw, &err))?;
         // No Unix permission bits at all: made on Windows; assume executable (SAM #1014).
         let executable = mode.is_none_or(|m| m & 0o777 == 0 || m & 0o111 != 0);
         let perm = if executable { 0o755 } else { 0o644 };
-        fs::set_permissions(&dest, fs::Permissions::from_mode(perm))
-            .map_err(|err| Error::io("extracting", &dest, &err))?;
+        out.set_permissions(fs::Permissions::from_mode(perm))
+            .map_err(|err| write_failed(name, &raw, &err))?;
     }
-    // Links last, so nothing is ever written through one.
-    for (rel, target, raw) in links {
-        let depth = rel.components().count() as i64 - 1;
-        let mut level = depth;
-        let mut inside = !target.is_absolute();
-        for component in target.components() {
-            match component {
-                Component::ParentDir => level -= 1,
-                Component::Normal(_) => level += 1,
-                _ => {}
-            }
-            inside &= level >= 0;
-        }
-        if !inside {
-            return Err(bad(name, &raw, "symlink points outside the layer"));
-        }
-        // A target walking through another link (`x -> a/b/..` with `a/b -> ..`) could still
-        // leave the layer: no link may be an intermediate step of another link's target.
-        let mut current = rel.parent().map(Path::to_path_buf).unwrap_or_default();
-        let steps: Vec<Component> = target.components().collect();
-        for (index, component) in steps.iter().enumerate() {
-            match component {
-                Component::ParentDir => {
-                    current.pop();
-                }
-                Component::Normal(part) => {
-                    current.push(part);
-                    if index + 1 < steps.len() && link_paths.contains(&current) {
-                        return Err(bad(
-                            name,
-                            &raw,
-                            "symlink target passes through another symlink",
-                        ));
-                    }
-                }
-                _ => {}
-            }
-        }
+    // Links last, so nothing is ever written through one. They are kept as they are, wherever
+    // they point (Lambda does the same); nothing on the host ever follows them.
+    for (rel, target, raw, mtime) in links {
         let dest = temp.join(&rel);
-        std::os::unix::fs::symlink(&target, &dest)
-            .map_err(|err| Error::io("extracting", &dest, &err))?;
+        std::os::unix::fs::symlink(&target, &dest).map_err(|err| write_failed(name, &raw, &err))?;
+        let mtime = filetime::FileTime::from_system_time(mtime);
+        filetime::set_symlink_file_times(&dest, mtime, mtime)
+            .map_err(|err| write_failed(name, &raw, &err))?;
     }
     // Directories 0755 regardless of the archive.
     set_dir_modes(temp)?;
@@ -495,11 +568,12 @@ mod tests {
         );
         let again = store.extracted("l", &archive, &cache).unwrap();
         assert_eq!(out, again);
-        assert_eq!(
-            fs::read_dir(store.root()).unwrap().count(),
-            1,
-            "no temp dirs left"
-        );
+        let left: Vec<String> = fs::read_dir(store.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name != FORMAT_MARKER)
+            .collect();
+        assert_eq!(left.len(), 1, "no temp dirs left: {left:?}");
     }
 
     #[test]
@@ -522,10 +596,6 @@ mod tests {
                 "through-link",
                 vec![("link:d->/tmp", b"", None), ("d/evil", b"x", Some(0o644))],
             ),
-            (
-                "link-outside",
-                vec![("link:l->../../etc/passwd", b"", None)],
-            ),
         ];
         for (label, entries) in cases {
             let archive = dir.path().join(format!("{label}.zip"));
@@ -545,7 +615,10 @@ mod tests {
             let left: Vec<_> = fs::read_dir(store.root())
                 .map(|d| d.flatten().map(|e| e.file_name()).collect())
                 .unwrap_or_default();
-            assert!(left.is_empty(), "{label}: left {left:?}");
+            assert!(
+                left.iter().all(|n| n == FORMAT_MARKER),
+                "{label}: left {left:?}"
+            );
         }
         assert!(!dir.path().parent().unwrap().join("evil").exists());
     }
@@ -593,13 +666,95 @@ mod tests {
         let root = dir.path().join("layers");
         fs::create_dir_all(root.join(".tmp-abc-123/partial")).unwrap();
         fs::create_dir_all(root.join("0123")).unwrap();
+        fs::write(root.join(FORMAT_MARKER), FORMAT).unwrap();
         let store = ZipStore::open(root.clone(), ZipLimits::default());
-        let names: Vec<_> = fs::read_dir(store.root())
+        let mut names: Vec<_> = fs::read_dir(store.root())
             .unwrap()
             .flatten()
             .map(|e| e.file_name())
             .collect();
-        assert_eq!(names, ["0123"]);
+        names.sort();
+        assert_eq!(names, [FORMAT_MARKER, "0123"]);
+    }
+
+    /// Layers extracted by another format (or before formats were recorded) are removed at
+    /// open, so an extraction that erased times or refused links is never reused.
+    #[test]
+    fn layers_of_another_format_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("layers");
+        fs::create_dir_all(root.join("0123/bin")).unwrap();
+        let store = ZipStore::open(root.clone(), ZipLimits::default());
+        assert!(!root.join("0123").exists());
+        assert_eq!(
+            fs::read_to_string(store.root().join(FORMAT_MARKER)).unwrap(),
+            FORMAT
+        );
+        fs::write(root.join(FORMAT_MARKER), "1").unwrap();
+        fs::create_dir_all(root.join("4567")).unwrap();
+        ZipStore::open(root.clone(), ZipLimits::default());
+        assert!(!root.join("4567").exists());
+    }
+
+    /// Entry times are kept (extended timestamp first, else the MS-DOS time as UTC); links are
+    /// kept wherever they point, with their own time; a link entry whose "target" is longer
+    /// than a link can hold is INVALID_ARGUMENT naming the layer and the entry.
+    #[test]
+    fn times_and_links_are_kept_and_oversized_links_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("times.zip");
+        let mut writer = zip::ZipWriter::new(File::create(&archive).unwrap());
+        let dos = zip::DateTime::from_date_and_time(2021, 3, 4, 5, 6, 8).unwrap();
+        let options = SimpleFileOptions::default()
+            .unix_permissions(0o644)
+            .last_modified_time(dos);
+        writer.start_file("m.py", options).unwrap();
+        writer.write_all(b"x = 1\n").unwrap();
+        writer
+            .add_symlink("php", "/opt/bref/bin/php", options)
+            .unwrap();
+        writer
+            .add_symlink("libc.so.6", "../../lib64/libc.so.6", options)
+            .unwrap();
+        writer.finish().unwrap();
+        let store = store(dir.path());
+        let out = store
+            .extracted("l", &archive, &StatCache::default())
+            .unwrap();
+        // 2021-03-04T05:06:08Z
+        let expected = 1_614_834_368;
+        let mtime = |p: &str| {
+            use std::os::unix::fs::MetadataExt;
+            fs::symlink_metadata(out.join(p)).unwrap().mtime()
+        };
+        assert_eq!(mtime("m.py"), expected);
+        assert_eq!(mtime("php"), expected);
+        assert_eq!(
+            fs::read_link(out.join("php")).unwrap(),
+            PathBuf::from("/opt/bref/bin/php")
+        );
+        assert_eq!(
+            fs::read_link(out.join("libc.so.6")).unwrap(),
+            PathBuf::from("../../lib64/libc.so.6")
+        );
+
+        let broken = dir.path().join("broken.zip");
+        let script = "#!/bin/sh\necho hello\n".repeat(300);
+        make_zip(&broken, &[(&format!("link:bin/tool->{script}"), b"", None)]);
+        let err = store
+            .extracted("Broken", &broken, &StatCache::default())
+            .unwrap_err();
+        let Error::InvalidArgument(message) = &err else {
+            panic!("not INVALID_ARGUMENT: {err:?}");
+        };
+        assert!(
+            message.contains("\"Broken\"") && message.contains("bin/tool"),
+            "{message}"
+        );
+        assert!(
+            !message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
     }
 
     /// The per-digest locks do not pile up: an entry lives while someone holds it, and goes

@@ -3,7 +3,8 @@
 //! A synchronous `tar::Builder` runs on a blocking thread and writes into a bounded channel
 //! (8 chunks of 64 KiB), so memory stays flat however large the layers are and no temporary
 //! file is written (engine-facts.md measured 6 MB peak RSS for a 533 MB context). Entries are
-//! sorted and carry mtime 0 and uid/gid 0, so the same input gives the same bytes.
+//! sorted and carry uid/gid 0; layer files and links carry their own mtime (whole seconds,
+//! `layers.rs`), everything else mtime 0, so the same input gives the same bytes.
 //!
 //! Layout: `Dockerfile`, `aws-lambda-rie` (0755, the requested architecture only), `opt/...`.
 
@@ -84,11 +85,12 @@ fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
         &mut tar,
         "Dockerfile",
         0o644,
+        0,
         dockerfile.len() as u64,
         dockerfile,
     )?;
     let rie = access::as_daemon(|| open_exact(&spec.rie))?;
-    append(&mut tar, "aws-lambda-rie", 0o755, rie.size, rie)?;
+    append(&mut tar, "aws-lambda-rie", 0o755, 0, rie.size, rie)?;
     if let Some(tree) = &spec.tree {
         append_dir(&mut tar, "opt")?;
         for entry in tree.entries.values() {
@@ -106,10 +108,10 @@ fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
                     if file.size != *size || file.key != *key {
                         return Err(changed_under_us(source));
                     }
-                    append(&mut tar, &path, entry.mode, *size, file)?;
+                    append(&mut tar, &path, entry.mode, entry.mtime, *size, file)?;
                 }
                 Kind::Symlink { target } => {
-                    let mut header = header(tar::EntryType::Symlink, 0o777, 0);
+                    let mut header = header(tar::EntryType::Symlink, 0o777, 0, entry.mtime);
                     tar.append_link(&mut header, &path, target)
                         .map_err(tar_error)?;
                 }
@@ -120,12 +122,13 @@ fn write_context(spec: &Spec, out: &mut ChanWriter) -> Result<()> {
     Ok(())
 }
 
-fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+/// A header with fixed owner; `mtime` in seconds since the epoch.
+fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(kind);
     header.set_mode(mode);
     header.set_size(size);
-    header.set_mtime(0);
+    header.set_mtime(mtime);
     header.set_uid(0);
     header.set_gid(0);
     header
@@ -135,15 +138,16 @@ fn append(
     tar: &mut tar::Builder<&mut ChanWriter>,
     path: &str,
     mode: u32,
+    mtime: u64,
     size: u64,
     data: impl Read,
 ) -> Result<()> {
-    let mut header = header(tar::EntryType::Regular, mode, size);
+    let mut header = header(tar::EntryType::Regular, mode, size, mtime);
     tar.append_data(&mut header, path, data).map_err(tar_error)
 }
 
 fn append_dir(tar: &mut tar::Builder<&mut ChanWriter>, path: &str) -> Result<()> {
-    let mut header = header(tar::EntryType::Directory, 0o755, 0);
+    let mut header = header(tar::EntryType::Directory, 0o755, 0, 0);
     tar.append_data(&mut header, path, io::empty())
         .map_err(tar_error)
 }
@@ -268,7 +272,8 @@ mod tests {
     }
 
     /// The archive holds the Dockerfile, the RIE at 0755 and the merged /opt with normalised
-    /// modes, links kept; producing it twice gives the same bytes.
+    /// modes, links kept, files and links with their own times (directories and our own files
+    /// time 0); producing it twice gives the same bytes.
     #[tokio::test]
     async fn archive_layout_modes_and_determinism() {
         let dir = tempfile::tempdir().unwrap();
@@ -284,6 +289,11 @@ mod tests {
         .unwrap();
         std::fs::write(layer.join("data.txt"), "x".repeat(200_000)).unwrap();
         symlink("bin/run", layer.join("bootstrap")).unwrap();
+        let time = |seconds| filetime::FileTime::from_unix_time(seconds, 0);
+        filetime::set_file_mtime(layer.join("bin/run"), time(1_600_000_000)).unwrap();
+        filetime::set_file_mtime(layer.join("data.txt"), time(1_700_000_001)).unwrap();
+        filetime::set_symlink_file_times(layer.join("bootstrap"), time(7), time(1_500_000_000))
+            .unwrap();
         let specs = [LayerSpec {
             name: "l".into(),
             path: layer,
@@ -306,21 +316,21 @@ mod tests {
             let header = entry.header();
             let path = entry.path().unwrap().display().to_string();
             let link = entry.link_name().unwrap().map(|l| l.display().to_string());
-            assert_eq!(header.mtime().unwrap(), 0);
-            seen.push((path, header.mode().unwrap(), link));
+            let mtime = header.mtime().unwrap();
+            seen.push((path, header.mode().unwrap(), link, mtime));
         }
         let expected = [
-            ("Dockerfile", 0o644, None),
-            ("aws-lambda-rie", 0o755, None),
-            ("opt", 0o755, None),
-            ("opt/bin", 0o755, None),
-            ("opt/bin/run", 0o755, None),
-            ("opt/bootstrap", 0o777, Some("bin/run")),
-            ("opt/data.txt", 0o644, None),
+            ("Dockerfile", 0o644, None, 0),
+            ("aws-lambda-rie", 0o755, None, 0),
+            ("opt", 0o755, None, 0),
+            ("opt/bin", 0o755, None, 0),
+            ("opt/bin/run", 0o755, None, 1_600_000_000),
+            ("opt/bootstrap", 0o777, Some("bin/run"), 1_500_000_000),
+            ("opt/data.txt", 0o644, None, 1_700_000_001),
         ];
         let expected: Vec<_> = expected
             .iter()
-            .map(|(p, m, l)| (p.to_string(), *m, l.map(str::to_owned)))
+            .map(|(p, m, l, t)| (p.to_string(), *m, l.map(str::to_owned), *t))
             .collect();
         assert_eq!(seen, expected);
     }

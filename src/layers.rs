@@ -1,11 +1,23 @@
 //! Layer sources walked into one merged `/opt` tree, and content digests.
 //!
-//! Each layer is walked without following links blindly (design §2): a link whose target stays
-//! inside the layer is kept as a link; one that points outside is dereferenced, as SAM does
-//! (pnpm-style layers rely on it); loops are an error naming the link; sockets, fifos and
-//! devices are skipped with a warning. Modes are normalised: directories and files with any
-//! execute bit become 0755, other files 0644; setuid/setgid/sticky never survive. Later layers
-//! win, as in Lambda.
+//! Each layer is walked without following links blindly (design §2):
+//! - A directory layer's link whose target stays inside the layer is kept as a link. An
+//!   absolute link into `/opt` is kept too: it names a place in the function's filesystem
+//!   (`bin/php -> /opt/bref/bin/php`), not on the host. Any other link is dereferenced with the
+//!   client's rights, as SAM does (pnpm-style layers rely on it); a link whose target does not
+//!   exist is kept as it is (Lambda keeps dangling links); loops are an error naming the link.
+//! - Inside a directory reached through a dereferenced link, a link is judged by where it
+//!   really points on the host: kept only if its target lies inside that followed tree (so it
+//!   still resolves at its place in the image), otherwise followed too (a pnpm workspace link
+//!   `@scope/shared -> ../../packages/shared` inside a linked `node_modules`).
+//! - A zip layer's links are kept exactly as the archive has them, wherever they point, and
+//!   never followed on the host (Lambda extracts them as they are; `archive.rs`).
+//!
+//! Sockets, fifos and devices are skipped with a warning. Modes are normalised: directories
+//! and files with any execute bit become 0755, other files 0644; setuid/setgid/sticky never
+//! survive. Files and links keep their own modification time (whole seconds; Python's `.pyc`
+//! validity depends on it); directories carry time 0, since an editor's temporary file would
+//! otherwise change them without changing the layer. Later layers win, as in Lambda.
 //!
 //! File contents are hashed through a [`StatCache`] (see `stat_cache.rs`), so an unchanged layer
 //! costs one walk and no reads.
@@ -73,6 +85,10 @@ pub struct Entry {
     pub kind: Kind,
     /// Normalised mode: 0o755 or 0o644 (0o777 for links).
     pub mode: u32,
+    /// Modification time in whole seconds since the epoch (0 before it): the file's or the
+    /// link's own (a dereferenced link's target's); 0 for directories. Part of the layer
+    /// digest, so an image never pairs a `.pyc` with a source of another time.
+    pub mtime: u64,
     /// Index of the layer the entry comes from.
     pub layer: usize,
     /// True when the entry lives in the daemon's own extracted-layer cache (a zip layer the
@@ -144,6 +160,10 @@ pub fn walk(
             stack: HashSet::new(),
             from_cache,
             skips: 0,
+            frame: Frame {
+                rel: String::new(),
+                is_layer: true,
+            },
         };
         let mut entries = if from_cache {
             // Our own cache: read with the daemon's rights (the archive was read as the peer).
@@ -220,6 +240,36 @@ struct Walker<'a> {
     from_cache: bool,
     /// Special files skipped so far in this layer.
     skips: usize,
+    /// The tree links are judged against: the layer itself, or, while walking a directory
+    /// reached through a dereferenced link, that directory.
+    frame: Frame,
+}
+
+/// Where a walked tree sits: links inside it whose target stays inside it are kept as links.
+#[derive(Debug, Clone)]
+struct Frame {
+    /// The tree's path below the layer root ("" for the layer itself).
+    rel: String,
+    /// True for the layer itself; false for a followed directory.
+    is_layer: bool,
+}
+
+impl Frame {
+    /// `rel` (a path below the layer root inside this frame) relative to the frame's root.
+    fn inner<'r>(&self, rel: &'r str) -> &'r str {
+        if self.rel.is_empty() {
+            rel
+        } else {
+            rel.strip_prefix(&self.rel)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .unwrap_or(rel)
+        }
+    }
+}
+
+/// Seconds since the epoch of `meta`'s modification time; 0 for times before it.
+fn mtime_of(meta: &fs::Metadata) -> u64 {
+    u64::try_from(meta.mtime()).unwrap_or(0)
 }
 
 impl Walker<'_> {
@@ -275,7 +325,7 @@ impl Walker<'_> {
         let file_type = meta.file_type();
         if file_type.is_dir() {
             self.budget.add(0)?;
-            self.push(rel.clone(), Kind::Dir, 0o755);
+            self.push(rel.clone(), Kind::Dir, 0o755, 0);
             return self.dir(path, &rel, meta);
         }
         if file_type.is_file() {
@@ -286,11 +336,11 @@ impl Walker<'_> {
                 size: meta.len(),
                 key: StatKey::of(meta),
             };
-            self.push(rel, kind, mode);
+            self.push(rel, kind, mode, mtime_of(meta));
             return Ok(());
         }
         if file_type.is_symlink() {
-            return self.symlink(path, rel);
+            return self.symlink(path, rel, meta);
         }
         let message = format!(
             "layer {:?}: skipped {} (a socket, fifo or device cannot be part of an image)",
@@ -324,39 +374,65 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn symlink(&mut self, path: &Path, rel: String) -> Result<()> {
+    /// A link at `path` (`link` is its own metadata): kept, or dereferenced (module doc).
+    fn symlink(&mut self, path: &Path, rel: String, link: &fs::Metadata) -> Result<()> {
         let target =
             fs::read_link(path).map_err(|err| Error::io("reading layer link", path, &err))?;
-        if stays_inside(&rel, &target) {
+        let keep = self.from_cache
+            || stays_inside(self.frame.inner(&rel), &target)
+            || (self.frame.is_layer && target.starts_with("/opt"));
+        if keep {
             self.budget.add(0)?;
-            self.push(rel, Kind::Symlink { target }, 0o777);
+            self.push(rel, Kind::Symlink { target }, 0o777, mtime_of(link));
             return Ok(());
         }
-        // Points outside the layer: dereference, as SAM does.
-        let meta = fs::metadata(path).map_err(|err| match err.raw_os_error() {
-            Some(libc::ELOOP) => Error::InvalidArgument(format!(
-                "layer {:?}: link loop at {}; remove or fix the link",
-                self.name,
-                path.display()
-            )),
-            Some(libc::EACCES) => Error::PermissionDenied(format!(
-                "layer {:?}: link {} points to {}, which the client may not read",
-                self.name,
-                path.display(),
-                target.display()
-            )),
-            _ => Error::NotFound(format!(
-                "layer {:?}: link {} points to {}, which cannot be read ({err})",
-                self.name,
-                path.display(),
-                target.display()
-            )),
-        })?;
+        // Points outside: dereference, as SAM does, with the client's rights.
+        let meta = match fs::metadata(path) {
+            Ok(meta) => meta,
+            // Nothing there on the host: keep the link as it is, as Lambda would; it may
+            // resolve in the function's filesystem.
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                self.budget.add(0)?;
+                self.push(rel, Kind::Symlink { target }, 0o777, mtime_of(link));
+                return Ok(());
+            }
+            Err(err) => {
+                return Err(match err.raw_os_error() {
+                    Some(libc::ELOOP) => Error::InvalidArgument(format!(
+                        "layer {:?}: link loop at {}; remove or fix the link",
+                        self.name,
+                        path.display()
+                    )),
+                    Some(libc::EACCES) => Error::PermissionDenied(format!(
+                        "layer {:?}: link {} points to {}, which the client may not read",
+                        self.name,
+                        path.display(),
+                        target.display()
+                    )),
+                    _ => Error::NotFound(format!(
+                        "layer {:?}: link {} points to {}, which cannot be read ({err})",
+                        self.name,
+                        path.display(),
+                        target.display()
+                    )),
+                });
+            }
+        };
         let real = fs::canonicalize(path).map_err(|err| Error::io("resolving link", path, &err))?;
         if meta.is_dir() {
             self.budget.add(0)?;
-            self.push(rel.clone(), Kind::Dir, 0o755);
-            return self.dir(&real, &rel, &meta);
+            self.push(rel.clone(), Kind::Dir, 0o755, 0);
+            // Links inside the followed tree are judged against it (module doc).
+            let outer = std::mem::replace(
+                &mut self.frame,
+                Frame {
+                    rel: rel.clone(),
+                    is_layer: false,
+                },
+            );
+            let walked = self.dir(&real, &rel, &meta);
+            self.frame = outer;
+            return walked;
         }
         if meta.is_file() {
             self.budget.add(meta.len())?;
@@ -369,6 +445,7 @@ impl Walker<'_> {
                     key: StatKey::of(&meta),
                 },
                 mode,
+                mtime_of(&meta),
             );
             return Ok(());
         }
@@ -380,11 +457,12 @@ impl Walker<'_> {
         self.skipped(message)
     }
 
-    fn push(&mut self, path: String, kind: Kind, mode: u32) {
+    fn push(&mut self, path: String, kind: Kind, mode: u32, mtime: u64) {
         self.entries.push(Entry {
             path,
             kind,
             mode,
+            mtime,
             layer: self.layer,
             from_cache: self.from_cache,
         });
@@ -413,7 +491,7 @@ fn stays_inside(rel: &str, target: &Path) -> bool {
     true
 }
 
-/// The digest of one layer's entries (paths, kinds, modes, link targets, file bytes).
+/// The digest of one layer's entries (paths, kinds, modes, times, link targets, file bytes).
 fn layer_digest(entries: &[Entry], cache: &StatCache) -> Result<String> {
     let mut hasher = Sha256::new();
     for entry in entries {
@@ -422,11 +500,11 @@ fn layer_digest(entries: &[Entry], cache: &StatCache) -> Result<String> {
         match &entry.kind {
             Kind::Dir => hasher.update(b"d"),
             Kind::File { source, key, .. } => {
-                hasher.update(format!("f{:o}", entry.mode));
+                hasher.update(format!("f{:o} {}", entry.mode, entry.mtime));
                 hasher.update(cache.file_digest_of(source, key)?);
             }
             Kind::Symlink { target } => {
-                hasher.update(b"l");
+                hasher.update(format!("l{} ", entry.mtime));
                 hasher.update(target.as_os_str().as_encoded_bytes());
             }
         }
@@ -539,6 +617,68 @@ mod tests {
             matches!(&err, Error::InvalidArgument(m) if m.contains("loop")),
             "{err:?}"
         );
+    }
+
+    /// Links Lambda keeps as links stay links: absolute into /opt, dangling ones. Inside a
+    /// followed directory, a link is judged by where it points on the host: one inside the
+    /// followed tree stays a link, a pnpm workspace link out of it is followed.
+    #[test]
+    fn links_are_judged_where_they_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        let project = dir.path().join("project");
+        write(&layer.join("bref/bin/php"), "elf", 0o755);
+        fs::create_dir_all(layer.join("bin")).unwrap();
+        symlink("/opt/bref/bin/php", layer.join("bin/php")).unwrap();
+        symlink("../../lib64/libnothere.so.6", layer.join("bin/libc")).unwrap();
+        write(&project.join("packages/shared/index.js"), "shared", 0o644);
+        write(&project.join("node_modules/dep/index.js"), "dep", 0o644);
+        fs::create_dir_all(project.join("node_modules/@scope")).unwrap();
+        symlink(
+            "../../packages/shared",
+            project.join("node_modules/@scope/shared"),
+        )
+        .unwrap();
+        symlink("dep/index.js", project.join("node_modules/main.js")).unwrap();
+        fs::create_dir_all(layer.join("nodejs")).unwrap();
+        symlink(
+            project.join("node_modules"),
+            layer.join("nodejs/node_modules"),
+        )
+        .unwrap();
+        let cache = StatCache::default();
+        let tree = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
+        let kind = |p: &str| tree.entries[p].kind.clone();
+        let link = |t: &str| Kind::Symlink {
+            target: PathBuf::from(t),
+        };
+        assert_eq!(kind("bin/php"), link("/opt/bref/bin/php"));
+        assert_eq!(kind("bin/libc"), link("../../lib64/libnothere.so.6"));
+        assert_eq!(kind("nodejs/node_modules"), Kind::Dir);
+        assert_eq!(kind("nodejs/node_modules/main.js"), link("dep/index.js"));
+        assert_eq!(kind("nodejs/node_modules/@scope/shared"), Kind::Dir);
+        assert!(matches!(
+            kind("nodejs/node_modules/@scope/shared/index.js"),
+            Kind::File { .. }
+        ));
+    }
+
+    /// Files keep their own time, directories carry 0, and a change of time alone changes the
+    /// layer's digest (a `.pyc` is never paired with a source of another time).
+    #[test]
+    fn times_are_kept_and_part_of_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        write(&layer.join("pkg/m.py"), "x = 1", 0o644);
+        let at = |seconds| filetime::FileTime::from_unix_time(seconds, 0);
+        filetime::set_file_mtime(layer.join("pkg/m.py"), at(1_600_000_000)).unwrap();
+        let cache = StatCache::default();
+        let first = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
+        assert_eq!(first.entries["pkg/m.py"].mtime, 1_600_000_000);
+        assert_eq!(first.entries["pkg"].mtime, 0);
+        filetime::set_file_mtime(layer.join("pkg/m.py"), at(1_600_000_002)).unwrap();
+        let second = walk(&[spec("l", &layer)], Limits::default(), &cache, &zips()).unwrap();
+        assert_ne!(first.layer_digests, second.layer_digests);
     }
 
     #[test]

@@ -1,0 +1,460 @@
+//! Layers laid out as Lambda lays them out (issue 12): file times kept, zip links kept as
+//! links wherever they point, links inside followed directories judged where they resolve,
+//! input the daemon cannot represent refused naming the layer and entry, and a zip layer giving
+//! the same `/opt` as the same tree given as a directory — compared entry by entry in the
+//! images the real engine holds (`docker export`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use support::{TestDaemon, build, docker, docker_ok, unique, write_file, zip_request};
+
+/// One entry of a file tree: what Lambda's `/opt` must agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Node {
+    /// 'd' directory, 'f' regular file, 'l' symbolic link.
+    kind: char,
+    /// Permission bits (links: not compared, 0).
+    mode: u32,
+    /// File size in bytes (0 otherwise).
+    size: u64,
+    /// sha256 of a file's bytes, a link's target, "" for a directory.
+    content: String,
+    /// Modification time, seconds since the epoch.
+    mtime: u64,
+}
+
+/// The entries under `/opt` (paths relative to it) of `image`, read from `docker export`.
+fn image_opt(image: &str) -> BTreeMap<String, Node> {
+    let id = docker_ok(&["create", image, "/bin/true"]).trim().to_owned();
+    let exported = docker(&["export", &id]);
+    docker_ok(&["rm", &id]);
+    assert!(exported.status.success(), "docker export {image} failed");
+    let mut archive = tar::Archive::new(exported.stdout.as_slice());
+    let mut tree = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let Some(rel) = path.strip_prefix("opt/") else {
+            continue;
+        };
+        let rel = rel.trim_end_matches('/').to_owned();
+        if rel.is_empty() {
+            continue;
+        }
+        let header = entry.header().clone();
+        let mtime = header.mtime().unwrap();
+        let node = match header.entry_type() {
+            tar::EntryType::Directory => dir_node(header.mode().unwrap(), mtime),
+            tar::EntryType::Symlink => {
+                let target = entry.link_name().unwrap().unwrap();
+                link_node(target.as_os_str().as_encoded_bytes(), mtime)
+            }
+            tar::EntryType::Regular => {
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).unwrap();
+                file_node(&bytes, header.mode().unwrap(), mtime)
+            }
+            other => panic!("{image}: /opt/{rel} is a {other:?}"),
+        };
+        tree.insert(rel, node);
+    }
+    tree
+}
+
+fn dir_node(mode: u32, mtime: u64) -> Node {
+    Node {
+        kind: 'd',
+        mode: mode & 0o7777,
+        size: 0,
+        content: String::new(),
+        mtime,
+    }
+}
+
+fn link_node(target: &[u8], mtime: u64) -> Node {
+    Node {
+        kind: 'l',
+        mode: 0,
+        size: 0,
+        content: hex::encode(Sha256::digest(target)),
+        mtime,
+    }
+}
+
+fn file_node(bytes: &[u8], mode: u32, mtime: u64) -> Node {
+    Node {
+        kind: 'f',
+        mode: mode & 0o7777,
+        size: bytes.len() as u64,
+        content: hex::encode(Sha256::digest(bytes)),
+        mtime,
+    }
+}
+
+/// What Lambda puts in `/opt` for these directory layers, merged in order (a later layer's
+/// entry replaces a file or a whole subtree; directories merge), with the daemon's documented
+/// normalisation: modes 0755 / 0644, directories time 0, files and links their own time.
+fn expected_opt(layers: &[&Path]) -> BTreeMap<String, Node> {
+    let mut merged: BTreeMap<String, Node> = BTreeMap::new();
+    for layer in layers {
+        let mut entries = BTreeMap::new();
+        collect(layer, "", &mut entries);
+        for (path, node) in entries {
+            if node.kind != 'd' || merged.get(&path).is_some_and(|n| n.kind != 'd') {
+                let prefix = format!("{path}/");
+                merged.retain(|p, _| !p.starts_with(&prefix));
+            }
+            merged.insert(path, node);
+        }
+    }
+    merged
+}
+
+fn collect(dir: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
+    for item in fs::read_dir(dir).unwrap() {
+        let item = item.unwrap();
+        let name = item.file_name().into_string().unwrap();
+        let rel = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let meta = fs::symlink_metadata(item.path()).unwrap();
+        let mtime = u64::try_from(meta.mtime()).unwrap();
+        if meta.is_dir() {
+            out.insert(rel.clone(), dir_node(0o755, 0));
+            collect(&item.path(), &rel, out);
+        } else if meta.file_type().is_symlink() {
+            let target = fs::read_link(item.path()).unwrap();
+            out.insert(rel, link_node(target.as_os_str().as_encoded_bytes(), mtime));
+        } else {
+            let mode = if meta.permissions().mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            out.insert(rel, file_node(&fs::read(item.path()).unwrap(), mode, mtime));
+        }
+    }
+}
+
+/// Asserts two trees are equal, listing every differing path.
+fn assert_same(what: &str, got: &BTreeMap<String, Node>, want: &BTreeMap<String, Node>) {
+    let mut diffs = Vec::new();
+    for (path, node) in want {
+        match got.get(path) {
+            Some(have) if have == node => {}
+            Some(have) => diffs.push(format!("{path:?}: have {have:?}, want {node:?}")),
+            None => diffs.push(format!("{path:?}: missing (want {node:?})")),
+        }
+    }
+    for path in got.keys().filter(|p| !want.contains_key(*p)) {
+        diffs.push(format!("{path:?}: unexpected {:?}", got[path]));
+    }
+    assert!(diffs.is_empty(), "{what}:\n{}", diffs.join("\n"));
+}
+
+/// Sets `path`'s (or a link's own) modification time.
+fn set_time(path: &Path, seconds: i64) {
+    let time = filetime::FileTime::from_unix_time(seconds, 0);
+    filetime::set_symlink_file_times(path, time, time).unwrap();
+}
+
+/// A corpus layer: names with spaces, non-ASCII and a long path, an empty directory, an
+/// executable, and (unless `windows`) links inside, absolute into /opt, climbing out of the
+/// layer and dangling. Every file and link gets its own even-second time (MS-DOS times have
+/// 2-second steps). `windows`: no links and every file executable, as a mode-less zip entry
+/// is extracted (0755).
+fn make_corpus(root: &Path, windows: bool) {
+    let file_mode = if windows { 0o755 } else { 0o644 };
+    let long = format!(
+        "{}/{}.txt",
+        ["segment-of-a-long-path"; 10].join("/"),
+        "n".repeat(120)
+    );
+    let files: Vec<(String, String, u32)> = vec![
+        ("bootstrap".into(), "#!/bin/sh\necho hi\n".into(), 0o755),
+        ("data/readme.txt".into(), "read me\n".into(), file_mode),
+        (
+            "name with spaces/file one.txt".into(),
+            "spaces\n".into(),
+            file_mode,
+        ),
+        ("ünïcødé/日本語.txt".into(), "unicode\n".into(), file_mode),
+        ("bref/bin/php".into(), "php binary\n".into(), 0o755),
+        ("python/pkg/m.py".into(), "VALUE = 42\n".into(), file_mode),
+        (long, "long\n".into(), file_mode),
+    ];
+    for (path, content, mode) in &files {
+        write_file(&root.join(path), content, *mode);
+    }
+    fs::create_dir_all(root.join("empty")).unwrap();
+    if !windows {
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::create_dir_all(root.join("lib")).unwrap();
+        symlink("../data/readme.txt", root.join("lib/inside")).unwrap();
+        symlink("/opt/bref/bin/php", root.join("bin/php")).unwrap();
+        symlink("../../lib64/libc.so.6", root.join("lib/libc.so.6")).unwrap();
+        symlink("nothing-here.txt", root.join("dangling")).unwrap();
+        symlink("/opt/shared/node_modules", root.join("node_modules")).unwrap();
+    }
+    let mut stamp = 1_600_000_000;
+    let mut paths: Vec<PathBuf> = Vec::new();
+    walk_paths(root, &mut paths);
+    paths.sort();
+    for path in paths {
+        if !fs::symlink_metadata(&path).unwrap().is_dir() {
+            set_time(&path, stamp);
+            stamp += 86_402;
+        }
+    }
+}
+
+fn walk_paths(dir: &Path, out: &mut Vec<PathBuf>) {
+    for item in fs::read_dir(dir).unwrap() {
+        let path = item.unwrap().path();
+        if fs::symlink_metadata(&path).unwrap().is_dir() {
+            walk_paths(&path, out);
+        }
+        out.push(path);
+    }
+}
+
+/// Zips `src` into `out` in `style`: "unix" / "windows" with Python's zipfile, "infozip" with
+/// Debian's Info-ZIP `zip -r -y` (links stored as links, extended timestamps).
+fn zip_tree(style: &str, src: &Path, out: &Path) {
+    let status = if style == "infozip" {
+        Command::new("zip")
+            .args(["-q", "-r", "-y"])
+            .arg(out)
+            .arg(".")
+            .current_dir(src)
+            .status()
+            .expect("Info-ZIP zip runs (Debian package zip, installed by scripts/test-env.sh)")
+    } else {
+        Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/layers/zipdir.py"))
+            .args([style])
+            .arg(src)
+            .arg(out)
+            .status()
+            .unwrap()
+    };
+    assert!(
+        status.success(),
+        "zipping {} ({style}) failed",
+        src.display()
+    );
+}
+
+/// Builds one image from `layers` (name, path) and returns its `/opt`.
+async fn built_opt(daemon: &TestDaemon, layers: &[(&str, &Path)]) -> BTreeMap<String, Node> {
+    let outcome = build(&daemon.socket, zip_request(layers)).await;
+    let tag = outcome.completed().tag.clone();
+    let opt = image_opt(&tag);
+    docker(&["rmi", "-f", &tag]);
+    opt
+}
+
+/// A zip layer and the same tree as a directory give the same `/opt` — paths, types, modes,
+/// sizes, contents, link targets and times — for zips written by Python's zipfile, by
+/// Info-ZIP `zip -y` and as Windows tools write them, with a later layer replacing a file with
+/// a directory, a directory with a file, and back; and both equal the merged source trees.
+#[tokio::test(flavor = "multi_thread")]
+async fn zip_and_directory_layers_give_the_same_opt() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    make_corpus(&base, false);
+    // A file becomes a directory, a directory becomes a file.
+    let over = dir.path().join("over");
+    write_file(
+        &over.join("data/readme.txt/now-a-dir.txt"),
+        "dir now\n",
+        0o644,
+    );
+    write_file(&over.join("empty"), "a file now\n", 0o644);
+    set_time(&over.join("data/readme.txt/now-a-dir.txt"), 1_700_000_000);
+    set_time(&over.join("empty"), 1_700_000_002);
+    // And back: the directory is a file again.
+    let back = dir.path().join("back");
+    write_file(&back.join("data/readme.txt"), "a file again\n", 0o644);
+    set_time(&back.join("data/readme.txt"), 1_700_000_004);
+    let sources = [base.as_path(), over.as_path(), back.as_path()];
+    let want = expected_opt(&sources);
+    assert_eq!(want["data/readme.txt"].kind, 'f');
+    assert_eq!(want["empty"].kind, 'f');
+
+    let n = |s: &str| unique(s);
+    let (b, o, k) = (n("base"), n("over"), n("back"));
+    let from_dirs = built_opt(&daemon, &[(&b, &base), (&o, &over), (&k, &back)]).await;
+    assert_same("directory layers vs the merged sources", &from_dirs, &want);
+
+    for style in ["unix", "infozip"] {
+        let zips: Vec<PathBuf> = sources
+            .iter()
+            .enumerate()
+            .map(|(index, src)| {
+                let out = dir.path().join(format!("{style}-{index}.zip"));
+                zip_tree(style, src, &out);
+                out
+            })
+            .collect();
+        let names: Vec<String> = (0..3).map(|i| n(&format!("{style}{i}"))).collect();
+        let layers: Vec<(&str, &Path)> = names
+            .iter()
+            .zip(&zips)
+            .map(|(name, path)| (name.as_str(), path.as_path()))
+            .collect();
+        let from_zips = built_opt(&daemon, &layers).await;
+        assert_same(
+            &format!("{style} zips vs directories"),
+            &from_zips,
+            &from_dirs,
+        );
+    }
+
+    // Windows-made entries carry no modes: every file is extracted 0755, and no links.
+    let windows = dir.path().join("windows");
+    make_corpus(&windows, true);
+    let archive = dir.path().join("windows.zip");
+    zip_tree("windows", &windows, &archive);
+    let (w, wz) = (n("windir"), n("winzip"));
+    let from_dir = built_opt(&daemon, &[(&w, &windows)]).await;
+    assert_same(
+        "windows directory vs source",
+        &from_dir,
+        &expected_opt(&[&windows]),
+    );
+    let from_zip = built_opt(&daemon, &[(&wz, &archive)]).await;
+    assert_same("windows zip vs directory", &from_zip, &from_dir);
+    daemon.stop().await;
+}
+
+/// A `.pyc` in a layer is valid in the image: the source's time in the image is the one the
+/// `.pyc` was compiled against (its header), so Python uses it instead of recompiling.
+#[tokio::test(flavor = "multi_thread")]
+async fn compiled_python_stays_valid_in_the_image() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("layer");
+    write_file(&layer.join("python/m.py"), "VALUE = 1\n", 0o644);
+    set_time(&layer.join("python/m.py"), 1_650_000_000);
+    let status = Command::new("python3")
+        .args(["-m", "py_compile"])
+        .arg(layer.join("python/m.py"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let archive = dir.path().join("layer.zip");
+    zip_tree("infozip", &layer, &archive);
+    for source in [&layer, &archive] {
+        let name = unique("py");
+        let opt = built_opt(&daemon, &[(&name, source.as_path())]).await;
+        let source_node = &opt["python/m.py"];
+        let (pyc_path, _) = opt
+            .iter()
+            .find(|(p, _)| p.starts_with("python/__pycache__/m.") && p.ends_with(".pyc"))
+            .expect("the .pyc is in the image");
+        let pyc = fs::read(layer.join(pyc_path)).unwrap();
+        let compiled_against = u32::from_le_bytes(pyc[8..12].try_into().unwrap());
+        assert_eq!(
+            source_node.mtime,
+            u64::from(compiled_against),
+            "{}: m.py's time in the image differs from the one its .pyc was compiled against",
+            source.display()
+        );
+        assert_eq!(opt[pyc_path].content, hex::encode(Sha256::digest(&pyc)));
+    }
+    daemon.stop().await;
+}
+
+/// A zip entry typed as a link whose "target" is a 5 KB script (a broken packer) is
+/// INVALID_ARGUMENT naming the layer and the entry, never INTERNAL, never a cache path.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_stored_as_a_link_is_refused_naming_the_entry() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = "#!/bin/sh\necho a line of a long script\n".repeat(130);
+    assert!(script.len() > 5000);
+    // No host file system holds such a link: write the entry with zipfile directly.
+    let archive = dir.path().join("broken.zip");
+    let writer = "import zipfile, sys\n\
+                  z = zipfile.ZipFile(sys.argv[1], 'w')\n\
+                  i = zipfile.ZipInfo('bin/tool')\n\
+                  i.create_system = 3\n\
+                  i.external_attr = 0o120777 << 16\n\
+                  z.writestr(i, sys.argv[2])\n\
+                  z.close()\n";
+    let status = Command::new("python3")
+        .args(["-c", writer])
+        .arg(&archive)
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let outcome = build(&daemon.socket, zip_request(&[("BrokenPacker", &archive)])).await;
+    let status = outcome.status();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.contains("BrokenPacker") && message.contains("bin/tool"),
+        "{message}"
+    );
+    let cache = daemon.dir.path().display().to_string();
+    assert!(!message.contains(&cache), "names a daemon path: {message}");
+    daemon.stop().await;
+}
+
+/// A directory layer whose `nodejs/node_modules` links to a project's `node_modules` (followed,
+/// as SAM does) holding a workspace link `@scope/shared -> ../../packages/shared`: the inner
+/// link is followed too (it would dangle at its place in the image), while a link inside the
+/// followed tree stays a link; the image holds the package's files.
+#[tokio::test(flavor = "multi_thread")]
+async fn links_inside_a_followed_directory_resolve_in_the_image() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("project");
+    write_file(
+        &project.join("packages/shared/index.js"),
+        "module.exports = 'shared';\n",
+        0o644,
+    );
+    write_file(&project.join("node_modules/dep/index.js"), "dep\n", 0o644);
+    fs::create_dir_all(project.join("node_modules/@scope")).unwrap();
+    symlink(
+        "../../packages/shared",
+        project.join("node_modules/@scope/shared"),
+    )
+    .unwrap();
+    symlink("dep/index.js", project.join("node_modules/main.js")).unwrap();
+    let layer = dir.path().join("layer");
+    fs::create_dir_all(layer.join("nodejs")).unwrap();
+    symlink(
+        project.join("node_modules"),
+        layer.join("nodejs/node_modules"),
+    )
+    .unwrap();
+    let name = unique("node");
+    let opt = built_opt(&daemon, &[(&name, &layer)]).await;
+    let shared = &opt["nodejs/node_modules/@scope/shared/index.js"];
+    assert_eq!(shared.kind, 'f');
+    assert_eq!(
+        shared.content,
+        hex::encode(Sha256::digest(b"module.exports = 'shared';\n"))
+    );
+    assert_eq!(opt["nodejs/node_modules/@scope/shared"].kind, 'd');
+    assert_eq!(
+        opt["nodejs/node_modules/main.js"],
+        link_node(b"dep/index.js", opt["nodejs/node_modules/main.js"].mtime)
+    );
+    daemon.stop().await;
+}
