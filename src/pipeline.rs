@@ -135,6 +135,12 @@ pub async fn run(
     reporter: Reporter,
 ) -> Result<Completed> {
     let started = Instant::now();
+    if !plan.ignored_layers.is_empty() {
+        reporter.emit(Event::Warning {
+            code: "layers_ignored".into(),
+            message: ignored_layers_message(&plan.ignored_layers),
+        });
+    }
     let inputs = walk_inputs(&shared, &plan, peer.as_ref(), &reporter).await?;
     let base = base_image(&shared, &plan, &reporter).await?;
     let parts = parts_of(&plan, &base, &inputs);
@@ -159,6 +165,16 @@ pub async fn run(
         duration_ms: elapsed_ms(started),
         config,
     })
+}
+
+/// The `layers_ignored` warning: which layers an IMAGE function's request named in vain.
+fn ignored_layers_message(layers: &[crate::resolve::LayerSpec]) -> String {
+    let names: Vec<String> = layers.iter().map(|l| format!("{:?}", l.name)).collect();
+    format!(
+        "layers {} ignored: an IMAGE function has no layers (Lambda refuses them, SAM ignores \
+         them); put their files in the function's image instead",
+        names.join(", ")
+    )
 }
 
 /// What the walk read: the RIE's digest and the merged layer tree (none without layers).

@@ -73,17 +73,20 @@ impl From<&resolve::Plan> for BuildPlan {
             dockerfile: plan.dockerfile.clone(),
             architecture: plan.arch.as_str().to_owned(),
             platform: plan.arch.platform().to_owned(),
-            layers: plan
-                .layers
-                .iter()
-                .map(|l| Layer {
-                    name: l.name.clone(),
-                    path: l.path.display().to_string(),
-                })
-                .collect(),
+            layers: plan.layers.iter().map(Layer::from).collect(),
+            ignored_layers: plan.ignored_layers.iter().map(Layer::from).collect(),
             invoke_image_used: plan.invoke_image_used,
             package_type: plan.package_type.as_str().to_owned(),
             runtime: plan.runtime.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&resolve::LayerSpec> for Layer {
+    fn from(layer: &resolve::LayerSpec) -> Self {
+        Layer {
+            name: layer.name.clone(),
+            path: layer.path.display().to_string(),
         }
     }
 }

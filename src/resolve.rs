@@ -154,6 +154,9 @@ pub struct Plan {
     pub runtime: Option<String>,
     /// Layers merged into /opt in this order (always empty for IMAGE functions).
     pub layers: Vec<LayerSpec>,
+    /// Layers the request gave an IMAGE function, which are not used: Lambda refuses layers
+    /// on image functions and SAM ignores them, so the build goes on without them and says so.
+    pub ignored_layers: Vec<LayerSpec>,
     /// True when an invoke image replaced the default base or the tag's repository.
     pub invoke_image_used: bool,
     /// The Dockerfile, without the fingerprint label.
@@ -326,6 +329,7 @@ pub fn resolve(request: &Request) -> Result<Plan> {
                 package_type: PackageType::Zip,
                 runtime: Some(runtime.to_owned()),
                 layers: request.layers.clone(),
+                ignored_layers: Vec::new(),
                 invoke_image_used,
                 skip_pull_image: request.skip_pull_image,
                 force_image_build: request.force_image_build,
@@ -354,6 +358,7 @@ pub fn resolve(request: &Request) -> Result<Plan> {
                 package_type: PackageType::Image,
                 runtime: None,
                 layers: Vec::new(),
+                ignored_layers: request.layers.clone(),
                 invoke_image_used: invoke_image.is_some(),
                 skip_pull_image: request.skip_pull_image,
                 force_image_build: request.force_image_build,
