@@ -386,6 +386,27 @@ fn resolve_output_is_pinned() {
     );
 }
 
+/// Bad `--layer` arguments are usage errors (exit 2) naming the argument.
+#[test]
+fn layer_argument_errors_are_pinned() {
+    let daemon = Daemon::start();
+    for (layer, stderr) in [
+        (
+            "/",
+            "error: --layer \"/\": cannot derive a name from the path; use NAME=PATH\n",
+        ),
+        ("x=", "error: --layer \"x=\": the path is empty\n"),
+    ] {
+        let output = ctl(
+            &daemon.socket,
+            &["resolve", "--runtime", "python3.12", "--layer", layer],
+        );
+        assert_exit(&output, 2);
+        assert_eq!(text(&output.stderr), stderr);
+        assert_eq!(text(&output.stdout), "");
+    }
+}
+
 /// Without an engine: `health` says NOT_SERVING with exit 1, `info` names the unreachable
 /// engine, and a usage error in `prune` exits 2 naming the flag.
 #[test]
