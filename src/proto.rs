@@ -1,8 +1,8 @@
 //! The generated wire types (`lambda_imaged.v1`) and the conversions between them and ours.
 //! The only module that knows both sides.
 //!
-//! The generated code lives in [`generated`] (re-exported here), the only place lint allowances
-//! apply: the hand-written conversions below are checked like the rest of the crate. Every wire
+//! The generated code lives in the private module `generated`, re-exported here; it is the
+//! only place lint allowances apply: the hand-written conversions below are checked like the rest of the crate. Every wire
 //! type derives `serde::Serialize` (configured in `build.rs`); [`json`] holds the helpers that
 //! print enum fields by name.
 
@@ -10,8 +10,13 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The code `tonic-prost-build` generates from `proto/lambda_imaged/v1/image_builder.proto`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod generated {
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::invalid_html_tags
+)]
+mod generated {
     tonic::include_proto!("lambda_imaged.v1");
 }
 
