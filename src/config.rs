@@ -46,20 +46,6 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The default socket: `/run/lambda-imaged/lambda-imaged.sock` as root,
-/// `$XDG_RUNTIME_DIR/lambda-imaged.sock` otherwise.
-pub fn default_socket() -> PathBuf {
-    if let Some(path) = std::env::var_os("LAMBDA_IMAGED_SOCKET") {
-        return PathBuf::from(path);
-    }
-    if !is_root() {
-        if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
-            return Path::new(&dir).join("lambda-imaged.sock");
-        }
-    }
-    PathBuf::from("/run/lambda-imaged/lambda-imaged.sock")
-}
-
 /// The default cache: `/var/cache/lambda-imaged` as root, `$XDG_CACHE_HOME/lambda-imaged`
 /// (or `~/.cache/lambda-imaged`) otherwise.
 pub fn default_cache_dir() -> PathBuf {
@@ -299,7 +285,10 @@ impl Settings {
                     })
                     .transpose()
             };
-        let socket = self.socket.clone().unwrap_or_else(default_socket);
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(crate::client::daemon_socket);
         let mut config = Config::new(
             socket,
             self.cache_dir.clone().unwrap_or_else(default_cache_dir),

@@ -1,12 +1,26 @@
 //! The generated wire types (`lambda_imaged.v1`) and the conversions between them and ours.
 //! The only module that knows both sides.
-
-#![allow(missing_docs, clippy::all, clippy::pedantic)]
+//!
+//! The generated code lives in the private module `generated`, re-exported here; it is the
+//! only place lint allowances apply: the hand-written conversions below are checked like the rest of the crate. Every wire
+//! type derives `serde::Serialize` (configured in `build.rs`); [`json`] holds the helpers that
+//! print enum fields by name.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-tonic::include_proto!("lambda_imaged.v1");
+/// The code `tonic-prost-build` generates from `proto/lambda_imaged/v1/image_builder.proto`.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::invalid_html_tags
+)]
+mod generated {
+    tonic::include_proto!("lambda_imaged.v1");
+}
+
+pub use generated::*;
 
 /// The file descriptor set served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -200,7 +214,8 @@ impl From<&builds::Summary> for BuildSummary {
     }
 }
 
-/// snake_case name of a reason, as the CLI prints it (`layer_changed`).
+/// snake_case name of a reason, as the CLI prints it (`layer_changed`; `unspecified` for 0 and
+/// values this build does not know).
 pub fn reason_name(reason: i32) -> &'static str {
     match Reason::try_from(reason) {
         Ok(Reason::UpToDate) => "up_to_date",
@@ -210,6 +225,79 @@ pub fn reason_name(reason: i32) -> &'static str {
         Ok(Reason::LayerChanged) => "layer_changed",
         Ok(Reason::RieChanged) => "rie_changed",
         Ok(Reason::DefinitionChanged) => "definition_changed",
-        _ => "unspecified",
+        Ok(Reason::Unspecified) | Err(_) => "unspecified",
+    }
+}
+
+/// Lowercase name of a build state, as the CLI prints it (`running`; `unknown` for 0 and values
+/// this build does not know).
+pub fn state_name(state: i32) -> &'static str {
+    match BuildState::try_from(state) {
+        Ok(BuildState::Queued) => "queued",
+        Ok(BuildState::Running) => "running",
+        Ok(BuildState::Succeeded) => "succeeded",
+        Ok(BuildState::Failed) => "failed",
+        Ok(BuildState::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// Lowercase name of a log line's kind, as the CLI prints it; anything but `status` and `error`
+/// is engine output, `stream`.
+pub fn log_kind_name(kind: i32) -> &'static str {
+    match LogKind::try_from(kind) {
+        Ok(LogKind::Status) => "status",
+        Ok(LogKind::Error) => "error",
+        Ok(LogKind::Stream | LogKind::Unspecified) | Err(_) => "stream",
+    }
+}
+
+/// `serialize_with` helpers named in `build.rs`: prost keeps enum fields as `i32`, which JSON
+/// readers should not have to decode.
+pub mod json {
+    use serde::{Serialize, Serializer};
+
+    use super::{Architecture, PackageType};
+
+    /// A `Reason` by [`reason_name`](super::reason_name).
+    pub fn reason<S: Serializer>(value: &i32, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(super::reason_name(*value))
+    }
+
+    /// A `BuildState` by [`state_name`](super::state_name).
+    pub fn build_state<S: Serializer>(value: &i32, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(super::state_name(*value))
+    }
+
+    /// A `LogKind` by [`log_kind_name`](super::log_kind_name).
+    pub fn log_kind<S: Serializer>(value: &i32, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(super::log_kind_name(*value))
+    }
+
+    /// A `PackageType` by its proto name (`PACKAGE_TYPE_ZIP`), or the number if unknown.
+    pub fn package_type<S: Serializer>(value: &i32, serializer: S) -> Result<S::Ok, S::Error> {
+        match PackageType::try_from(*value) {
+            Ok(known) => serializer.serialize_str(known.as_str_name()),
+            Err(_) => serializer.serialize_i32(*value),
+        }
+    }
+
+    /// An `Architecture` by its proto name (`ARCHITECTURE_ARM64`), or the number if unknown.
+    pub fn architecture<S: Serializer>(value: &i32, serializer: S) -> Result<S::Ok, S::Error> {
+        match Architecture::try_from(*value) {
+            Ok(known) => serializer.serialize_str(known.as_str_name()),
+            Err(_) => serializer.serialize_i32(*value),
+        }
+    }
+
+    /// An optional message as its defaults when absent (an object, never `null`).
+    pub fn or_default<T, S>(value: &Option<T>, serializer: S) -> Result<S::Ok, S::Error>
+    where
+        T: Serialize + Default,
+        S: Serializer,
+    {
+        match value {
+            Some(value) => value.serialize(serializer),
+            None => T::default().serialize(serializer),
+        }
     }
 }

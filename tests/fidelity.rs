@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
-use support::{TestDaemon, build, docker, docker_ok, unique, write_file, zip_request};
+use support::{OutcomeExt, TestDaemon, build, docker, docker_ok, unique, write_file, zip_request};
 
 /// One entry of a file tree: what Lambda's `/opt` must agree on.
 #[derive(Debug, Clone, PartialEq, Eq)]

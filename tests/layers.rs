@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lambda_imaged::client::{self, proto};
-use proto::build_event::Event;
+use lambda_imaged::client::{self, Client, proto};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use support::*;
@@ -619,25 +618,11 @@ async fn build_until_cut(
     socket: PathBuf,
     request: proto::BuildRequest,
 ) -> Result<proto::Completed, String> {
-    let mut client = client::connect(&socket).await.map_err(|e| e.to_string())?;
-    let mut stream = client
-        .build(request)
+    let mut client = Client::connect(&socket).await.map_err(|e| e.to_string())?;
+    client
+        .build_with(request, |_| {})
         .await
-        .map_err(|s| s.to_string())?
-        .into_inner();
-    loop {
-        match stream.message().await {
-            Ok(Some(proto::BuildEvent {
-                event: Some(Event::Completed(done)),
-                ..
-            })) => {
-                return Ok(done);
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => return Err("stream ended".into()),
-            Err(status) => return Err(status.to_string()),
-        }
-    }
+        .map_err(|status| status.to_string())
 }
 
 /// kill -9 of the daemon binary while it extracts a big zip leaves only a `.tmp-*` dir; the

@@ -3,13 +3,17 @@
 //! Exit codes: 0 ok, 1 the daemon answered with an error, 2 usage, 3 daemon unreachable.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use lambda_imaged::client::{self, proto};
+use lambda_imaged::client::{self, Client, InvokeImageArg, LayerArg, RequestBuilder, proto};
+use lambda_imaged::error::code_name;
 use proto::build_event::Event;
-use serde_json::{Value, json};
+use serde::Serialize;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Talk to lambda-imaged, the shared Lambda emulation image builder.
 #[derive(Debug, Parser)]
@@ -118,7 +122,7 @@ struct RequestArgs {
     layers: Vec<String>,
     /// An emulation image, [FUNCTION=]REF; without FUNCTION it is the global default.
     #[arg(long = "invoke-image", value_name = "[FUNCTION=]REF")]
-    invoke_images: Vec<String>,
+    invoke_images: Vec<InvokeImageArg>,
     /// The function's name (selects a per-function invoke image).
     #[arg(long)]
     function_name: Option<String>,
@@ -182,7 +186,7 @@ fn main() -> ExitCode {
         Err(Failure::Unreachable(message)) => {
             eprintln!("error: {message}");
             if json_errors {
-                print_json(&json!({"type": "error", "code": "UNAVAILABLE", "message": message}));
+                print_json(&ErrorLine::new("UNAVAILABLE", &message));
             }
             ExitCode::from(3)
         }
@@ -190,54 +194,41 @@ fn main() -> ExitCode {
             let code = code_name(status.code());
             eprintln!("error: {code}: {}", status.message());
             if json_errors {
-                print_json(&json!({"type": "error", "code": code, "message": status.message()}));
+                print_json(&ErrorLine::new(code, status.message()));
             }
             ExitCode::from(1)
         }
     }
 }
 
-/// Connects, retrying while the daemon is not up yet when `wait` is set.
-async fn connect(
-    socket: &Path,
-    wait: bool,
-    timeout: Option<std::time::Duration>,
-) -> Result<tonic::transport::Channel, Failure> {
-    let deadline =
-        tokio::time::Instant::now() + timeout.unwrap_or(std::time::Duration::from_secs(60));
-    loop {
-        match client::channel(socket).await {
-            Ok(channel) => return Ok(channel),
-            Err(err) if !wait || tokio::time::Instant::now() >= deadline => return Err(err.into()),
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+/// The object `build --json` ends a failed build with (`{"code":..,"message":..,"type":"error"}`).
+#[derive(Serialize)]
+struct ErrorLine<'a> {
+    r#type: &'static str,
+    code: &'a str,
+    message: &'a str,
+}
+
+impl<'a> ErrorLine<'a> {
+    fn new(code: &'a str, message: &'a str) -> ErrorLine<'a> {
+        ErrorLine {
+            r#type: "error",
+            code,
+            message,
         }
     }
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let socket = cli.socket.unwrap_or_else(client::default_socket);
-    let channel = connect(&socket, cli.wait, cli.timeout).await?;
+    let client = if cli.wait {
+        let deadline = tokio::time::Instant::now() + cli.timeout.unwrap_or(Duration::from_secs(60));
+        Client::connect_waiting(&socket, deadline).await?
+    } else {
+        Client::connect(&socket).await?
+    };
     match cli.command {
-        Command::Resolve { request, json } => {
-            let request = build_request(&request, false, false)?;
-            let mut daemon = client::ImageBuilderClient::new(channel);
-            let plan = daemon.resolve(request).await?.into_inner();
-            if json {
-                print_json(&plan_json(&plan));
-            } else {
-                println!("tag:        {}", plan.tag);
-                println!("base image: {}", plan.base_image);
-                println!("platform:   {}", plan.platform);
-                for layer in &plan.layers {
-                    println!("layer:      {} = {}", layer.name, layer.path);
-                }
-                println!("Dockerfile:");
-                for line in plan.dockerfile.lines() {
-                    println!("  {line}");
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Resolve { request, json } => resolve(client, &request, json).await,
         Command::Build {
             request,
             skip_pull_image,
@@ -245,296 +236,217 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             json,
             quiet,
         } => {
-            let request = build_request(&request, skip_pull_image, force_image_build)?;
-            let mut daemon = client::ImageBuilderClient::new(channel);
-            let mut events = daemon.build(request).await?.into_inner();
-            let mut render = Render::new(json, quiet);
-            while let Some(event) = events.message().await? {
-                render.event(&event);
-            }
-            Ok(ExitCode::SUCCESS)
+            let request = request_builder(&request)?
+                .skip_pull_image(skip_pull_image)
+                .force_image_build(force_image_build);
+            build(client, request, json, quiet).await
         }
-        Command::Ls { json } => {
-            let mut daemon = client::ImageBuilderClient::new(channel);
-            let list = daemon
-                .list_builds(proto::ListBuildsRequest {})
-                .await?
-                .into_inner();
-            if json {
-                print_json(&json!({
-                    "in_flight": list.in_flight.iter().map(summary_json).collect::<Vec<_>>(),
-                    "recent": list.recent.iter().map(summary_json).collect::<Vec<_>>(),
-                }));
-            } else {
-                println!("{:<10} {:<36} {:>4} TAG", "STATE", "BUILD ID", "SUBS");
-                for summary in list.in_flight.iter().chain(&list.recent) {
-                    println!(
-                        "{:<10} {:<36} {:>4} {}",
-                        state_name(summary.state),
-                        summary.build_id,
-                        summary.subscribers,
-                        summary.tag
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Info { json } => {
-            let mut daemon = client::ImageBuilderClient::new(channel);
-            let info = daemon
-                .get_info(proto::GetInfoRequest {})
-                .await?
-                .into_inner();
-            let engine = info.engine.clone().unwrap_or_default();
-            let value = json!({
-                "version": info.version,
-                "engine": {
-                    "host": engine.host, "reachable": engine.reachable, "name": engine.name,
-                    "version": engine.version, "api_version": engine.api_version,
-                    "distribution_api": engine.distribution_api, "error": engine.error,
-                },
-                "socket_path": info.socket_path,
-                "cache_dir": info.cache_dir,
-                "cache_bytes": info.cache_bytes,
-                "rie": info.rie.iter().map(|r| json!({
-                    "architecture": r.architecture, "path": r.path, "sha256": r.sha256, "present": r.present,
-                })).collect::<Vec<_>>(),
-                "capabilities": info.capabilities,
-                "limits": info.limits,
-                "stats": info.stats.map(|s| json!({
-                    "requests": s.requests, "joined": s.joined, "cache_hits": s.cache_hits,
-                    "engine_builds": s.engine_builds, "failures": s.failures,
-                    "files_hashed": s.files_hashed, "bytes_hashed": s.bytes_hashed,
-                })),
-            });
-            if json {
-                print_json(&value);
-            } else {
-                println!("lambda-imaged {}", info.version);
-                if engine.reachable {
-                    println!(
-                        "engine:  {} {} (API {}) at {}",
-                        engine.name, engine.version, engine.api_version, engine.host
-                    );
-                } else {
-                    println!("engine:  unreachable at {}: {}", engine.host, engine.error);
-                }
-                println!("socket:  {}", info.socket_path);
-                println!("cache:   {} ({} bytes)", info.cache_dir, info.cache_bytes);
-                for rie in &info.rie {
-                    let state = if rie.present {
-                        rie.sha256.as_str()
-                    } else {
-                        "MISSING"
-                    };
-                    println!("rie:     {} {} {}", rie.architecture, rie.path, state);
-                }
-                let mut limits: Vec<_> = info.limits.iter().collect();
-                limits.sort();
-                for (name, value) in limits {
-                    println!("limit:   {name} = {value}");
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Health => {
-            use tonic_health::pb::{
-                HealthCheckRequest, health_check_response::ServingStatus,
-                health_client::HealthClient,
-            };
-            let response = HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await?
-                .into_inner();
-            let status = ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown);
-            println!("{}", status.as_str_name());
-            Ok(if status == ServingStatus::Serving {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        Command::Ls { json } => ls(client, json).await,
+        Command::Info { json } => info(client, json).await,
+        Command::Health => health(client).await,
         Command::Prune {
             older_than,
             keep_storage,
             dry_run,
         } => {
-            let older_than_seconds = match older_than {
-                Some(text) => parse_duration(&text).map_err(Failure::Usage)?,
-                None => 0,
-            };
-            let keep_storage_bytes = match keep_storage {
-                Some(text) => parse_size(&text).map_err(Failure::Usage)?,
-                None => 0,
-            };
-            let mut daemon = client::ImageBuilderClient::new(channel);
-            let response = daemon
-                .prune(proto::PruneRequest {
-                    older_than_seconds,
-                    keep_storage_bytes,
-                    dry_run,
-                })
-                .await?
-                .into_inner();
-            for image in &response.images_removed {
-                println!("image  {image}");
-            }
-            for layer in &response.layers_removed {
-                println!("layer  {layer}");
-            }
-            println!(
-                "{} {} bytes",
-                if dry_run { "would free" } else { "freed" },
-                response.bytes_freed
-            );
-            Ok(ExitCode::SUCCESS)
+            prune(
+                client,
+                older_than.as_deref(),
+                keep_storage.as_deref(),
+                dry_run,
+            )
+            .await
         }
     }
 }
 
-fn parse_duration(text: &str) -> Result<u64, String> {
-    humantime::parse_duration(text)
-        .map(|d| d.as_secs())
-        .map_err(|err| format!("--older-than {text:?}: {err}; e.g. 30m, 12h, 7d"))
-}
-
-fn parse_size(text: &str) -> Result<u64, String> {
-    text.parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|err| format!("--keep-storage {text:?}: {err}; e.g. 500MB, 10GiB"))
-}
-
-/// Builds the wire request from flags; paths become absolute (the daemon's cwd means nothing).
-fn build_request(
-    args: &RequestArgs,
-    skip_pull_image: bool,
-    force_image_build: bool,
-) -> Result<proto::BuildRequest, Failure> {
-    let cwd = std::env::current_dir()
-        .map_err(|err| Failure::Usage(format!("cannot read the current directory: {err}")))?;
-    let mut layers = Vec::new();
-    for text in &args.layers {
-        let (name, path) = match text.split_once('=') {
-            Some((name, path)) => (name.to_owned(), PathBuf::from(path)),
-            None => {
-                let path = PathBuf::from(text);
-                let name = base_name(&path).ok_or_else(|| {
-                    Failure::Usage(format!(
-                        "--layer {text:?}: cannot derive a name from the path; use NAME=PATH"
-                    ))
-                })?;
-                (name, path)
-            }
-        };
-        if path.as_os_str().is_empty() {
-            return Err(Failure::Usage(format!(
-                "--layer {text:?}: the path is empty"
-            )));
-        }
-        layers.push(proto::Layer {
-            name,
-            path: cwd.join(path).display().to_string(),
-        });
-    }
-    let invoke_images = args
-        .invoke_images
-        .iter()
-        .map(|text| match text.split_once('=') {
-            Some((function, image)) => proto::InvokeImage {
-                function_name: function.to_owned(),
-                image: image.to_owned(),
-            },
-            None => proto::InvokeImage {
-                function_name: String::new(),
-                image: text.clone(),
-            },
-        })
-        .collect();
-    Ok(proto::BuildRequest {
-        package_type: match args.package_type {
+/// The request the flags describe (layers in flag order; paths made absolute on `finish`).
+fn request_builder(args: &RequestArgs) -> Result<RequestBuilder, Failure> {
+    let mut builder = RequestBuilder::default()
+        .package_type(match args.package_type {
             PackageTypeArg::Zip => proto::PackageType::Zip,
             PackageTypeArg::Image => proto::PackageType::Image,
-        } as i32,
-        runtime: args.runtime.clone().unwrap_or_default(),
-        image: args.image.clone().unwrap_or_default(),
-        architecture: match args.arch {
+        })
+        .architecture(match args.arch {
             ArchArg::X86_64 => proto::Architecture::X8664,
             ArchArg::Arm64 => proto::Architecture::Arm64,
-        } as i32,
-        layers,
-        invoke_images,
-        function_name: args.function_name.clone().unwrap_or_default(),
-        skip_pull_image,
-        force_image_build,
+        });
+    if let Some(runtime) = &args.runtime {
+        builder = builder.runtime(runtime.as_str());
+    }
+    if let Some(image) = &args.image {
+        builder = builder.image_ref(image.as_str());
+    }
+    if let Some(name) = &args.function_name {
+        builder = builder.function_name(name.as_str());
+    }
+    for text in &args.layers {
+        let layer: LayerArg = text
+            .parse()
+            .map_err(|err| Failure::Usage(format!("--layer {err}")))?;
+        builder = builder.layer(layer);
+    }
+    for invoke in &args.invoke_images {
+        builder = builder.invoke_image(invoke.clone());
+    }
+    Ok(builder)
+}
+
+fn finish(builder: RequestBuilder) -> Result<proto::BuildRequest, Failure> {
+    builder
+        .finish()
+        .map_err(|err| Failure::Usage(format!("cannot read the current directory: {err}")))
+}
+
+async fn resolve(mut client: Client, args: &RequestArgs, json: bool) -> Result<ExitCode, Failure> {
+    let plan = client.resolve(finish(request_builder(args)?)?).await?;
+    if json {
+        print_json(&plan);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("tag:        {}", plan.tag);
+    println!("base image: {}", plan.base_image);
+    println!("platform:   {}", plan.platform);
+    for layer in &plan.layers {
+        println!("layer:      {} = {}", layer.name, layer.path);
+    }
+    println!("Dockerfile:");
+    for line in plan.dockerfile.lines() {
+        println!("  {line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn build(
+    mut client: Client,
+    request: RequestBuilder,
+    json: bool,
+    quiet: bool,
+) -> Result<ExitCode, Failure> {
+    let request = finish(request)?;
+    let mut render = Render::new(json, quiet);
+    client
+        .build_with(request, |event| render.event(event))
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ls(mut client: Client, json: bool) -> Result<ExitCode, Failure> {
+    let list = client.list_builds().await?;
+    if json {
+        print_json(&list);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<10} {:<36} {:>4} TAG", "STATE", "BUILD ID", "SUBS");
+    for summary in list.in_flight.iter().chain(&list.recent) {
+        println!(
+            "{:<10} {:<36} {:>4} {}",
+            proto::state_name(summary.state),
+            summary.build_id,
+            summary.subscribers,
+            summary.tag
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn info(mut client: Client, json: bool) -> Result<ExitCode, Failure> {
+    let info = client.info().await?;
+    if json {
+        print_json(&info);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let engine = info.engine.clone().unwrap_or_default();
+    println!("lambda-imaged {}", info.version);
+    if engine.reachable {
+        println!(
+            "engine:  {} {} (API {}) at {}",
+            engine.name, engine.version, engine.api_version, engine.host
+        );
+    } else {
+        println!("engine:  unreachable at {}: {}", engine.host, engine.error);
+    }
+    println!("socket:  {}", info.socket_path);
+    println!("cache:   {} ({} bytes)", info.cache_dir, info.cache_bytes);
+    for rie in &info.rie {
+        let state = if rie.present {
+            rie.sha256.as_str()
+        } else {
+            "MISSING"
+        };
+        println!("rie:     {} {} {}", rie.architecture, rie.path, state);
+    }
+    let mut limits: Vec<_> = info.limits.iter().collect();
+    limits.sort();
+    for (name, value) in limits {
+        println!("limit:   {name} = {value}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn health(mut client: Client) -> Result<ExitCode, Failure> {
+    let status = client.health().await?;
+    println!("{}", status.as_str_name());
+    Ok(if status == ServingStatus::Serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }
 
-fn base_name(path: &Path) -> Option<String> {
-    let name = path.file_name()?.to_str()?;
-    Some(name.strip_suffix(".zip").unwrap_or(name).to_owned())
+async fn prune(
+    mut client: Client,
+    older_than: Option<&str>,
+    keep_storage: Option<&str>,
+    dry_run: bool,
+) -> Result<ExitCode, Failure> {
+    let older_than_seconds = match older_than {
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|err| {
+                Failure::Usage(format!("--older-than {text:?}: {err}; e.g. 30m, 12h, 7d"))
+            })?
+            .as_secs(),
+        None => 0,
+    };
+    let keep_storage_bytes = match keep_storage {
+        Some(text) => text
+            .parse::<ByteSize>()
+            .map_err(|err| {
+                Failure::Usage(format!("--keep-storage {text:?}: {err}; e.g. 500MB, 10GiB"))
+            })?
+            .as_u64(),
+        None => 0,
+    };
+    let response = client
+        .prune(proto::PruneRequest {
+            older_than_seconds,
+            keep_storage_bytes,
+            dry_run,
+        })
+        .await?;
+    for image in &response.images_removed {
+        println!("image  {image}");
+    }
+    for layer in &response.layers_removed {
+        println!("layer  {layer}");
+    }
+    println!(
+        "{} {} bytes",
+        if dry_run { "would free" } else { "freed" },
+        response.bytes_freed
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
-fn print_json(value: &Value) {
+/// Prints one JSON object on a line. It goes through `serde_json::Value`, whose maps keep keys
+/// sorted: the CLI has always printed sorted keys, and scripts may compare its output.
+fn print_json(value: &impl Serialize) {
+    // Cannot fail: every type printed is a struct of strings, numbers, lists and maps with
+    // string keys.
+    let value = serde_json::to_value(value).expect("wire types serialise to JSON");
     let mut out = std::io::stdout().lock();
     // A closed stdout (e.g. `| head`) is not worth a panic.
     let _ = writeln!(out, "{value}");
-}
-
-fn plan_json(plan: &proto::BuildPlan) -> Value {
-    json!({
-        "tag": plan.tag,
-        "base_image": plan.base_image,
-        "dockerfile": plan.dockerfile,
-        "architecture": plan.architecture,
-        "platform": plan.platform,
-        "layers": plan.layers.iter().map(|l| json!({"name": l.name, "path": l.path})).collect::<Vec<_>>(),
-        "invoke_image_used": plan.invoke_image_used,
-        "package_type": plan.package_type,
-        "runtime": plan.runtime,
-    })
-}
-
-fn state_name(state: i32) -> &'static str {
-    match proto::BuildState::try_from(state) {
-        Ok(proto::BuildState::Queued) => "queued",
-        Ok(proto::BuildState::Running) => "running",
-        Ok(proto::BuildState::Succeeded) => "succeeded",
-        Ok(proto::BuildState::Failed) => "failed",
-        _ => "unknown",
-    }
-}
-
-fn summary_json(s: &proto::BuildSummary) -> Value {
-    json!({
-        "build_id": s.build_id, "tag": s.tag, "started_unix_ms": s.started_unix_ms,
-        "finished_unix_ms": s.finished_unix_ms, "subscribers": s.subscribers,
-        "state": state_name(s.state), "image_id": s.image_id, "error": s.error,
-    })
-}
-
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// Renders build events: JSON Lines, plain lines, or on a TTY engine output scrolling above a
@@ -588,7 +500,7 @@ impl Render {
     fn event(&mut self, event: &proto::BuildEvent) {
         let Some(kind) = &event.event else { return };
         if self.json {
-            print_json(&event_json(&event.build_id, kind));
+            print_json(event);
             return;
         }
         match kind {
@@ -639,17 +551,20 @@ impl Render {
                 self.transfer = format!(
                     "pulling {}: {}/{}",
                     pull.image,
-                    human_bytes(pull.current),
-                    human_bytes(pull.total)
+                    ByteSize(pull.current).display().iec(),
+                    ByteSize(pull.total).display().iec()
                 );
                 self.status();
             }
             Event::ContextProgress(progress) => {
-                self.transfer = format!("context {} sent", human_bytes(progress.bytes_sent));
+                self.transfer = format!(
+                    "context {} sent",
+                    ByteSize(progress.bytes_sent).display().iec()
+                );
                 if progress.bytes_total > 0 {
                     self.line(format!(
                         "context: {} sent",
-                        human_bytes(progress.bytes_sent)
+                        ByteSize(progress.bytes_sent).display().iec()
                     ));
                 }
                 self.status();
@@ -678,61 +593,8 @@ fn shorten(text: &str, max: usize) -> String {
     }
 }
 
+/// The first 12 hex digits of an image id, as `docker images` shows it.
 fn short_id(id: &str) -> &str {
     let hex = id.strip_prefix("sha256:").unwrap_or(id);
-    &hex[..hex.len().min(12)]
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-fn event_json(build_id: &str, event: &Event) -> Value {
-    match event {
-        Event::Accepted(a) => {
-            json!({"type": "accepted", "build_id": build_id, "tag": a.tag, "joined": a.joined})
-        }
-        Event::Queued(q) => json!({"type": "queued", "build_id": build_id, "position": q.position}),
-        Event::Log(l) => json!({
-            "type": "log", "build_id": build_id, "text": l.text, "step": l.step,
-            "kind": match proto::LogKind::try_from(l.kind) {
-                Ok(proto::LogKind::Status) => "status",
-                Ok(proto::LogKind::Error) => "error",
-                _ => "stream",
-            },
-        }),
-        Event::PullProgress(p) => json!({
-            "type": "pull_progress", "build_id": build_id, "image": p.image, "layer": p.layer,
-            "current": p.current, "total": p.total,
-        }),
-        Event::ContextProgress(c) => json!({
-            "type": "context_progress", "build_id": build_id, "bytes_sent": c.bytes_sent, "bytes_total": c.bytes_total,
-        }),
-        Event::Warning(w) => {
-            json!({"type": "warning", "build_id": build_id, "code": w.code, "message": w.message})
-        }
-        Event::Completed(c) => {
-            let config = c.config.clone().unwrap_or_default();
-            json!({
-                "type": "completed", "build_id": build_id, "tag": c.tag, "image_id": c.image_id,
-                "cached": c.cached, "reason": proto::reason_name(c.reason), "changed_layer": c.changed_layer,
-                "duration_ms": c.duration_ms,
-                "config": {
-                    "entrypoint": config.entrypoint, "cmd": config.cmd, "working_dir": config.working_dir,
-                    "env": config.env, "architecture": config.architecture,
-                },
-            })
-        }
-    }
+    hex.get(..12).unwrap_or(hex)
 }

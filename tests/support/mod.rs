@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lambda_imaged::builds::Builds;
-use lambda_imaged::client::{self, ImageBuilderClient, proto};
+use lambda_imaged::client::{self, Client, ImageBuilderClient, LayerArg, RequestBuilder, proto};
 use lambda_imaged::config::Config;
 use lambda_imaged::listener::Listener;
 use lambda_imaged::server::Daemon;
@@ -107,47 +107,47 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A ZIP python3.12 request with the given layers (name, path).
+/// A ZIP python3.12 request with the given layers (name, path), never pulling.
 pub fn zip_request(layers: &[(&str, &Path)]) -> proto::BuildRequest {
-    proto::BuildRequest {
-        runtime: "python3.12".into(),
-        layers: layers
-            .iter()
-            .map(|(name, path)| proto::Layer {
-                name: (*name).into(),
-                path: path.display().to_string(),
-            })
-            .collect(),
-        skip_pull_image: true,
-        ..Default::default()
-    }
+    layers
+        .iter()
+        .fold(
+            RequestBuilder::zip("python3.12").skip_pull_image(true),
+            |request, (name, path)| request.layer(LayerArg::new(*name, *path)),
+        )
+        .finish()
+        .expect("the test's working directory exists")
 }
 
 /// Every event of one Build stream, and how it ended.
-pub struct Outcome {
-    pub events: Vec<proto::BuildEvent>,
-    pub result: Result<proto::Completed, tonic::Status>,
+pub use client::Outcome;
+
+/// What the tests ask of an [`Outcome`]: panicking accessors and the events all clients share.
+pub trait OutcomeExt {
+    /// The Completed event; panics with the status otherwise.
+    fn completed(&self) -> &proto::Completed;
+    /// The status the stream ended with; panics if it succeeded.
+    fn status(&self) -> &tonic::Status;
+    /// The events without build-specific variation (Accepted.joined differs between clients).
+    fn shared_events(&self) -> Vec<Event>;
 }
 
-impl Outcome {
-    /// The Completed event; panics with the status otherwise.
-    pub fn completed(&self) -> &proto::Completed {
+impl OutcomeExt for Outcome {
+    fn completed(&self) -> &proto::Completed {
         match &self.result {
             Ok(completed) => completed,
             Err(status) => panic!("build failed: {:?}: {}", status.code(), status.message()),
         }
     }
 
-    /// The status the stream ended with; panics if it succeeded.
-    pub fn status(&self) -> &tonic::Status {
+    fn status(&self) -> &tonic::Status {
         match &self.result {
             Ok(completed) => panic!("expected a failure, got {completed:?}"),
             Err(status) => status,
         }
     }
 
-    /// The events without build-specific variation (Accepted.joined differs between clients).
-    pub fn shared_events(&self) -> Vec<Event> {
+    fn shared_events(&self) -> Vec<Event> {
         self.events
             .iter()
             .filter_map(|e| e.event.clone())
@@ -156,47 +156,10 @@ impl Outcome {
     }
 }
 
-/// Runs one Build to its end.
+/// Runs one Build to its end on a connection of its own (the client checks that the stream
+/// ends with Completed or a status, and nothing follows Completed).
 pub async fn build(socket: &Path, request: proto::BuildRequest) -> Outcome {
-    let mut client = client::connect(socket).await.unwrap();
-    let mut events = Vec::new();
-    let mut stream = match client.build(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            return Outcome {
-                events,
-                result: Err(status),
-            };
-        }
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(event)) => {
-                let completed = match &event.event {
-                    Some(Event::Completed(c)) => Some(c.clone()),
-                    _ => None,
-                };
-                events.push(event);
-                if let Some(completed) = completed {
-                    assert!(
-                        stream.message().await.unwrap().is_none(),
-                        "events after Completed"
-                    );
-                    return Outcome {
-                        events,
-                        result: Ok(completed),
-                    };
-                }
-            }
-            Ok(None) => panic!("stream ended without Completed or a status"),
-            Err(status) => {
-                return Outcome {
-                    events,
-                    result: Err(status),
-                };
-            }
-        }
-    }
+    Client::connect(socket).await.unwrap().build(request).await
 }
 
 /// Starts one Build on a task of its own (for concurrent clients); its handle yields the outcome.
