@@ -168,12 +168,17 @@ fn resolve_json_without_an_engine() {
             &format!("localhost:5000/team/fn@sha256:{}", "0".repeat(64)),
             "--arch",
             "arm64",
+            "--layer",
+            &format!("unused={}", a.display()),
             "--json",
         ],
     );
+    let plan = stdout_json(&output);
+    assert_eq!(plan["tag"], "localhost:5000/team/fn:rapid-arm64");
+    assert_eq!(plan["layers"], json!([]), "an IMAGE function has no layers");
     assert_eq!(
-        stdout_json(&output)["tag"],
-        "localhost:5000/team/fn:rapid-arm64"
+        plan["ignored_layers"],
+        json!([{"name": "unused", "path": a.display().to_string()}])
     );
 
     // A relative --layer path is made absolute by the CLI.
@@ -381,6 +386,7 @@ fn resolve_output_is_pinned() {
             "architecture": "x86_64", "base_image": "example.com/emu:1",
             "dockerfile": "FROM example.com/emu:1\nCOPY aws-lambda-rie /var/rapid/aws-lambda-rie\nCOPY opt/ /opt/\n",
             "invoke_image_used": true, "layers": [{"name": "lay", "path": layer}],
+            "ignored_layers": [],
             "package_type": "ZIP", "platform": "linux/amd64", "runtime": "python3.12", "tag": tag,
         })
     );

@@ -13,6 +13,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use lambda_imaged::client::proto;
+use proto::build_event::Event;
 use sha2::{Digest, Sha256};
 use support::{OutcomeExt, TestDaemon, build, docker, docker_ok, unique, write_file, zip_request};
 
@@ -456,5 +458,42 @@ async fn links_inside_a_followed_directory_resolve_in_the_image() {
         opt["nodejs/node_modules/main.js"],
         link_node(b"dep/index.js", opt["nodejs/node_modules/main.js"].mtime)
     );
+    daemon.stop().await;
+}
+
+/// Layers given to an IMAGE function are not used (Lambda refuses them, SAM ignores them): the
+/// build succeeds without them, a `layers_ignored` warning names them, and `/opt` stays empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn layers_on_an_image_function_are_ignored_with_a_warning() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("layer/marker.txt"), "unused\n", 0o644);
+    let repo = format!("lambda-imaged-test/{}", unique("imagefn"));
+    let image = format!("{repo}:v1");
+    docker_ok(&["tag", "public.ecr.aws/lambda/python:3.12-x86_64", &image]);
+    let mut request = zip_request(&[("UnusedLayer", &dir.path().join("layer"))]);
+    request.package_type = proto::PackageType::Image as i32;
+    request.runtime.clear();
+    request.image = image.clone();
+    let outcome = build(&daemon.socket, request).await;
+    let tag = outcome.completed().tag.clone();
+    assert_eq!(tag, format!("{repo}:rapid-x86_64"));
+    let warnings: Vec<&proto::Warning> = outcome
+        .events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Warning(w)) => Some(w),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.code == "layers_ignored" && w.message.contains("UnusedLayer")),
+        "{warnings:?}"
+    );
+    let opt = image_opt(&tag);
+    docker(&["rmi", "-f", &tag, &image]);
+    assert!(opt.is_empty(), "/opt holds {opt:?}");
     daemon.stop().await;
 }

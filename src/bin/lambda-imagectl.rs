@@ -310,6 +310,12 @@ async fn resolve(mut client: Client, args: &RequestArgs, json: bool) -> Result<E
     for layer in &plan.layers {
         println!("layer:      {} = {}", layer.name, layer.path);
     }
+    for layer in &plan.ignored_layers {
+        println!(
+            "ignored:    {} = {} (an IMAGE function has no layers)",
+            layer.name, layer.path
+        );
+    }
     println!("Dockerfile:");
     for line in plan.dockerfile.lines() {
         println!("  {line}");
