@@ -108,6 +108,17 @@ pub fn label_line(parts: &Parts) -> String {
     )
 }
 
+/// The Dockerfile sent to the engine: `dockerfile` (FROM first) with the [`label_line`] right
+/// after its FROM line. The classic builder's cache keys a COPY step by the copied files'
+/// names, modes and bytes but not their times (Docker's tarsum leaves mtime out), so with the
+/// label last, a layer whose files differ only in time would be taken from the cache with the
+/// old times; with the fingerprint (which covers times) before the COPY steps, every
+/// fingerprint has its own cache chain.
+pub fn labelled_dockerfile(dockerfile: &str, parts: &Parts) -> String {
+    let (from, rest) = dockerfile.split_once('\n').unwrap_or((dockerfile, ""));
+    format!("{from}\n{}{rest}", label_line(parts))
+}
+
 /// Why an existing image does (not) serve the request.
 pub fn decide(existing: Option<&ImageInfo>, parts: &Parts, force: bool) -> (Reason, String) {
     let Some(existing) = existing else {
@@ -204,6 +215,16 @@ mod tests {
             decide(Some(&existing), &new, false).0,
             Reason::DefinitionChanged
         );
+    }
+
+    #[test]
+    fn the_label_comes_right_after_from() {
+        let p = parts();
+        let text = labelled_dockerfile("FROM b\nCOPY x /x\nCOPY opt/ /opt/\n", &p);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "FROM b");
+        assert!(lines[1].starts_with("LABEL "), "{text}");
+        assert_eq!(lines[2..], ["COPY x /x", "COPY opt/ /opt/"]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::builds::{Completed, Event, LogKind, Reason, Reporter};
 use crate::context;
 use crate::engine::{Engine, ImageInfo};
 use crate::error::{Error, Result};
-use crate::fingerprint::{FINGERPRINT_LABEL, Parts, decide, label_line};
+use crate::fingerprint::{FINGERPRINT_LABEL, Parts, decide, labelled_dockerfile};
 use crate::layers::{self, Limits};
 use crate::prune;
 use crate::resolve::{Arch, Plan};
@@ -322,7 +322,7 @@ async fn build(
     let _slot = reporter.slot().await?;
     pass_gate(shared.hooks.before_build.as_ref()).await;
     let spec = context::Spec {
-        dockerfile: format!("{}{}", plan.dockerfile, label_line(parts)),
+        dockerfile: labelled_dockerfile(&plan.dockerfile, parts),
         rie: inputs.rie,
         tree: inputs.tree,
         peer: peer.clone(),
