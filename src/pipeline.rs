@@ -304,7 +304,10 @@ pub async fn run(
             .collect(),
     };
 
-    let existing = engine.inspect(&plan.tag).await?;
+    // The tag is asked of the engine, never the index: a "cached" answer must name an image
+    // that exists, and the index hears of a `docker rmi` only when its event arrives, which
+    // can be after the removal has returned and the next request has come in.
+    let existing = engine.inspect_fresh(&plan.tag).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
     if reason == Reason::UpToDate {
         record_use(&shared, &plan.tag);
