@@ -294,24 +294,65 @@ mod tests {
         assert!(matches!(denied, Error::PermissionDenied(m) if m.contains("uid 4321")));
     }
 
-    /// As root, a thread reading as an unprivileged peer cannot open a root-only file, and the
-    /// thread's own rights come back afterwards.
+    /// Fails with instructions unless the tests run as root (CI does), instead of checking
+    /// something weaker.
+    fn require_root() {
+        assert_eq!(
+            own_uid(),
+            0,
+            "src/access.rs tests switch a thread's filesystem rights to another user: run them \
+             as root (scripts/test.sh does in CI)"
+        );
+    }
+
+    /// A daemon that is not root reads for its own user only, and refuses any other uid with
+    /// PERMISSION_DENIED naming both uids. As root this runs on a thread that gave up root
+    /// (credentials are per thread to the kernel; the raw syscall skips glibc's all-threads
+    /// broadcast), so it is checked on every run.
     #[test]
-    fn reads_happen_with_the_peers_rights() {
-        if own_uid() != 0 {
-            // Without root the switch itself is impossible; as_peer refuses instead.
-            let peer = Peer {
-                uid: own_uid() + 1,
+    fn a_daemon_that_is_not_root_refuses_other_users() {
+        let check = || {
+            let own = own_uid();
+            assert_ne!(own, 0, "this check needs a uid other than root");
+            let me = Peer {
+                uid: own,
                 gid: 65534,
                 pid: None,
                 groups: vec![],
             };
-            assert!(matches!(
-                as_peer(Some(&peer), || Ok(())),
-                Err(Error::PermissionDenied(_))
-            ));
+            assert_eq!(as_peer(Some(&me), || Ok(7)).unwrap(), 7);
+            let other = Peer { uid: own + 1, ..me };
+            let Err(Error::PermissionDenied(message)) = as_peer(Some(&other), || Ok(())) else {
+                panic!("a non-root daemon must refuse to read for uid {}", own + 1);
+            };
+            assert!(
+                message.contains(&format!("uid {own}"))
+                    && message.contains(&format!("uid {}", own + 1)),
+                "{message}"
+            );
+        };
+        if own_uid() != 0 {
+            check();
             return;
         }
+        std::thread::spawn(move || {
+            // Effective uid 65534 on this thread only; real and saved stay 0. The thread ends
+            // right after, taking its credentials with it.
+            // SAFETY: setresuid takes plain integers; -1 (as u32) leaves the real uid alone.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, u32::MAX, 65534u32, 0u32) };
+            assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+            check();
+        })
+        .join()
+        .unwrap();
+        assert_eq!(own_uid(), 0, "only the spawned thread gave up root");
+    }
+
+    /// As root, a thread reading as an unprivileged peer cannot open a root-only file, and the
+    /// thread's own rights come back afterwards.
+    #[test]
+    fn reads_happen_with_the_peers_rights() {
+        require_root();
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "s").unwrap();

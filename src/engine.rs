@@ -2,8 +2,11 @@
 //!
 //! The client is created and its API version negotiated lazily (the daemon starts and answers
 //! Resolve while the engine is down) and again after the engine comes back. The index maps an
-//! image reference to what `inspect` said about it, so a warm hit needs no engine call; it is
-//! kept true by the engine's `/events` stream (anything can `docker rmi` behind our back).
+//! image reference to what `inspect` said about it, so looking up a base image needs no engine
+//! call; it is kept true by the engine's `/events` stream (anything can `docker rmi` behind our
+//! back), but only as fast as events arrive: a removal's event can reach us after the removal
+//! has returned. Answers that must be true now (is the built tag still there?) use
+//! [`Engine::inspect_fresh`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -185,7 +188,8 @@ impl Engine {
         self.inspect_engine(reference, generation).await
     }
 
-    /// Asks the engine, never the index (after a build moved a tag, before its event arrives).
+    /// Asks the engine, never the index: for answers that must hold now (a cache hit names an
+    /// image that exists; after a build moved a tag, before its event arrives).
     pub async fn inspect_fresh(&self, reference: &str) -> Result<Option<ImageInfo>> {
         let generation = {
             let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());

@@ -144,7 +144,10 @@ pub async fn run(
     let inputs = walk_inputs(&shared, &plan, peer.as_ref(), &reporter).await?;
     let base = base_image(&shared, &plan, &reporter).await?;
     let parts = parts_of(&plan, &base, &inputs);
-    let existing = shared.engine.inspect(&plan.tag).await?;
+    // The tag is asked of the engine, never the index: a "cached" answer must name an image
+    // that exists, and the index hears of a `docker rmi` only when its event arrives, which
+    // can be after the removal has returned and the next request has come in.
+    let existing = shared.engine.inspect_fresh(&plan.tag).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
     let (image_id, config, cached) = if reason == Reason::UpToDate {
         record_use(&shared, &plan.tag);

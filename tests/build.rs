@@ -11,6 +11,18 @@ use proto::build_event::Event;
 use support::*;
 use tonic::Code;
 
+/// Polls `check` until it holds (bounded: 60 s), for what the daemon does after answering.
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after 60 s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Two layers, the later one winning, with a bootstrap and a setuid file.
 fn two_layers(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let a = dir.join("a");
@@ -107,6 +119,7 @@ async fn build_contents_cache_and_invalidation() {
     assert!(again.completed().cached);
     assert_eq!(again.completed().reason, proto::Reason::UpToDate as i32);
     assert_eq!(again.completed().image_id, done.image_id);
+    docker_ok(&["image", "inspect", &again.completed().image_id]);
     assert_eq!(
         engine_builds(&done.tag, &since),
         0,
@@ -127,40 +140,23 @@ async fn build_contents_cache_and_invalidation() {
         run_in_image(&changed.tag, "cat /opt/message.txt"),
         "from layer B"
     );
-    // The superseded image was removed (no container used it).
-    let mut gone = false;
-    for _ in 0..50 {
-        if !docker(&["image", "inspect", &done.image_id])
+    // The superseded image is removed (no container used it), on a task after the answer.
+    until("the superseded image to be removed", || {
+        !docker(&["image", "inspect", &done.image_id])
             .status
             .success()
-        {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "superseded image {} still present", done.image_id);
+    })
+    .await;
 
-    // Removed behind the daemon's back: the next request rebuilds.
+    // Removed behind the daemon's back: the very next request rebuilds. A "cached" answer
+    // would name an image that no longer exists.
     docker_ok(&["rmi", "-f", "--no-prune", &changed.tag]);
-    let mut rebuilt = None;
-    for _ in 0..50 {
-        let outcome = build(&daemon.socket, request.clone()).await;
-        let completed = outcome.completed().clone();
-        if !completed.cached {
-            rebuilt = Some(completed);
-            break;
-        }
-        // The removal event may still be on its way; a cached answer must then still be true.
-        assert!(
-            !docker(&["image", "inspect", &completed.tag])
-                .status
-                .success()
-                || completed.cached
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let rebuilt = rebuilt.expect("the daemon noticed the removal");
+    let rebuilt = build(&daemon.socket, request.clone()).await;
+    let rebuilt = rebuilt.completed();
+    assert!(
+        !rebuilt.cached,
+        "cached answer for a removed image: {rebuilt:?}"
+    );
     assert_eq!(rebuilt.reason, proto::Reason::Missing as i32);
     docker_ok(&["image", "inspect", &rebuilt.tag]);
     docker_ok(&["rmi", "-f", "--no-prune", &rebuilt.tag]);

@@ -182,8 +182,9 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
     daemon.stop().await;
 }
 
-/// Two requests for one tag from different layer contents never share an image: the second
-/// waits for the first build, then builds its own.
+/// Two requests for one tag from different layer contents never share an image: the second,
+/// sent while the first is held at its gate, does not attach to it (a build of its own, after
+/// the first ended) and its image holds its own content.
 #[tokio::test(flavor = "multi_thread")]
 async fn same_tag_different_inputs_build_separately() {
     let (before, after) = gated();
@@ -195,15 +196,17 @@ async fn same_tag_different_inputs_build_separately() {
     let first = spawn_build(&daemon.socket, zip_request(&[(&name, &one)]));
     until("the first build", || subscribers(&daemon.builds) == 1).await;
     let second = spawn_build(&daemon.socket, zip_request(&[(&name, &two)]));
-    // The second request must not attach to the first build.
-    tokio::task::yield_now().await;
-    assert_eq!(subscribers(&daemon.builds), 1);
     before.add_permits(1);
     after.add_permits(1);
     let first = first.await.unwrap();
+    let first_id = first.events[0].build_id.clone();
     let first = first.completed().clone();
-    // The second now builds on its own and parks at the gate: check the first image meanwhile.
-    until("the second build", || subscribers(&daemon.builds) == 1).await;
+    // The second builds on its own and parks at the gate: check the first image meanwhile.
+    until("the second build at the gate", || {
+        let (flying, _) = daemon.builds.list();
+        flying.len() == 1 && flying[0].build_id != first_id && flying[0].phase == Phase::Running
+    })
+    .await;
     assert_eq!(
         run_in_image(&first.image_id, "cat /opt/message.txt"),
         "content one"
@@ -211,9 +214,16 @@ async fn same_tag_different_inputs_build_separately() {
     before.add_permits(1);
     after.add_permits(1);
     let second = second.await.unwrap();
-    let second = second.completed().clone();
     assert!(
-        matches!(second.reason, r if r == proto::Reason::LayerChanged as i32),
+        matches!(&second.events[0].event, Some(Event::Accepted(a)) if !a.joined),
+        "the second request attached to a build: {:?}",
+        second.events[0]
+    );
+    assert_ne!(second.events[0].build_id, first_id);
+    let second = second.completed().clone();
+    assert_eq!(
+        second.reason,
+        proto::Reason::LayerChanged as i32,
         "{second:?}"
     );
     assert_eq!(second.tag, first.tag);

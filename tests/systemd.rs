@@ -445,6 +445,20 @@ fn read_until(notify: &UnixDatagram, daemon: &mut Proc, want: &str, seen: &mut V
     }
 }
 
+/// Reads every datagram already queued on `notify` into `seen`, without waiting.
+fn drain(notify: &UnixDatagram, seen: &mut Vec<String>) {
+    notify.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match notify.recv(&mut buf) {
+            Ok(n) => seen.extend(text(&buf[..n]).lines().map(str::to_owned)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("reading NOTIFY_SOCKET: {e}"),
+        }
+    }
+    notify.set_nonblocking(false).unwrap();
+}
+
 /// With NOTIFY_SOCKET set the daemon sends READY=1 once its socket accepts connections and
 /// STOPPING=1 on SIGTERM, then exits 0 (and removes the socket file it bound itself).
 #[test]
@@ -482,11 +496,14 @@ fn notifies_ready_and_stopping() {
             socket.display()
         )
     });
+    assert_resolves(&socket, &daemon);
+    // Everything the daemon sent so far is queued on the datagram socket (a send enqueues
+    // it): read it all before SIGTERM, so a stray STOPPING=1 cannot go unseen.
+    drain(&notify, &mut seen);
     assert!(
         !seen.iter().any(|l| l == "STOPPING=1"),
         "STOPPING=1 before SIGTERM: {seen:?}"
     );
-    assert_resolves(&socket, &daemon);
 
     daemon.terminate();
     read_until(&notify, &mut daemon, "STOPPING=1", &mut seen);
@@ -502,11 +519,7 @@ fn notifies_ready_and_stopping() {
         "the daemon left the socket file it bound itself"
     );
     // The process is gone: whatever else it sent is queued already.
-    notify.set_nonblocking(true).unwrap();
-    let mut buf = vec![0u8; 4096];
-    while let Ok(n) = notify.recv(&mut buf) {
-        seen.extend(text(&buf[..n]).lines().map(str::to_owned));
-    }
+    drain(&notify, &mut seen);
     let ready = seen.iter().filter(|l| *l == "READY=1").count();
     assert_eq!(ready, 1, "READY=1 sent {ready} times: {seen:?}");
 }

@@ -191,42 +191,135 @@ pub fn docker_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Engine time now, for counting events.
+/// A moment to count engine events from, for [`engine_builds`]: the current time, at which a
+/// subscription to the engine's image events is opened and kept until the count reads it.
+///
+/// A live subscription, not a later `docker events --since` query: the engine replays only its
+/// last 256 events, and tests running in parallel on the shared engine can produce more than
+/// that during one build, so a later query could miss a build.
 pub fn now_stamp() -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    format!("{}.{:09}", now.as_secs(), now.subsec_nanos())
+    let stamp = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
+    // `--since stamp` also replays what happened while the CLI was starting.
+    let mut child = Command::new("docker")
+        .args(["events", "--since", &stamp])
+        .args(["--filter", "type=image", "--filter", "type=volume"])
+        .args(["--format", EVENT_FORMAT])
+        .env("DOCKER_HOST", engine_host())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the docker CLI runs (installed by scripts/test-env.sh)");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    EVENT_WATCHES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((stamp.clone(), EventWatch { child, lines }));
+    stamp
 }
 
-/// How many builds the engine itself tagged `tag` between `since` and now (Docker emits one
-/// image `tag` event per successful build, cached ones included).
+/// One line per engine event: type, action, actor id, actor name (a tag for `image tag`).
+const EVENT_FORMAT: &str = "{{.Type}} {{.Action}} {{.Actor.ID}} {{.Actor.Attributes.name}}";
+
+/// How long the engine may take to show the marker event on a busy machine.
+const EVENTS_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Subscriptions opened by [`now_stamp`], by the stamp it returned; taken by the count.
+static EVENT_WATCHES: std::sync::Mutex<Vec<(String, EventWatch)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A running `docker events` and the lines it printed; the process ends with it.
+struct EventWatch {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How many builds the engine itself tagged `tag` between `since` (from [`now_stamp`]) and
+/// now (Docker emits one image `tag` event per successful build, cached ones included).
 pub fn engine_builds(tag: &str, since: &str) -> usize {
     engine_builds_of(&[tag.to_owned()], since)
 }
 
 /// Like [`engine_builds`], summed over `tags`.
+///
+/// Exact, with no waiting on a clock: it creates a marker volume (a `volume create` event)
+/// and reads the subscription up to that event. The engine delivers events in order, so
+/// every event of what finished before this call has been counted by then; a marker that
+/// does not show within [`EVENTS_DEADLINE`] fails the test.
 pub fn engine_builds_of(tags: &[String], since: &str) -> usize {
-    // Events reach the stream asynchronously; give the engine a moment to publish them.
-    std::thread::sleep(Duration::from_millis(300));
-    let until = now_stamp();
-    let out = docker_ok(&[
-        "events",
-        "--since",
-        since,
-        "--until",
-        &until,
-        "--filter",
-        "type=image",
-        "--filter",
-        "event=tag",
-        "--format",
-        "{{.Actor.Attributes.name}}",
-    ]);
-    out.lines()
-        .filter(|name| {
-            tags.iter()
-                .any(|tag| name == tag || name.ends_with(&format!("/{tag}")))
-        })
-        .count()
+    let watch = {
+        let mut watches = EVENT_WATCHES.lock().unwrap_or_else(|p| p.into_inner());
+        let at = watches
+            .iter()
+            .position(|(stamp, _)| stamp == since)
+            .unwrap_or_else(|| {
+                panic!("`since` ({since}) must come from now_stamp(), once per count")
+            });
+        watches.swap_remove(at).1
+    };
+    let marker = unique("lambda-imaged-test-marker-");
+    docker_ok(&["volume", "create", &marker]);
+    let deadline = std::time::Instant::now() + EVENTS_DEADLINE;
+    let mut builds = 0;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = match watch.lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                docker(&["volume", "rm", &marker]);
+                panic!(
+                    "the engine did not report creating volume {marker} within {EVENTS_DEADLINE:?}"
+                )
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                docker(&["volume", "rm", &marker]);
+                let mut watch = watch;
+                let mut stderr = String::new();
+                if let Some(mut pipe) = watch.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                panic!("`docker events --since {since}` ended before the marker event: {stderr}")
+            }
+        };
+        let mut fields = line.splitn(4, ' ');
+        let (kind, action, id, name) = (
+            fields.next().unwrap_or_default(),
+            fields.next().unwrap_or_default(),
+            fields.next().unwrap_or_default(),
+            fields.next().unwrap_or_default(),
+        );
+        if (kind, action, id) == ("volume", "create", marker.as_str()) {
+            break;
+        }
+        let ours = tags
+            .iter()
+            .any(|tag| name == tag || name.ends_with(&format!("/{tag}")));
+        if (kind, action) == ("image", "tag") && ours {
+            builds += 1;
+        }
+    }
+    docker_ok(&["volume", "rm", &marker]);
+    builds
 }
 
 /// Runs `script` with busybox sh in `image` and returns its stdout.
