@@ -640,7 +640,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     // Engine lines longer than 160 characters end in "..." after 160 of them.
     let label = stderr
         .lines()
-        .find(|l| l.starts_with("  Step 4/4 : LABEL"))
+        .find(|l| l.starts_with("  Step 2/4 : LABEL"))
         .unwrap();
     assert_eq!(label.chars().count(), 2 + 160 + 3, "{label}");
     assert!(label.ends_with("..."));

@@ -444,11 +444,12 @@ fn layer(dir: &Path, name: &str, content: &str) -> PathBuf {
 }
 
 /// A layer that resolves (its directory exists) but fails while it is walked, before its build
-/// needs a build slot: a link out of the layer that points nowhere (NOT_FOUND after Accepted).
+/// needs a build slot: a link loop (INVALID_ARGUMENT "link loop" after Accepted; a dangling
+/// link would not do: it is kept as a link, as Lambda keeps it).
 fn dangling_layer(dir: &Path) -> PathBuf {
     let path = dir.join("dangling");
     std::fs::create_dir_all(&path).unwrap();
-    std::os::unix::fs::symlink(dir.join("nowhere"), path.join("link")).unwrap();
+    std::os::unix::fs::symlink(path.join("link"), path.join("link")).unwrap();
     path
 }
 
@@ -690,13 +691,13 @@ async fn shutdown_refuses_new_builds_and_finishes_those_in_flight() {
 
     // Same path as SIGTERM: the serve future's shutdown signal, then the drain.
     let serving = tokio::spawn(daemon.stop());
-    // A probe that fails before it needs a build slot: NOT_FOUND until the drain starts.
+    // A probe that fails before it needs a build slot: INVALID_ARGUMENT until the drain starts.
     let probe = dangling_layer(dir.path());
     until("new builds to be refused with UNAVAILABLE", || async {
         let outcome = build(&socket, zip_request(&[(&unique("probe"), &probe)])).await;
         let code = outcome.status().code();
         assert!(
-            matches!(code, Code::NotFound | Code::Unavailable),
+            matches!(code, Code::InvalidArgument | Code::Unavailable),
             "{:?}",
             outcome.status()
         );
@@ -855,7 +856,7 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
     .await;
 
     daemon.terminate();
-    // A probe that fails before it needs a build slot: NOT_FOUND until the drain starts.
+    // A probe that fails before it needs a build slot: INVALID_ARGUMENT until the drain starts.
     let probe = dangling_layer(dir.path());
     until("new builds to be refused with UNAVAILABLE", || async {
         let spec = format!("{}={}", unique("probe"), probe.display());
@@ -870,7 +871,7 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
         .await;
         let (code, _, stderr) = parts(&output);
         assert!(
-            stderr.contains("NOT_FOUND") || stderr.contains("UNAVAILABLE"),
+            stderr.contains("INVALID_ARGUMENT") || stderr.contains("UNAVAILABLE"),
             "exit {code:?}: {stderr}"
         );
         code == Some(1) && stderr.contains("UNAVAILABLE")
@@ -1065,7 +1066,7 @@ async fn a_reflection_client_without_our_protos_resolves() {
         "public.ecr.aws/lambda/python:3.12-x86_64"
     );
     assert_eq!(field("resolve_error"), "INVALID_ARGUMENT");
-    assert_eq!(field("build_error"), "NOT_FOUND");
+    assert_eq!(field("build_error"), "INVALID_ARGUMENT");
     assert_eq!(field("build_events"), "accepted");
     assert_eq!(field("health"), "SERVING");
 
