@@ -1,5 +1,9 @@
 //! Serves the API, health and reflection on a listener until shutdown, then drains builds.
 
+/// The in-flight table a [`Daemon`] shares with its service, for tests and embedders that
+/// watch builds in process (`Daemon::builds`): what is running, who waits, each build's
+/// events.
+pub use crate::builds::{Builds, Event as BuildLogEvent, Phase, Summary as BuildSummary};
 use std::future::Future;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +19,6 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 
 use crate::archive::ZipStore;
-use crate::builds::Builds;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::listener::Listener;

@@ -7,8 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lambda_imaged::builds::{Builds, Phase};
 use lambda_imaged::client::proto;
+use lambda_imaged::server::{Builds, Phase};
 use proto::build_event::Event;
 use support::*;
 use tokio::sync::Semaphore;
@@ -121,7 +121,7 @@ async fn late_joiner_gets_the_events_it_missed() {
     until("the engine build to finish", || {
         let tag = daemon.builds.list().0.first().map(|s| s.tag.clone()).unwrap_or_default();
         daemon.builds.events_of(&tag).is_some_and(|events| {
-            events.iter().any(|e| matches!(e, lambda_imaged::builds::Event::Log { text, .. } if text.starts_with("Successfully tagged")))
+            events.iter().any(|e| matches!(e, lambda_imaged::server::BuildLogEvent::Log { text, .. } if text.starts_with("Successfully tagged")))
         })
     })
     .await;

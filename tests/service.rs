@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lambda_imaged::builds::{Builds, Phase};
 use lambda_imaged::client::{self, proto};
+use lambda_imaged::server::{Builds, Phase};
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

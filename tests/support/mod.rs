@@ -10,10 +10,10 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lambda_imaged::builds::Builds;
 use lambda_imaged::client::{self, Client, ImageBuilderClient, LayerArg, RequestBuilder, proto};
 use lambda_imaged::config::Config;
 use lambda_imaged::listener::Listener;
+use lambda_imaged::server::Builds;
 use lambda_imaged::server::Daemon;
 use proto::build_event::Event;
 use tokio::sync::oneshot;
