@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bollard::Docker;
 use bollard::models::{BuildInfo, CreateImageInfo};
 use bollard::query_parameters::{
-    BuildImageOptions, CreateImageOptions, EventsOptions, ListContainersOptions, ListImagesOptions,
-    RemoveImageOptions,
+    CreateImageOptions, EventsOptions, ImportImageOptions, ListContainersOptions,
+    ListImagesOptions, RemoveImageOptions, TagImageOptions,
 };
 use futures_util::StreamExt;
 use tokio::sync::{Mutex, watch};
@@ -46,7 +46,33 @@ pub struct ImageInfo {
     pub id: String,
     pub labels: HashMap<String, String>,
     pub config: RunConfig,
+    /// The layers' diff IDs ("sha256:<hex>" of each uncompressed layer tar), bottom first.
+    pub diff_ids: Vec<String>,
+    /// The image config in Docker's JSON form, as an assembled image derived from this one
+    /// needs it: `os`, `architecture`, `variant` and `config` (only the OCI image-config
+    /// keys: User, ExposedPorts, Env, Entrypoint, Cmd, Volumes, WorkingDir, Labels,
+    /// StopSignal, ArgsEscaped, OnBuild, Shell, Healthcheck).
+    pub image_config: serde_json::Value,
 }
+
+/// The keys of an image's `config` an image config may carry (OCI image spec, `config`; plus
+/// Docker's Shell / Healthcheck / OnBuild / ArgsEscaped): the container-only ones Docker's
+/// inspect also shows (Hostname, AttachStdin, ...) are left out.
+const IMAGE_CONFIG_KEYS: &[&str] = &[
+    "User",
+    "ExposedPorts",
+    "Env",
+    "Entrypoint",
+    "Cmd",
+    "Volumes",
+    "WorkingDir",
+    "Labels",
+    "StopSignal",
+    "ArgsEscaped",
+    "OnBuild",
+    "Shell",
+    "Healthcheck",
+];
 
 /// An image found by label.
 #[derive(Debug, Clone)]
@@ -158,10 +184,6 @@ impl Engine {
             B::DockerResponseServerError { message, .. } => {
                 Error::FailedPrecondition(format!("the engine refused: {}", message.trim_end()))
             }
-            // The engine says so only in text; this is the one place that reads it.
-            B::DockerStreamError { error } if error.contains("unknown parent image ID") => {
-                Error::BuildCacheRemoved(format!("the engine failed: {}", error.trim_end()))
-            }
             B::DockerStreamError { error } => {
                 Error::FailedPrecondition(format!("the engine failed: {}", error.trim_end()))
             }
@@ -210,8 +232,28 @@ impl Engine {
             }
             Err(err) => return Err(self.map_error(err)),
         };
+        let mut kept = serde_json::Map::new();
+        if let Ok(serde_json::Value::Object(all)) = serde_json::to_value(&inspected.config) {
+            for (key, value) in all {
+                if IMAGE_CONFIG_KEYS.contains(&key.as_str()) && !value.is_null() {
+                    kept.insert(key, value);
+                }
+            }
+        }
+        let image_config = serde_json::json!({
+            "os": inspected.os.clone().unwrap_or_else(|| "linux".into()),
+            "architecture": inspected.architecture.clone().unwrap_or_default(),
+            "variant": inspected.variant.clone().unwrap_or_default(),
+            "config": kept,
+        });
+        let diff_ids = inspected
+            .root_fs
+            .and_then(|root| root.layers)
+            .unwrap_or_default();
         let config = inspected.config.unwrap_or_default();
         let info = ImageInfo {
+            diff_ids,
+            image_config,
             id: inspected.id.unwrap_or_default(),
             labels: config.labels.unwrap_or_default(),
             config: RunConfig {
@@ -272,18 +314,56 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts a build; the stream yields the engine's messages. The client used has its
-    /// request timeout raised to the build timeout, since bollard's covers the whole upload.
-    pub async fn build(
+    /// Loads a `docker save`-style archive (`POST /images/load`), streamed as it is produced.
+    /// The client's request timeout is raised to the build timeout: bollard's covers the whole
+    /// upload. Engine errors come back as FAILED_PRECONDITION with the engine's text.
+    pub async fn load(
         &self,
-        options: BuildImageOptions,
         body: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
-    ) -> Result<BuildStream> {
+        mut progress: impl FnMut(&BuildInfo),
+    ) -> Result<()> {
         let client = self
             .client()
             .await?
             .with_timeout(self.build_timeout.saturating_add(CALL_TIMEOUT));
-        Ok(spawn_build(client, options, body))
+        let options = ImportImageOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        let mut stream = std::pin::pin!(client.import_image_stream(options, body, None));
+        while let Some(item) = stream.next().await {
+            let item = item.map_err(|err| self.map_error(err))?;
+            progress(&item);
+        }
+        Ok(())
+    }
+
+    /// Tags image `id` as `reference` (moving the tag if another image has it).
+    pub async fn tag(&self, id: &str, reference: &ImageRef) -> Result<()> {
+        let client = self.client().await?;
+        let options = TagImageOptions {
+            repo: Some(reference.repository().to_owned()),
+            tag: Some(reference.tag().unwrap_or("latest").to_owned()),
+        };
+        client
+            .tag_image(id, Some(options))
+            .await
+            .map_err(|err| self.map_error(err))
+    }
+
+    /// True when the engine stores images in containerd (Docker's containerd image store, the
+    /// default on fresh Docker 29 installs): its loader imports every listed layer file, so
+    /// every layer must be sent. Read from `docker info`'s driver status
+    /// (`driver-type: io.containerd.snapshotter.v1`).
+    pub async fn loads_need_every_layer(&self) -> Result<bool> {
+        let client = self.client().await?;
+        let info = client.info().await.map_err(|err| self.map_error(err))?;
+        Ok(info
+            .driver_status
+            .unwrap_or_default()
+            .iter()
+            .flatten()
+            .any(|value| value.contains("containerd.snapshotter")))
     }
 
     /// Removes an image we superseded, unless a container uses it (the engine refuses then,
@@ -441,70 +521,5 @@ impl Engine {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-    }
-}
-
-/// Engine build messages; dropping it aborts the engine request.
-pub struct BuildStream {
-    rx: tokio::sync::mpsc::Receiver<std::result::Result<BuildInfo, bollard::errors::Error>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl BuildStream {
-    /// The next engine message, `None` at the end.
-    pub async fn next(&mut self) -> Option<std::result::Result<BuildInfo, bollard::errors::Error>> {
-        self.rx.recv().await
-    }
-}
-
-impl Drop for BuildStream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn spawn_build(
-    client: Docker,
-    options: BuildImageOptions,
-    body: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
-) -> BuildStream {
-    // `build_image` borrows the client, so the request runs on a task that owns it.
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let task = tokio::spawn(async move {
-        let mut stream =
-            std::pin::pin!(client.build_image(options, None, Some(bollard::body_try_stream(body))));
-        while let Some(item) = stream.next().await {
-            if tx.send(item).await.is_err() {
-                break;
-            }
-        }
-    });
-    BuildStream { rx, task }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The engine reports a lost build-cache step only as text; it becomes its own variant here,
-    /// so the pipeline's retry branches on the type. Other stream errors stay preconditions.
-    #[test]
-    fn lost_build_cache_is_a_variant_of_its_own() {
-        let engine = Engine::new("unix:///nonexistent".into(), Duration::from_secs(1));
-        let stream = |error: &str| bollard::errors::Error::DockerStreamError {
-            error: error.to_owned(),
-        };
-        let lost = engine.map_error(stream("unknown parent image ID sha256:abc\n"));
-        assert_eq!(
-            lost,
-            Error::BuildCacheRemoved(
-                "the engine failed: unknown parent image ID sha256:abc".into()
-            )
-        );
-        let other = engine.map_error(stream("COPY failed: no such file"));
-        assert_eq!(
-            other,
-            Error::FailedPrecondition("the engine failed: COPY failed: no such file".into())
-        );
     }
 }

@@ -37,11 +37,6 @@ pub enum Error {
     /// A bug of ours, or an I/O failure we did not expect.
     #[error("{0}")]
     Internal(String),
-    /// The engine lost a build cache step the build was reusing (someone ran `docker rmi` or
-    /// `image prune` meanwhile); the pipeline retries once. Carries the engine's own text.
-    /// Status: FAILED_PRECONDITION.
-    #[error("{0}")]
-    BuildCacheRemoved(String),
     /// Opening `path` (while doing `what`) was refused by the kernel. Kept apart from
     /// [`Error::PermissionDenied`] so that `access::denied_for` can say whose rights were
     /// used without editing the message. Status: PERMISSION_DENIED.
@@ -68,9 +63,7 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::PermissionDenied(_) | Error::ReadDenied { .. } => Code::PermissionDenied,
-            Error::FailedPrecondition(_) | Error::BuildCacheRemoved(_) | Error::FileChanged(_) => {
-                Code::FailedPrecondition
-            }
+            Error::FailedPrecondition(_) | Error::FileChanged(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -161,8 +154,5 @@ mod tests {
             changed.to_string(),
             "/layers/a/secret changed while the request was reading it; retry once it is stable"
         );
-        let removed = Error::BuildCacheRemoved("the engine failed: x".into()).into_status();
-        assert_eq!(removed.code(), Code::FailedPrecondition);
-        assert_eq!(removed.message(), "the engine failed: x");
     }
 }

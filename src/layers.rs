@@ -70,6 +70,8 @@ pub enum Kind {
         /// The file's identity when walked; it must be the same file when hashed and when
         /// streamed, or the image could hold other bytes than its fingerprint says.
         key: StatKey,
+        /// sha256 of its bytes, filled in once the layer is hashed (zeros before).
+        digest: [u8; 32],
     },
     /// A link kept as a link; `target` as written (relative, stays inside the layer).
     Symlink {
@@ -111,6 +113,8 @@ pub struct Tree {
     pub warnings: Vec<Warning>,
     /// Per layer: its content digest (hex), in request order.
     pub layer_digests: Vec<String>,
+    /// Per layer: its own entries, sorted by path, in request order (an image layer each).
+    pub layers: Vec<Vec<Entry>>,
 }
 
 fn normalised_mode(mode: u32, is_dir: bool) -> u32 {
@@ -174,14 +178,15 @@ pub fn walk(
         };
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         let digest = if from_cache {
-            crate::access::as_daemon(|| layer_digest(&entries, cache))?
+            crate::access::as_daemon(|| layer_digest(&mut entries, cache))?
         } else {
-            layer_digest(&entries, cache)?
+            layer_digest(&mut entries, cache)?
         };
         tree.layer_digests.push(digest);
-        for entry in entries {
-            merge(&mut tree.entries, entry);
+        for entry in &entries {
+            merge(&mut tree.entries, entry.clone());
         }
+        tree.layers.push(entries);
     }
     Ok(tree)
 }
@@ -335,6 +340,7 @@ impl Walker<'_> {
                 source: path.to_owned(),
                 size: meta.len(),
                 key: StatKey::of(meta),
+                digest: [0; 32],
             };
             self.push(rel, kind, mode, mtime_of(meta));
             return Ok(());
@@ -443,6 +449,7 @@ impl Walker<'_> {
                     source: real,
                     size: meta.len(),
                     key: StatKey::of(&meta),
+                    digest: [0; 32],
                 },
                 mode,
                 mtime_of(&meta),
@@ -492,16 +499,23 @@ fn stays_inside(rel: &str, target: &Path) -> bool {
 }
 
 /// The digest of one layer's entries (paths, kinds, modes, times, link targets, file bytes).
-fn layer_digest(entries: &[Entry], cache: &StatCache) -> Result<String> {
+/// Also records each file's own digest in its entry.
+fn layer_digest(entries: &mut [Entry], cache: &StatCache) -> Result<String> {
     let mut hasher = Sha256::new();
     for entry in entries {
         hasher.update(entry.path.as_bytes());
         hasher.update([0]);
-        match &entry.kind {
+        match &mut entry.kind {
             Kind::Dir => hasher.update(b"d"),
-            Kind::File { source, key, .. } => {
+            Kind::File {
+                source,
+                key,
+                digest,
+                ..
+            } => {
                 hasher.update(format!("f{:o} {}", entry.mode, entry.mtime));
-                hasher.update(cache.file_digest_of(source, key)?);
+                *digest = cache.file_digest_of(source, key)?;
+                hasher.update(*digest);
             }
             Kind::Symlink { target } => {
                 hasher.update(format!("l{} ", entry.mtime));

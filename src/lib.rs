@@ -15,7 +15,9 @@
 //! - `stat_cache`: file identity (stat key), content hashing, the persisted stat cache.
 //! - `fingerprint`: pure: the digests that determine an image, its labels, rebuild or not.
 //! - `pipeline`: one build from plan to image: walk, base, fingerprint, cache check, engine.
-//! - `context`: the build context as a tar stream produced while the engine reads it.
+//! - `image_store`: diff IDs by content, chains the engine holds, image listings for deltas.
+//! - `assemble`: the image as a `docker save` archive (layer tars, config, manifest) produced
+//!   while the engine loads it; layers the engine has are sent as zero-size entries.
 //! - `engine`: the few engine calls we make, over one shared bollard client; image index.
 //! - `builds`: the in-flight table: one build per tag, events replayed to late joiners.
 //! - `prune`: removing our images and unused layers, least recently used first.
@@ -28,13 +30,14 @@
 
 pub(crate) mod access;
 pub(crate) mod archive;
+pub(crate) mod assemble;
 pub(crate) mod builds;
 pub mod client;
 pub mod config;
-pub(crate) mod context;
 pub(crate) mod engine;
 pub mod error;
 pub(crate) mod fingerprint;
+pub(crate) mod image_store;
 pub(crate) mod layers;
 pub mod listener;
 pub(crate) mod pipeline;

@@ -8,21 +8,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bollard::query_parameters::BuildImageOptions;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::access::{self, Peer};
 use crate::archive::ZipStore;
+use crate::assemble;
 use crate::builds::{Completed, Event, LogKind, Reason, Reporter};
-use crate::context;
 use crate::engine::{Engine, ImageInfo};
 use crate::error::{Error, Result};
-use crate::fingerprint::{FINGERPRINT_LABEL, Parts, decide, labelled_dockerfile};
+use crate::fingerprint::{self, FINGERPRINT_LABEL, Parts, decide};
+use crate::image_store::{self, ImageStore, Listing};
 use crate::layers::{self, Limits};
 use crate::prune;
-use crate::resolve::{Arch, Plan};
-use crate::stat_cache::StatCache;
+use crate::resolve::{Arch, Plan, RIE_IMAGE_PATH};
+use crate::stat_cache::{StatCache, StatKey};
 
 /// Layers with at most this many entries at their last walk are walked inline.
 const INLINE_WALK_ENTRIES: usize = 64;
@@ -48,6 +48,10 @@ pub struct Shared {
     pub walk_sizes: TagHints<usize>,
     /// Bounds concurrent layer walks (hashing), one per CPU and at least two.
     pub walks: Semaphore,
+    /// Diff IDs, chains the engine holds, image listings (for sending only what it lacks).
+    pub images: ImageStore,
+    /// Whether the engine's loader needs every layer (containerd image store); asked once.
+    pub every_layer: tokio::sync::OnceCell<bool>,
 }
 
 /// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
@@ -155,7 +159,8 @@ pub async fn run(
         let existing = existing.unwrap_or_default();
         (existing.id, existing.config, true)
     } else {
-        let image_id = build(&shared, &plan, &parts, inputs, peer, &reporter).await?;
+        let images = (&base, existing.as_ref());
+        let image_id = build(&shared, &plan, &parts, inputs, images, peer, &reporter).await?;
         let built = after_build(&shared, &plan, &image_id, existing).await?;
         (built.id, built.config, false)
     };
@@ -312,41 +317,53 @@ fn parts_of(plan: &Plan, base: &ImageInfo, inputs: &Inputs) -> Parts {
     }
 }
 
-/// Step 4: builds the image in the engine, within `--build-timeout`, holding a build slot.
-/// Returns the image id the engine reported.
+/// Step 4: assembles the image from layers and loads it into the engine, within
+/// `--build-timeout`, holding a build slot: a delta over the previous image when one can be
+/// made, else a full assembly; layers the engine holds are referenced, not sent. If the engine
+/// lost a layer we relied on (removed behind our back), every layer is sent again: a build
+/// never fails for that. Returns the image id.
 async fn build(
     shared: &Shared,
     plan: &Plan,
     parts: &Parts,
     inputs: Inputs,
+    images: (&ImageInfo, Option<&ImageInfo>),
     peer: Option<Peer>,
     reporter: &Reporter,
 ) -> Result<String> {
+    let (base, existing) = images;
     let _slot = reporter.slot().await?;
     pass_gate(shared.hooks.before_build.as_ref()).await;
-    let spec = context::Spec {
-        dockerfile: labelled_dockerfile(&plan.dockerfile, parts),
-        rie: inputs.rie,
-        tree: inputs.tree,
-        peer: peer.clone(),
-    };
-    let build = async {
-        match engine_build(shared, plan, spec.clone(), reporter).await {
-            // Someone (`docker rmi`, `image prune`) removed the build cache step this build
-            // was reusing while it ran; the next attempt rebuilds that step.
-            Err(Error::BuildCacheRemoved(message)) => {
+    let work = async {
+        let every = *shared
+            .every_layer
+            .get_or_try_init(|| shared.engine.loads_need_every_layer())
+            .await?;
+        // Both exist now (inspected for this request): the engine holds their chains.
+        shared.images.note_chains(&base.diff_ids);
+        if let Some(existing) = existing {
+            shared.images.note_chains(&existing.diff_ids);
+        }
+        let assembly = delta_assembly(shared, parts, &inputs, base, existing, every)
+            .map_or_else(|| full_assembly(shared, parts, &inputs, base, every), Ok)?;
+        let reused = assembly.layers.iter().any(|l| l.skip);
+        match load(shared, plan, parts, base, assembly, peer.clone(), reporter).await {
+            Err(err) if reused && !matches!(err, Error::DeadlineExceeded(_)) => {
                 reporter.emit(Event::Warning {
-                    code: "build_cache_removed".into(),
+                    code: "layers_resent".into(),
                     message: format!(
-                        "the engine's build cache changed under the build ({message}); retrying once"
+                        "the engine refused an image reusing layers it held before ({err}); \
+                         sending every layer"
                     ),
                 });
-                engine_build(shared, plan, spec, reporter).await
+                shared.images.forget_chains();
+                let full = full_assembly(shared, parts, &inputs, base, true)?;
+                load(shared, plan, parts, base, full, peer.clone(), reporter).await
             }
             other => other,
         }
     };
-    match tokio::time::timeout(shared.build_timeout, build).await {
+    match tokio::time::timeout(shared.build_timeout, work).await {
         Ok(result) => result.map_err(|err| access::denied_for(peer.as_ref(), err)),
         Err(_) => Err(Error::DeadlineExceeded(format!(
             "building {} took longer than --build-timeout ({}s); raise it or check the engine",
@@ -354,6 +371,298 @@ async fn build(
             shared.build_timeout.as_secs()
         ))),
     }
+}
+
+/// The layers of one image above its base, and what to remember once it is loaded.
+struct Assembly {
+    layers: Vec<assemble::Layer>,
+    /// Per layer: the content key its diff ID is recorded under (none for deltas and reused
+    /// layers of a previous image).
+    keys: Vec<Option<String>>,
+    /// The image's `/opt`, for the next delta.
+    listing: Listing,
+}
+
+/// A full assembly: the RIE layer and one layer per Lambda layer. A prefix of layers whose
+/// diff IDs are known and whose chains the engine holds is referenced, not sent (`every`:
+/// the engine needs every layer).
+fn full_assembly(
+    shared: &Shared,
+    parts: &Parts,
+    inputs: &Inputs,
+    base: &ImageInfo,
+    every: bool,
+) -> Result<Assembly> {
+    let rie_meta = std::fs::metadata(&inputs.rie)
+        .map_err(|err| Error::io("reading the runtime interface emulator", &inputs.rie, &err))?;
+    let rie_items = vec![
+        assemble::Item::Dir { path: "var".into() },
+        assemble::Item::Dir {
+            path: "var/rapid".into(),
+        },
+        assemble::Item::File {
+            path: RIE_IMAGE_PATH.trim_start_matches('/').into(),
+            source: inputs.rie.clone(),
+            size: rie_meta.len(),
+            key: StatKey::of(&rie_meta),
+            mode: 0o755,
+            mtime: 0,
+            as_daemon: true,
+        },
+    ];
+    let mut planned = vec![(
+        "runtime interface emulator".to_owned(),
+        rie_items,
+        image_store::rie_key(&parts.rie),
+    )];
+    let mut listing = Listing {
+        base: parts.base.clone(),
+        rie: parts.rie.clone(),
+        ..Listing::default()
+    };
+    if let Some(tree) = &inputs.tree {
+        for ((name, _), (entries, digest)) in parts
+            .layers
+            .iter()
+            .zip(tree.layers.iter().zip(&tree.layer_digests))
+        {
+            planned.push((
+                format!("layer {name:?}"),
+                image_store::layer_items(entries),
+                image_store::layer_key(digest),
+            ));
+        }
+        for (path, entry) in &tree.entries {
+            if let layers::Kind::File { size, .. } = &entry.kind {
+                listing.full_bytes += size;
+            }
+            listing
+                .entries
+                .insert(path.clone(), image_store::listed(entry));
+        }
+    }
+    let mut diff_ids = base.diff_ids.clone();
+    let mut all_held = !every;
+    let mut assembly = Assembly {
+        layers: Vec::new(),
+        keys: Vec::new(),
+        listing,
+    };
+    for (label, items, key) in planned {
+        let known = shared.images.diff_id(&key);
+        if let Some(known) = &known {
+            diff_ids.push(known.digest.clone());
+            let chain = assemble::chain_ids(&diff_ids).pop().unwrap_or_default();
+            all_held &= shared.images.has_chain(&chain);
+        } else {
+            all_held = false;
+        }
+        assembly.layers.push(assemble::Layer {
+            label,
+            items: Arc::new(items),
+            skip: all_held,
+            known,
+        });
+        assembly.keys.push(Some(key));
+    }
+    Ok(assembly)
+}
+
+/// A delta over the image the tag names now, when it is ours, on the same base and RIE, with
+/// its listing kept, its delta chain short and the engine able to reuse layers: its layers
+/// plus one layer of what changed in `/opt`.
+fn delta_assembly(
+    shared: &Shared,
+    parts: &Parts,
+    inputs: &Inputs,
+    base: &ImageInfo,
+    existing: Option<&ImageInfo>,
+    every: bool,
+) -> Option<Assembly> {
+    let (existing, tree) = (existing?, inputs.tree.as_ref()?);
+    if every || !existing.diff_ids.starts_with(&base.diff_ids) {
+        return None;
+    }
+    let previous = shared.images.listing(&existing.id)?;
+    if previous.base != parts.base
+        || previous.rie != parts.rie
+        || previous.depth >= image_store::MAX_DELTA_DEPTH
+    {
+        return None;
+    }
+    let (items, bytes) = image_store::delta_items(&previous.entries, &tree.entries);
+    let mut listing = Listing {
+        depth: previous.depth + 1,
+        delta_bytes: previous.delta_bytes + bytes,
+        base: parts.base.clone(),
+        rie: parts.rie.clone(),
+        ..Listing::default()
+    };
+    for (path, entry) in &tree.entries {
+        if let layers::Kind::File { size, .. } = &entry.kind {
+            listing.full_bytes += size;
+        }
+        listing
+            .entries
+            .insert(path.clone(), image_store::listed(entry));
+    }
+    if listing.delta_bytes > listing.full_bytes / image_store::MAX_DELTA_SHARE {
+        return None;
+    }
+    let mut assembly = Assembly {
+        layers: Vec::new(),
+        keys: Vec::new(),
+        listing,
+    };
+    for diff_id in &existing.diff_ids[base.diff_ids.len()..] {
+        assembly.layers.push(assemble::Layer {
+            label: "layer of the previous image".into(),
+            items: Arc::new(Vec::new()),
+            known: Some(assemble::DiffId {
+                digest: diff_id.clone(),
+                size: 0,
+            }),
+            skip: true,
+        });
+        assembly.keys.push(None);
+    }
+    if !items.is_empty() {
+        assembly.layers.push(assemble::Layer {
+            label: format!(
+                "delta over {} ({} entries, {})",
+                short_id(&existing.id),
+                items.len(),
+                bytesize::ByteSize::b(bytes)
+            ),
+            items: Arc::new(items),
+            known: None,
+            skip: false,
+        });
+        assembly.keys.push(None);
+    }
+    Some(assembly)
+}
+
+/// The first 12 hex digits of an image id.
+fn short_id(id: &str) -> &str {
+    let hex = id.trim_start_matches("sha256:");
+    hex.get(..12).unwrap_or(hex)
+}
+
+/// Streams `assembly` into the engine's loader, tags the image, and remembers its diff IDs,
+/// chains and listing. Reports each layer (referenced or sent) and the bytes sent.
+async fn load(
+    shared: &Shared,
+    plan: &Plan,
+    parts: &Parts,
+    base: &ImageInfo,
+    assembly: Assembly,
+    peer: Option<Peer>,
+    reporter: &Reporter,
+) -> Result<String> {
+    let total = assembly.layers.len();
+    for (index, layer) in assembly.layers.iter().enumerate() {
+        let what = if layer.skip { "reused" } else { "sending" };
+        reporter.emit(Event::Log {
+            kind: LogKind::Status,
+            text: format!("layer {}/{total} {}: {what}", index + 1, layer.label),
+            step: u32::try_from(index + 1).unwrap_or(u32::MAX),
+        });
+    }
+    let spec = assemble::Spec {
+        base_diff_ids: base.diff_ids.clone(),
+        base_config: base.image_config.clone(),
+        labels: fingerprint::labels(parts),
+        layers: assembly.layers,
+        peer,
+    };
+    let sent = Arc::new(AtomicU64::new(0));
+    let producer = assemble::produce(spec, sent.clone());
+    let mut done = Some(producer.done);
+    let mut producer_result: Option<Result<assemble::Assembled>> = None;
+    let loading = shared.engine.load(producer.stream, |info| {
+        if let Some(text) = info
+            .stream
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            reporter.emit(Event::Log {
+                kind: LogKind::Stream,
+                text: text.to_owned(),
+                step: 0,
+            });
+        }
+    });
+    tokio::pin!(loading);
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut reported = 0;
+    let engine_result = loop {
+        tokio::select! {
+            result = &mut loading => break result,
+            result = async { done.as_mut().expect("polled only while Some").await }, if done.is_some() => {
+                done = None;
+                producer_result = Some(result.unwrap_or_else(|err| Err(Error::Internal(format!("image writer failed: {err}")))));
+                let bytes = sent.load(Ordering::Relaxed);
+                reporter.emit(Event::ContextProgress { bytes_sent: bytes, bytes_total: bytes });
+                reported = bytes;
+            }
+            _ = ticker.tick() => {
+                let bytes = sent.load(Ordering::Relaxed);
+                if bytes != reported && done.is_some() {
+                    reporter.emit(Event::ContextProgress { bytes_sent: bytes, bytes_total: 0 });
+                    reported = bytes;
+                }
+            }
+        }
+    };
+    if let Some(done) = done {
+        // The engine ended first; the producer stops once its channel is gone.
+        producer_result = Some(
+            done.await
+                .unwrap_or_else(|err| Err(Error::Internal(format!("image writer failed: {err}")))),
+        );
+    }
+    // The producer's own error is the real cause when the upload broke off, unless it only
+    // saw the engine stop reading (UNAVAILABLE): then the engine's error says why.
+    let assembled = match (producer_result, engine_result) {
+        (Some(Err(err)), Err(_)) if !matches!(err, Error::Unavailable(_)) => return Err(err),
+        (Some(Err(err)), Ok(())) => return Err(err),
+        (_, Err(err)) => {
+            return Err(match err {
+                Error::NotFound(message) => {
+                    Error::FailedPrecondition(format!("the engine failed the load: {message}"))
+                }
+                other => other,
+            });
+        }
+        (Some(Ok(assembled)), Ok(())) => assembled,
+        (None, Ok(())) => {
+            return Err(Error::Internal("the image writer never finished".into()));
+        }
+    };
+    let tag = crate::reference::ImageRef::parse(&plan.tag)
+        .map_err(|why| Error::Internal(format!("tag {}: {why}", plan.tag)))?;
+    shared.engine.tag(&assembled.image_id, &tag).await?;
+    for (key, diff_id) in assembly.keys.iter().zip(&assembled.layers) {
+        if let Some(key) = key {
+            shared.images.record_diff_id(key, diff_id);
+        }
+    }
+    shared.images.note_chains(&assembled.diff_ids);
+    shared
+        .images
+        .record_listing(&assembled.image_id, &assembly.listing);
+    reporter.emit(Event::Log {
+        kind: LogKind::Status,
+        text: format!(
+            "loaded {} ({} of layers sent)",
+            short_id(&assembled.image_id),
+            bytesize::ByteSize::b(assembled.layer_bytes_sent)
+        ),
+        step: u32::try_from(total).unwrap_or(u32::MAX),
+    });
+    Ok(assembled.image_id)
 }
 
 /// Step 5: the built image as the engine now has it under the tag; then, in the background,
@@ -499,127 +808,9 @@ fn arch_mismatch(base: &ImageInfo, arch: Arch) -> Option<String> {
     })
 }
 
-/// Streams the context into the engine and follows its messages. Returns the image id.
-async fn engine_build(
-    shared: &Shared,
-    plan: &Plan,
-    spec: context::Spec,
-    reporter: &Reporter,
-) -> Result<String> {
-    let sent = Arc::new(AtomicU64::new(0));
-    let producer = context::produce(spec, sent.clone());
-    let options = BuildImageOptions {
-        dockerfile: "Dockerfile".into(),
-        t: Some(plan.tag.clone()),
-        rm: true,
-        forcerm: true,
-        // Never let the engine pull: the base was inspected (and pulled) explicitly.
-        pull: None,
-        platform: plan.arch.platform().into(),
-        ..Default::default()
-    };
-    let mut messages = shared.engine.build(options, producer.stream).await?;
-    let mut done = Some(producer.done);
-    let mut producer_result: Option<Result<()>> = None;
-    let mut ticker = tokio::time::interval(Duration::from_millis(250));
-    let mut reported = 0;
-    let mut step = 0;
-    let mut image_id = None;
-    let mut engine_error = None;
-    loop {
-        tokio::select! {
-            message = messages.next() => {
-                let Some(message) = message else { break };
-                match message {
-                    Ok(info) => {
-                        if let Some(aux) = info.aux.and_then(|aux| aux.id) {
-                            image_id = Some(aux);
-                        }
-                        if let Some(text) = info.stream {
-                            for line in text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()) {
-                                step = parse_step(line).unwrap_or(step);
-                                reporter.emit(Event::Log { kind: LogKind::Stream, text: line.to_owned(), step });
-                            }
-                        }
-                        if let Some(status) = info.status {
-                            reporter.emit(Event::Log { kind: LogKind::Status, text: status, step });
-                        }
-                    }
-                    Err(err) => {
-                        engine_error = Some(err);
-                        break;
-                    }
-                }
-            }
-            result = async { done.as_mut().expect("polled only while Some").await }, if done.is_some() => {
-                done = None;
-                producer_result = Some(result.unwrap_or_else(|err| Err(Error::Internal(format!("context writer failed: {err}")))));
-                let bytes = sent.load(Ordering::Relaxed);
-                reporter.emit(Event::ContextProgress { bytes_sent: bytes, bytes_total: bytes });
-                reported = bytes;
-            }
-            _ = ticker.tick() => {
-                let bytes = sent.load(Ordering::Relaxed);
-                if bytes != reported && done.is_some() {
-                    reporter.emit(Event::ContextProgress { bytes_sent: bytes, bytes_total: 0 });
-                    reported = bytes;
-                }
-            }
-        }
-    }
-    drop(messages);
-    if let Some(done) = done {
-        // The engine ended first; the producer stops once its channel is gone.
-        producer_result =
-            Some(done.await.unwrap_or_else(|err| {
-                Err(Error::Internal(format!("context writer failed: {err}")))
-            }));
-    }
-    // The producer's own error is the real cause when the upload broke off, unless it only
-    // saw the engine stop reading (UNAVAILABLE): then the engine's error says why.
-    if let Some(Err(err)) = producer_result {
-        if !(matches!(err, Error::Unavailable(_)) && engine_error.is_some()) {
-            return Err(err);
-        }
-    }
-    if let Some(err) = engine_error {
-        let err = shared.engine.map_error(err);
-        return Err(match err {
-            Error::NotFound(message) => {
-                Error::FailedPrecondition(format!("the engine failed the build: {message}"))
-            }
-            other => other,
-        });
-    }
-    image_id.ok_or_else(|| {
-        Error::FailedPrecondition(format!(
-            "the engine ended the build of {} without reporting an image id",
-            plan.tag
-        ))
-    })
-}
-
-/// "Step 2/4 : COPY ..." (Docker) or "STEP 2/4: COPY ..." (Podman) -> 2.
-fn parse_step(line: &str) -> Option<u32> {
-    let rest = line
-        .strip_prefix("Step ")
-        .or_else(|| line.strip_prefix("STEP "))?;
-    rest.split('/').next()?.trim().parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn steps_are_parsed_from_both_engines() {
-        assert_eq!(
-            parse_step("Step 2/4 : COPY aws-lambda-rie /var/rapid/aws-lambda-rie"),
-            Some(2)
-        );
-        assert_eq!(parse_step("STEP 3/3: COPY opt/ /opt/"), Some(3));
-        assert_eq!(parse_step(" ---> Using cache"), None);
-    }
 
     /// The per-tag hints stay within their cap however many tags pass, keep the recently set
     /// ones, and a known tag is updated in place even when the map is full.

@@ -74,6 +74,8 @@ impl Daemon {
             hooks: config.hooks.clone(),
             walks: tokio::sync::Semaphore::new(config.max_parallel_builds.max(2)),
             walk_sizes: TagHints::new(MAX_TAG_HINTS),
+            images: crate::image_store::ImageStore::open(&config.cache_dir),
+            every_layer: tokio::sync::OnceCell::new(),
         });
         Daemon {
             config,

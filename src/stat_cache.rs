@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// The (device, inode, size, mtime, ctime) key of git's index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatKey {
     dev: u64,
     ino: u64,

@@ -1,0 +1,387 @@
+//! What the daemon remembers about the images it assembled, to send the engine only what it
+//! lacks: each layer's diff ID by its content, the layer chains the engine is known to hold,
+//! and each image's `/opt` listing (for delta layers).
+//!
+//! - Diff IDs: `<cache>/diff-ids/<key>` ("sha256:<hex> <size>"), keyed by the layer's content
+//!   (a Lambda layer's content digest, the RIE's digest), so an unchanged layer is referenced
+//!   without reading or sending it, also after a restart.
+//! - Chains: in memory; filled from the base and the previous image (inspected: they exist
+//!   now) and from each load. A chain removed behind our back (`docker rmi` of every image that
+//!   used it, `image prune`) makes the engine refuse the load: the pipeline then sends every
+//!   layer, and [`ImageStore::forget_chains`] empties the set.
+//! - Listings: `<cache>/images/<image id hex>.json`, the merged `/opt` of an image we made plus
+//!   its delta depth and sizes; written atomically (temp file + rename).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::assemble::{DiffId, Item, chain_ids};
+use crate::layers::{Entry, Kind};
+
+/// Deltas stacked on one full assembly before the next full one.
+pub const MAX_DELTA_DEPTH: u32 = 8;
+/// Deltas stop once their bytes together exceed this share of the full layers' bytes (1/N).
+pub const MAX_DELTA_SHARE: u64 = 4;
+/// Chains remembered; the set is emptied when it grows past this (a miss costs a resend).
+const MAX_CHAINS: usize = 100_000;
+
+/// One entry of an image's `/opt` listing: what must be equal for two trees to be equal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed {
+    /// 'd', 'f' or 'l'.
+    pub kind: char,
+    pub mode: u32,
+    pub mtime: u64,
+    pub size: u64,
+    /// A file's sha256 (hex), a link's target; empty for a directory.
+    pub content: String,
+}
+
+/// The listing of one image we made.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Listing {
+    /// Deltas above the last full assembly (0 for a full one).
+    pub depth: u32,
+    /// Bytes of the deltas above the last full assembly.
+    pub delta_bytes: u64,
+    /// Bytes of file content in the full tree.
+    pub full_bytes: u64,
+    /// The base image and RIE it was made on: a delta needs both unchanged.
+    pub base: String,
+    pub rie: String,
+    /// Merged `/opt`, by path relative to it.
+    pub entries: BTreeMap<String, Listed>,
+}
+
+/// The daemon's memory of assembled images (module doc).
+#[derive(Debug)]
+pub struct ImageStore {
+    dir: PathBuf,
+    diff_ids: Mutex<HashMap<String, DiffId>>,
+    chains: Mutex<HashSet<String>>,
+}
+
+impl ImageStore {
+    /// A store under the daemon's cache dir.
+    pub fn open(cache_dir: &Path) -> ImageStore {
+        ImageStore {
+            dir: cache_dir.to_owned(),
+            diff_ids: Mutex::default(),
+            chains: Mutex::default(),
+        }
+    }
+
+    /// The diff ID recorded for content `key`, if any.
+    pub fn diff_id(&self, key: &str) -> Option<DiffId> {
+        if let Some(found) = lock(&self.diff_ids).get(key) {
+            return Some(found.clone());
+        }
+        let text = fs::read_to_string(self.dir.join("diff-ids").join(key)).ok()?;
+        let (digest, size) = text.trim().split_once(' ')?;
+        let found = DiffId {
+            digest: digest.to_owned(),
+            size: size.parse().ok()?,
+        };
+        lock(&self.diff_ids).insert(key.to_owned(), found.clone());
+        Some(found)
+    }
+
+    /// Records the diff ID of content `key` (best effort: a lost record costs one resend).
+    pub fn record_diff_id(&self, key: &str, diff_id: &DiffId) {
+        lock(&self.diff_ids).insert(key.to_owned(), diff_id.clone());
+        let text = format!("{} {}\n", diff_id.digest, diff_id.size);
+        let _ = write_atomic(&self.dir.join("diff-ids"), key, text.as_bytes());
+    }
+
+    /// Notes that the engine holds every chain of `diff_ids` (an image with them exists).
+    pub fn note_chains(&self, diff_ids: &[String]) {
+        let mut chains = lock(&self.chains);
+        if chains.len() > MAX_CHAINS {
+            chains.clear();
+        }
+        chains.extend(chain_ids(diff_ids));
+    }
+
+    /// True when the engine is known to hold the chain ending at `chain`.
+    pub fn has_chain(&self, chain: &str) -> bool {
+        lock(&self.chains).contains(chain)
+    }
+
+    /// Forgets every chain: the engine lost one we relied on.
+    pub fn forget_chains(&self) {
+        lock(&self.chains).clear();
+    }
+
+    /// The listing of image `id`, if we made it and kept it.
+    pub fn listing(&self, id: &str) -> Option<Listing> {
+        let text = fs::read(self.listing_path(id)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Keeps the listing of image `id` (best effort: without it the next edit is a full
+    /// assembly).
+    pub fn record_listing(&self, id: &str, listing: &Listing) {
+        if let Ok(bytes) = serde_json::to_vec(listing) {
+            let name = format!("{}.json", id.trim_start_matches("sha256:"));
+            if let Err(err) = write_atomic(&self.dir.join("images"), &name, &bytes) {
+                tracing::warn!(image = id, error = %err, "could not keep the image's listing");
+            }
+        }
+    }
+
+    fn listing_path(&self, id: &str) -> PathBuf {
+        self.dir
+            .join("images")
+            .join(format!("{}.json", id.trim_start_matches("sha256:")))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data; a panic elsewhere cannot leave it half-updated.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes `dir/name` atomically: a temp file in `dir`, then a rename.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let temp = dir.join(format!(".tmp-{name}-{}", uuid::Uuid::new_v4().simple()));
+    fs::write(&temp, bytes)?;
+    fs::rename(&temp, dir.join(name)).inspect_err(|_| {
+        let _ = fs::remove_file(&temp);
+    })
+}
+
+/// The content key of a Lambda layer's image layer: its tar is a function of its entries,
+/// which its content digest covers.
+pub fn layer_key(content_digest: &str) -> String {
+    hex::encode(Sha256::digest(format!("lambda-layer v1\0{content_digest}")))
+}
+
+/// The content key of the RIE layer.
+pub fn rie_key(rie_digest: &str) -> String {
+    hex::encode(Sha256::digest(format!("rie v1\0{rie_digest}")))
+}
+
+/// The image path of `rel` under `/opt`.
+fn opt_path(rel: &str) -> String {
+    format!("opt/{rel}")
+}
+
+/// An entry of the walked tree as a layer item.
+pub fn item_of(entry: &Entry) -> Item {
+    let path = opt_path(&entry.path);
+    match &entry.kind {
+        Kind::Dir => Item::Dir { path },
+        Kind::File {
+            source, size, key, ..
+        } => Item::File {
+            path,
+            source: source.clone(),
+            size: *size,
+            key: *key,
+            mode: entry.mode,
+            mtime: entry.mtime,
+            as_daemon: entry.from_cache,
+        },
+        Kind::Symlink { target } => Item::Link {
+            path,
+            target: target.clone(),
+            mtime: entry.mtime,
+        },
+    }
+}
+
+/// The image layer of one Lambda layer: `opt/` and its entries.
+pub fn layer_items(entries: &[Entry]) -> Vec<Item> {
+    let mut items = vec![Item::Dir { path: "opt".into() }];
+    items.extend(entries.iter().map(item_of));
+    items
+}
+
+/// The listing entry of `entry` (its digest filled by the walk).
+pub fn listed(entry: &Entry) -> Listed {
+    match &entry.kind {
+        Kind::Dir => Listed {
+            kind: 'd',
+            mode: 0o755,
+            mtime: 0,
+            size: 0,
+            content: String::new(),
+        },
+        Kind::File { size, digest, .. } => Listed {
+            kind: 'f',
+            mode: entry.mode,
+            mtime: entry.mtime,
+            size: *size,
+            content: hex::encode(digest),
+        },
+        Kind::Symlink { target } => Listed {
+            kind: 'l',
+            mode: 0o777,
+            mtime: entry.mtime,
+            size: 0,
+            content: target.to_string_lossy().into_owned(),
+        },
+    }
+}
+
+/// A delta layer turning the tree `old` into `new` (merged `/opt` trees): the added and
+/// changed entries, a whiteout per removed entry whose parent stays a directory (a removed or
+/// replaced parent hides its children already), and the parent directories of all of them.
+/// Returns the items (sorted, parents first) and the bytes of file content they carry.
+pub fn delta_items(
+    old: &BTreeMap<String, Listed>,
+    new: &BTreeMap<String, Entry>,
+) -> (Vec<Item>, u64) {
+    let mut changed: BTreeMap<String, Item> = BTreeMap::new();
+    let mut bytes = 0;
+    for (path, entry) in new {
+        let now = listed(entry);
+        if old.get(path) == Some(&now) {
+            continue;
+        }
+        if let Kind::File { size, .. } = &entry.kind {
+            bytes += size;
+        }
+        changed.insert(opt_path(path), item_of(entry));
+    }
+    for path in old.keys().filter(|p| !new.contains_key(*p)) {
+        let parent_stays_dir = match path.rsplit_once('/') {
+            None => true,
+            Some((parent, _)) => {
+                new.get(parent).is_some_and(|e| e.kind == Kind::Dir)
+                    && old.get(parent).is_some_and(|l| l.kind == 'd')
+            }
+        };
+        if parent_stays_dir {
+            let image_path = opt_path(path);
+            changed.insert(image_path.clone(), Item::Whiteout { path: image_path });
+        }
+    }
+    // Parents first, each once: every ancestor of a changed path is a directory in `new`.
+    let mut items: BTreeMap<String, Item> = BTreeMap::new();
+    for path in changed.keys() {
+        let mut ancestor = path.as_str();
+        while let Some((parent, _)) = ancestor.rsplit_once('/') {
+            items.entry(parent.to_owned()).or_insert_with(|| Item::Dir {
+                path: parent.to_owned(),
+            });
+            ancestor = parent;
+        }
+    }
+    items.extend(changed);
+    (items.into_values().collect(), bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stat_cache::StatKey;
+
+    fn file(path: &str, content: &str, mtime: u64) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: Kind::File {
+                source: PathBuf::from("/nonexistent").join(path),
+                size: content.len() as u64,
+                key: StatKey::default(),
+                digest: Sha256::digest(content.as_bytes()).into(),
+            },
+            mode: 0o644,
+            mtime,
+            layer: 0,
+            from_cache: false,
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            mtime: 0,
+            layer: 0,
+            from_cache: false,
+        }
+    }
+
+    fn tree(entries: Vec<Entry>) -> BTreeMap<String, Entry> {
+        entries.into_iter().map(|e| (e.path.clone(), e)).collect()
+    }
+
+    /// A delta holds exactly what changed, whiteouts for what went (not for the children of a
+    /// removed or replaced directory), and the parents of each.
+    #[test]
+    fn deltas_hold_changes_whiteouts_and_parents() {
+        let old = tree(vec![
+            dir("a"),
+            file("a/keep", "k", 1),
+            file("a/edit", "one", 1),
+            file("a/gone", "g", 1),
+            dir("b"),
+            file("b/x", "x", 1),
+            dir("c"),
+            file("c/y", "y", 1),
+            file("top", "t", 1),
+        ]);
+        let old: BTreeMap<String, Listed> =
+            old.iter().map(|(p, e)| (p.clone(), listed(e))).collect();
+        let new = tree(vec![
+            dir("a"),
+            file("a/keep", "k", 1),
+            file("a/edit", "two", 1),
+            file("a/new", "n", 5),
+            // b removed; c replaced by a file; top only retimed.
+            file("c", "now a file", 1),
+            file("top", "t", 2),
+        ]);
+        let (items, bytes) = delta_items(&old, &new);
+        let shown: Vec<String> = items
+            .iter()
+            .map(|i| match i {
+                Item::Dir { path } => format!("d {path}"),
+                Item::File { path, .. } => format!("f {path}"),
+                Item::Link { path, .. } => format!("l {path}"),
+                Item::Whiteout { path } => format!("w {path}"),
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "d opt",
+                "d opt/a",
+                "f opt/a/edit",
+                "w opt/a/gone",
+                "f opt/a/new",
+                "w opt/b",
+                "f opt/c",
+                "f opt/top"
+            ]
+        );
+        assert_eq!(bytes, 3 + 1 + 10 + 1);
+    }
+
+    /// Chains seen are remembered until forgotten; diff IDs survive a new store on the same dir.
+    #[test]
+    fn chains_and_diff_ids_are_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path());
+        let ids = vec!["sha256:a".to_owned(), "sha256:b".to_owned()];
+        store.note_chains(&ids);
+        let chains = chain_ids(&ids);
+        assert!(store.has_chain(&chains[1]));
+        store.forget_chains();
+        assert!(!store.has_chain(&chains[1]));
+        let id = DiffId {
+            digest: "sha256:c".into(),
+            size: 3,
+        };
+        store.record_diff_id("k", &id);
+        assert_eq!(ImageStore::open(dir.path()).diff_id("k"), Some(id));
+    }
+}
