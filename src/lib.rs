@@ -19,6 +19,7 @@
 //! - [`prune`]: removing our images and unused layers, least recently used first.
 //! - [`server`]: serve on a listener with health and reflection until shutdown.
 //! - [`listener`]: bind the Unix socket or adopt a systemd-passed one.
+//! - [`h2_compat`]: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in.
 //! - [`config`]: the daemon's settings, validated once.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
 //! - [`client`]: connect to the daemon; used by the CLI, the tests and Rust emulators.
@@ -32,6 +33,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod fingerprint;
+pub mod h2_compat;
 pub mod layers;
 pub mod listener;
 pub mod pipeline;
