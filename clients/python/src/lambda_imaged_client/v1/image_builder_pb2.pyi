@@ -107,7 +107,7 @@ class BuildRequest(_message.Message):
     def __init__(self, package_type: _Optional[_Union[PackageType, str]] = ..., runtime: _Optional[str] = ..., image: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, str]] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., invoke_images: _Optional[_Iterable[_Union[InvokeImage, _Mapping]]] = ..., function_name: _Optional[str] = ..., skip_pull_image: _Optional[bool] = ..., force_image_build: _Optional[bool] = ...) -> None: ...
 
 class BuildPlan(_message.Message):
-    __slots__ = ("tag", "base_image", "dockerfile", "architecture", "platform", "layers", "invoke_image_used", "package_type", "runtime")
+    __slots__ = ("tag", "base_image", "dockerfile", "architecture", "platform", "layers", "invoke_image_used", "package_type", "runtime", "ignored_layers")
     TAG_FIELD_NUMBER: _ClassVar[int]
     BASE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     DOCKERFILE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class BuildPlan(_message.Message):
     INVOKE_IMAGE_USED_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     tag: str
     base_image: str
     dockerfile: str
@@ -126,7 +127,8 @@ class BuildPlan(_message.Message):
     invoke_image_used: bool
     package_type: str
     runtime: str
-    def __init__(self, tag: _Optional[str] = ..., base_image: _Optional[str] = ..., dockerfile: _Optional[str] = ..., architecture: _Optional[str] = ..., platform: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., invoke_image_used: _Optional[bool] = ..., package_type: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
+    ignored_layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    def __init__(self, tag: _Optional[str] = ..., base_image: _Optional[str] = ..., dockerfile: _Optional[str] = ..., architecture: _Optional[str] = ..., platform: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., invoke_image_used: _Optional[bool] = ..., package_type: _Optional[str] = ..., runtime: _Optional[str] = ..., ignored_layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ...) -> None: ...
 
 class BuildEvent(_message.Message):
     __slots__ = ("build_id", "accepted", "queued", "log", "pull_progress", "context_progress", "warning", "completed")
