@@ -154,6 +154,8 @@ ensure_packages() {
 	# systemd: systemd-analyze and systemd-socket-activate for tests/systemd.rs (nothing is started).
 	want=(docker.io busybox-static curl unzip zip jq iproute2 util-linux procps systemd passwd docker-registry)
 	command -v python3 >/dev/null || want+=(python3)
+	# Node and npm for tests/interop.rs (a @grpc/grpc-js client), unless a Node is installed.
+	command -v npm >/dev/null || want+=(nodejs npm)
 	if ! python3 -m pip --version >/dev/null 2>&1; then
 		want+=(python3-venv)
 	fi
@@ -340,6 +342,22 @@ ensure_grpc_python() {
 		grpcio grpcio-reflection grpcio-health-checking protobuf
 }
 
+# ---------------------------------------------------------------- node gRPC client
+# tests/interop.rs runs a Node client with default options: @grpc/grpc-js and
+# @grpc/proto-loader from npm, in $D/node/node_modules (pinned; bump them together).
+GRPC_JS_VERSION=1.14.7
+PROTO_LOADER_VERSION=0.8.1
+ensure_grpc_node() {
+	local have
+	have=$(node -e 'process.stdout.write(require(process.argv[1]).version)' \
+		"$D/node/node_modules/@grpc/grpc-js/package.json" 2>/dev/null || true)
+	[ "$have" = "$GRPC_JS_VERSION" ] && [ -f "$D/node/node_modules/@grpc/proto-loader/package.json" ] &&
+		return 0
+	mkdir -p "$D/node"
+	quiet npm install --prefix "$D/node" --no-audit --no-fund --loglevel=error \
+		"@grpc/grpc-js@$GRPC_JS_VERSION" "@grpc/proto-loader@$PROTO_LOADER_VERSION"
+}
+
 # ---------------------------------------------------------------- base image
 # Every public.ecr.aws/lambda/<name:tag> SAM can ask for (design.md §1), as name:tag without
 # the arch suffix; single-arch ones (x86_64 only) are listed in SINGLE_ARCH.
@@ -493,6 +511,7 @@ main() {
 		fi
 		ensure_rie
 		ensure_grpc_python
+		ensure_grpc_node
 		ensure_base
 		ensure_registry
 		# Checked after every start, and on request; a live daemon that answered is trusted.

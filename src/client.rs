@@ -71,17 +71,131 @@ pub fn default_socket() -> PathBuf {
     path
 }
 
-/// The daemon could not be reached.
+/// The daemon could not be reached. Displays as `cannot reach lambda-imaged at <socket>: <why>`:
+/// when the socket refused us (EACCES), who owns it, its mode and the group to join (what
+/// docker's CLI says for docker.sock); otherwise asks whether the daemon runs.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot reach lambda-imaged at {path}: {source}; is the daemon running? (--socket, LAMBDA_IMAGED_SOCKET)"
-)]
+#[error("cannot reach lambda-imaged at {}: {}", path.display(), self.reason())]
 pub struct ConnectError {
     /// The socket tried.
     pub path: PathBuf,
     /// Why the connection failed (the last attempt's error when waiting).
     #[source]
     pub source: tonic::transport::Error,
+    /// Set when `connect(2)` failed with EACCES: what the socket's permissions are and what to
+    /// do, read from the file system when the error happened.
+    pub denied: Option<String>,
+}
+
+impl ConnectError {
+    fn new(path: &Path, source: tonic::transport::Error) -> ConnectError {
+        let denied = permission_denied(&source).then(|| explain_denied(path));
+        ConnectError {
+            path: path.to_owned(),
+            source,
+            denied,
+        }
+    }
+
+    /// True when the socket's permissions kept us out (waiting will not help).
+    pub fn is_permission_denied(&self) -> bool {
+        self.denied.is_some()
+    }
+
+    fn reason(&self) -> String {
+        match &self.denied {
+            Some(why) => format!("permission denied: {why}"),
+            None => format!(
+                "{}; is the daemon running? (--socket, LAMBDA_IMAGED_SOCKET)",
+                self.source
+            ),
+        }
+    }
+}
+
+/// True when an error in `err`'s source chain is an I/O error of kind PermissionDenied.
+fn permission_denied(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// Why `connect(2)` on `path` was refused and what to do, from the socket's owner, group and
+/// mode and the caller's groups. connect(2) needs write permission on the socket and search
+/// permission on every directory above it.
+fn explain_denied(path: &Path) -> String {
+    use nix::unistd::{Gid, Group, Uid, User};
+    use std::os::unix::fs::MetadataExt;
+
+    let uid = Uid::current();
+    let user = User::from_uid(uid).ok().flatten().map(|u| u.name);
+    let me = match &user {
+        Some(name) => format!("user {name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(err) => {
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            return format!(
+                "{me} cannot look the socket up ({err}): a directory on the path ({}) is not \
+                 searchable by {me}; ask the administrator to open it to the daemon's group",
+                dir.display()
+            );
+        }
+    };
+    let owner = User::from_uid(Uid::from_raw(meta.uid()))
+        .ok()
+        .flatten()
+        .map_or_else(|| meta.uid().to_string(), |u| u.name);
+    let group = Group::from_gid(Gid::from_raw(meta.gid())).ok().flatten();
+    let group_name = group
+        .as_ref()
+        .map_or_else(|| meta.gid().to_string(), |g| g.name.clone());
+    let what = format!(
+        "the socket is owned by {owner}:{group_name} with mode {:04o}",
+        meta.mode() & 0o7777
+    );
+    let group_may_write = meta.mode() & 0o020 != 0;
+    if meta.gid() == 0 || !group_may_write {
+        return format!(
+            "{what}, so only {owner} may connect; run as {owner}, or have the daemon started \
+             with --socket-group GROUP (SocketGroup= for systemd) and join that group"
+        );
+    }
+    let in_session = nix::unistd::getgroups()
+        .map(|groups| groups.contains(&Gid::from_raw(meta.gid())))
+        .unwrap_or(false)
+        || Gid::effective().as_raw() == meta.gid();
+    let listed = match (&group, &user) {
+        (Some(group), Some(user)) => group.mem.iter().any(|m| m == user),
+        _ => false,
+    };
+    let name = user.as_deref().unwrap_or("$USER");
+    if listed && !in_session {
+        format!(
+            "{what}; {me} is a member of {group_name} but this login session is not yet: log \
+             in again (or run `newgrp {group_name}`)"
+        )
+    } else if in_session {
+        format!(
+            "{what}; {me} is in {group_name}, yet the socket refused it: check the mode of the \
+             socket and of the directories above it"
+        )
+    } else {
+        format!(
+            "{what} and {me} is not in group {group_name}; join it (sudo usermod -aG \
+             {group_name} {name}, then log in again) or run as a member of {group_name}"
+        )
+    }
 }
 
 /// A channel to the daemon at `socket` (connected now, so an absent daemon is reported here).
@@ -97,14 +211,12 @@ pub async fn channel(socket: &Path) -> Result<Channel, ConnectError> {
             }
         }))
         .await
-        .map_err(|source| ConnectError {
-            path: socket.to_owned(),
-            source,
-        })
+        .map_err(|source| ConnectError::new(socket, source))
 }
 
 /// Like [`channel`], but while the daemon is not up yet (no socket, nobody listening) retries
-/// every 200 ms until `deadline`; the error is the last attempt's.
+/// every 200 ms until `deadline`; the error is the last attempt's. A socket that refuses us
+/// (permission denied) is reported at once.
 pub async fn channel_waiting(
     socket: &Path,
     deadline: tokio::time::Instant,
@@ -112,6 +224,7 @@ pub async fn channel_waiting(
     loop {
         match channel(socket).await {
             Ok(channel) => return Ok(channel),
+            Err(err) if err.is_permission_denied() => return Err(err),
             Err(err) if tokio::time::Instant::now() >= deadline => return Err(err),
             // A poll interval, not synchronisation: each attempt checks the real condition.
             Err(_) => tokio::time::sleep(CONNECT_RETRY).await,

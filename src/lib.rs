@@ -23,6 +23,7 @@
 //! - `prune`: removing our images and unused layers, least recently used first.
 //! - [`server`]: serve on a listener with health and reflection until shutdown.
 //! - [`listener`]: bind the Unix socket or adopt a systemd-passed one.
+//! - `h2_compat`: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in.
 //! - [`config`]: the daemon's settings, validated once.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
 //! - [`client`]: the typed client (connect or wait, build to completion, the other RPCs,
@@ -37,6 +38,7 @@ pub mod config;
 pub(crate) mod engine;
 pub mod error;
 pub(crate) mod fingerprint;
+pub(crate) mod h2_compat;
 pub(crate) mod image_store;
 pub(crate) mod layers;
 pub mod listener;

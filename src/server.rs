@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
@@ -21,6 +22,7 @@ use tonic_health::server::HealthReporter;
 use crate::archive::ZipStore;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::h2_compat::TolerantAuthority;
 use crate::listener::Listener;
 use crate::pipeline::{MAX_TAG_HINTS, Shared, TagHints};
 use crate::proto::{self, image_builder_server::ImageBuilderServer};
@@ -125,9 +127,11 @@ impl Daemon {
         );
         tracing::info!(socket = %path.display(), engine = %self.engine.host(), "serving");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        let result = router
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), drained)
-            .await;
+        // Every connection through `TolerantAuthority`, so clients that send the socket path
+        // as `:authority` (grpcio, grpc-java) are served rather than reset by h2.
+        let incoming =
+            UnixListenerStream::new(listener).map(|accepted| accepted.map(TolerantAuthority::new));
+        let result = router.serve_with_incoming_shutdown(incoming, drained).await;
 
         drop(background);
         save_stat_cache(self.shared.stat_cache.clone(), stat_cache_path).await;

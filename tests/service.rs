@@ -1170,3 +1170,95 @@ async fn config_file_with_flag_overrides_and_unknown_keys() {
     assert!(stderr.contains("build_timeuot"), "names the key: {stderr}");
     assert!(!dir.path().join("bad.sock").exists(), "never listened");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A refused socket (issue 15, item 2)
+// ---------------------------------------------------------------------------------------------
+
+/// A user the socket's permissions keep out is told so, not asked whether the daemon runs
+/// (exit 3): permission denied, the socket's owner, group and mode, and the group to join;
+/// when the socket's group is root's, that only root may connect and how to open it up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_outside_the_socket_group_is_told_permission_denied_and_what_to_do() {
+    let (uid, gid) = test_user();
+    test_group();
+    let daemon = Bin::start(&["--socket-group", GROUP]).await;
+    let resolve_as_user = || async {
+        let output =
+            run(ctl_as(uid, gid, &[], &daemon.socket).args(["resolve", "--runtime", "python3.12"]))
+                .await;
+        let (code, _, stderr) = parts(&output);
+        assert_eq!(code, Some(3), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "cannot reach lambda-imaged at {}: permission denied",
+                daemon.socket.display()
+            )),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("is the daemon running"), "{stderr}");
+        stderr
+    };
+
+    let stderr = resolve_as_user().await;
+    for part in [
+        format!("owned by root:{GROUP} with mode 0660"),
+        format!("user {USER} (uid {uid}) is not in group {GROUP}"),
+        format!("sudo usermod -aG {GROUP} {USER}"),
+    ] {
+        assert!(stderr.contains(&part), "no {part:?} in: {stderr}");
+    }
+
+    // The user is listed in the socket's group, but this session does not have it yet (as
+    // right after `usermod -aG`): log in again.
+    let joined = joined_group();
+    std::os::unix::fs::chown(&daemon.socket, None, Some(joined)).unwrap();
+    let stderr = resolve_as_user().await;
+    for part in [
+        format!("is a member of {JOINED_GROUP} but this login session is not yet"),
+        format!("newgrp {JOINED_GROUP}"),
+    ] {
+        assert!(stderr.contains(&part), "no {part:?} in: {stderr}");
+    }
+
+    // The socket's group is root's: joining it is not the advice.
+    std::os::unix::fs::chown(&daemon.socket, None, Some(0)).unwrap();
+    let stderr = resolve_as_user().await;
+    for part in [
+        "owned by root:root with mode 0660",
+        "only root may connect",
+        "--socket-group",
+    ] {
+        assert!(stderr.contains(part), "no {part:?} in: {stderr}");
+    }
+}
+
+/// A group the test user is listed in (in /etc/group), created when missing.
+const JOINED_GROUP: &str = "lambda-imaged-test-joined";
+
+/// The gid of [`JOINED_GROUP`], created with the test user as a member when missing;
+/// retried on lock contention like `test_user`.
+fn joined_group() -> u32 {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let listed = text(&system("getent", &["group", JOINED_GROUP]).stdout)
+            .trim()
+            .rsplit(':')
+            .next()
+            .is_some_and(|members| members.split(',').any(|m| m == USER));
+        if let (true, Some(gid)) = (listed, number_from("getent", &["group", JOINED_GROUP], 2)) {
+            return gid;
+        }
+        let out = system("groupadd", &["-f", JOINED_GROUP]);
+        let out = if out.status.success() {
+            system("usermod", &["-aG", JOINED_GROUP, USER])
+        } else {
+            out
+        };
+        if !out.status.success() {
+            last = text(&out.stderr);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    panic!("could not create the group {JOINED_GROUP} with {USER} in it: {last}");
+}

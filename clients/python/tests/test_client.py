@@ -1,6 +1,13 @@
 """The client against a real daemon: connect, resolve, build events, error mapping."""
 
+import grp
+import os
+import pwd
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +22,62 @@ def test_connect_to_a_missing_socket_is_unavailable_at_once(workdir):
         connect(path, timeout=30)
     assert err.value.code == "UNAVAILABLE"
     assert path in err.value.message
+
+
+TEST_USER = "lambda-imaged-test-user"  # shared with tests/service.rs
+TEST_GROUP = "lambda-imaged-test"
+CLIENT_SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _ensure(lookup, name, create):
+    """The id of user/group `name`, created when missing (another test process may race us)."""
+    for _ in range(100):
+        try:
+            return lookup(name)
+        except KeyError:
+            subprocess.run(create, capture_output=True, timeout=60)
+            time.sleep(0.1)
+    raise AssertionError(f"could not create {name}")
+
+
+def test_a_user_outside_the_socket_group_is_told_permission_denied_and_which_group(workdir):
+    """connect() as a user the socket's mode keeps out: DaemonUnavailable saying permission
+    denied, the socket's owner, group and mode and the group to join (not "is it running?")."""
+    assert os.geteuid() == 0, "this test switches to another user: run it as root"
+    user = _ensure(pwd.getpwnam, TEST_USER, ["useradd", "--system", "--no-create-home", TEST_USER])
+    group = _ensure(grp.getgrnam, TEST_GROUP, ["groupadd", "-f", TEST_GROUP])
+    workdir.chmod(0o755)  # the user may reach the socket file, not connect to it
+    path = str(workdir / "d.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    os.chown(path, 0, group.gr_gid)
+    os.chmod(path, 0o660)
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from lambda_imaged_client import DaemonUnavailable, connect\n"
+        "try:\n    connect(sys.argv[2], timeout=30)\nexcept DaemonUnavailable as err:\n"
+        "    print(err.code); print(err.message)\n"
+    )
+    try:
+        out = subprocess.run(
+            ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--",
+             sys.executable, "-c", script, str(CLIENT_SRC), path],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        listener.close()
+    assert out.returncode == 0, out.stderr
+    code, message = out.stdout.split("\n", 1)
+    assert code == "UNAVAILABLE"
+    for part in (
+        f"not reachable at {path}: permission denied",
+        f"owned by root:{TEST_GROUP} with mode 0660",
+        f"user {TEST_USER} (uid {user.pw_uid}) is not in group {TEST_GROUP}",
+        f"sudo usermod -aG {TEST_GROUP} {TEST_USER}",
+    ):
+        assert part in message, message
+    assert "not running" not in message
 
 
 def test_resolve_gives_sams_tag_without_building(shared_daemon, tmp_path):

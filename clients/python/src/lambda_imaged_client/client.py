@@ -7,8 +7,11 @@ Failures raise `DaemonError` (the gRPC status code's name and the daemon's messa
 subclass `DaemonUnavailable` when the daemon cannot be reached at all.
 """
 
+import grp
 import os
+import pwd
 import socket as _socket
+import stat
 from typing import Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import grpc
@@ -123,10 +126,63 @@ def _check_socket(path: str, timeout: float) -> None:
         raise DaemonUnavailable(path, "no such socket (is the daemon running?)") from None
     except ConnectionRefusedError:
         raise DaemonUnavailable(path, "connection refused (the daemon is not running)") from None
+    except PermissionError:
+        raise DaemonUnavailable(path, "permission denied: " + _explain_denied(path)) from None
     except OSError as err:
         raise DaemonUnavailable(path, err.strerror or str(err)) from None
     finally:
         sock.close()
+
+
+def _name(lookup, number: int) -> str:
+    try:
+        return lookup(number)[0]
+    except KeyError:
+        return str(number)
+
+
+def _explain_denied(path: str) -> str:
+    """Why connect(2) on `path` failed with EACCES and what to do: the socket's owner, group and
+    mode and whether the caller is in that group (connect needs write permission on the socket
+    and search permission on the directories above it). Mirrors the Rust client's message."""
+    uid = os.getuid()
+    user = _name(pwd.getpwuid, uid)
+    me = f"user {user} (uid {uid})" if user != str(uid) else f"uid {uid}"
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        return (
+            f"{me} cannot look the socket up ({err.strerror}): a directory on the path "
+            f"({os.path.dirname(path)}) is not searchable by {me}; ask the administrator to open "
+            "it to the daemon's group"
+        )
+    owner = _name(pwd.getpwuid, st.st_uid)
+    group = _name(grp.getgrgid, st.st_gid)
+    what = f"the socket is owned by {owner}:{group} with mode {stat.S_IMODE(st.st_mode):04o}"
+    if st.st_gid == 0 or not st.st_mode & stat.S_IWGRP:
+        return (
+            f"{what}, so only {owner} may connect; run as {owner}, or have the daemon started "
+            "with --socket-group GROUP (SocketGroup= for systemd) and join that group"
+        )
+    in_session = st.st_gid in os.getgroups() or st.st_gid == os.getegid()
+    try:
+        listed = user in grp.getgrgid(st.st_gid).gr_mem
+    except KeyError:
+        listed = False
+    if listed and not in_session:
+        return (
+            f"{what}; {me} is a member of {group} but this login session is not yet: log in "
+            f"again (or run `newgrp {group}`)"
+        )
+    if in_session:
+        return (
+            f"{what}; {me} is in {group}, yet the socket refused it: check the mode of the "
+            "socket and of the directories above it"
+        )
+    return (
+        f"{what} and {me} is not in group {group}; join it (sudo usermod -aG {group} {user}, "
+        f"then log in again) or run as a member of {group}"
+    )
 
 
 def _daemon_error(err: grpc.RpcError, socket: str) -> DaemonError:
@@ -149,8 +205,9 @@ class Client:
             options=[
                 # A Unix socket is never proxied; keep http(s)_proxy variables out of it.
                 ("grpc.enable_http_proxy", 0),
-                # grpcio's default :authority for a unix: target is the socket path, which the
-                # daemon's HTTP/2 server rejects as malformed (RST_STREAM, PROTOCOL_ERROR).
+                # grpcio's default :authority for a unix: target is the socket path; the
+                # daemon accepts it now, daemons before that fix answered RST_STREAM
+                # PROTOCOL_ERROR, so the client still sends "localhost" (as grpc-go does).
                 ("grpc.default_authority", "localhost"),
             ],
         )
