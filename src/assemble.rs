@@ -239,8 +239,9 @@ fn write_archive(spec: &Spec, out: &mut ChanWriter) -> Result<Assembled> {
     })
 }
 
-/// The image config: the base's, with our labels and layers; no creation time or history
-/// that would vary, so the same inputs give the same image ID.
+/// The image config: the base's, with our labels and layers; created when the base was (a
+/// time that says something to `docker images` and prune, yet the same for the same inputs,
+/// so the same inputs give the same image ID); no history.
 fn image_config(spec: &Spec, diff_ids: &[String]) -> Value {
     let mut config = spec
         .base_config
@@ -261,7 +262,12 @@ fn image_config(spec: &Spec, diff_ids: &[String]) -> Value {
         "architecture": spec.base_config.get("architecture").cloned().unwrap_or(json!("amd64")),
         "os": spec.base_config.get("os").cloned().unwrap_or(json!("linux")),
         "config": config,
-        "created": "1970-01-01T00:00:00Z",
+        "created": spec
+            .base_config
+            .get("created")
+            .filter(|c| c.as_str().is_some_and(|c| !c.is_empty()))
+            .cloned()
+            .unwrap_or(json!("1970-01-01T00:00:00Z")),
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     if let Some(variant) = spec

@@ -49,7 +49,7 @@ pub struct ImageInfo {
     /// The layers' diff IDs ("sha256:<hex>" of each uncompressed layer tar), bottom first.
     pub diff_ids: Vec<String>,
     /// The image config in Docker's JSON form, as an assembled image derived from this one
-    /// needs it: `os`, `architecture`, `variant` and `config` (only the OCI image-config
+    /// needs it: `created`, `os`, `architecture`, `variant` and `config` (only the OCI image-config
     /// keys: User, ExposedPorts, Env, Entrypoint, Cmd, Volumes, WorkingDir, Labels,
     /// StopSignal, ArgsEscaped, OnBuild, Shell, Healthcheck).
     pub image_config: serde_json::Value,
@@ -241,6 +241,7 @@ impl Engine {
             }
         }
         let image_config = serde_json::json!({
+            "created": inspected.created.clone().unwrap_or_default(),
             "os": inspected.os.clone().unwrap_or_else(|| "linux".into()),
             "architecture": inspected.architecture.clone().unwrap_or_default(),
             "variant": inspected.variant.clone().unwrap_or_default(),

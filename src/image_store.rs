@@ -54,6 +54,9 @@ pub struct Listing {
     /// The base image and RIE it was made on: a delta needs both unchanged.
     pub base: String,
     pub rie: String,
+    /// What each of the image's layers above the base is, bottom first (for events).
+    #[serde(default)]
+    pub labels: Vec<String>,
     /// Merged `/opt`, by path relative to it.
     pub entries: BTreeMap<String, Listed>,
 }

@@ -514,9 +514,14 @@ fn delta_assembly(
         keys: Vec::new(),
         listing,
     };
-    for diff_id in &existing.diff_ids[base.diff_ids.len()..] {
+    for (index, diff_id) in existing.diff_ids[base.diff_ids.len()..].iter().enumerate() {
+        let label = previous
+            .labels
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| "layer of the previous image".into());
         assembly.layers.push(assemble::Layer {
-            label: "layer of the previous image".into(),
+            label,
             items: Arc::new(Vec::new()),
             known: Some(assemble::DiffId {
                 digest: diff_id.clone(),
@@ -561,6 +566,8 @@ async fn load(
     reporter: &Reporter,
 ) -> Result<String> {
     let total = assembly.layers.len();
+    let mut listing = assembly.listing;
+    listing.labels = assembly.layers.iter().map(|l| l.label.clone()).collect();
     for (index, layer) in assembly.layers.iter().enumerate() {
         let what = if layer.skip { "reused" } else { "sending" };
         reporter.emit(Event::Log {
@@ -650,9 +657,7 @@ async fn load(
         }
     }
     shared.images.note_chains(&assembled.diff_ids);
-    shared
-        .images
-        .record_listing(&assembled.image_id, &assembly.listing);
+    shared.images.record_listing(&assembled.image_id, &listing);
     reporter.emit(Event::Log {
         kind: LogKind::Status,
         text: format!(

@@ -4,11 +4,14 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lambda_imaged::client::proto;
+use lambda_imaged::server::Phase;
 use proto::build_event::Event;
 use support::*;
+use tokio::sync::Semaphore;
 use tonic::Code;
 
 /// Polls `check` until it holds (bounded: 60 s), for what the daemon does after answering.
@@ -68,7 +71,7 @@ async fn build_contents_cache_and_invalidation() {
         first
             .events
             .iter()
-            .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.contains("COPY opt/")))
+            .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.starts_with("layer 3/3 layer ") && l.text.ends_with(": sending")))
     );
     assert!(
         first
@@ -236,14 +239,16 @@ async fn bad_requests_get_clear_statuses() {
     daemon.stop().await;
 }
 
-/// A build the engine itself refuses is FAILED_PRECONDITION carrying the engine's text.
+/// A load the engine itself refuses is FAILED_PRECONDITION carrying the engine's text: here
+/// the base image (and so its layers, which are never sent) is removed while the build waits
+/// for its slot. Resending our own layers cannot help (base layers are never sent), so the
+/// engine's refusal is reported; the in-flight slot is cleared.
 #[tokio::test(flavor = "multi_thread")]
 async fn engine_failure_carries_the_engine_message() {
-    // A base where /var/rapid is a file: `COPY ... /var/rapid/aws-lambda-rie` must fail.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    write_file(&root.join("var/rapid"), "not a directory", 0o644);
-    let base = format!("lambda-imaged-test/{}:broken", unique("base"));
+    write_file(&root.join("etc/base-marker"), &unique("marker"), 0o644);
+    let base = format!("lambda-imaged-test/{}:vanishing", unique("base"));
     let tar = Command::new("tar")
         .args(["-C"])
         .arg(&root)
@@ -261,14 +266,36 @@ async fn engine_failure_carries_the_engine_message() {
     import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
     assert!(import.wait().unwrap().success());
 
-    let daemon = TestDaemon::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let hooks_gate = gate.clone();
+    let daemon =
+        TestDaemon::start_with(move |config| config.hooks.before_build = Some(hooks_gate)).await;
     let request = proto::BuildRequest {
         package_type: proto::PackageType::Image as i32,
         image: base.clone(),
         skip_pull_image: true,
         ..Default::default()
     };
-    let outcome = build(&daemon.socket, request).await;
+    let pending = spawn_build(&daemon.socket, request);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Running: it holds its build slot, so it has inspected the base and is at the gate.
+    while !daemon
+        .builds
+        .list()
+        .0
+        .first()
+        .is_some_and(|b| b.phase == Phase::Running)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never reached its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The build inspected the base and waits at the gate: take the base away, then let it go.
+    docker_ok(&["rmi", "-f", &base]);
+    gate.add_permits(2);
+    let outcome = pending.await.unwrap();
     let status = outcome.status();
     assert_eq!(
         status.code(),
@@ -277,11 +304,11 @@ async fn engine_failure_carries_the_engine_message() {
         status.message()
     );
     assert!(
-        status.message().contains("not a directory"),
+        status.message().starts_with("the engine failed: "),
         "{}",
         status.message()
     );
-    docker(&["rmi", "-f", "--no-prune", &base]);
+    assert_eq!(daemon.builds.in_flight(), 0);
     daemon.stop().await;
 }
 

@@ -117,11 +117,11 @@ async fn late_joiner_gets_the_events_it_missed() {
     let early = spawn_build(&daemon.socket, request.clone());
     before.add_permits(1);
     // The engine has finished (the build is parked at the after-build gate) once its log
-    // holds "Successfully tagged": everything before that is history for the late joiner.
+    // holds "loaded <image>": everything before that is history for the late joiner.
     until("the engine build to finish", || {
         let tag = daemon.builds.list().0.first().map(|s| s.tag.clone()).unwrap_or_default();
         daemon.builds.events_of(&tag).is_some_and(|events| {
-            events.iter().any(|e| matches!(e, lambda_imaged::server::BuildLogEvent::Log { text, .. } if text.starts_with("Successfully tagged")))
+            events.iter().any(|e| matches!(e, lambda_imaged::server::BuildLogEvent::Log { text, .. } if text.starts_with("loaded ")))
         })
     })
     .await;
@@ -134,7 +134,7 @@ async fn late_joiner_gets_the_events_it_missed() {
     assert!(
         late.events
             .iter()
-            .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.starts_with("Step 1/")))
+            .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.starts_with("layer 1/")))
     );
     assert_eq!(late.completed().image_id, early.completed().image_id);
     docker(&["rmi", "-f", "--no-prune", &early.completed().tag]);

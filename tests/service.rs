@@ -378,7 +378,10 @@ impl Drop for EngineProxy {
 fn is_build_request(chunk: &[u8]) -> bool {
     let text = String::from_utf8_lossy(chunk);
     text.lines().any(|line| {
-        line.starts_with("POST /") && (line.contains("/build?") || line.contains("/build "))
+        line.starts_with("POST /")
+            && (line.contains("/build?")
+                || line.contains("/build ")
+                || line.contains("/images/load"))
     })
 }
 
