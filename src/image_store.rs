@@ -25,8 +25,12 @@ use crate::layers::{Entry, Kind};
 
 /// Deltas stacked on one full assembly before the next full one.
 pub const MAX_DELTA_DEPTH: u32 = 8;
-/// Deltas stop once their bytes together exceed this share of the full layers' bytes (1/N).
+/// Deltas stop once their bytes together exceed this share of the full layers' bytes (1/N)
+/// and [`DELTA_ALLOWANCE`]: past that, a full assembly costs little more than the deltas.
 pub const MAX_DELTA_SHARE: u64 = 4;
+/// Delta bytes always allowed, however small the layers (a full resend of a few MiB is cheap,
+/// but a delta is cheaper still).
+pub const DELTA_ALLOWANCE: u64 = 4 << 20;
 /// Chains remembered; the set is emptied when it grows past this (a miss costs a resend).
 const MAX_CHAINS: usize = 100_000;
 

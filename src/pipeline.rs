@@ -506,7 +506,9 @@ fn delta_assembly(
             .entries
             .insert(path.clone(), image_store::listed(entry));
     }
-    if listing.delta_bytes > listing.full_bytes / image_store::MAX_DELTA_SHARE {
+    let allowed =
+        (listing.full_bytes / image_store::MAX_DELTA_SHARE).max(image_store::DELTA_ALLOWANCE);
+    if listing.delta_bytes > allowed {
         return None;
     }
     let mut assembly = Assembly {
