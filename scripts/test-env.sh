@@ -152,7 +152,7 @@ remove_bridge() {
 ensure_packages() {
 	local want=() missing=() p
 	# systemd: systemd-analyze and systemd-socket-activate for tests/systemd.rs (nothing is started).
-	want=(docker.io busybox-static curl unzip zip jq iproute2 util-linux procps systemd passwd docker-registry)
+	want=(docker.io podman busybox-static curl unzip zip jq iproute2 util-linux procps systemd passwd docker-registry)
 	command -v python3 >/dev/null || want+=(python3)
 	# Node and npm for tests/interop.rs (a @grpc/grpc-js client), unless a Node is installed.
 	command -v npm >/dev/null || want+=(nodejs npm)
