@@ -10,7 +10,8 @@
 //!   used it, `image prune`) makes the engine refuse the load: the pipeline then sends every
 //!   layer, and [`ImageStore::forget_chains`] empties the set.
 //! - Listings: `<cache>/images/<image id hex>.json`, the merged `/opt` of an image we made plus
-//!   its delta depth and sizes; written atomically (temp file + rename).
+//!   its delta depth and sizes; written atomically (temp file + rename), removed with the
+//!   image (superseded, or pruned).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -142,10 +143,17 @@ impl ImageStore {
     }
 
     fn listing_path(&self, id: &str) -> PathBuf {
+        // Same layout as `remove_listing`.
         self.dir
             .join("images")
             .join(format!("{}.json", id.trim_start_matches("sha256:")))
     }
+}
+
+/// Removes the listing of image `id` (the image is gone), if there is one.
+pub fn remove_listing(cache_dir: &Path, id: &str) {
+    let name = format!("{}.json", id.trim_start_matches("sha256:"));
+    let _ = fs::remove_file(cache_dir.join("images").join(name));
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

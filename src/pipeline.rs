@@ -691,9 +691,14 @@ async fn after_build(
     if let Some(old) =
         existing.filter(|old| old.id != built.id && old.labels.contains_key(FINGERPRINT_LABEL))
     {
-        // The tag moved: remove the superseded image if nothing uses it (SAM does the same).
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.remove_unused(&old.id).await });
+        // The tag moved: remove the superseded image if nothing uses it (SAM does the same),
+        // and its listing with it (the new image's listing is what the next delta needs).
+        let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
+        tokio::spawn(async move {
+            if engine.remove_unused(&old.id).await {
+                image_store::remove_listing(&cache_dir, &old.id);
+            }
+        });
     }
     record_use(shared, &plan.tag);
     if let Some(cap) = shared.max_cache_bytes {

@@ -150,7 +150,11 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
         let removed = policy.dry_run
             || match &candidate.kind {
                 Kind::Image { id, .. } => {
-                    engine.remove_image(id, !policy.keep_layers).await.is_ok()
+                    let removed = engine.remove_image(id, !policy.keep_layers).await.is_ok();
+                    if removed {
+                        crate::image_store::remove_listing(cache_dir, id);
+                    }
+                    removed
                 }
                 Kind::Layer(path) => remove_layer(path),
             };

@@ -265,6 +265,30 @@ async fn every_delta_image_equals_a_full_assembly_and_the_source() {
         longest = longest.max(layer_count(&tag));
     }
     assert!(deltas >= 10, "only {deltas} builds were deltas");
+    // Each superseded image went, and its listing with it: only the current one stays.
+    let listings = daemon.dir.path().join("cache/images");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let count = fs::read_dir(&listings)
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count();
+        if count == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} listings kept in {}",
+            listings.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert!(
         longest <= base_layers + 2 + 8,
         "{longest} layers: the delta chain is not bounded"
