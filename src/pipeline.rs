@@ -536,7 +536,9 @@ fn delta_assembly(
     if !items.is_empty() {
         assembly.layers.push(assemble::Layer {
             label: format!(
-                "delta over {} ({} entries, {})",
+                "delta {}/{} over {} ({} entries, {})",
+                assembly.listing.depth,
+                image_store::MAX_DELTA_DEPTH,
                 short_id(&existing.id),
                 items.len(),
                 bytesize::ByteSize::b(bytes)
