@@ -2,26 +2,32 @@
 //! private engine of `scripts/test-env.sh`. One JSON line of figures per scenario.
 //!
 //! `cargo bench --bench e2e -- <scenario> [--json]`; scenarios: warm_hit, dedup, fanout,
-//! layer_repeat, layer_touch, cold_vs_docker, rss_1g (or `all`).
+//! layer_repeat, layer_touch, layer_delete, layer_add, multi_layer, shared_prefix, delta_chain,
+//! cold_vs_docker, rss_1g (or `all`).
 //!
 //! Each line holds the scenario's correctness figures (engine builds, completed streams, files
-//! re-hashed, ...), its speed figures, and `failures`: every correctness figure that was wrong.
-//! Any failure makes the bench exit 1 once all scenarios ran; speed targets (`target`) are
-//! informational and never fail it.
+//! re-hashed, the image's file contents, ...), its speed figures, and `failures`: every
+//! correctness figure that was wrong. Any failure makes the bench exit 1 once all scenarios
+//! ran; speed targets (`target_*`, printed next to the figure they bound, from the table of
+//! issue 13) are informational and never fail it.
+//!
+//! "Bytes sent" is the last `ContextProgress.bytes_sent` of a build's stream: the whole image
+//! archive the daemon streamed into the engine's loader (manifest, config and the layer tars
+//! it did not reference as already held).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lambda_imaged::client::{Client, LayerArg, RequestBuilder, proto};
+use proto::build_event::Event;
 
 // The integration tests' helpers (engine events, unique names) serve the benchmarks too.
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use serde_json::{Value, json};
-use support::{engine_builds_of, now_stamp, unique};
+use support::{docker_ok, engine_builds_of, now_stamp, run_in_image, unique};
 
 const SCENARIOS: &[&str] = &[
     "warm_hit",
@@ -29,6 +35,11 @@ const SCENARIOS: &[&str] = &[
     "fanout",
     "layer_repeat",
     "layer_touch",
+    "layer_delete",
+    "layer_add",
+    "multi_layer",
+    "shared_prefix",
+    "delta_chain",
     "cold_vs_docker",
     "rss_1g",
 ];
@@ -86,6 +97,29 @@ impl Checks {
         }
         actual
     }
+
+    /// Records a failure when `actual` exceeds `limit`; returns `actual` for the figures.
+    fn at_most<T: PartialOrd + std::fmt::Debug>(&mut self, what: &str, actual: T, limit: T) -> T {
+        if actual > limit {
+            self.failures
+                .push(format!("{what} is {actual:?}, more than {limit:?}"));
+        }
+        actual
+    }
+
+    /// The bytes `built` sent to the engine; a rebuild whose stream carried no ContextProgress
+    /// is recorded as a failure (the load path reports one before every Completed it loads).
+    fn bytes_sent(&mut self, what: &str, built: &Built) -> u64 {
+        match built.bytes_sent() {
+            Some(bytes) => bytes,
+            None => {
+                self.failures.push(format!(
+                    "{what}: no ContextProgress event in the build's stream"
+                ));
+                0
+            }
+        }
+    }
 }
 
 async fn run(name: &str, checks: &mut Checks) -> Value {
@@ -94,7 +128,12 @@ async fn run(name: &str, checks: &mut Checks) -> Value {
         "dedup" => dedup(checks).await,
         "fanout" => fanout(checks).await,
         "layer_repeat" => layer_repeat(checks).await,
-        "layer_touch" => layer_touch(checks).await,
+        "layer_touch" => layer_edit(checks, Edit::Touch).await,
+        "layer_delete" => layer_edit(checks, Edit::Delete).await,
+        "layer_add" => layer_edit(checks, Edit::Add).await,
+        "multi_layer" => multi_layer(checks).await,
+        "shared_prefix" => shared_prefix(checks).await,
+        "delta_chain" => delta_chain(checks).await,
         "cold_vs_docker" => cold_vs_docker(checks).await,
         "rss_1g" => rss_1g(checks).await,
         _ => unreachable!("checked in main"),
@@ -198,27 +237,178 @@ async fn build(socket: &Path, request: proto::BuildRequest) -> proto::Completed 
     build_on(&mut Client::connect(socket).await.unwrap(), request).await
 }
 
-/// A layer of `files` files totalling about `bytes`, pseudo-random (incompressible, unique).
+/// One Build run to Completed, with every event of its stream and its wall time.
+struct Built {
+    done: proto::Completed,
+    events: Vec<proto::BuildEvent>,
+    ms: f64,
+}
+
+impl Built {
+    /// The last `ContextProgress.bytes_sent` of the stream: the archive bytes the engine was
+    /// sent. None when the stream had no ContextProgress (nothing was loaded).
+    fn bytes_sent(&self) -> Option<u64> {
+        self.events.iter().rev().find_map(|e| match &e.event {
+            Some(Event::ContextProgress(progress)) => Some(progress.bytes_sent),
+            _ => None,
+        })
+    }
+
+    /// The status lines "layer i/n <label>: reused|sending", one per layer of the image above
+    /// its base.
+    fn layer_lines(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Some(Event::Log(log))
+                    if log.kind == proto::LogKind::Status as i32
+                        && log.text.starts_with("layer ")
+                        && (log.text.ends_with(": reused") || log.text.ends_with(": sending")) =>
+                {
+                    Some(log.text.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// True when the line for the layer labelled `label` says it was reused (not sent).
+    fn reused(&self, label: &str) -> bool {
+        let line = format!(" {label}: reused");
+        self.layer_lines().iter().any(|l| l.ends_with(&line))
+    }
+
+    /// True when the image was a delta over the previous one (a "delta over" layer was sent).
+    fn is_delta(&self) -> bool {
+        self.layer_lines()
+            .iter()
+            .any(|l| l.contains(" delta over ") && l.ends_with(": sending"))
+    }
+
+    fn reason(&self) -> &'static str {
+        proto::reason_name(self.done.reason)
+    }
+}
+
+/// Runs one Build to Completed on a connection of its own, keeping its events; the time
+/// includes connecting (what a client pays). Panics with the status on failure.
+async fn build_events(socket: &Path, request: proto::BuildRequest) -> Built {
+    let started = Instant::now();
+    let outcome = Client::connect(socket).await.unwrap().build(request).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match outcome.result {
+        Ok(done) => Built {
+            done,
+            events: outcome.events,
+            ms,
+        },
+        Err(status) => panic!("build failed: {:?}: {}", status.code(), status.message()),
+    }
+}
+
+/// Pseudo-random bytes (xorshift64): fast, good enough to defeat compression and dedup.
+struct Noise(u64);
+
+impl Noise {
+    /// Seeded from the clock, so every run writes content the engine never saw.
+    fn new() -> Noise {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        Noise(nanos | 1)
+    }
+
+    fn fill(&mut self, buffer: &mut [u8]) {
+        for chunk in buffer.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+/// A layer of `files` files totalling about `bytes` (`pkgNNN/fileNNNNN.bin`, 100 a
+/// directory), pseudo-random (incompressible, unique).
 fn make_layer(path: &Path, files: usize, bytes: usize) {
-    let per_file = bytes / files;
-    let mut seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    let mut buffer = vec![0u8; per_file];
+    let mut noise = Noise::new();
+    let mut buffer = vec![0u8; bytes / files];
     for index in 0..files {
         let dir = path.join(format!("pkg{:03}", index / 100));
         std::fs::create_dir_all(&dir).unwrap();
-        for chunk in buffer.chunks_mut(8) {
-            // xorshift64: fast, good enough to defeat compression and dedup.
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let bytes = seed.to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
-        }
+        noise.fill(&mut buffer);
         std::fs::write(dir.join(format!("file{index:05}.bin")), &buffer).unwrap();
+    }
+}
+
+/// The size of one file of a [`make_layer`] layer of 200 MiB in 4,000 files: 52,428 bytes.
+const BIG_FILE_BYTES: usize = (200 << 20) / 4000;
+
+/// Writes `bytes` bytes of new pseudo-random content to `path` (replacing it when it exists).
+fn write_random(path: &Path, bytes: usize) {
+    let mut buffer = vec![0u8; bytes];
+    Noise::new().fill(&mut buffer);
+    std::fs::write(path, &buffer).unwrap();
+}
+
+/// The sha256 (hex) of a host file.
+fn host_sha256(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// The sha256 (hex) of `path` inside `image` (its `sha256sum`), or "absent" when the image has
+/// no such file.
+fn image_sha256(image: &str, path: &str) -> String {
+    let out = run_in_image(
+        image,
+        &format!("if [ -e {path} ]; then sha256sum {path}; else echo absent; fi"),
+    );
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// How many layers the engine lists for `image` (`RootFS.Layers`).
+fn layer_count(image: &str) -> usize {
+    let out = docker_ok(&["image", "inspect", "-f", "{{len .RootFS.Layers}}", image]);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("layer count of {image}: {out:?}"))
+}
+
+/// The base image of every bench request (python3.12 on x86_64, as SAM resolves it).
+const BASE_IMAGE: &str = "public.ecr.aws/lambda/python:3.12-x86_64";
+
+/// A daemon that built a 200 MB / 4,000-file layer (reason missing), with the stat cache
+/// settled: the state a rebuild after an edit starts from.
+struct BigLayer {
+    daemon: Daemon,
+    layer: PathBuf,
+    name: String,
+    request: proto::BuildRequest,
+    tag: String,
+}
+
+impl BigLayer {
+    async fn prepare(prefix: &str) -> BigLayer {
+        let daemon = Daemon::start().await;
+        let layer = daemon.dir.path().join("big");
+        make_layer(&layer, 4000, 200 << 20);
+        let name = unique(prefix);
+        let request = request(&name, &layer);
+        let first = build(&daemon.socket, request.clone()).await;
+        // Let the layer's files age past the stat cache's racy window (git's rule): a wait for
+        // a file-time property, not synchronisation.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        build(&daemon.socket, request.clone()).await; // settle the stat cache
+        BigLayer {
+            daemon,
+            layer,
+            name,
+            request,
+            tag: first.tag,
+        }
     }
 }
 
@@ -270,7 +460,7 @@ async fn warm_hit(checks: &mut Checks) -> Value {
         "engine_builds": checks.equal("engine builds after the first", builds, 0),
         "p50_us": percentile(&samples, 0.5).round(), "p99_us": percentile(&samples, 0.99).round(),
         "max_us": samples.last().copied().unwrap_or(0.0).round(),
-        "target": {"p50_us": 300, "p99_us": 1000},
+        "target_p50_us": 300, "target_p99_us": 1000,
     })
 }
 
@@ -316,7 +506,7 @@ async fn dedup(checks: &mut Checks) -> Value {
         "distinct_image_ids": checks.equal("distinct image ids", ids.len(), 1),
         "wall_ms": wall_ms.round(), "single_wall_ms": single_ms.round(),
         "ratio": (wall_ms / single_ms * 100.0).round() / 100.0,
-        "target": {"ratio": 1.1},
+        "target_ratio": 1.1,
     })
 }
 
@@ -388,41 +578,264 @@ async fn layer_repeat(checks: &mut Checks) -> Value {
         "files_rehashed": checks.equal("files re-hashed by the repeats", after.files_hashed - before.files_hashed, 0),
         "first_ms": first_ms.round(), "repeat_p50_ms": (percentile(&samples, 0.5) * 10.0).round() / 10.0,
         "repeat_max_ms": (samples.last().copied().unwrap_or(0.0) * 10.0).round() / 10.0,
-        "target": {"repeat_p50_ms": 40},
+        "target_repeat_p50_ms": 40,
     })
 }
 
-/// One file of that layer changed: exactly that file is re-hashed and the rebuild says
-/// `layer_changed`, naming the layer.
-async fn layer_touch(checks: &mut Checks) -> Value {
+/// Which one-file edit [`layer_edit`] makes to the 200 MB layer.
+#[derive(Clone, Copy)]
+enum Edit {
+    /// One 52 KB file gets new content of the same size.
+    Touch,
+    /// One 52 KB file is removed.
+    Delete,
+    /// A new 52 KB file appears.
+    Add,
+}
+
+/// One file of the 200 MB / 4,000-file layer changed, removed or added: the rebuild says
+/// `layer_changed` naming the layer, re-hashes only what changed, is a delta that sends about
+/// the file's size, and the image holds the new tree (the file's content checked in the image
+/// against the host file, or its absence).
+async fn layer_edit(checks: &mut Checks, edit: Edit) -> Value {
+    let scenario = match edit {
+        Edit::Touch => "layer_touch",
+        Edit::Delete => "layer_delete",
+        Edit::Add => "layer_add",
+    };
+    let big = BigLayer::prepare("edit").await;
+    let relative = match edit {
+        Edit::Touch | Edit::Delete => "pkg000/file00000.bin",
+        Edit::Add => "pkg000/added.bin",
+    };
+    let host_file = big.layer.join(relative);
+    let before = big.daemon.stats().await;
+    match edit {
+        Edit::Touch | Edit::Add => write_random(&host_file, BIG_FILE_BYTES),
+        Edit::Delete => std::fs::remove_file(&host_file).unwrap(),
+    }
+    let built = build_events(&big.daemon.socket, big.request.clone()).await;
+    let after = big.daemon.stats().await;
+    let sent = checks.bytes_sent("the rebuild", &built);
+    let in_image = image_sha256(&built.done.tag, &format!("/opt/{relative}"));
+    let expected = match edit {
+        Edit::Touch | Edit::Add => host_sha256(&host_file),
+        Edit::Delete => "absent".to_owned(),
+    };
+    let rehashed_expected = match edit {
+        Edit::Touch | Edit::Add => 1,
+        Edit::Delete => 0,
+    };
+    let delta = built.is_delta();
+    rmi(&[big.tag]);
+    json!({
+        "scenario": scenario, "layer_mib": 200, "layer_files": 4000,
+        "file": relative, "file_bytes": BIG_FILE_BYTES,
+        "rebuild_ms": built.ms.round(), "target_rebuild_ms": 300,
+        "bytes_sent": sent, "target_bytes_sent": 1 << 20,
+        "delta": delta,
+        "reason": checks.equal("reason", built.reason(), "layer_changed"),
+        "changed_layer": checks.equal("changed layer", built.done.changed_layer.clone(), big.name),
+        "files_rehashed": checks.equal("files re-hashed", after.files_hashed - before.files_hashed, rehashed_expected),
+        "bytes_rehashed": after.bytes_hashed - before.bytes_hashed,
+        "image_file": checks.equal("the file in the image (sha256, or absent)", in_image, expected),
+        "layers": built.layer_lines(),
+    })
+}
+
+/// Two Lambda layers, a 200 MB / 4,000-file dependencies layer and a 1 MB / 100-file code
+/// layer (under `/opt/app`); five code files changed: the rebuild names the code layer,
+/// re-hashes the five files, reuses the dependencies layer and holds the new contents.
+async fn multi_layer(checks: &mut Checks) -> Value {
     let daemon = Daemon::start().await;
-    let layer = daemon.dir.path().join("big");
-    make_layer(&layer, 4000, 200 << 20);
-    let name = unique("touch");
-    let req = request(&name, &layer);
+    let (deps, code) = (
+        daemon.dir.path().join("deps"),
+        daemon.dir.path().join("code"),
+    );
+    make_layer(&deps, 4000, 200 << 20);
+    make_layer(&code.join("app"), 100, 1 << 20);
+    let (deps_name, code_name) = (unique("deps"), unique("code"));
+    let req = RequestBuilder::zip("python3.12")
+        .skip_pull_image(true)
+        .layer(LayerArg::new(&deps_name, &deps))
+        .layer(LayerArg::new(&code_name, &code))
+        .finish()
+        .expect("the working directory exists");
     let first = build(&daemon.socket, req.clone()).await;
     // Past the stat cache's racy window, as in layer_repeat.
     tokio::time::sleep(Duration::from_secs(3)).await;
     build(&daemon.socket, req.clone()).await; // settle the stat cache
     let before = daemon.stats().await;
-    let touched = layer.join("pkg000/file00000.bin");
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&touched)
-        .unwrap();
-    file.write_all(b"touched").unwrap();
-    drop(file);
-    let started = Instant::now();
-    let done = build(&daemon.socket, req).await;
-    let rebuild_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let changed: Vec<String> = (0..5)
+        .map(|i| format!("app/pkg000/file{i:05}.bin"))
+        .collect();
+    for relative in &changed {
+        write_random(&code.join(relative), (1 << 20) / 100);
+    }
+    let built = build_events(&daemon.socket, req).await;
     let after = daemon.stats().await;
+    let sent = checks.bytes_sent("the rebuild", &built);
+    let mut contents_match = 0;
+    for relative in &changed {
+        let in_image = image_sha256(&built.done.tag, &format!("/opt/{relative}"));
+        contents_match += usize::from(in_image == host_sha256(&code.join(relative)));
+    }
+    let deps_reused = built.reused(&format!("layer {deps_name:?}"));
     rmi(&[first.tag]);
     json!({
-        "scenario": "layer_touch", "rebuild_ms": rebuild_ms.round(),
-        "reason": checks.equal("reason", proto::reason_name(done.reason), "layer_changed"),
-        "changed_layer": checks.equal("changed layer", done.changed_layer, name),
-        "files_rehashed": checks.equal("files re-hashed", after.files_hashed - before.files_hashed, 1),
-        "bytes_rehashed": after.bytes_hashed - before.bytes_hashed,
+        "scenario": "multi_layer", "deps_mib": 200, "deps_files": 4000, "code_mib": 1, "code_files": 100,
+        "files_changed": changed.len(),
+        "rebuild_ms": built.ms.round(), "target_rebuild_ms": 300,
+        "bytes_sent": sent, "target_bytes_sent": 2 << 20,
+        "delta": built.is_delta(),
+        "reason": checks.equal("reason", built.reason(), "layer_changed"),
+        "changed_layer": checks.equal("changed layer", built.done.changed_layer.clone(), code_name),
+        "files_rehashed": checks.equal("files re-hashed", after.files_hashed - before.files_hashed, 5),
+        "deps_reused": checks.equal("the dependencies layer reused (status line)", deps_reused, true),
+        "image_files_matching": checks.equal("changed files whose content in the image is the host's", contents_match, changed.len()),
+        "layers": built.layer_lines(),
+    })
+}
+
+/// Bytes the engine's data directory holds (`du -sb`), for a growth figure that shows the
+/// whole engine (noisy: other users of the shared test engine write there too).
+fn data_dir_bytes() -> u64 {
+    let dir = PathBuf::from(std::env::var("LAMBDA_IMAGED_TEST_DIR").unwrap()).join("data");
+    let out = Command::new("du").arg("-sb").arg(&dir).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("du -sb {}: {:?}", dir.display(), out))
+}
+
+/// The bytes of `image_id`'s layers that no other image holds (`Size - SharedSize` of the
+/// engine's `GET /system/df`, what `docker system df -v` prints as UNIQUE SIZE): the disk an
+/// image's build added, unaffected by what other users of the engine do meanwhile. Asked with
+/// curl over the engine's socket: the CLI cannot print `-v` as JSON on Docker 20.10, and
+/// bollard's types follow a newer API whose answer has another shape.
+fn unique_size(image_id: &str) -> u64 {
+    let host = std::env::var("DOCKER_HOST").unwrap();
+    let socket = host
+        .strip_prefix("unix://")
+        .unwrap_or_else(|| panic!("DOCKER_HOST {host} is not a unix:// socket"));
+    let out = Command::new("curl")
+        .args(["-sSf", "--unix-socket", socket, "http://engine/system/df"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "GET /system/df: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let usage: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let image = usage["Images"]
+        .as_array()
+        .and_then(|images| images.iter().find(|i| i["Id"] == image_id))
+        .unwrap_or_else(|| panic!("{image_id} is not in the engine's /system/df"));
+    let (size, shared) = (image["Size"].as_u64(), image["SharedSize"].as_u64());
+    match (size, shared) {
+        (Some(size), Some(shared)) => size.saturating_sub(shared),
+        _ => panic!("no Size / SharedSize for {image_id} in /system/df: {image}"),
+    }
+}
+
+/// A second function of the same runtime whose layer list starts with the same 200 MB layer
+/// as the first's and differs after it (its own 1 MB layer, another name, so another SAM
+/// tag): the shared layer is referenced, not sent, its files are not hashed again, and the
+/// engine stores only the small one.
+async fn shared_prefix(checks: &mut Checks) -> Value {
+    let daemon = Daemon::start().await;
+    let deps = daemon.dir.path().join("deps");
+    let (code_a, code_b) = (daemon.dir.path().join("a"), daemon.dir.path().join("b"));
+    make_layer(&deps, 4000, 200 << 20);
+    make_layer(&code_a.join("app"), 100, 1 << 20);
+    make_layer(&code_b.join("app"), 100, 1 << 20);
+    let deps_name = unique("deps");
+    let function = |code_name: String, code: &Path| {
+        RequestBuilder::zip("python3.12")
+            .skip_pull_image(true)
+            .layer(LayerArg::new(&deps_name, &deps))
+            .layer(LayerArg::new(code_name, code))
+            .finish()
+            .expect("the working directory exists")
+    };
+    // The layers were written long before in real use: let them age past the stat cache's
+    // racy window (a wait for a file-time property, not synchronisation), so the first build
+    // remembers their hashes and the second hashes only its own layer.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first = build(&daemon.socket, function(unique("code-a"), &code_a)).await;
+    let before = daemon.stats().await;
+    // Engine disk use is measured two ways. The checked-against-target figure is the second
+    // image's unique size from the engine's own accounting (`/system/df`: its layers that no
+    // other image holds), because the test engine is shared and other helpers' images come
+    // and go in its data directory meanwhile; `du -sb` of that directory is printed too, as
+    // the literal (noisy) growth.
+    let du_before = data_dir_bytes();
+    let built = build_events(&daemon.socket, function(unique("code-b"), &code_b)).await;
+    let du_after = data_dir_bytes();
+    let after = daemon.stats().await;
+    let sent = checks.bytes_sent("the second build", &built);
+    let unique_bytes = unique_size(&built.done.image_id);
+    let deps_reused = built.reused(&format!("layer {deps_name:?}"));
+    let distinct = built.done.tag != first.tag;
+    rmi(&[first.tag, built.done.tag.clone()]);
+    json!({
+        "scenario": "shared_prefix", "shared_mib": 200, "shared_files": 4000, "own_mib": 1,
+        "build_ms": built.ms.round(), "target_build_ms": 500,
+        "bytes_sent": sent, "target_bytes_sent": 2 << 20,
+        "engine_disk_growth_bytes": unique_bytes, "target_engine_disk_growth_bytes": 2 << 20,
+        "data_dir_growth_bytes": i128::from(du_after) - i128::from(du_before),
+        "reason": checks.equal("reason", built.reason(), "missing"),
+        "distinct_tags": checks.equal("the two functions have distinct tags", distinct, true),
+        "shared_layer_reused": checks.equal("the shared 200 MB layer reused (status line)", deps_reused, true),
+        "files_hashed": checks.equal("files hashed by the second build (its own layer's 100)", after.files_hashed - before.files_hashed, 100),
+        "layers": built.layer_lines(),
+    })
+}
+
+/// Successive one-file edits in `delta_chain`.
+const CHAIN_EDITS: usize = 20;
+
+/// Deltas the daemon stacks before it writes a full layer again (`MAX_DELTA_DEPTH`).
+const MAX_DELTAS: usize = 8;
+
+/// 20 successive one-file edits of the 200 MB layer, building after each: every build is
+/// `layer_changed`, and the image never holds more than base + RIE + layer + 8 delta layers
+/// (the daemon writes a full layer once the chain is 8 deltas deep).
+async fn delta_chain(checks: &mut Checks) -> Value {
+    let big = BigLayer::prepare("chain").await;
+    let base_layers = layer_count(BASE_IMAGE);
+    let mut samples = Vec::new();
+    let mut layer_counts = Vec::new();
+    let mut sent = Vec::new();
+    let mut changed = 0;
+    let mut full = 0;
+    for edit in 0..CHAIN_EDITS {
+        write_random(
+            &big.layer.join(format!("pkg001/file{:05}.bin", 100 + edit)),
+            BIG_FILE_BYTES,
+        );
+        let built = build_events(&big.daemon.socket, big.request.clone()).await;
+        samples.push(built.ms);
+        sent.push(checks.bytes_sent(&format!("build {}", edit + 1), &built));
+        changed += usize::from(built.reason() == "layer_changed");
+        full += usize::from(!built.is_delta());
+        layer_counts.push(layer_count(&built.done.tag));
+    }
+    let max_layers = layer_counts.iter().copied().max().unwrap_or(0);
+    let mut sorted = samples.clone();
+    sorted.sort_by(f64::total_cmp);
+    rmi(&[big.tag]);
+    json!({
+        "scenario": "delta_chain", "layer_mib": 200, "layer_files": 4000, "edits": CHAIN_EDITS,
+        "p50_ms": percentile(&sorted, 0.5).round(), "max_ms": sorted.last().copied().unwrap_or(0.0).round(),
+        "target_max_ms": 300,
+        "build_ms": samples.iter().map(|ms| ms.round()).collect::<Vec<_>>(),
+        "bytes_sent": sent, "full_assemblies": full,
+        "layer_counts": layer_counts, "base_layers": base_layers,
+        "layer_changed": checks.equal("builds with reason layer_changed", changed, CHAIN_EDITS),
+        "max_layers": checks.at_most("layers of an image in the chain", max_layers, base_layers + 2 + MAX_DELTAS),
     })
 }
 
@@ -430,8 +843,9 @@ async fn layer_touch(checks: &mut Checks) -> Value {
 /// so neither side always runs on a cache the other warmed.
 const COLD_REPETITIONS: usize = 2;
 
-/// A cold build of 200 MB of never-seen content by the daemon vs `docker build --no-cache` of
-/// the same amount, alternating which goes first.
+/// A cold assembly of 200 MB of never-seen content by the daemon vs `docker build --no-cache`
+/// (classic builder) of the same files, alternating which goes first. The daemon's layer is
+/// the build context's `opt/` directory itself, so both read the very same files.
 async fn cold_vs_docker(checks: &mut Checks) -> Value {
     let daemon = Daemon::start().await;
     let rie = PathBuf::from(std::env::var("LAMBDA_IMAGED_RIE_DIR").unwrap())
@@ -439,28 +853,27 @@ async fn cold_vs_docker(checks: &mut Checks) -> Value {
     let mut runs = Vec::new();
     let mut fresh = 0;
     for repetition in 0..COLD_REPETITIONS {
-        // Same amount of fresh, never-seen content for each, so neither hits the engine's cache.
+        // Fresh, never-seen content for each repetition, so neither hits the engine's cache.
         let base = daemon.dir.path().join(format!("rep{repetition}"));
-        let ours = base.join("ours");
-        make_layer(&ours, 4000, 200 << 20);
-        let theirs = base.join("ctx");
-        make_layer(&theirs.join("opt"), 4000, 200 << 20);
-        std::fs::copy(&rie, theirs.join("aws-lambda-rie")).unwrap();
+        let context = base.join("ctx");
+        let opt = context.join("opt");
+        make_layer(&opt, 4000, 200 << 20);
+        std::fs::copy(&rie, context.join("aws-lambda-rie")).unwrap();
         std::fs::write(
-            theirs.join("Dockerfile"),
-            "FROM public.ecr.aws/lambda/python:3.12-x86_64\nCOPY aws-lambda-rie /var/rapid/aws-lambda-rie\nCOPY opt/ /opt/\nLABEL io.lambda-imaged.bench=1\n",
+            context.join("Dockerfile"),
+            format!(
+                "FROM {BASE_IMAGE}\nCOPY aws-lambda-rie /var/rapid/aws-lambda-rie\nCOPY opt/ /opt/\nLABEL io.lambda-imaged.bench=1\n"
+            ),
         )
         .unwrap();
-        // Both read their files once before, so the page cache favours neither.
-        for dir in [&ours, &theirs] {
-            let _ = Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "find {} -type f -exec cat {{}} + > /dev/null",
-                    dir.display()
-                ))
-                .status();
-        }
+        // Read once before, so the page cache holds the files for whichever goes first.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "find {} -type f -exec cat {{}} + > /dev/null",
+                context.display()
+            ))
+            .status();
         let docker_first = repetition % 2 == 0;
         let (mut docker_ms, mut daemon_ms) = (0.0, 0.0);
         let tag = unique("bench/docker:");
@@ -470,7 +883,7 @@ async fn cold_vs_docker(checks: &mut Checks) -> Value {
                 let started = Instant::now();
                 let out = Command::new("docker")
                     .args(["build", "--no-cache", "-q", "-t", &tag])
-                    .arg(&theirs)
+                    .arg(&context)
                     .env("DOCKER_BUILDKIT", "0")
                     .output()
                     .unwrap();
@@ -482,7 +895,7 @@ async fn cold_vs_docker(checks: &mut Checks) -> Value {
                 docker_ms = started.elapsed().as_secs_f64() * 1000.0;
             } else {
                 let started = Instant::now();
-                done = Some(build(&daemon.socket, request(&unique("cold"), &ours)).await);
+                done = Some(build(&daemon.socket, request(&unique("cold"), &opt)).await);
                 daemon_ms = started.elapsed().as_secs_f64() * 1000.0;
             }
         }
@@ -501,7 +914,7 @@ async fn cold_vs_docker(checks: &mut Checks) -> Value {
     json!({
         "scenario": "cold_vs_docker", "layer_mib": 200, "layer_files": 4000,
         "cold_builds": checks.equal("daemon builds that were cold (not cached, reason missing)", fresh, COLD_REPETITIONS),
-        "runs": runs, "ratio": (mean * 100.0).round() / 100.0, "target": {"ratio": 1.05},
+        "runs": runs, "ratio": (mean * 100.0).round() / 100.0, "target_ratio": 0.8,
     })
 }
 
@@ -521,6 +934,6 @@ async fn rss_1g(checks: &mut Checks) -> Value {
         "built": checks.equal("built (not cached)", !done.cached, true),
         "daemon_peak_rss_mib": (peak as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
         "daemon_rss_before_mib": (baseline as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
-        "target": {"daemon_peak_rss_mib": 64},
+        "target_daemon_peak_rss_mib": 64,
     })
 }
