@@ -278,11 +278,11 @@ impl Built {
         self.layer_lines().iter().any(|l| l.ends_with(&line))
     }
 
-    /// True when the image was a delta over the previous one (a "delta over" layer was sent).
+    /// True when the image was a delta over the previous one (a "delta i/n over" layer was sent).
     fn is_delta(&self) -> bool {
         self.layer_lines()
             .iter()
-            .any(|l| l.contains(" delta over ") && l.ends_with(": sending"))
+            .any(|l| l.contains(" delta ") && l.contains(" over ") && l.ends_with(": sending"))
     }
 
     fn reason(&self) -> &'static str {
