@@ -24,7 +24,8 @@ use sha2::{Digest, Sha256};
 use crate::assemble::{DiffId, Item, chain_ids};
 use crate::layers::{Entry, Kind};
 
-/// Deltas stacked on one full assembly before the next full one.
+/// Deltas stacked on one full assembly before they are squashed into one (over the same full
+/// layers), which keeps the chain far below the engines' layer limits (Docker 125, overlay 128).
 pub const MAX_DELTA_DEPTH: u32 = 8;
 /// Deltas stop once their bytes together exceed this share of the full layers' bytes (1/N)
 /// and [`DELTA_ALLOWANCE`]: past that, a full assembly costs little more than the deltas.
@@ -64,6 +65,14 @@ pub struct Listing {
     pub labels: Vec<String>,
     /// Merged `/opt`, by path relative to it.
     pub entries: BTreeMap<String, Listed>,
+    /// How many of the image's layers above the base are its last full assembly's (RIE + one
+    /// per Lambda layer); deltas sit above them.
+    #[serde(default)]
+    pub root_layers: usize,
+    /// The `/opt` of that full assembly, which squashed deltas are computed against; `None`
+    /// when this image is the full assembly itself.
+    #[serde(default)]
+    pub root_entries: Option<BTreeMap<String, Listed>>,
 }
 
 /// The daemon's memory of assembled images (module doc).

@@ -420,6 +420,8 @@ fn full_assembly(
         rie: parts.rie.clone(),
         ..Listing::default()
     };
+    // A full assembly is its own root: RIE + one layer per Lambda layer.
+    listing.root_layers = 1 + inputs.tree.as_ref().map_or(0, |t| t.layers.len());
     if let Some(tree) = &inputs.tree {
         for ((name, _), (entries, digest)) in parts
             .layers
@@ -469,8 +471,11 @@ fn full_assembly(
 }
 
 /// A delta over the image the tag names now, when it is ours, on the same base and RIE, with
-/// its listing kept, its delta chain short and the engine able to reuse layers: its layers
-/// plus one layer of what changed in `/opt`.
+/// its listing kept and the engine able to reuse layers: its layers plus one layer of what
+/// changed in `/opt`. Once the chain is [`image_store::MAX_DELTA_DEPTH`] deep, the deltas are
+/// squashed: the last full assembly's layers plus one delta of everything changed since it, so
+/// the chain stays short without resending the big layers. `None` (a full assembly) when the
+/// deltas would carry more than max(¼ of the layers' bytes, 4 MiB).
 fn delta_assembly(
     shared: &Shared,
     parts: &Parts,
@@ -484,18 +489,40 @@ fn delta_assembly(
         return None;
     }
     let previous = shared.images.listing(&existing.id)?;
-    if previous.base != parts.base
-        || previous.rie != parts.rie
-        || previous.depth >= image_store::MAX_DELTA_DEPTH
-    {
+    if previous.base != parts.base || previous.rie != parts.rie {
         return None;
     }
-    let (items, bytes) = image_store::delta_items(&previous.entries, &tree.entries);
+    let ours = &existing.diff_ids[base.diff_ids.len()..];
+    // What the new delta goes over: the whole previous image, or (squashing) its full part.
+    let squash = previous.depth >= image_store::MAX_DELTA_DEPTH;
+    let (over, kept_layers, kept_bytes, depth) = if squash {
+        let root = previous.root_entries.as_ref()?;
+        (root, previous.root_layers.min(ours.len()), 0, 1)
+    } else {
+        (
+            &previous.entries,
+            ours.len(),
+            previous.delta_bytes,
+            previous.depth + 1,
+        )
+    };
+    let (items, bytes) = image_store::delta_items(over, &tree.entries);
     let mut listing = Listing {
-        depth: previous.depth + 1,
-        delta_bytes: previous.delta_bytes + bytes,
+        depth: if items.is_empty() && !squash {
+            previous.depth
+        } else {
+            depth
+        },
+        delta_bytes: kept_bytes + bytes,
         base: parts.base.clone(),
         rie: parts.rie.clone(),
+        root_layers: previous.root_layers,
+        root_entries: Some(
+            previous
+                .root_entries
+                .clone()
+                .unwrap_or_else(|| previous.entries.clone()),
+        ),
         ..Listing::default()
     };
     for (path, entry) in &tree.entries {
@@ -516,7 +543,7 @@ fn delta_assembly(
         keys: Vec::new(),
         listing,
     };
-    for (index, diff_id) in existing.diff_ids[base.diff_ids.len()..].iter().enumerate() {
+    for (index, diff_id) in ours[..kept_layers].iter().enumerate() {
         let label = previous
             .labels
             .get(index)
@@ -534,9 +561,14 @@ fn delta_assembly(
         assembly.keys.push(None);
     }
     if !items.is_empty() {
+        let squashed = if squash {
+            ", the earlier deltas squashed"
+        } else {
+            ""
+        };
         assembly.layers.push(assemble::Layer {
             label: format!(
-                "delta {}/{} over {} ({} entries, {})",
+                "delta {}/{} over {} ({} entries, {}{squashed})",
                 assembly.listing.depth,
                 image_store::MAX_DELTA_DEPTH,
                 short_id(&existing.id),

@@ -208,7 +208,7 @@ fn seed_layer(root: &Path) {
 /// rename, empty directory) the rebuilt image's `/opt` equals the source tree and a fresh full
 /// assembly of the same tree (by another daemon, with no memory of earlier images), entry by
 /// entry (path, type, mode, size, sha256, link target, time); `/var/rapid` holds one RIE at
-/// 0755; deltas were used; the layer chain stays bounded.
+/// 0755; deltas were used, squashed at least once at the bound, and the chain stays bounded.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_delta_image_equals_a_full_assembly_and_the_source() {
     let daemon = TestDaemon::start().await;
@@ -225,6 +225,7 @@ async fn every_delta_image_equals_a_full_assembly_and_the_source() {
     let seed = 0x5eed_1234_u64;
     let mut rng = Rng(seed);
     let mut deltas = 0;
+    let mut squashes = 0;
     let mut longest = 0;
     let mut full_tags = Vec::new();
     for step in 0..32 {
@@ -240,6 +241,12 @@ async fn every_delta_image_equals_a_full_assembly_and_the_source() {
             .any(|l| l.contains(" delta ") && l.contains(" over "))
         {
             deltas += 1;
+        }
+        if status_lines(&outcome.events)
+            .iter()
+            .any(|l| l.contains("the earlier deltas squashed"))
+        {
+            squashes += 1;
         }
         let context = format!("seed {seed:#x}, step {step} ({what})");
         let got = image_opt(&tag);
@@ -265,6 +272,10 @@ async fn every_delta_image_equals_a_full_assembly_and_the_source() {
         longest = longest.max(layer_count(&tag));
     }
     assert!(deltas >= 10, "only {deltas} builds were deltas");
+    assert!(
+        squashes >= 1,
+        "the chain never reached its bound ({deltas} deltas)"
+    );
     // Each superseded image went, and its listing with it: only the current one stays.
     let listings = daemon.dir.path().join("cache/images");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
