@@ -48,6 +48,9 @@ pub struct ImageInfo {
     pub config: RunConfig,
     /// The layers' diff IDs ("sha256:<hex>" of each uncompressed layer tar), bottom first.
     pub diff_ids: Vec<String>,
+    /// Registry digests the engine recorded when the image was pulled or pushed
+    /// ("<repository>@sha256:<hex>"); empty for an image that never met a registry.
+    pub repo_digests: Vec<String>,
     /// The image config in Docker's JSON form, as an assembled image derived from this one
     /// needs it: `created`, `os`, `architecture`, `variant` and `config` (only the OCI image-config
     /// keys: User, ExposedPorts, Env, Entrypoint, Cmd, Volumes, WorkingDir, Labels,
@@ -89,6 +92,28 @@ pub struct EngineVersion {
     pub name: String,
     pub version: String,
     pub api_version: String,
+}
+
+/// Why [`Engine::registry_digest`] has no digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    /// The engine has no distribution API (Podman): freshness cannot be checked.
+    Unsupported,
+    /// The engine answered with the registry's failure (unreachable, DNS, 429, 5xx, unknown
+    /// manifest, refused credentials), in the engine's words.
+    Registry(String),
+    /// The engine itself could not be reached.
+    Engine(Error),
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Unsupported => f.write_str("the engine has no distribution API"),
+            RegistryError::Registry(message) => f.write_str(message),
+            RegistryError::Engine(err) => write!(f, "{err}"),
+        }
+    }
 }
 
 /// One shared engine connection plus the image index.
@@ -254,6 +279,7 @@ impl Engine {
         let config = inspected.config.unwrap_or_default();
         let info = ImageInfo {
             diff_ids,
+            repo_digests: inspected.repo_digests.unwrap_or_default(),
             image_config,
             id: inspected.id.unwrap_or_default(),
             labels: config.labels.unwrap_or_default(),
@@ -313,6 +339,29 @@ impl Engine {
             progress(&item);
         }
         Ok(())
+    }
+
+    /// The manifest digest ("sha256:<hex>") the registry serves for `reference`, asked through
+    /// the engine's distribution API (`GET /distribution/{name}/json`), so the engine's own
+    /// registry settings (mirrors, insecure registries, credentials) apply.
+    pub async fn registry_digest(&self, reference: &str) -> Result<String, RegistryError> {
+        let client = self.client().await.map_err(RegistryError::Engine)?;
+        match client.inspect_registry_image(reference, None).await {
+            Ok(inspect) => Ok(inspect.descriptor.digest.unwrap_or_default()),
+            // Podman's service has no /distribution route: its router answers 404 "page not
+            // found" (aws-sam-cli#5019); an engine may also say 501 Not Implemented.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 501, ..
+            }) => Err(RegistryError::Unsupported),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) if message.contains("page not found") => Err(RegistryError::Unsupported),
+            Err(bollard::errors::Error::DockerResponseServerError { message, .. }) => {
+                Err(RegistryError::Registry(message.trim().to_owned()))
+            }
+            Err(err) => Err(RegistryError::Engine(self.map_error(err))),
+        }
     }
 
     /// Loads a `docker save`-style archive (`POST /images/load`), streamed as it is produced.
