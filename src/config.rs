@@ -493,4 +493,33 @@ mod tests {
         let err = bad.into_config().unwrap_err();
         assert!(matches!(err, ConfigError::NoParallelBuilds), "{err:?}");
     }
+
+    /// The freshness TTL and the mirror prefix parse from TOML; a trailing `/` is dropped and a
+    /// prefix that cannot make an image reference is refused naming the setting.
+    #[test]
+    fn base_check_ttl_and_mirror() {
+        let settings: Settings = toml::from_str(
+            "base_check_ttl = \"10m\"\nbase_image_mirror = \"127.0.0.1:5055/lambda/\"\n",
+        )
+        .unwrap();
+        let config = settings.into_config().unwrap();
+        assert_eq!(config.base_check_ttl, Duration::from_secs(600));
+        assert_eq!(
+            config.base_image_mirror.as_deref(),
+            Some("127.0.0.1:5055/lambda")
+        );
+        assert_eq!(
+            Settings::default().into_config().unwrap().base_check_ttl,
+            Duration::from_secs(3600)
+        );
+        let bad = Settings {
+            base_image_mirror: Some("Not A Prefix".into()),
+            ..Settings::default()
+        };
+        let err = bad.into_config().unwrap_err().to_string();
+        assert!(
+            err.starts_with("base_image_mirror = \"Not A Prefix\""),
+            "{err}"
+        );
+    }
 }

@@ -249,6 +249,15 @@ impl Setup {
 #[tokio::test]
 async fn a_pulled_base_is_used_and_not_checked_before_the_ttl() {
     let setup = Setup::start(Duration::from_secs(3600)).await;
+    // Resolve shows the mirrored base; the tag is SAM's.
+    let plan = lambda_imaged::client::Client::connect(&setup.daemon.socket)
+        .await
+        .unwrap()
+        .resolve(RequestBuilder::zip("python3.12").finish().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(plan.base_image, setup.mirrored_base());
+    assert_eq!(plan.tag, "public.ecr.aws/lambda/python:3.12-rapid-x86_64");
     let first = setup.build().await;
     let done = first.completed().clone();
     assert_eq!(done.reason, proto::Reason::Missing as i32);
