@@ -116,6 +116,18 @@ impl std::fmt::Display for RegistryError {
     }
 }
 
+/// Whether an error answer to `GET /distribution/{name}/json` means the engine has no such
+/// route (rather than the registry's failure, which Docker sends as JSON with the registry's
+/// words, e.g. 404 "manifest unknown: manifest unknown"). Podman 4.3's service answers the
+/// route with a bare text 404 "Not Found" (measured; aws-sam-cli#5019); a Go router's default
+/// is "404 page not found"; an engine may also say 501 Not Implemented.
+fn distribution_unsupported(status_code: u16, message: &str) -> bool {
+    let message = message.trim();
+    status_code == 501
+        || (status_code == 404
+            && (message.eq_ignore_ascii_case("not found") || message.contains("page not found")))
+}
+
 /// One shared engine connection plus the image index.
 pub struct Engine {
     host: String,
@@ -348,17 +360,15 @@ impl Engine {
         let client = self.client().await.map_err(RegistryError::Engine)?;
         match client.inspect_registry_image(reference, None).await {
             Ok(inspect) => Ok(inspect.descriptor.digest.unwrap_or_default()),
-            // Podman's service has no /distribution route: its router answers 404 "page not
-            // found" (aws-sam-cli#5019); an engine may also say 501 Not Implemented.
             Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 501, ..
-            }) => Err(RegistryError::Unsupported),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404,
+                status_code,
                 message,
-            }) if message.contains("page not found") => Err(RegistryError::Unsupported),
-            Err(bollard::errors::Error::DockerResponseServerError { message, .. }) => {
-                Err(RegistryError::Registry(message.trim().to_owned()))
+            }) => {
+                if distribution_unsupported(status_code, &message) {
+                    Err(RegistryError::Unsupported)
+                } else {
+                    Err(RegistryError::Registry(message.trim().to_owned()))
+                }
             }
             Err(err) => Err(RegistryError::Engine(self.map_error(err))),
         }
@@ -571,5 +581,26 @@ impl Engine {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Podman's bare 404 and a 501 mean "no distribution API"; Docker's registry errors do not.
+    #[test]
+    fn distribution_api_missing_is_told_from_registry_errors() {
+        assert!(distribution_unsupported(404, "Not Found\n"));
+        assert!(distribution_unsupported(404, "404 page not found"));
+        assert!(distribution_unsupported(501, ""));
+        assert!(!distribution_unsupported(
+            404,
+            "manifest unknown: manifest unknown"
+        ));
+        assert!(!distribution_unsupported(
+            500,
+            "Get \"http://127.0.0.1:1/v2/\": dial tcp 127.0.0.1:1: connect: connection refused"
+        ));
     }
 }

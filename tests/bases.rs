@@ -406,3 +406,48 @@ async fn concurrent_due_requests_share_one_check() {
     assert_eq!(setup.proxy.manifest_requests(&setup.repo) - before, 1);
     setup.finish(&first.tag).await;
 }
+
+/// Podman's service has no distribution API: after its one answer (404), the base counts as
+/// current: no more base_unverified warnings and no rebuild, however many requests come, even
+/// with a TTL of 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_engine_without_the_distribution_api_counts_the_base_as_current() {
+    let podman = support::podman::Podman::start();
+    podman.load_from_docker("public.ecr.aws/lambda/python:3.12-x86_64");
+    let host = format!("unix://{}", podman.socket().display());
+    let daemon = TestDaemon::start_with(|config| {
+        config.engine_host = host;
+        config.base_check_ttl = Duration::ZERO;
+    })
+    .await;
+    let layer = tempfile::tempdir().unwrap();
+    write_file(&layer.path().join("python/m.py"), "x = 1\n", 0o644);
+    let name = unique("podman");
+    let first = build(&daemon.socket, request(&name, layer.path())).await;
+    let first = first.completed().clone();
+    assert_eq!(first.reason, proto::Reason::Missing as i32);
+    // The first request found the check due and started it; poll until it has answered.
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the base stayed unverified on Podman for {DEADLINE:?}"
+        );
+        let outcome = build(&daemon.socket, request(&name, layer.path())).await;
+        assert_eq!(outcome.completed().image_id, first.image_id);
+        if warnings(&outcome, "base_unverified").is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..3 {
+        let outcome = build(&daemon.socket, request(&name, layer.path())).await;
+        let done = outcome.completed();
+        assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
+        assert!(
+            warnings(&outcome, "base_unverified").is_empty(),
+            "{outcome:?}"
+        );
+    }
+    daemon.stop().await;
+}
