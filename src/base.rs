@@ -141,13 +141,38 @@ impl Freshness {
 
 /// The background check of `base`: asks the registry (through the engine) for its digest,
 /// pulls the base when the local copy's repo digests do not include it, and records the
-/// outcome. `local_digests` are the local base's `RepoDigests`.
+/// outcome. `local_digests` are the local base's `RepoDigests`. A check (pull included) that
+/// takes longer than `limit` (`--build-timeout`) counts as failed, so a stalled registry never
+/// leaves the base marked "checking" for good.
 pub async fn check(
     engine: Arc<Engine>,
     freshness: Arc<Freshness>,
     base: ImageRef,
     platform: &'static str,
     local_digests: Vec<String>,
+    limit: Duration,
+) {
+    let name = base.as_str().to_owned();
+    let work = check_now(&engine, &freshness, &base, platform, &local_digests);
+    if tokio::time::timeout(limit, work).await.is_err() {
+        tracing::warn!(base = name, "base image freshness check timed out");
+        freshness.failed(
+            &name,
+            format!(
+                "no answer within --build-timeout ({})",
+                humantime::format_duration(limit)
+            ),
+            Instant::now(),
+        );
+    }
+}
+
+async fn check_now(
+    engine: &Engine,
+    freshness: &Freshness,
+    base: &ImageRef,
+    platform: &'static str,
+    local_digests: &[String],
 ) {
     let name = base.as_str().to_owned();
     let remote = match engine.registry_digest(&name).await {
@@ -172,7 +197,7 @@ pub async fn check(
         return;
     }
     tracing::info!(base = name, digest = remote, "base image outdated; pulling");
-    if let Err(err) = engine.pull(&base, platform, |_| {}).await {
+    if let Err(err) = engine.pull(base, platform, |_| {}).await {
         tracing::warn!(base = name, error = %err, "pulling the updated base image failed");
         freshness.failed(
             &name,

@@ -315,6 +315,7 @@ async fn base_image(shared: &Shared, plan: &Plan, reporter: &Reporter) -> Result
                     plan.base.clone(),
                     plan.arch.platform(),
                     base.repo_digests.clone(),
+                    shared.build_timeout,
                 ));
             }
             if let Some(message) = status.unverified {
