@@ -39,6 +39,10 @@ pub struct Config {
     pub allow_gids: Vec<u32>,
     /// Points where tests hold builds. Never set by flags.
     pub hooks: TestHooks,
+    /// How often each ZIP base is compared with its registry, for all clients together.
+    pub base_check_ttl: Duration,
+    /// ZIP bases come from `<prefix>/<name:tag>` instead of `public.ecr.aws/lambda/...`.
+    pub base_image_mirror: Option<String>,
 }
 
 fn is_root() -> bool {
@@ -84,6 +88,8 @@ impl Config {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             hooks: TestHooks::default(),
+            base_check_ttl: Duration::from_secs(60 * 60),
+            base_image_mirror: None,
         }
     }
 }
@@ -126,6 +132,17 @@ pub enum ConfigError {
         /// What was given.
         value: String,
         /// Why it does not parse (bytesize reports a message, not a type).
+        reason: String,
+    },
+    /// `base_image_mirror` does not make valid image references.
+    #[error(
+        "base_image_mirror = {value:?}: {reason}; expected a registry and path prefix such as \
+         \"127.0.0.1:5055/lambda\" (lower case, no tag)"
+    )]
+    Mirror {
+        /// What was given.
+        value: String,
+        /// Why `<prefix>/python:3.12-x86_64` does not parse.
         reason: String,
     },
     /// `max_parallel_builds = 0`.
@@ -202,6 +219,14 @@ pub struct Settings {
     /// Log format: text or json [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
+    /// How often a ZIP function's base image is compared with its registry (once per base for
+    /// all clients; requests never wait on it) [default: 1h]
+    #[arg(long)]
+    pub base_check_ttl: Option<String>,
+    /// Take ZIP base images from PREFIX/<name:tag> (e.g. 127.0.0.1:5055/lambda) instead of
+    /// public.ecr.aws/lambda; the images keep SAM's tags [default: none]
+    #[arg(long)]
+    pub base_image_mirror: Option<String>,
 }
 
 fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
@@ -249,6 +274,8 @@ impl Settings {
             max_zip_entries: pick(over.max_zip_entries, self.max_zip_entries),
             max_zip_ratio: pick(over.max_zip_ratio, self.max_zip_ratio),
             log_format: pick(over.log_format, self.log_format),
+            base_check_ttl: pick(over.base_check_ttl, self.base_check_ttl),
+            base_image_mirror: pick(over.base_image_mirror, self.base_image_mirror),
         }
     }
 
@@ -301,6 +328,22 @@ impl Settings {
         }
         config.build_timeout =
             duration("build_timeout", &self.build_timeout, config.build_timeout)?;
+        config.base_check_ttl = duration(
+            "base_check_ttl",
+            &self.base_check_ttl,
+            config.base_check_ttl,
+        )?;
+        if let Some(prefix) = &self.base_image_mirror {
+            let prefix = prefix.trim_end_matches('/');
+            let probe = format!("{prefix}/python:3.12-x86_64");
+            if let Err(reason) = crate::reference::ImageRef::parse(&probe) {
+                return Err(ConfigError::Mirror {
+                    value: prefix.to_owned(),
+                    reason: reason.to_string(),
+                });
+            }
+            config.base_image_mirror = Some(prefix.to_owned());
+        }
         config.shutdown_timeout = duration(
             "shutdown_timeout",
             &self.shutdown_timeout,
@@ -383,6 +426,8 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
         max_zip_entries: Some(config.zip_limits.max_entries),
         max_zip_ratio: Some(config.zip_limits.max_ratio),
         log_format: Some(log_format.to_owned()),
+        base_check_ttl: Some(humantime::format_duration(config.base_check_ttl).to_string()),
+        base_image_mirror: config.base_image_mirror.clone(),
     };
     toml::to_string(&settings).unwrap_or_default()
 }
@@ -447,5 +492,34 @@ mod tests {
         };
         let err = bad.into_config().unwrap_err();
         assert!(matches!(err, ConfigError::NoParallelBuilds), "{err:?}");
+    }
+
+    /// The freshness TTL and the mirror prefix parse from TOML; a trailing `/` is dropped and a
+    /// prefix that cannot make an image reference is refused naming the setting.
+    #[test]
+    fn base_check_ttl_and_mirror() {
+        let settings: Settings = toml::from_str(
+            "base_check_ttl = \"10m\"\nbase_image_mirror = \"127.0.0.1:5055/lambda/\"\n",
+        )
+        .unwrap();
+        let config = settings.into_config().unwrap();
+        assert_eq!(config.base_check_ttl, Duration::from_secs(600));
+        assert_eq!(
+            config.base_image_mirror.as_deref(),
+            Some("127.0.0.1:5055/lambda")
+        );
+        assert_eq!(
+            Settings::default().into_config().unwrap().base_check_ttl,
+            Duration::from_secs(3600)
+        );
+        let bad = Settings {
+            base_image_mirror: Some("Not A Prefix".into()),
+            ..Settings::default()
+        };
+        let err = bad.into_config().unwrap_err().to_string();
+        assert!(
+            err.starts_with("base_image_mirror = \"Not A Prefix\""),
+            "{err}"
+        );
     }
 }

@@ -48,6 +48,9 @@ pub struct ImageInfo {
     pub config: RunConfig,
     /// The layers' diff IDs ("sha256:<hex>" of each uncompressed layer tar), bottom first.
     pub diff_ids: Vec<String>,
+    /// Registry digests the engine recorded when the image was pulled or pushed
+    /// ("<repository>@sha256:<hex>"); empty for an image that never met a registry.
+    pub repo_digests: Vec<String>,
     /// The image config in Docker's JSON form, as an assembled image derived from this one
     /// needs it: `created`, `os`, `architecture`, `variant` and `config` (only the OCI image-config
     /// keys: User, ExposedPorts, Env, Entrypoint, Cmd, Volumes, WorkingDir, Labels,
@@ -89,6 +92,40 @@ pub struct EngineVersion {
     pub name: String,
     pub version: String,
     pub api_version: String,
+}
+
+/// Why [`Engine::registry_digest`] has no digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    /// The engine has no distribution API (Podman): freshness cannot be checked.
+    Unsupported,
+    /// The engine answered with the registry's failure (unreachable, DNS, 429, 5xx, unknown
+    /// manifest, refused credentials), in the engine's words.
+    Registry(String),
+    /// The engine itself could not be reached.
+    Engine(Error),
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Unsupported => f.write_str("the engine has no distribution API"),
+            RegistryError::Registry(message) => f.write_str(message),
+            RegistryError::Engine(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+/// Whether an error answer to `GET /distribution/{name}/json` means the engine has no such
+/// route (rather than the registry's failure, which Docker sends as JSON with the registry's
+/// words, e.g. 404 "manifest unknown: manifest unknown"). Podman 4.3's service answers the
+/// route with a bare text 404 "Not Found" (measured; aws-sam-cli#5019); a Go router's default
+/// is "404 page not found"; an engine may also say 501 Not Implemented.
+fn distribution_unsupported(status_code: u16, message: &str) -> bool {
+    let message = message.trim();
+    status_code == 501
+        || (status_code == 404
+            && (message.eq_ignore_ascii_case("not found") || message.contains("page not found")))
 }
 
 /// One shared engine connection plus the image index.
@@ -254,6 +291,7 @@ impl Engine {
         let config = inspected.config.unwrap_or_default();
         let info = ImageInfo {
             diff_ids,
+            repo_digests: inspected.repo_digests.unwrap_or_default(),
             image_config,
             id: inspected.id.unwrap_or_default(),
             labels: config.labels.unwrap_or_default(),
@@ -313,6 +351,27 @@ impl Engine {
             progress(&item);
         }
         Ok(())
+    }
+
+    /// The manifest digest ("sha256:<hex>") the registry serves for `reference`, asked through
+    /// the engine's distribution API (`GET /distribution/{name}/json`), so the engine's own
+    /// registry settings (mirrors, insecure registries, credentials) apply.
+    pub async fn registry_digest(&self, reference: &str) -> Result<String, RegistryError> {
+        let client = self.client().await.map_err(RegistryError::Engine)?;
+        match client.inspect_registry_image(reference, None).await {
+            Ok(inspect) => Ok(inspect.descriptor.digest.unwrap_or_default()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code,
+                message,
+            }) => {
+                if distribution_unsupported(status_code, &message) {
+                    Err(RegistryError::Unsupported)
+                } else {
+                    Err(RegistryError::Registry(message.trim().to_owned()))
+                }
+            }
+            Err(err) => Err(RegistryError::Engine(self.map_error(err))),
+        }
     }
 
     /// Loads a `docker save`-style archive (`POST /images/load`), streamed as it is produced.
@@ -522,5 +581,26 @@ impl Engine {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Podman's bare 404 and a 501 mean "no distribution API"; Docker's registry errors do not.
+    #[test]
+    fn distribution_api_missing_is_told_from_registry_errors() {
+        assert!(distribution_unsupported(404, "Not Found\n"));
+        assert!(distribution_unsupported(404, "404 page not found"));
+        assert!(distribution_unsupported(501, ""));
+        assert!(!distribution_unsupported(
+            404,
+            "manifest unknown: manifest unknown"
+        ));
+        assert!(!distribution_unsupported(
+            500,
+            "Get \"http://127.0.0.1:1/v2/\": dial tcp 127.0.0.1:1: connect: connection refused"
+        ));
     }
 }

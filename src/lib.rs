@@ -15,6 +15,7 @@
 //! - `stat_cache`: file identity (stat key), content hashing, the persisted stat cache.
 //! - `fingerprint`: pure: the digests that determine an image, its labels, rebuild or not.
 //! - `pipeline`: one build from plan to image: walk, base, fingerprint, cache check, engine.
+//! - `base`: base image freshness: one background registry check per base per TTL, shared.
 //! - `image_store`: diff IDs by content, chains the engine holds, image listings for deltas.
 //! - `assemble`: the image as a `docker save` archive (layer tars, config, manifest) produced
 //!   while the engine loads it; layers the engine has are sent as zero-size entries.
@@ -32,6 +33,7 @@
 pub(crate) mod access;
 pub(crate) mod archive;
 pub(crate) mod assemble;
+pub(crate) mod base;
 pub(crate) mod builds;
 pub mod client;
 pub mod config;

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use crate::access::{self, Peer};
 use crate::archive::ZipStore;
 use crate::assemble;
+use crate::base::{self, Freshness};
 use crate::builds::{Completed, Event, LogKind, Reason, Reporter};
 use crate::engine::{Engine, ImageInfo};
 use crate::error::{Error, Result};
@@ -52,6 +53,10 @@ pub struct Shared {
     pub images: ImageStore,
     /// Whether the engine's loader needs every layer (containerd image store); asked once.
     pub every_layer: tokio::sync::OnceCell<bool>,
+    /// Base image freshness checks, shared by every request (`--base-check-ttl`).
+    pub freshness: Arc<Freshness>,
+    /// `--base-image-mirror`: ZIP bases come from `<prefix>/<name:tag>` (see `resolve`).
+    pub base_mirror: Option<String>,
 }
 
 /// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
@@ -279,8 +284,14 @@ async fn walk_inputs(
 /// Step 2: the base image, pulled when missing and allowed, within `--build-timeout` (a
 /// registry that stalls mid-pull must not hang this tag forever); warns when its
 /// architecture is not the requested one.
+///
+/// A ZIP function's base, unless `skip_pull_image`, is also kept fresh (see `base.rs`): a
+/// local base is used at once, and when its check is due one check starts in the background
+/// (the next request after an update rebuilds with `base_changed`); a base served while its
+/// check is overdue or failed gets a `base_unverified` warning.
 async fn base_image(shared: &Shared, plan: &Plan, reporter: &Reporter) -> Result<ImageInfo> {
-    let base = tokio::time::timeout(
+    let checked = plan.package_type == crate::resolve::PackageType::Zip && !plan.skip_pull_image;
+    let (base, existed) = tokio::time::timeout(
         shared.build_timeout,
         ensure_base(&shared.engine, plan, reporter),
     )
@@ -293,6 +304,31 @@ async fn base_image(shared: &Shared, plan: &Plan, reporter: &Reporter) -> Result
             shared.build_timeout.as_secs()
         ))
     })??;
+    if checked {
+        let name = plan.base.as_str();
+        if existed {
+            let status = shared.freshness.status(name, Instant::now());
+            if status.start_check {
+                tokio::spawn(base::check(
+                    shared.engine.clone(),
+                    shared.freshness.clone(),
+                    plan.base.clone(),
+                    plan.arch.platform(),
+                    base.repo_digests.clone(),
+                    shared.build_timeout,
+                ));
+            }
+            if let Some(message) = status.unverified {
+                reporter.emit(Event::Warning {
+                    code: "base_unverified".into(),
+                    message,
+                });
+            }
+        } else {
+            // Just pulled: as fresh as the registry's.
+            shared.freshness.verified(name, Instant::now());
+        }
+    }
     if let Some(mismatch) = arch_mismatch(&base, plan.arch) {
         reporter.emit(Event::Warning {
             code: "arch_mismatch".into(),
@@ -788,10 +824,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 /// Inspects the base; pulls it when missing and allowed. Never lets the build call pull.
-async fn ensure_base(engine: &Engine, plan: &Plan, reporter: &Reporter) -> Result<ImageInfo> {
+/// The flag is true when the base was present, false when it was just pulled.
+async fn ensure_base(
+    engine: &Engine,
+    plan: &Plan,
+    reporter: &Reporter,
+) -> Result<(ImageInfo, bool)> {
     let name = plan.base.as_str();
     if let Some(info) = engine.inspect(name).await? {
-        return Ok(info);
+        return Ok((info, true));
     }
     if plan.skip_pull_image {
         return Err(Error::NotFound(format!(
@@ -835,9 +876,10 @@ async fn ensure_base(engine: &Engine, plan: &Plan, reporter: &Reporter) -> Resul
             )));
         }
     }
-    engine.inspect(name).await?.ok_or_else(|| {
+    let info = engine.inspect(name).await?.ok_or_else(|| {
         Error::NotFound(format!("base image {name} is still missing after the pull"))
-    })
+    })?;
+    Ok((info, false))
 }
 
 fn arch_mismatch(base: &ImageInfo, arch: Arch) -> Option<String> {

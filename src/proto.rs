@@ -30,7 +30,7 @@ use crate::builds;
 use crate::error::{Error, Result};
 use crate::resolve;
 
-/// Parses the enums of a wire request; strings are validated by `resolve::resolve`.
+/// Parses the enums of a wire request; strings are validated by `resolve::resolve_with`.
 pub fn request_from_wire(request: BuildRequest) -> Result<resolve::Request> {
     let package_type = match PackageType::try_from(request.package_type) {
         Ok(PackageType::Unspecified | PackageType::Zip) => resolve::PackageType::Zip,

@@ -258,8 +258,11 @@ fn check_layer_path_exists(index: usize, path: &Path) -> Result<()> {
     }
 }
 
-/// Resolves a request the way SAM does; see the module doc.
-pub fn resolve(request: &Request) -> Result<Plan> {
+/// Resolves a request the way SAM does (see the module doc), with ZIP bases taken from `mirror` (`--base-image-mirror`, a validated prefix
+/// without a trailing `/`): `<mirror>/<name:tag>` instead of `public.ecr.aws/lambda/<name:tag>`.
+/// The tag stays SAM's (`public.ecr.aws/lambda/...`), so emulators still find the image; an
+/// invoke image is used as given.
+pub fn resolve_with(request: &Request, mirror: Option<&str>) -> Result<Plan> {
     let arch = request.arch;
     let mut invoke_images = Vec::with_capacity(request.invoke_images.len());
     for (index, entry) in request.invoke_images.iter().enumerate() {
@@ -306,18 +309,28 @@ pub fn resolve(request: &Request) -> Result<Plan> {
             }
             check_layers(&request.layers)?;
             let name_tag = runtime_image_name_tag(runtime, arch);
-            let (base, prefix, invoke_image_used) = match invoke_image {
-                Some(image) => (image, String::new(), true),
+            let (base, tag_repo, prefix, invoke_image_used) = match invoke_image {
+                Some(image) => {
+                    let repo = image.repository().to_owned();
+                    (image, repo, String::new(), true)
+                }
                 None => {
-                    let base =
+                    let sam_base =
                         parse_reference("runtime", &format!("{LAMBDA_REPO_PREFIX}/{name_tag}"))?;
+                    let base = match mirror {
+                        Some(mirror) => {
+                            parse_reference("base_image_mirror", &format!("{mirror}/{name_tag}"))?
+                        }
+                        None => sam_base.clone(),
+                    };
                     // SAM: the second field of `name:tag` split on ':' or '-'.
                     let version = name_tag.split([':', '-']).nth(1).unwrap_or_default();
-                    (base, format!("{version}-"), false)
+                    let repo = sam_base.repository().to_owned();
+                    (base, repo, format!("{version}-"), false)
                 }
             };
             let tag = if request.layers.is_empty() {
-                format!("{}:{prefix}rapid-{}", base.repository(), arch.as_str())
+                format!("{tag_repo}:{prefix}rapid-{}", arch.as_str())
             } else {
                 layered_tag(&name_tag, &request.layers)
             };
@@ -370,6 +383,10 @@ pub fn resolve(request: &Request) -> Result<Plan> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resolve(request: &Request) -> Result<Plan> {
+        resolve_with(request, None)
+    }
 
     /// A request with every optional part empty.
     fn zip(runtime: &str, arch: Arch) -> Request {
@@ -470,6 +487,16 @@ mod tests {
     fn design_examples() {
         let plan = resolve(&zip("python3.12", Arch::X86_64)).unwrap();
         assert_eq!(plan.tag, "public.ecr.aws/lambda/python:3.12-rapid-x86_64");
+        let mirrored = resolve_with(
+            &zip("python3.12", Arch::X86_64),
+            Some("127.0.0.1:5055/lambda"),
+        )
+        .unwrap();
+        assert_eq!(mirrored.tag, plan.tag, "a mirror keeps SAM's tag");
+        assert_eq!(
+            mirrored.base.as_str(),
+            "127.0.0.1:5055/lambda/python:3.12-x86_64"
+        );
         assert_eq!(
             plan.base.as_str(),
             "public.ecr.aws/lambda/python:3.12-x86_64"

@@ -78,6 +78,8 @@ impl Daemon {
             walk_sizes: TagHints::new(MAX_TAG_HINTS),
             images: crate::image_store::ImageStore::open(&config.cache_dir),
             every_layer: tokio::sync::OnceCell::new(),
+            freshness: Arc::new(crate::base::Freshness::new(config.base_check_ttl)),
+            base_mirror: config.base_image_mirror.clone(),
         });
         Daemon {
             config,

@@ -94,7 +94,7 @@ impl Service {
     }
 }
 
-fn plan_of(request: proto::BuildRequest) -> Result<Plan, Error> {
+fn plan_of(request: proto::BuildRequest, mirror: Option<&str>) -> Result<Plan, Error> {
     let size = prost::Message::encoded_len(&request);
     if size > MAX_REQUEST_BYTES {
         return Err(Error::ResourceExhausted(format!(
@@ -102,21 +102,25 @@ fn plan_of(request: proto::BuildRequest) -> Result<Plan, Error> {
              send fewer or shorter layers and invoke images"
         )));
     }
-    resolve::resolve(&proto::request_from_wire(request)?)
+    resolve::resolve_with(&proto::request_from_wire(request)?, mirror)
 }
 
 /// Resolves with the peer's rights: the layer paths are stat'ed as the peer, so a peer learns
 /// nothing about paths it could not see itself. The daemon's own user (the common case, and
 /// every warm hit from it) resolves inline.
-async fn plan_as(peer: Option<Peer>, request: proto::BuildRequest) -> Result<Plan, Error> {
+async fn plan_as(
+    peer: Option<Peer>,
+    request: proto::BuildRequest,
+    mirror: Option<String>,
+) -> Result<Plan, Error> {
     match peer {
         Some(peer) if peer.uid != access::own_uid() => tokio::task::spawn_blocking(move || {
-            access::as_peer(Some(&peer), || plan_of(request))
+            access::as_peer(Some(&peer), || plan_of(request, mirror.as_deref()))
                 .map_err(|err| access::denied_for(Some(&peer), err))
         })
         .await
         .map_err(|err| Error::Internal(format!("worker thread failed: {err}")))?,
-        _ => plan_of(request),
+        _ => plan_of(request, mirror.as_deref()),
     }
 }
 
@@ -167,11 +171,15 @@ impl ImageBuilder for Service {
             peer.as_ref().map(|p| p.uid),
             peer.as_ref().and_then(|p| p.pid),
         );
-        let plan = plan_as(peer.clone(), request.into_inner())
-            .await
-            .inspect_err(|err| {
-                tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
-            })?;
+        let plan = plan_as(
+            peer.clone(),
+            request.into_inner(),
+            self.shared.base_mirror.clone(),
+        )
+        .await
+        .inspect_err(|err| {
+            tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
+        })?;
         let key = Key {
             tag: plan.tag.clone(),
             definition: definition_key(&plan, peer.as_ref()),
@@ -258,7 +266,12 @@ impl ImageBuilder for Service {
         request: Request<proto::BuildRequest>,
     ) -> Result<Response<proto::BuildPlan>, Status> {
         let peer = self.authorize(&request, "Resolve")?;
-        let plan = plan_as(peer.clone(), request.into_inner()).await;
+        let plan = plan_as(
+            peer.clone(),
+            request.into_inner(),
+            self.shared.base_mirror.clone(),
+        )
+        .await;
         tracing::info!(uid = ?peer.map(|p| p.uid), tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""), ok = plan.is_ok(), "resolve request");
         Ok(Response::new(proto::BuildPlan::from(&plan?)))
     }

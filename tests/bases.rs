@@ -1,0 +1,453 @@
+//! Base image freshness against the real engine and the real `docker-registry` that
+//! `scripts/test-env.sh` runs on loopback: a base pushed there is pulled through the mirror
+//! prefix and used; a new base under the same tag is picked up after the TTL (reason
+//! base_changed, its files in the image) and not before; an unreachable registry leaves
+//! requests working from the local base with a `base_unverified` warning; concurrent requests
+//! due for a check share one.
+//!
+//! The daemon reaches the registry through a small TCP proxy written here, which counts the
+//! manifest requests that pass, and can hold them (to keep a check in flight while requests
+//! arrive) or refuse connections (a registry that stopped answering).
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lambda_imaged::client::{LayerArg, RequestBuilder, proto};
+use proto::build_event::Event;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// The generous bound of every poll below (a busy 2-core machine is slow, never stuck).
+const DEADLINE: Duration = Duration::from_secs(45);
+
+fn registry() -> String {
+    std::env::var("LAMBDA_IMAGED_TEST_REGISTRY").unwrap_or_else(|_| {
+        panic!(
+            "LAMBDA_IMAGED_TEST_REGISTRY is not set: run `eval \"$(scripts/test-env.sh)\"` first"
+        )
+    })
+}
+
+/// The bytes a client sent on one connection.
+type Recorded = Arc<Mutex<Vec<u8>>>;
+
+/// A TCP proxy on 127.0.0.1 in front of the registry that records every request line sent
+/// through it.
+struct Proxy {
+    addr: String,
+    /// What clients sent, per connection (requests only: the registry's answers are not kept).
+    sent: Arc<Mutex<Vec<Recorded>>>,
+    /// Connections accepted while held.
+    held: Arc<AtomicUsize>,
+    open: watch::Sender<bool>,
+    refuse: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let sent: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let held = Arc::new(AtomicUsize::new(0));
+        let refuse = Arc::new(AtomicBool::new(false));
+        let (open, open_rx) = watch::channel(true);
+        let (sent2, held2, refuse2) = (sent.clone(), held.clone(), refuse.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if refuse2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let mut open_rx = open_rx.clone();
+                if !*open_rx.borrow() {
+                    held2.fetch_add(1, Ordering::SeqCst);
+                }
+                let record = Arc::new(Mutex::new(Vec::new()));
+                sent2.lock().unwrap().push(record.clone());
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if open_rx.wait_for(|open| *open).await.is_err() {
+                        return;
+                    }
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match client_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            record.lock().unwrap().extend_from_slice(&buf[..n]);
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Proxy {
+            addr,
+            sent,
+            held,
+            open,
+            refuse,
+        }
+    }
+
+    /// Manifest requests by tag (`GET`/`HEAD /v2/<prefix>/python/manifests/3.12-x86_64`) that
+    /// passed so far: one per pull or freshness check (each then asks for the manifest by
+    /// digest as well, which is not counted).
+    fn manifest_requests(&self, prefix: &str) -> usize {
+        let needle = format!(" /v2/{prefix}/python/manifests/3.12-x86_64 ");
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|conn| {
+                let bytes = conn.lock().unwrap().clone();
+                String::from_utf8_lossy(&bytes)
+                    .split("\r\n")
+                    .filter(|line| {
+                        (line.starts_with("GET ") || line.starts_with("HEAD "))
+                            && line.contains(&needle)
+                    })
+                    .count()
+            })
+            .sum()
+    }
+}
+
+/// A base `<registry>/<repo>/python:3.12-x86_64` pushed to the real registry: the busybox
+/// stand-in, plus `/marker` holding `marker` when given (a new base under the same tag).
+fn push_base(repo: &str, marker: Option<&str>) {
+    let name = format!("{}/{repo}/python:3.12-x86_64", registry());
+    match marker {
+        None => {
+            docker_ok(&["tag", "public.ecr.aws/lambda/python:3.12-x86_64", &name]);
+        }
+        Some(marker) => {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("marker"), marker).unwrap();
+            std::fs::write(
+                dir.path().join("Dockerfile"),
+                "FROM public.ecr.aws/lambda/python:3.12-x86_64\nCOPY marker /marker\n",
+            )
+            .unwrap();
+            let output = Command::new("docker")
+                .args(["build", "-q", "-t", &name])
+                .arg(dir.path())
+                .env("DOCKER_HOST", engine_host())
+                .env("DOCKER_BUILDKIT", "0")
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "docker build: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    docker_ok(&["push", &name]);
+    // Only the daemon's pull (through the proxy) puts the base under the mirrored name.
+    docker_ok(&["rmi", &name]);
+}
+
+/// A python3.12 request with one uniquely named layer (a tag of its own), pulling allowed.
+fn request(layer_name: &str, layer: &Path) -> proto::BuildRequest {
+    RequestBuilder::zip("python3.12")
+        .layer(LayerArg::new(layer_name, layer))
+        .finish()
+        .unwrap()
+}
+
+fn warnings(outcome: &Outcome, code: &str) -> Vec<String> {
+    outcome
+        .events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Warning(w)) if w.code == code => Some(w.message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What every test starts from: a proxy, a unique repository pushed with the stand-in base,
+/// a daemon taking bases from the proxy with `ttl`, and a layer.
+struct Setup {
+    proxy: Proxy,
+    repo: String,
+    daemon: TestDaemon,
+    layer_name: String,
+    layer: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(ttl: Duration) -> Setup {
+        let proxy = Proxy::start(registry()).await;
+        let repo = unique("bases");
+        push_base(&repo, None);
+        let mirror = format!("{}/{repo}", proxy.addr);
+        let daemon = TestDaemon::start_with(|config| {
+            config.base_check_ttl = ttl;
+            config.base_image_mirror = Some(mirror);
+        })
+        .await;
+        let layer = tempfile::tempdir().unwrap();
+        write_file(&layer.path().join("python/m.py"), "x = 1\n", 0o644);
+        Setup {
+            proxy,
+            repo,
+            daemon,
+            layer_name: unique("layer"),
+            layer,
+        }
+    }
+
+    async fn build(&self) -> Outcome {
+        build(
+            &self.daemon.socket,
+            request(&self.layer_name, self.layer.path()),
+        )
+        .await
+    }
+
+    fn mirrored_base(&self) -> String {
+        format!("{}/{}/python:3.12-x86_64", self.proxy.addr, self.repo)
+    }
+
+    async fn finish(self, tag: &str) {
+        let base = self.mirrored_base();
+        self.daemon.stop().await;
+        let _ = docker(&["rmi", tag]);
+        let _ = docker(&["rmi", &base]);
+    }
+}
+
+/// The first request pulls the base through the mirror; a new base pushed under the same tag
+/// is not looked at before the TTL (1 h here): no registry request, no rebuild, no warning.
+#[tokio::test]
+async fn a_pulled_base_is_used_and_not_checked_before_the_ttl() {
+    let setup = Setup::start(Duration::from_secs(3600)).await;
+    // Resolve shows the mirrored base; the tag is SAM's.
+    let plan = lambda_imaged::client::Client::connect(&setup.daemon.socket)
+        .await
+        .unwrap()
+        .resolve(RequestBuilder::zip("python3.12").finish().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(plan.base_image, setup.mirrored_base());
+    assert_eq!(plan.tag, "public.ecr.aws/lambda/python:3.12-rapid-x86_64");
+    let first = setup.build().await;
+    let done = first.completed().clone();
+    assert_eq!(done.reason, proto::Reason::Missing as i32);
+    let pulled = setup.proxy.manifest_requests(&setup.repo);
+    assert!(pulled >= 1, "the base was pulled through the mirror");
+    let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &setup.mirrored_base()]);
+    assert!(!base_id.trim().is_empty());
+    let pulling = format!("pulling {}", setup.mirrored_base());
+    assert!(
+        first
+            .events
+            .iter()
+            .any(|e| matches!(&e.event, Some(Event::Log(log)) if log.text == pulling)),
+        "the pull is reported: {first:?}"
+    );
+
+    push_base(&setup.repo, Some("new"));
+    for _ in 0..3 {
+        let again = setup.build().await;
+        assert_eq!(again.completed().reason, proto::Reason::UpToDate as i32);
+        assert!(warnings(&again, "base_unverified").is_empty(), "{again:?}");
+    }
+    assert_eq!(
+        setup.proxy.manifest_requests(&setup.repo),
+        pulled,
+        "no registry request before the TTL"
+    );
+    setup.finish(&done.tag).await;
+}
+
+/// After the TTL (1 s), requests are answered at once from the local base (with a
+/// base_unverified warning while the check is due) and the base is checked in the background;
+/// once the new base is pulled, the next request rebuilds with base_changed and the new base's
+/// file is in the image.
+#[tokio::test]
+async fn a_new_base_is_picked_up_after_the_ttl() {
+    let setup = Setup::start(Duration::from_secs(1)).await;
+    let first = setup.build().await.completed().clone();
+    push_base(&setup.repo, Some("second base"));
+    let started = Instant::now();
+    let mut saw_unverified = false;
+    let changed = loop {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no base_changed rebuild within {DEADLINE:?}"
+        );
+        let outcome = setup.build().await;
+        saw_unverified |= !warnings(&outcome, "base_unverified").is_empty();
+        let done = outcome.completed().clone();
+        if done.reason == proto::Reason::BaseChanged as i32 {
+            break done;
+        }
+        assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
+        tokio::task::yield_now().await;
+    };
+    assert!(
+        saw_unverified,
+        "a request served while the check was due says so"
+    );
+    assert_eq!(changed.tag, first.tag);
+    assert_ne!(changed.image_id, first.image_id);
+    assert_eq!(run_in_image(&changed.tag, "cat /marker"), "second base");
+    setup.finish(&changed.tag).await;
+}
+
+/// A registry that stopped answering: every request still succeeds from the local base, and
+/// once the failed check is in, the warning names the registry's error.
+#[tokio::test]
+async fn an_unreachable_registry_leaves_the_local_base_in_use() {
+    let setup = Setup::start(Duration::from_secs(1)).await;
+    let first = setup.build().await.completed().clone();
+    setup.proxy.refuse.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let message = loop {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no warning naming the failed check within {DEADLINE:?}"
+        );
+        let outcome = setup.build().await;
+        let done = outcome.completed();
+        assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
+        assert_eq!(done.image_id, first.image_id);
+        let unverified = warnings(&outcome, "base_unverified");
+        assert!(
+            unverified.len() <= 1,
+            "one warning per request: {unverified:?}"
+        );
+        if let Some(message) = unverified
+            .into_iter()
+            .find(|m| m.contains("could not be checked"))
+        {
+            break message;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(message.contains(&setup.mirrored_base()), "{message}");
+    setup.finish(&first.tag).await;
+}
+
+/// 20 concurrent requests, all due for a check (TTL 0) while the registry holds the first
+/// check: all are answered from the local base without waiting, and the registry sees the
+/// manifest requests of exactly one check.
+#[tokio::test]
+async fn concurrent_due_requests_share_one_check() {
+    let setup = Setup::start(Duration::ZERO).await;
+    let first = setup.build().await.completed().clone();
+    let before = setup.proxy.manifest_requests(&setup.repo);
+    setup.proxy.open.send_replace(false);
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            spawn_build(
+                &setup.daemon.socket,
+                request(&setup.layer_name, setup.layer.path()),
+            )
+        })
+        .collect();
+    for handle in handles {
+        let outcome = handle.await.unwrap();
+        let done = outcome.completed();
+        assert_eq!(done.image_id, first.image_id);
+        assert_eq!(
+            warnings(&outcome, "base_unverified").len(),
+            1,
+            "{outcome:?}"
+        );
+    }
+    // Every request has its answer while the check is still held at the proxy.
+    let started = Instant::now();
+    while setup.proxy.held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the check never reached the registry"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    setup.proxy.open.send_replace(true);
+    while setup.proxy.manifest_requests(&setup.repo) == before {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the held check never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The 20 requests above started exactly one check. (A request after it completes would
+    // start the next one: the TTL is 0.)
+    assert_eq!(setup.proxy.manifest_requests(&setup.repo) - before, 1);
+    setup.finish(&first.tag).await;
+}
+
+/// Podman's service has no distribution API: after its one answer (404), the base counts as
+/// current: no more base_unverified warnings and no rebuild, however many requests come, even
+/// with a TTL of 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_engine_without_the_distribution_api_counts_the_base_as_current() {
+    let podman = support::podman::Podman::start();
+    podman.load_from_docker("public.ecr.aws/lambda/python:3.12-x86_64");
+    let host = format!("unix://{}", podman.socket().display());
+    let daemon = TestDaemon::start_with(|config| {
+        config.engine_host = host;
+        config.base_check_ttl = Duration::ZERO;
+    })
+    .await;
+    let layer = tempfile::tempdir().unwrap();
+    write_file(&layer.path().join("python/m.py"), "x = 1\n", 0o644);
+    let name = unique("podman");
+    let first = build(&daemon.socket, request(&name, layer.path())).await;
+    let first = first.completed().clone();
+    assert_eq!(first.reason, proto::Reason::Missing as i32);
+    // The first request found the check due and started it; poll until it has answered.
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the base stayed unverified on Podman for {DEADLINE:?}"
+        );
+        let outcome = build(&daemon.socket, request(&name, layer.path())).await;
+        assert_eq!(outcome.completed().image_id, first.image_id);
+        if warnings(&outcome, "base_unverified").is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..3 {
+        let outcome = build(&daemon.socket, request(&name, layer.path())).await;
+        let done = outcome.completed();
+        assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
+        assert!(
+            warnings(&outcome, "base_unverified").is_empty(),
+            "{outcome:?}"
+        );
+    }
+    daemon.stop().await;
+}
