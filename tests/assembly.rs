@@ -13,7 +13,9 @@ use std::path::Path;
 use lambda_imaged::client::proto;
 use proto::build_event::Event;
 use support::tree::{Node, assert_same, expected_opt, image_opt, image_tree, set_time};
-use support::{OutcomeExt, TestDaemon, build, docker, docker_ok, unique, write_file, zip_request};
+use support::{
+    OutcomeExt, TestDaemon, build, bytes_sent, docker, docker_ok, unique, write_file, zip_request,
+};
 
 /// Layers of an image, from the engine.
 fn layer_count(image: &str) -> usize {
@@ -21,18 +23,6 @@ fn layer_count(image: &str) -> usize {
         .trim()
         .parse()
         .unwrap()
-}
-
-/// The last ContextProgress of a stream: the bytes sent to the engine.
-fn bytes_sent(events: &[proto::BuildEvent]) -> u64 {
-    events
-        .iter()
-        .filter_map(|e| match &e.event {
-            Some(Event::ContextProgress(p)) => Some(p.bytes_sent),
-            _ => None,
-        })
-        .next_back()
-        .unwrap_or(0)
 }
 
 /// The status lines of a stream.

@@ -397,3 +397,15 @@ pub async fn invoke_through_rie(tag: &str) -> String {
     );
     response
 }
+
+/// The last ContextProgress of a stream: the bytes sent to the engine.
+pub fn bytes_sent(events: &[proto::BuildEvent]) -> u64 {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(proto::build_event::Event::ContextProgress(p)) => Some(p.bytes_sent),
+            _ => None,
+        })
+        .next_back()
+        .unwrap_or(0)
+}

@@ -110,6 +110,19 @@ impl Podman {
         load.stdin.take().unwrap().write_all(&save.stdout).unwrap();
         assert!(load.wait().unwrap().success(), "podman load {image}");
     }
+
+    /// Reads `path` inside `image` through `podman image mount`; `None` when absent.
+    pub fn read_in_image(&self, image: &str, path: &str) -> Option<(String, u32, i64)> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let root = PathBuf::from(self.run(&["image", "mount", image]).trim());
+        let file = root.join(path.trim_start_matches('/'));
+        let found = std::fs::symlink_metadata(&file).ok().map(|meta| {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            (text, meta.permissions().mode() & 0o7777, meta.mtime())
+        });
+        self.run(&["image", "unmount", image]);
+        found
+    }
 }
 
 impl Drop for Podman {
