@@ -75,6 +75,20 @@ pub struct Listing {
     pub root_entries: Option<BTreeMap<String, Listed>>,
 }
 
+impl Listing {
+    /// Sets the merged `/opt` this listing describes, and its bytes of file content.
+    pub fn set_tree(&mut self, tree: &BTreeMap<String, Entry>) {
+        self.entries = tree.iter().map(|(p, e)| (p.clone(), listed(e))).collect();
+        self.full_bytes = tree
+            .values()
+            .map(|e| match &e.kind {
+                Kind::File { size, .. } => *size,
+                _ => 0,
+            })
+            .sum();
+    }
+}
+
 /// The daemon's memory of assembled images (module doc).
 #[derive(Debug)]
 pub struct ImageStore {

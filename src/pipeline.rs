@@ -470,14 +470,7 @@ fn full_assembly(
                 image_store::layer_key(digest),
             ));
         }
-        for (path, entry) in &tree.entries {
-            if let layers::Kind::File { size, .. } = &entry.kind {
-                listing.full_bytes += size;
-            }
-            listing
-                .entries
-                .insert(path.clone(), image_store::listed(entry));
-        }
+        listing.set_tree(&tree.entries);
     }
     let mut diff_ids = base.diff_ids.clone();
     let mut all_held = !every;
@@ -561,14 +554,7 @@ fn delta_assembly(
         ),
         ..Listing::default()
     };
-    for (path, entry) in &tree.entries {
-        if let layers::Kind::File { size, .. } = &entry.kind {
-            listing.full_bytes += size;
-        }
-        listing
-            .entries
-            .insert(path.clone(), image_store::listed(entry));
-    }
+    listing.set_tree(&tree.entries);
     let allowed =
         (listing.full_bytes / image_store::MAX_DELTA_SHARE).max(image_store::DELTA_ALLOWANCE);
     if listing.delta_bytes > allowed {
