@@ -162,16 +162,21 @@ pub fn produce(spec: Spec, sent: Arc<AtomicU64>) -> Producer {
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut chains: Vec<String> = Vec::with_capacity(diff_ids.len());
     for diff_id in diff_ids {
-        let chain = match chains.last() {
-            None => diff_id.clone(),
-            Some(below) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{below} {diff_id}").as_bytes()))
-            ),
-        };
+        let chain = chain_id(chains.last().map(String::as_str), diff_id);
         chains.push(chain);
     }
     chains
+}
+
+/// The chain ID of the layer `diff_id` over the chain `below` (none: the bottom layer).
+pub fn chain_id(below: Option<&str>, diff_id: &str) -> String {
+    match below {
+        None => diff_id.to_owned(),
+        Some(below) => format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(format!("{below} {diff_id}").as_bytes()))
+        ),
+    }
 }
 
 fn write_archive(spec: &Spec, out: &mut ChanWriter) -> Result<Assembled> {

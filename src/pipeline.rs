@@ -1,5 +1,5 @@
 //! One build, from plan to image: RIE, base image (pull if missing and allowed), layer walk,
-//! fingerprint, cache check, streamed context, engine messages, outcome.
+//! fingerprint, cache check, image assembled and streamed into the engine's loader, outcome.
 //!
 //! Runs on its own task (see `builds.rs`); reports through a [`Reporter`].
 
@@ -472,7 +472,9 @@ fn full_assembly(
         }
         listing.set_tree(&tree.entries);
     }
-    let mut diff_ids = base.diff_ids.clone();
+    // The chain under the next layer; extended one layer at a time while every layer so far is
+    // known (a layer after an unknown one is never skipped).
+    let mut chain = assemble::chain_ids(&base.diff_ids).pop();
     let mut all_held = !every;
     let mut assembly = Assembly {
         layers: Vec::new(),
@@ -482,9 +484,9 @@ fn full_assembly(
     for (label, items, key) in planned {
         let known = shared.images.diff_id(&key);
         if let Some(known) = &known {
-            diff_ids.push(known.digest.clone());
-            let chain = assemble::chain_ids(&diff_ids).pop().unwrap_or_default();
-            all_held &= shared.images.has_chain(&chain);
+            let next = assemble::chain_id(chain.as_deref(), &known.digest);
+            all_held &= shared.images.has_chain(&next);
+            chain = Some(next);
         } else {
             all_held = false;
         }
