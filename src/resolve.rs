@@ -198,7 +198,8 @@ fn layered_tag(runtime_name_tag: &str, layers: &[LayerSpec]) -> String {
     format!("{SAM_LAYERED_REPO}-{runtime_name_tag}-{}", &digest[..25])
 }
 
-/// The Dockerfile of the build context: no RUN, so the base needs no shell.
+/// The Dockerfile the assembled image is equivalent to (shown by Resolve, part of the
+/// fingerprint as the image's definition): no RUN, so the base needs no shell.
 pub fn dockerfile(base: &ImageRef, with_layers: bool) -> String {
     let mut text = format!("FROM {base}\nCOPY aws-lambda-rie {RIE_IMAGE_PATH}\n");
     if with_layers {

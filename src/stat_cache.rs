@@ -3,8 +3,8 @@
 //! A file's identity is its [`StatKey`]: (device, inode, size, mtime, ctime), as in git's
 //! index. [`StatCache`] remembers each file's sha256 under that key, so an unchanged file costs
 //! one `fstat` and no reads; it is persisted across restarts. Both the layer walk
-//! (`layers.rs`) and zip extraction (`archive.rs`) hash through it, and the context stream
-//! (`context.rs`) uses [`StatKey`] to check it sends the very file that was hashed.
+//! (`layers.rs`) and zip extraction (`archive.rs`) hash through it, and the image archive
+//! (`assemble.rs`) uses [`StatKey`] to check it sends the very file that was hashed.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
