@@ -236,10 +236,9 @@ fn bad(name: &str, entry: &str, why: &str) -> Error {
 /// system cannot hold (a name too long, a link over a directory, ...) is the archive's fault.
 fn write_failed(name: &str, entry: &str, err: &io::Error) -> Error {
     match err.raw_os_error() {
-        Some(libc::ENOSPC | libc::EDQUOT) => Error::ResourceExhausted(format!(
-            "layer {name:?}: no space left in the daemon's cache while extracting zip entry \
-             {entry:?}; free space or run `lambda-imagectl prune`"
-        )),
+        Some(libc::ENOSPC | libc::EDQUOT) => {
+            Error::cache_full(&format!("layer {name:?}: extracting zip entry {entry:?}"))
+        }
         Some(libc::EEXIST) => bad(
             name,
             entry,
@@ -348,7 +347,13 @@ fn extract(
             limits.max_entries
         )));
     }
-    fs::create_dir(temp).map_err(|err| Error::io("creating", temp, &err))?;
+    fs::create_dir(temp).map_err(|err| {
+        Error::io(
+            &format!("layer {name:?}: creating the directory to extract into"),
+            temp,
+            &err,
+        )
+    })?;
     let mut seen = HashSet::new();
     let mut links: Vec<(PathBuf, PathBuf, String, SystemTime)> = Vec::new();
     let mut link_paths = HashSet::new();
@@ -461,8 +466,15 @@ fn extract(
             .open(&dest)
             .map_err(|err| write_failed(name, &raw, &err))?;
         // Never trust the declared size: read at most one byte more than it says.
-        let written = io::copy(&mut entry.by_ref().take(size + 1), &mut out)
-            .map_err(|err| bad(name, &raw, &format!("cannot decompress: {err}")))?;
+        // An error with an errno is the system's (a full cache, on writing); the decompressor's
+        // own errors carry none and are the archive's fault.
+        let written = io::copy(&mut entry.by_ref().take(size + 1), &mut out).map_err(|err| {
+            if err.raw_os_error().is_some() {
+                write_failed(name, &raw, &err)
+            } else {
+                bad(name, &raw, &format!("cannot decompress: {err}"))
+            }
+        })?;
         if written != size {
             return Err(bad(name, &raw, "its data does not match its declared size"));
         }

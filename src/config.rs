@@ -43,7 +43,15 @@ pub struct Config {
     pub base_check_ttl: Duration,
     /// ZIP bases come from `<prefix>/<name:tag>` instead of `public.ecr.aws/lambda/...`.
     pub base_image_mirror: Option<String>,
+    /// Most connections one peer uid may have open at once; further ones are closed on
+    /// accept (`listener::accept`). At least 1.
+    pub max_connections_per_uid: usize,
 }
+
+/// Default of [`Config::max_connections_per_uid`]: far above what one machine's emulators
+/// open (one connection per client process, each carrying up to 256 streams), far below the
+/// daemon's file descriptor limit (systemd's soft default is 1024).
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 256;
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -90,6 +98,7 @@ impl Config {
             hooks: TestHooks::default(),
             base_check_ttl: Duration::from_secs(60 * 60),
             base_image_mirror: None,
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
         }
     }
 }
@@ -148,6 +157,9 @@ pub enum ConfigError {
     /// `max_parallel_builds = 0`.
     #[error("max_parallel_builds must be at least 1")]
     NoParallelBuilds,
+    /// `max_connections_per_uid = 0`.
+    #[error("max_connections_per_uid must be at least 1 (default 256)")]
+    NoConnections,
     /// `log_format` is neither `text` nor `json`.
     #[error("log_format = {0:?}: one of \"text\", \"json\"")]
     LogFormat(String),
@@ -227,6 +239,10 @@ pub struct Settings {
     /// public.ecr.aws/lambda; the images keep SAM's tags [default: none]
     #[arg(long)]
     pub base_image_mirror: Option<String>,
+    /// Most connections one peer uid may have open at once; further ones are closed at once
+    /// and logged [default: 256]
+    #[arg(long)]
+    pub max_connections_per_uid: Option<usize>,
 }
 
 fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
@@ -276,6 +292,10 @@ impl Settings {
             log_format: pick(over.log_format, self.log_format),
             base_check_ttl: pick(over.base_check_ttl, self.base_check_ttl),
             base_image_mirror: pick(over.base_image_mirror, self.base_image_mirror),
+            max_connections_per_uid: pick(
+                over.max_connections_per_uid,
+                self.max_connections_per_uid,
+            ),
         }
     }
 
@@ -355,6 +375,12 @@ impl Settings {
             }
             config.max_parallel_builds = max;
         }
+        if let Some(max) = self.max_connections_per_uid {
+            if max == 0 {
+                return Err(ConfigError::NoConnections);
+            }
+            config.max_connections_per_uid = max;
+        }
         config.max_cache_bytes = size("max_cache_size", &self.max_cache_size)?;
         if let Some(bytes) = size("max_layer_bytes", &self.max_layer_bytes)? {
             config.limits.max_bytes = bytes;
@@ -428,6 +454,7 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
         log_format: Some(log_format.to_owned()),
         base_check_ttl: Some(humantime::format_duration(config.base_check_ttl).to_string()),
         base_image_mirror: config.base_image_mirror.clone(),
+        max_connections_per_uid: Some(config.max_connections_per_uid),
     };
     toml::to_string(&settings).unwrap_or_default()
 }
@@ -492,6 +519,24 @@ mod tests {
         };
         let err = bad.into_config().unwrap_err();
         assert!(matches!(err, ConfigError::NoParallelBuilds), "{err:?}");
+
+        std::fs::write(&file, "max_connections_per_uid = 8\n").unwrap();
+        let config = Settings::from_file(&file).unwrap().into_config().unwrap();
+        assert_eq!(config.max_connections_per_uid, 8);
+        assert_eq!(
+            Settings::default()
+                .into_config()
+                .unwrap()
+                .max_connections_per_uid,
+            DEFAULT_MAX_CONNECTIONS_PER_UID
+        );
+        let bad = Settings {
+            max_connections_per_uid: Some(0),
+            ..Default::default()
+        };
+        let err = bad.into_config().unwrap_err();
+        assert!(matches!(err, ConfigError::NoConnections), "{err:?}");
+        assert!(err.to_string().contains("max_connections_per_uid"), "{err}");
     }
 
     /// The freshness TTL and the mirror prefix parse from TOML; a trailing `/` is dropped and a

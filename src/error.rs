@@ -81,8 +81,13 @@ impl Error {
         tonic::Status::new(self.code(), self.to_string())
     }
 
-    /// An unexpected I/O failure on `path` while doing `what`.
+    /// An unexpected I/O failure on `path` while doing `what`. A full disk or quota (ENOSPC,
+    /// EDQUOT) is RESOURCE_EXHAUSTED via [`Error::cache_full`]: the daemon writes only into
+    /// its cache dir, so that is the file system that is full.
     pub fn io(what: &str, path: &std::path::Path, err: &std::io::Error) -> Error {
+        if is_disk_full(err) {
+            return Error::cache_full(what);
+        }
         match err.kind() {
             std::io::ErrorKind::NotFound => Error::NotFound(format!(
                 "{what} {}: no such file or directory",
@@ -94,6 +99,25 @@ impl Error {
             },
             _ => Error::Internal(format!("{what} {}: {err}", path.display())),
         }
+    }
+}
+
+/// True for the errors of a full file system or an exhausted disk quota (ENOSPC, EDQUOT).
+pub fn is_disk_full(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+impl Error {
+    /// RESOURCE_EXHAUSTED for a write into the daemon's cache that found its file system full
+    /// while doing `what` (which names the client's input, e.g. the layer and zip entry). The
+    /// message names the setting, not the path: the cache's location means nothing to the
+    /// client, and the daemon's operator knows it from the setting.
+    pub fn cache_full(what: &str) -> Error {
+        Error::ResourceExhausted(format!(
+            "{what}: no space left on the file system of the daemon's cache (cache_dir, \
+             --cache-dir); free space there, run `lambda-imagectl prune`, or set \
+             max_cache_size to keep the cache smaller"
+        ))
     }
 }
 
@@ -154,5 +178,25 @@ mod tests {
             changed.to_string(),
             "/layers/a/secret changed while the request was reading it; retry once it is stable"
         );
+    }
+
+    /// ENOSPC and EDQUOT are RESOURCE_EXHAUSTED naming the cache setting, never the path.
+    #[test]
+    fn a_full_disk_is_resource_exhausted_naming_the_setting() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let full = Error::io(
+                "extracting layer \"deps\"",
+                Path::new("/var/cache/lambda-imaged/layers/.tmp-x"),
+                &io::Error::from_raw_os_error(errno),
+            );
+            assert_eq!(full.code(), Code::ResourceExhausted);
+            let message = full.to_string();
+            assert!(
+                message.starts_with("extracting layer \"deps\": no space left"),
+                "{message}"
+            );
+            assert!(message.contains("--cache-dir"), "{message}");
+            assert!(!message.contains("/var/cache"), "{message}");
+        }
     }
 }

@@ -98,8 +98,12 @@ pub struct ImageStore {
 }
 
 impl ImageStore {
-    /// A store under the daemon's cache dir.
+    /// A store under the daemon's cache dir. Temp files a killed daemon left (`.tmp-*`, never
+    /// read) are removed.
     pub fn open(cache_dir: &Path) -> ImageStore {
+        for sub in ["diff-ids", "images"] {
+            remove_temp_files(&cache_dir.join(sub));
+        }
         ImageStore {
             dir: cache_dir.to_owned(),
             diff_ids: Mutex::default(),
@@ -184,14 +188,28 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Writes `dir/name` atomically: a temp file in `dir`, then a rename.
+/// Writes `dir/name` atomically: a temp file in `dir`, then a rename. On failure (a full
+/// disk) the temp file is removed, so nothing half-written is left.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     let temp = dir.join(format!(".tmp-{name}-{}", uuid::Uuid::new_v4().simple()));
-    fs::write(&temp, bytes)?;
-    fs::rename(&temp, dir.join(name)).inspect_err(|_| {
-        let _ = fs::remove_file(&temp);
-    })
+    fs::write(&temp, bytes)
+        .and_then(|()| fs::rename(&temp, dir.join(name)))
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&temp);
+        })
+}
+
+/// Removes the `.tmp-*` files in `dir` (leftovers of a write cut short by a crash).
+fn remove_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The content key of a Lambda layer's image layer: its tar is a function of its entries,

@@ -2,12 +2,32 @@
 //!
 //! A socket file left by a dead daemon is replaced; a live daemon on it is refused. Only a
 //! socket we bound is unlinked on exit, never one systemd owns.
+//!
+//! [`accept`] turns the listener into the server's stream of connections: at most
+//! `max_connections_per_uid` open at once per peer uid (a connection over it is closed at once,
+//! with a log line naming the uid and the setting), and accept errors (EMFILE when the daemon
+//! is out of file descriptors, ENFILE, ENOMEM) back off and retry rather than spin or end
+//! the server.
 
+use std::collections::HashMap;
+use std::io;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::net::UnixListener;
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tonic::transport::server::{Connected, UdsConnectInfo};
+
+/// First pause after an accept error that is not about one connection (EMFILE, ...).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause between accept attempts while they keep failing.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A listening socket and whether we own its file.
 pub struct Listener {
@@ -92,5 +112,219 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         // Best effort at exit; a leftover file is replaced by the next start anyway.
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Open connections per peer uid, shared by the accept loop and every [`Connection`]'s slot.
+type OpenPerUid = Arc<Mutex<HashMap<u32, usize>>>;
+
+/// An accepted connection that counts against its peer uid's limit until it is dropped (when
+/// the server is done with it: the client closed it, or the daemon stopped).
+pub struct Connection {
+    stream: UnixStream,
+    _slot: Slot,
+}
+
+/// One of a uid's open connections; gives its place back on drop.
+struct Slot {
+    uid: u32,
+    open: OpenPerUid,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.open);
+        if let Some(count) = open.get_mut(&self.uid) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+fn lock(open: &Mutex<HashMap<u32, usize>>) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
+    // Plain counters, each changed in one statement: a panic cannot leave one half-updated.
+    open.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The server's connections from `listener`: never ends and never yields an error (the
+/// `Result` is what tonic's `serve_with_incoming` takes).
+///
+/// - A peer uid with `max_per_uid` connections open gets its next one closed at once (a
+///   warning names the uid and `max_connections_per_uid`); its client sees the connection
+///   end (our client reports UNAVAILABLE). A connection whose peer credentials cannot be
+///   read is closed too: the service could not check it.
+/// - Errors about one connection (ECONNABORTED, EINTR, ...) are skipped. Any other accept
+///   error (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses accepting for 5 ms, doubling up to 1 s,
+///   until an accept succeeds: the pending connections wait in the socket's backlog instead
+///   of the loop spinning on a listener that stays readable. It is logged once when it starts
+///   and once when accepting works again.
+pub fn accept(
+    listener: UnixListener,
+    max_per_uid: usize,
+) -> impl Stream<Item = io::Result<Connection>> {
+    let open = OpenPerUid::default();
+    futures_util::stream::unfold((listener, open), move |(listener, open)| async move {
+        let connection = next_connection(&listener, &open, max_per_uid).await;
+        Some((Ok(connection), (listener, open)))
+    })
+}
+
+/// Accepts until a connection within its uid's limit arrives (see [`accept`]).
+async fn next_connection(
+    listener: &UnixListener,
+    open: &OpenPerUid,
+    max_per_uid: usize,
+) -> Connection {
+    let mut backoff: Option<Duration> = None;
+    let mut failures = 0u64;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) if is_per_connection(&err) => continue,
+            Err(err) => {
+                failures += 1;
+                let pause = match backoff {
+                    None => {
+                        tracing::warn!(error = %err, "accepting connections failed; backing off until it works again (out of file descriptors? raise LimitNOFILE)");
+                        ACCEPT_BACKOFF_MIN
+                    }
+                    Some(last) => (last * 2).min(ACCEPT_BACKOFF_MAX),
+                };
+                backoff = Some(pause);
+                // A back-off, not synchronisation: the listener stays readable while the
+                // error lasts, so retrying at once would spin.
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        if backoff.take().is_some() {
+            tracing::info!(failures, "accepting connections again");
+            failures = 0;
+        }
+        let uid = match stream.peer_cred() {
+            Ok(cred) => cred.uid(),
+            Err(err) => {
+                tracing::warn!(error = %err, "connection closed: its peer credentials cannot be read");
+                continue;
+            }
+        };
+        let mut counts = lock(open);
+        let count = counts.entry(uid).or_insert(0);
+        if *count >= max_per_uid {
+            drop(counts);
+            tracing::warn!(
+                uid,
+                limit = max_per_uid,
+                "connection closed: uid {uid} already has {max_per_uid} connections open \
+                 (max_connections_per_uid); close some, or raise the setting"
+            );
+            continue;
+        }
+        *count += 1;
+        drop(counts);
+        return Connection {
+            stream,
+            _slot: Slot {
+                uid,
+                open: open.clone(),
+            },
+        };
+    }
+}
+
+/// Accept errors that concern one connection only (it went away before we took it): the next
+/// accept may succeed at once.
+fn is_per_connection(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EPROTO | libc::EAGAIN)
+    )
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// The socket's own peer credentials, for the service's access check.
+impl Connected for Connection {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> UdsConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// A uid at its limit gets its next connection closed; closing one frees a place.
+    #[tokio::test]
+    async fn connections_per_uid_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let incoming = accept(UnixListener::bind(&path).unwrap(), 2);
+        tokio::pin!(incoming);
+        let first = UnixStream::connect(&path).await.unwrap();
+        let _second = UnixStream::connect(&path).await.unwrap();
+        let a = incoming.next().await.unwrap().unwrap();
+        let _b = incoming.next().await.unwrap().unwrap();
+
+        // Over the limit: the daemon closes it, which the client reads as the end.
+        let mut third = UnixStream::connect(&path).await.unwrap();
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            accepted = incoming.next() => panic!("a third connection was let in: {}", accepted.is_some()),
+            read = third.read(&mut byte) => assert!(
+                matches!(read, Ok(0) | Err(_)),
+                "the third connection was closed: {read:?}"
+            ),
+        }
+
+        drop((first, a));
+        let _fourth = UnixStream::connect(&path).await.unwrap();
+        let d = incoming.next().await.unwrap().unwrap();
+        assert_eq!(lock(&d._slot.open).get(&d._slot.uid), Some(&2));
     }
 }

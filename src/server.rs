@@ -13,7 +13,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -130,9 +129,10 @@ impl Daemon {
         tracing::info!(socket = %path.display(), engine = %self.engine.host(), "serving");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         // Every connection through `TolerantAuthority`, so clients that send the socket path
-        // as `:authority` (grpcio, grpc-java) are served rather than reset by h2.
-        let incoming =
-            UnixListenerStream::new(listener).map(|accepted| accepted.map(TolerantAuthority::new));
+        // as `:authority` (grpcio, grpc-java) are served rather than reset by h2; at most
+        // `max_connections_per_uid` per peer uid, and accept errors back off (listener.rs).
+        let incoming = crate::listener::accept(listener, self.config.max_connections_per_uid)
+            .map(|accepted| accepted.map(TolerantAuthority::new));
         let result = router.serve_with_incoming_shutdown(incoming, drained).await;
 
         drop(background);

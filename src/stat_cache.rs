@@ -72,6 +72,7 @@ const PERSISTED_VERSION: u32 = 1;
 impl StatCache {
     /// Loads the cache saved at `path`; anything unreadable gives an empty cache.
     pub fn load(path: &Path) -> StatCache {
+        remove_temp_files(path);
         let cache = StatCache::default();
         let Ok(bytes) = fs::read(path) else {
             return cache;
@@ -149,6 +150,23 @@ impl StatCache {
             self.dirty.store(true, Ordering::Relaxed);
             Error::io("saving the stat cache", path, &err)
         })
+    }
+}
+
+/// Removes the temp files of `path` a killed daemon left (`<stem>.tmp-<pid>`, see
+/// [`StatCache::save_if_dirty`]); they are never read.
+fn remove_temp_files(path: &Path) {
+    let (Some(parent), Some(stem)) = (path.parent(), path.file_stem()) else {
+        return;
+    };
+    let prefix = format!("{}.tmp-", stem.to_string_lossy());
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
