@@ -10,11 +10,14 @@
 #    next run: `scripts/test-env.sh stop` stops it).
 # 2. cargo fmt --check
 # 3. cargo clippy --all-targets --locked -- -D warnings
-# 4. the Rust tests: cargo nextest run --locked --no-fail-fast, then cargo test --doc --locked
+# 4. cargo deny --offline check licenses bans sources (deny.toml; cargo-deny is installed with
+#    cargo install --locked when missing). Advisories are not checked here: CI cannot fetch
+#    the RustSec database (deny.toml says how to check them against a snapshot).
+# 5. the Rust tests: cargo nextest run --locked --no-fail-fast, then cargo test --doc --locked
 #    (nextest runs no doctests); or, when cargo-nextest is not installed,
 #    cargo test --locked --no-fail-fast (unit, integration and doctests in one run).
-# 5. clients/python/run-tests.sh: the Python client and the AWS SAM CLI integration.
-# Stages 0-3 stop the script at their first failure. The test stages (4, 5) all run to their
+# 6. clients/python/run-tests.sh: the Python client and the AWS SAM CLI integration.
+# Stages 0-4 stop the script at their first failure. The test stages (5, 6) all run to their
 # end even when one fails; then a table gives each stage's passed and failed counts, read from
 # the runner's own summary (nextest's "Summary" line, the sum of cargo test's per-binary
 # "test result:" lines, pytest's closing line), or says that a stage could not be counted or
@@ -232,6 +235,14 @@ passed
 
 stage "cargo clippy --all-targets --locked -- -D warnings"
 run cargo clippy --all-targets --locked -- -D warnings
+passed
+
+stage "cargo deny --offline check licenses bans sources"
+if ! cargo deny --version >/dev/null 2>&1; then
+	echo "installing cargo-deny (cargo install --locked cargo-deny)"
+	run cargo install --locked cargo-deny
+fi
+run cargo deny --offline check licenses bans sources
 passed
 
 # ---------------------------------------------------------------- tests

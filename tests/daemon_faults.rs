@@ -291,7 +291,12 @@ async fn kill_then_restart(at: KillAt) {
             .expect("the client notices the daemon died")
             .unwrap();
         let status = cut.expect_err("the stream was cut by the kill");
-        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        // The connection breaks under the stream: hyper reports UNKNOWN ("error reading a
+        // body") or UNAVAILABLE, depending on where the read was.
+        assert!(
+            matches!(status.code(), Code::Unknown | Code::Unavailable),
+            "{status:?}"
+        );
         cleanup.0.push(tag.clone());
         assert!(
             !docker(&["image", "inspect", &tag]).status.success(),
@@ -307,7 +312,7 @@ async fn kill_then_restart(at: KillAt) {
         for (sub, leftover) in [
             ("images", ".tmp-0123.json-abc"),
             ("diff-ids", ".tmp-0123-abc"),
-            ("layers", ".tmp-0123-abc"),
+            ("layers/.tmp-0123-abc/python", "half.py"),
             ("", "statcache.v1.tmp-4242"),
         ] {
             fs::create_dir_all(cache.join(sub)).unwrap();
