@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use lambda_imaged::client::proto;
+use lambda_imaged::client::{Client, proto};
 use lambda_imaged::config::EngineTls;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use support::*;
@@ -16,6 +16,8 @@ use tokio::net::{TcpListener, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// The private engine's Unix socket (DOCKER_HOST is `unix://...` in the test environment).
 fn engine_socket() -> PathBuf {
@@ -131,6 +133,31 @@ fn acceptor(ca: &Ca, (cert, key): &(String, String)) -> TlsAcceptor {
     TlsAcceptor::from(Arc::new(config))
 }
 
+/// Polls the daemon's health until it is SERVING (bounded: 60 s): the engine answered a ping
+/// and the image index is following its `/events` stream.
+async fn until_serving(socket: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let channel = lambda_imaged::client::channel(socket).await.unwrap();
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "lambda_imaged.v1.ImageBuilder".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == ServingStatus::Serving as i32 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not report SERVING within 60 s (status {status})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A request with one fresh layer (its own content, so its own image).
 fn fresh_request(dir: &Path) -> proto::BuildRequest {
     write_file(&dir.join("app.py"), &unique("print('remote') # "), 0o644);
@@ -165,6 +192,18 @@ async fn tcp_engine_builds_and_hits() {
     let again = build(&daemon.socket, request).await;
     assert!(again.completed().cached);
     assert_eq!(again.completed().image_id, done.image_id);
+
+    until_serving(&daemon.socket).await;
+    let info = Client::connect(&daemon.socket)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap();
+    let engine = info.engine.expect("engine info");
+    assert_eq!(engine.host, format!("tcp://127.0.0.1:{port}"));
+    assert!(engine.reachable, "{}", engine.error);
+    assert!(!engine.version.is_empty());
     daemon.stop().await;
 }
 
@@ -218,5 +257,14 @@ async fn tls_engine_builds_and_hits_and_a_wrong_ca_is_named() {
             status.message()
         );
     }
+    let info = Client::connect(&daemon.socket)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap();
+    let engine = info.engine.expect("engine info");
+    assert!(!engine.reachable);
+    assert!(engine.error.contains("TLS"), "{}", engine.error);
     daemon.stop().await;
 }
