@@ -24,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::engine::RunConfig;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 
 /// Most events kept per build; further engine log lines are dropped (one warning says so).
 pub const MAX_EVENTS: usize = 20_000;
@@ -266,6 +267,11 @@ impl Reporter {
         self.flight.push(event);
     }
 
+    /// The daemon's Prometheus series, for what only the driver knows (bytes sent).
+    pub fn metrics(&self) -> &Metrics {
+        &self.builds.metrics
+    }
+
     /// The build id.
     pub fn build_id(&self) -> &str {
         &self.flight.id
@@ -282,12 +288,14 @@ impl Reporter {
             return Ok(permit);
         }
         let position = self.builds.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+        self.builds.metrics.queue_depth.inc();
         self.flight.lock().phase = Some(Phase::Queued);
         self.emit(Event::Queued {
             position: u32::try_from(position).unwrap_or(u32::MAX),
         });
         let permit = self.builds.slots.clone().acquire_owned().await;
         self.builds.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.builds.metrics.queue_depth.dec();
         let permit = permit.map_err(|_| Error::Unavailable("daemon shutting down".into()))?;
         self.flight.lock().phase = Some(Phase::Running);
         Ok(permit)
@@ -317,6 +325,8 @@ pub struct Builds {
     closing: watch::Sender<bool>,
     /// Counters for GetInfo.
     pub stats: Counters,
+    /// The Prometheus series (`--metrics-listen`), updated where outcomes are known.
+    metrics: Arc<Metrics>,
 }
 
 /// Counters since start.
@@ -349,7 +359,14 @@ impl Builds {
             waiting: AtomicUsize::new(0),
             closing,
             stats: Counters::default(),
+            metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// The daemon's Prometheus series: requests, outcomes, latencies and the queue are
+    /// counted here; other parts (bytes sent, the registry cache) add theirs through it.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Attaches to the build of `key.tag` with the same inputs, or starts one with `driver`.
@@ -379,6 +396,7 @@ impl Builds {
                     if joinable {
                         self.stats.requests.fetch_add(1, Ordering::Relaxed);
                         self.stats.joined.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.request(true);
                         return Ok((Subscription::new(flight), true));
                     }
                     flight
@@ -397,6 +415,8 @@ impl Builds {
                     });
                     entry.insert(flight.clone());
                     self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.request(false);
+                    self.metrics.in_flight.inc();
                     // Subscribe before the driver can emit anything.
                     let subscription = Subscription::new(flight.clone());
                     let reporter = Reporter {
@@ -418,9 +438,16 @@ impl Builds {
                                         .into(),
                                 ))
                             });
-                        builds
+                        if builds
                             .table
-                            .remove_if(&flight.tag, |_, v| Arc::ptr_eq(v, &flight));
+                            .remove_if(&flight.tag, |_, v| Arc::ptr_eq(v, &flight))
+                            .is_some()
+                        {
+                            builds.metrics.in_flight.dec();
+                        }
+                        // Counted before the outcome is published: a scrape made after a
+                        // client's answer includes it.
+                        builds.metrics.finished(outcome.as_ref().map_err(|_| ()));
                         flight.finish(&outcome);
                         builds.record(&flight, &outcome);
                     });

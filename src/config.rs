@@ -1,9 +1,12 @@
 //! The daemon's settings, validated once at start-up.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::archive::ZipLimits;
+/// Re-exported: the TLS settings of a `tcp://` engine ([`Config::engine_tls`]).
+pub use crate::engine::EngineTls;
 use crate::layers::Limits;
 /// Re-exported: tests set the hooks through [`Config::hooks`].
 pub use crate::pipeline::TestHooks;
@@ -19,6 +22,11 @@ pub struct Config {
     pub rie_dir: PathBuf,
     /// Engine address (`unix://...`, `tcp://...`).
     pub engine_host: String,
+    /// TLS to a `tcp://` engine (`DOCKER_TLS_VERIFY` + `DOCKER_CERT_PATH`, or
+    /// `engine_cert_path`); `None` for plain TCP and Unix sockets.
+    pub engine_tls: Option<EngineTls>,
+    /// Where Prometheus metrics are served (`GET /metrics`); `None`: no listener.
+    pub metrics_listen: Option<SocketAddr>,
     /// Longest a single engine build may take.
     pub build_timeout: Duration,
     /// Most engine builds at once.
@@ -84,6 +92,8 @@ impl Config {
             socket,
             cache_dir,
             engine_host: crate::engine::Engine::host_from_env(),
+            engine_tls: EngineTls::from_env(),
+            metrics_listen: None,
             build_timeout: Duration::from_secs(15 * 60),
             max_parallel_builds: std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -154,6 +164,23 @@ pub enum ConfigError {
         /// Why `<prefix>/python:3.12-x86_64` does not parse.
         reason: String,
     },
+    /// The engine address or its TLS settings cannot work (unsupported scheme, a certificate
+    /// file missing).
+    #[error("engine = {value:?}: {reason}")]
+    Engine {
+        /// The engine address.
+        value: String,
+        /// What is wrong and what is supported.
+        reason: String,
+    },
+    /// `metrics_listen` is not an IP address with a port.
+    #[error("metrics_listen = {value:?}: {source}; expected IP:PORT such as \"127.0.0.1:9464\"")]
+    MetricsListen {
+        /// What was given.
+        value: String,
+        /// Why it does not parse.
+        source: std::net::AddrParseError,
+    },
     /// `max_parallel_builds = 0`.
     #[error("max_parallel_builds must be at least 1")]
     NoParallelBuilds,
@@ -198,9 +225,18 @@ pub struct Settings {
     /// Directory holding aws-lambda-rie-x86_64 and aws-lambda-rie-arm64 [default: <cache-dir>/rie]
     #[arg(long, env = "LAMBDA_IMAGED_RIE_DIR")]
     pub rie_dir: Option<PathBuf>,
-    /// Container engine address [default: $DOCKER_HOST, else unix:///var/run/docker.sock]
+    /// Container engine address: unix:///path or tcp://host:port
+    /// [default: $DOCKER_HOST, else unix:///var/run/docker.sock]
     #[arg(long)]
     pub engine: Option<String>,
+    /// Directory with ca.pem, cert.pem and key.pem: talk TLS to a tcp:// engine and verify it
+    /// [default: $DOCKER_CERT_PATH (else ~/.docker) when $DOCKER_TLS_VERIFY is set, else no TLS]
+    #[arg(long)]
+    pub engine_cert_path: Option<PathBuf>,
+    /// Serve Prometheus metrics on IP:PORT at GET /metrics (e.g. 127.0.0.1:9464)
+    /// [default: off]
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// Longest one engine build may take [default: 15m]
     #[arg(long)]
     pub build_timeout: Option<String>,
@@ -280,6 +316,8 @@ impl Settings {
             cache_dir: pick(over.cache_dir, self.cache_dir),
             rie_dir: pick(over.rie_dir, self.rie_dir),
             engine: pick(over.engine, self.engine),
+            engine_cert_path: pick(over.engine_cert_path, self.engine_cert_path),
+            metrics_listen: pick(over.metrics_listen, self.metrics_listen),
             build_timeout: pick(over.build_timeout, self.build_timeout),
             max_parallel_builds: pick(over.max_parallel_builds, self.max_parallel_builds),
             shutdown_timeout: pick(over.shutdown_timeout, self.shutdown_timeout),
@@ -345,6 +383,28 @@ impl Settings {
         }
         if let Some(engine) = &self.engine {
             config.engine_host = engine.clone();
+        }
+        if let Some(cert_dir) = &self.engine_cert_path {
+            config.engine_tls = Some(EngineTls {
+                cert_dir: cert_dir.clone(),
+            });
+        }
+        crate::engine::check_endpoint(&config.engine_host, config.engine_tls.as_ref()).map_err(
+            |reason| ConfigError::Engine {
+                value: config.engine_host.clone(),
+                reason,
+            },
+        )?;
+        if let Some(listen) = &self.metrics_listen {
+            config.metrics_listen =
+                Some(
+                    listen
+                        .parse()
+                        .map_err(|source| ConfigError::MetricsListen {
+                            value: listen.clone(),
+                            source,
+                        })?,
+                );
         }
         config.build_timeout =
             duration("build_timeout", &self.build_timeout, config.build_timeout)?;
@@ -440,6 +500,8 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
         cache_dir: Some(config.cache_dir.clone()),
         rie_dir: Some(config.rie_dir.clone()),
         engine: Some(config.engine_host.clone()),
+        engine_cert_path: config.engine_tls.as_ref().map(|tls| tls.cert_dir.clone()),
+        metrics_listen: config.metrics_listen.map(|addr| addr.to_string()),
         build_timeout: Some(humantime::format_duration(config.build_timeout).to_string()),
         max_parallel_builds: Some(config.max_parallel_builds),
         shutdown_timeout: Some(humantime::format_duration(config.shutdown_timeout).to_string()),
@@ -537,6 +599,75 @@ mod tests {
         let err = bad.into_config().unwrap_err();
         assert!(matches!(err, ConfigError::NoConnections), "{err:?}");
         assert!(err.to_string().contains("max_connections_per_uid"), "{err}");
+    }
+
+    /// `metrics_listen` and `engine_cert_path` parse from TOML; a bad address, an `ssh://`
+    /// engine and TLS with a missing certificate file are refused naming the setting.
+    #[test]
+    fn metrics_listen_and_engine_endpoints() {
+        let certs = tempfile::tempdir().unwrap();
+        for name in EngineTls::FILES {
+            std::fs::write(certs.path().join(name), "pem").unwrap();
+        }
+        let text = format!(
+            "metrics_listen = \"127.0.0.1:9464\"\nengine = \"tcp://10.0.0.5:2376\"\n\
+             engine_cert_path = {:?}\n",
+            certs.path().display().to_string()
+        );
+        let config = toml::from_str::<Settings>(&text)
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(
+            config.engine_tls.as_ref().map(|t| t.cert_dir.clone()),
+            Some(certs.path().to_owned())
+        );
+        let printed = effective_toml(&config, "text");
+        assert!(
+            printed.contains("metrics_listen = \"127.0.0.1:9464\""),
+            "{printed}"
+        );
+
+        let bad = Settings {
+            metrics_listen: Some("localhost".into()),
+            ..Settings::default()
+        };
+        let err = bad.into_config().unwrap_err();
+        assert!(matches!(err, ConfigError::MetricsListen { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("metrics_listen = \"localhost\""),
+            "{err}"
+        );
+
+        let ssh = Settings {
+            engine: Some("ssh://me@build-host".into()),
+            ..Settings::default()
+        };
+        let err = ssh.into_config().unwrap_err().to_string();
+        assert!(err.contains("ssh:// engines are not supported"), "{err}");
+        assert!(err.contains("unix://"), "{err}");
+
+        std::fs::remove_file(certs.path().join("key.pem")).unwrap();
+        let missing = Settings {
+            engine: Some("tcp://10.0.0.5:2376".into()),
+            engine_cert_path: Some(certs.path().to_owned()),
+            ..Settings::default()
+        };
+        let err = missing.into_config().unwrap_err().to_string();
+        assert!(err.contains("key.pem is missing"), "{err}");
+        assert!(err.contains("DOCKER_CERT_PATH"), "{err}");
+        let unix_tls = Settings {
+            engine: Some("unix:///run/docker.sock".into()),
+            engine_cert_path: Some(certs.path().to_owned()),
+            ..Settings::default()
+        };
+        let err = unix_tls.into_config().unwrap_err().to_string();
+        assert!(err.contains("needs a tcp://host:port engine"), "{err}");
     }
 
     /// The freshness TTL and the mirror prefix parse from TOML; a trailing `/` is dropped and a

@@ -7,17 +7,30 @@
 //! back), but only as fast as events arrive: a removal's event can reach us after the removal
 //! has returned. Answers that must be true now (is the built tag still there?) use
 //! [`Engine::inspect_fresh`].
+//!
+//! # Remote engines
+//! The engine may be local (`unix://`) or remote (`tcp://host:port`, plain or with TLS as the
+//! docker CLI does it: `DOCKER_TLS_VERIFY` + `DOCKER_CERT_PATH`, see [`EngineTls`]). Nothing
+//! here assumes the engine shares our filesystem: layers are read where the daemon runs and
+//! streamed in the load request's body, base images are pulled by the engine, the index follows
+//! `/events` over the same connection, and Podman is told by `/version`'s component name, never
+//! by a socket path. (What does read local files: peer credentials from `/proc/<pid>/status`
+//! in `access.rs`, about the client on our own socket, which is right whatever the engine.)
+//! `ssh://` is refused at start-up ([`check_endpoint`]): bollard's ssh transport is an optional
+//! feature built on an `ssh` control master; forwarding the engine's socket with `ssh -L` and
+//! pointing at it with `unix://` does the same with parts we test.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bollard::Docker;
 use bollard::models::{BuildInfo, CreateImageInfo};
 use bollard::query_parameters::{
     CreateImageOptions, EventsOptions, ImportImageOptions, ListContainersOptions,
     ListImagesOptions, RemoveImageOptions, TagImageOptions,
 };
+use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt;
 use tokio::sync::{Mutex, watch};
 
@@ -128,9 +141,98 @@ fn distribution_unsupported(status_code: u16, message: &str) -> bool {
             && (message.eq_ignore_ascii_case("not found") || message.contains("page not found")))
 }
 
+/// TLS to a `tcp://` engine, as the docker CLI does it: the daemon presents `cert.pem` with
+/// `key.pem` and trusts only an engine whose certificate `ca.pem` signed (and names the host
+/// we dial), all read from one directory. Source of the rule: the docker CLI's
+/// `DOCKER_TLS_VERIFY` (any non-empty value turns it on) and `DOCKER_CERT_PATH` (default
+/// `~/.docker`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineTls {
+    /// Directory holding `ca.pem`, `cert.pem` and `key.pem`.
+    pub cert_dir: PathBuf,
+}
+
+impl EngineTls {
+    /// The files read from [`EngineTls::cert_dir`], in the docker CLI's names.
+    pub const FILES: [&'static str; 3] = ["ca.pem", "cert.pem", "key.pem"];
+
+    /// From the environment: `Some` when `DOCKER_TLS_VERIFY` is non-empty, with the
+    /// certificates in `DOCKER_CERT_PATH` (else `~/.docker`).
+    pub fn from_env() -> Option<EngineTls> {
+        std::env::var_os("DOCKER_TLS_VERIFY").filter(|v| !v.is_empty())?;
+        let cert_dir = std::env::var_os("DOCKER_CERT_PATH")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+                Path::new(&home).join(".docker")
+            });
+        Some(EngineTls { cert_dir })
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.cert_dir.join(name)
+    }
+}
+
+/// Checks an engine address (and its TLS settings) once, at start-up: `unix:///path` or
+/// `tcp://host:port`, TLS only with `tcp://`, and every certificate file present. The error
+/// says what is supported or which file is missing.
+pub fn check_endpoint(host: &str, tls: Option<&EngineTls>) -> std::result::Result<(), String> {
+    let tcp = host.starts_with("tcp://");
+    if host.starts_with("ssh://") {
+        return Err(
+            "ssh:// engines are not supported; forward the remote socket instead \
+             (ssh -nNT -L /run/remote-docker.sock:/var/run/docker.sock HOST) and use \
+             unix:///run/remote-docker.sock, or expose the engine on tcp:// with TLS"
+                .to_owned(),
+        );
+    }
+    if !tcp && !host.starts_with("unix://") {
+        return Err("expected unix:///path/to/docker.sock or tcp://host:port".to_owned());
+    }
+    if let Some(tls) = tls {
+        if !tcp {
+            return Err(format!(
+                "TLS (DOCKER_TLS_VERIFY, certificates in {}) needs a tcp://host:port engine; \
+                 unset DOCKER_TLS_VERIFY for a unix:// socket",
+                tls.cert_dir.display()
+            ));
+        }
+        for name in EngineTls::FILES {
+            let path = tls.file(name);
+            if !path.is_file() {
+                return Err(format!(
+                    "TLS is on (DOCKER_TLS_VERIFY) but {} is missing; put ca.pem, cert.pem and \
+                     key.pem in one directory and point DOCKER_CERT_PATH (or engine_cert_path) \
+                     at it",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `err` and its sources, joined with ": " (a TLS failure hides under two layers of hyper).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// One shared engine connection plus the image index.
 pub struct Engine {
     host: String,
+    tls: Option<EngineTls>,
     build_timeout: Duration,
     client: Mutex<Option<Docker>>,
     index: RwLock<Index>,
@@ -147,11 +249,13 @@ struct Index {
 }
 
 impl Engine {
-    /// An engine at `host` (`unix:///path` or `tcp://host:port`); nothing is contacted yet.
-    pub fn new(host: String, build_timeout: Duration) -> Arc<Engine> {
+    /// An engine at `host` (`unix:///path` or `tcp://host:port`, with `tls` for
+    /// `tcp://`; see [`check_endpoint`]); nothing is contacted yet.
+    pub fn new(host: String, tls: Option<EngineTls>, build_timeout: Duration) -> Arc<Engine> {
         let (healthy, _) = watch::channel(false);
         Arc::new(Engine {
             host,
+            tls,
             build_timeout,
             client: Mutex::new(None),
             index: RwLock::new(Index::default()),
@@ -180,7 +284,8 @@ impl Engine {
         if let Some(client) = slot.as_ref() {
             return Ok(client.clone());
         }
-        let client = Docker::connect_with_host(&self.host)
+        let client = self
+            .connect()
             .map_err(|err| self.unreachable(&err))?
             .with_timeout(CALL_TIMEOUT);
         let client = tokio::time::timeout(CONNECT_TIMEOUT, client.negotiate_version())
@@ -196,6 +301,32 @@ impl Engine {
         Ok(client)
     }
 
+    /// A client for the configured transport. Chosen here, not by bollard's
+    /// `connect_with_host`, which would read `DOCKER_TLS_VERIFY` from the environment behind
+    /// the config's back.
+    fn connect(&self) -> std::result::Result<Docker, bollard::errors::Error> {
+        let timeout = CALL_TIMEOUT.as_secs();
+        match &self.tls {
+            Some(tls) => {
+                // bollard's client-certificate resolver asks for the process-wide provider;
+                // installing ring (the only one we build) fails harmlessly if already done.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                Docker::connect_with_ssl(
+                    &self.host,
+                    &tls.file("key.pem"),
+                    &tls.file("cert.pem"),
+                    &tls.file("ca.pem"),
+                    timeout,
+                    API_DEFAULT_VERSION,
+                )
+            }
+            None if self.host.starts_with("tcp://") => {
+                Docker::connect_with_http(&self.host, timeout, API_DEFAULT_VERSION)
+            }
+            None => Docker::connect_with_host(&self.host),
+        }
+    }
+
     /// Forgets the negotiated client, so the next call reconnects (the engine may have been
     /// replaced by another version).
     async fn reset_client(&self) {
@@ -203,10 +334,22 @@ impl Engine {
     }
 
     fn unreachable(&self, err: &bollard::errors::Error) -> Error {
-        Error::Unavailable(format!(
-            "cannot reach the container engine at {}: {err}; start it or point DOCKER_HOST at it",
-            self.host
-        ))
+        let err = error_chain(err);
+        match &self.tls {
+            Some(tls) => Error::Unavailable(format!(
+                "cannot reach the container engine at {} over TLS (DOCKER_TLS_VERIFY, \
+                 certificates from DOCKER_CERT_PATH={}): {err}; check that ca.pem there signed \
+                 the engine's certificate (for this host name or IP), that the engine trusts \
+                 cert.pem, and that the engine is running",
+                self.host,
+                tls.cert_dir.display()
+            )),
+            None => Error::Unavailable(format!(
+                "cannot reach the container engine at {}: {err}; start it or point DOCKER_HOST \
+                 at it",
+                self.host
+            )),
+        }
     }
 
     /// Maps an engine error: 404 is NOT_FOUND, other answers are the engine refusing

@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! A request flows top to bottom. Public, for emulators and the binaries: [`client`],
-//! [`proto`], [`server`], [`listener`], [`config`], [`error`]; the rest is internal
+//! [`proto`], [`server`], [`listener`], [`config`], [`error`], [`metrics`]; the rest is internal
 //! (`pub(crate)`), so it can change without breaking anyone.
 //! - [`proto`]: the generated wire types and conversions; the only home of wire types.
 //! - `service`: the gRPC service; the only code that sees `tonic::Request` and streams.
@@ -25,6 +25,7 @@
 //! - [`server`]: serve on a listener with health and reflection until shutdown.
 //! - [`listener`]: bind the Unix socket or adopt a systemd-passed one.
 //! - `h2_compat`: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in.
+//! - [`metrics`]: Prometheus series and the opt-in `/metrics` HTTP listener.
 //! - [`config`]: the daemon's settings, validated once.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
 //! - [`client`]: the typed client (connect or wait, build to completion, the other RPCs,
@@ -44,6 +45,7 @@ pub(crate) mod h2_compat;
 pub(crate) mod image_store;
 pub(crate) mod layers;
 pub mod listener;
+pub mod metrics;
 pub(crate) mod pipeline;
 pub mod proto;
 pub(crate) mod prune;

@@ -690,6 +690,7 @@ async fn load(
                 .unwrap_or_else(|err| Err(Error::Internal(format!("image writer failed: {err}")))),
         );
     }
+    reporter.metrics().bytes_sent(sent.load(Ordering::Relaxed));
     // The producer's own error is the real cause when the upload broke off, unless it only
     // saw the engine stop reading (UNAVAILABLE): then the engine's error says why.
     let assembled = match (producer_result, engine_result) {

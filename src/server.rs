@@ -43,6 +43,8 @@ pub struct Daemon {
     pub engine: Arc<Engine>,
     pub builds: Arc<Builds>,
     pub shared: Arc<Shared>,
+    /// The metrics listener once [`Daemon::bind_metrics`] bound it.
+    metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 /// Why serving failed.
@@ -52,12 +54,19 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("building the reflection service failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// `--metrics-listen` could not be bound (the message names the address).
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::BindError),
 }
 
 impl Daemon {
     /// Creates the engine handle, the build table and the shared build state. No I/O.
     pub fn new(config: Config) -> Daemon {
-        let engine = Engine::new(config.engine_host.clone(), config.build_timeout);
+        let engine = Engine::new(
+            config.engine_host.clone(),
+            config.engine_tls.clone(),
+            config.build_timeout,
+        );
         let builds = Builds::new(config.max_parallel_builds);
         let shared = Arc::new(Shared {
             engine: engine.clone(),
@@ -85,14 +94,33 @@ impl Daemon {
             engine,
             builds,
             shared,
+            metrics_listener: None,
         }
+    }
+
+    /// Binds `--metrics-listen` now (else [`Daemon::serve`] does), returning the address
+    /// actually bound (`None` when metrics are off): with port 0 the caller learns the port.
+    pub async fn bind_metrics(
+        &mut self,
+    ) -> Result<Option<std::net::SocketAddr>, crate::metrics::BindError> {
+        let Some(addr) = self.config.metrics_listen else {
+            return Ok(None);
+        };
+        if self.metrics_listener.is_none() {
+            self.metrics_listener = Some(crate::metrics::bind(addr).await?);
+        }
+        let bound = self
+            .metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok());
+        Ok(bound.or(Some(addr)))
     }
 
     /// Serves on `listener` until `shutdown` resolves; then refuses new builds, lets those in
     /// flight finish (up to the shutdown timeout), ends the remaining streams with
     /// UNAVAILABLE and returns.
     pub async fn serve(
-        self,
+        mut self,
         listener: Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
@@ -101,8 +129,21 @@ impl Daemon {
             path,
             guard,
         } = listener;
+        // Bound first: a port in use is a startup error, before anything is announced.
+        let metrics_listener = match (self.metrics_listener.take(), self.config.metrics_listen) {
+            (Some(bound), _) => Some(bound),
+            (None, Some(addr)) => Some(crate::metrics::bind(addr).await?),
+            (None, None) => None,
+        };
         let stat_cache_path = self.config.cache_dir.join(STAT_CACHE_FILE);
         let mut background = Background::default();
+        if let Some(metrics_listener) = metrics_listener {
+            tracing::info!(addr = ?metrics_listener.local_addr().ok(), "serving metrics at /metrics");
+            background.spawn(crate::metrics::serve(
+                metrics_listener,
+                self.builds.metrics().clone(),
+            ));
+        }
         background.spawn(self.engine.clone().watch());
         background.spawn(save_stat_cache_every(
             self.shared.stat_cache.clone(),
