@@ -4,7 +4,7 @@
 #
 #   bash scripts/quickstart.sh
 #
-# 0. the Rust toolchain: Cargo.toml's rust-version (1.85: edition 2024) or newer, via rustup,
+# 0. the Rust toolchain: Cargo.toml's rust-version (1.89: the locked zip crate needs it) or newer, via rustup,
 #    checked before anything is installed.
 # 1. scripts/test-env.sh: packages, a private dockerd, the RIE binaries and busybox stand-ins
 #    for the public.ecr.aws/lambda/* base images (the internet's images are not needed). Its

@@ -3,7 +3,7 @@
 #
 #   bash scripts/test.sh
 #
-# 0. the Rust toolchain: Cargo.toml's rust-version (1.85: edition 2024) or newer, checked
+# 0. the Rust toolchain: Cargo.toml's rust-version (1.89: the locked zip crate needs it) or newer, checked
 #    before anything is installed.
 # 1. scripts/test-env.sh: packages, the private dockerd, the RIE and the stand-in base images
 #    (state dir $LAMBDA_IMAGED_TEST_DIR, default /tmp/lambda-imaged-test; left running for the
