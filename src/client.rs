@@ -52,10 +52,8 @@ pub fn daemon_socket() -> PathBuf {
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
-            return Path::new(&dir).join("lambda-imaged.sock");
-        }
+    if !root && let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&dir).join("lambda-imaged.sock");
     }
     PathBuf::from("/run/lambda-imaged/lambda-imaged.sock")
 }

@@ -380,10 +380,10 @@ impl Engine {
     pub async fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>> {
         let generation = {
             let index = self.read_index();
-            if index.live {
-                if let Some(info) = index.images.get(reference) {
-                    return Ok(Some(info.clone()));
-                }
+            if index.live
+                && let Some(info) = index.images.get(reference)
+            {
+                return Ok(Some(info.clone()));
             }
             index.generation
         };

@@ -159,10 +159,10 @@ impl<S> TolerantAuthority<S> {
                 return Err(invalid("CONTINUATION on another stream (RFC 9113 §6.10)"));
             }
         }
-        if flags & END_HEADERS != 0 {
-            if let Some(block) = self.pending.take() {
-                self.emit(block)?;
-            }
+        if flags & END_HEADERS != 0
+            && let Some(block) = self.pending.take()
+        {
+            self.emit(block)?;
         }
         Ok(true)
     }

@@ -795,10 +795,10 @@ fn record_use(shared: &Shared, tag: &str) {
 
 /// Test hook: waits for (and consumes) one permit when the gate is set.
 async fn pass_gate(gate: Option<&Arc<Semaphore>>) {
-    if let Some(gate) = gate {
-        if let Ok(permit) = gate.acquire().await {
-            permit.forget();
-        }
+    if let Some(gate) = gate
+        && let Ok(permit) = gate.acquire().await
+    {
+        permit.forget();
     }
 }
 

@@ -208,10 +208,10 @@ impl StatCache {
             .metadata()
             .map_err(|err| Error::io("reading", path, &err))?;
         let key = StatKey::of(&meta);
-        if let Some((cached, digest)) = self.lock().get(path) {
-            if *cached == key {
-                return Ok(*digest);
-            }
+        if let Some((cached, digest)) = self.lock().get(path)
+            && *cached == key
+        {
+            return Ok(*digest);
         }
         let started = SystemTime::now();
         tracing::debug!(path = %path.display(), size = key.size, "hashing");

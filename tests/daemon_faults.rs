@@ -86,10 +86,10 @@ impl DaemonProcess {
         };
         let started = Instant::now();
         while started.elapsed() < DEADLINE {
-            if let Ok(mut client) = client::connect(socket).await {
-                if client.get_info(proto::GetInfoRequest {}).await.is_ok() {
-                    return daemon;
-                }
+            if let Ok(mut client) = client::connect(socket).await
+                && client.get_info(proto::GetInfoRequest {}).await.is_ok()
+            {
+                return daemon;
             }
             if let Some(status) = daemon.child.try_wait().unwrap() {
                 panic!("the daemon exited with {status}: {}", daemon.log_text());

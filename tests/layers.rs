@@ -588,10 +588,10 @@ impl DaemonProcess {
             .unwrap();
         let mut daemon = DaemonProcess { child };
         for _ in 0..400 {
-            if let Ok(mut client) = client::connect(socket).await {
-                if client.get_info(proto::GetInfoRequest {}).await.is_ok() {
-                    return daemon;
-                }
+            if let Ok(mut client) = client::connect(socket).await
+                && client.get_info(proto::GetInfoRequest {}).await.is_ok()
+            {
+                return daemon;
             }
             if let Some(status) = daemon.child.try_wait().unwrap() {
                 panic!(
