@@ -19,7 +19,7 @@ use bollard::query_parameters::{
     ListImagesOptions, RemoveImageOptions, TagImageOptions,
 };
 use futures_util::StreamExt;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, broadcast, watch};
 
 use crate::error::{Error, Result};
 use crate::reference::ImageRef;
@@ -135,6 +135,55 @@ pub struct Engine {
     client: Mutex<Option<Docker>>,
     index: RwLock<Index>,
     healthy: watch::Sender<bool>,
+    /// Pulls in flight by (reference, platform): concurrent requests for one missing base
+    /// (whatever their tags) and a freshness check's update share one pull. A std Mutex: held
+    /// only to look up, insert or remove an entry, never across an `.await`.
+    pulls: std::sync::Mutex<HashMap<(String, String), Arc<InFlightPull>>>,
+}
+
+/// Progress items one pull keeps for followers that fall behind; a slower one skips items
+/// (it lags), it never stalls the pull.
+const PULL_PROGRESS_BUFFER: usize = 256;
+
+/// One pull in flight, shared by every request for the same reference and platform.
+struct InFlightPull {
+    /// The engine's progress items, as they come.
+    progress: broadcast::Sender<CreateImageInfo>,
+    /// The outcome, set once the pull ended (before `progress` closes).
+    done: watch::Receiver<Option<Result<()>>>,
+}
+
+/// A request's share of a pull, from [`Engine::start_pull`].
+pub struct PullTicket {
+    /// True when this request started the pull; false when it joined one already in flight
+    /// (it then sees progress from the moment it joined).
+    pub started: bool,
+    progress: broadcast::Receiver<CreateImageInfo>,
+    done: watch::Receiver<Option<Result<()>>>,
+}
+
+impl PullTicket {
+    /// Hands each progress item to `on_progress` until the pull ends; returns its outcome,
+    /// the same for every request that shares it.
+    ///
+    /// # Errors
+    /// The pull's error (registry refused, engine unreachable, `DEADLINE_EXCEEDED` after
+    /// `--build-timeout`), as [`Engine::start_pull`] describes.
+    pub async fn wait(mut self, mut on_progress: impl FnMut(&CreateImageInfo)) -> Result<()> {
+        loop {
+            match self.progress.recv().await {
+                Ok(item) => on_progress(&item),
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        match self.done.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+            Err(_) => Err(Error::Internal(
+                "the pull's task ended without an outcome".into(),
+            )),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -156,6 +205,7 @@ impl Engine {
             client: Mutex::new(None),
             index: RwLock::new(Index::default()),
             healthy,
+            pulls: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -329,8 +379,68 @@ impl Engine {
         index.images.clear();
     }
 
-    /// Pulls `reference`, reporting progress as (layer, current, total, status).
-    pub async fn pull(
+    /// Pulls `reference` for `platform`, or joins the pull of the same reference and platform
+    /// already in flight: however many requests ask at once, the engine (and the registry)
+    /// sees one pull. The pull runs on a task of its own, bounded by `--build-timeout`, so a
+    /// request that gives up (client gone, its own deadline) never cancels it for the others.
+    /// Joining happens before this returns: a request may report it right away.
+    pub fn start_pull(self: &Arc<Self>, reference: &ImageRef, platform: &str) -> PullTicket {
+        let key = (reference.as_str().to_owned(), platform.to_owned());
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pull) = pulls.get(&key) {
+            return PullTicket {
+                started: false,
+                progress: pull.progress.subscribe(),
+                done: pull.done.clone(),
+            };
+        }
+        let (progress, progress_rx) = broadcast::channel(PULL_PROGRESS_BUFFER);
+        let (done_tx, done) = watch::channel(None);
+        pulls.insert(
+            key.clone(),
+            Arc::new(InFlightPull {
+                progress: progress.clone(),
+                done: done.clone(),
+            }),
+        );
+        drop(pulls);
+        let (engine, reference) = (self.clone(), reference.clone());
+        tokio::spawn(async move {
+            let limit = engine.build_timeout;
+            let pulling = engine.pull(&reference, &key.1, |item| {
+                // No receiver left is fine: the pull still completes for the next request.
+                let _ = progress.send(item.clone());
+            });
+            let outcome = tokio::time::timeout(limit, pulling)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::DeadlineExceeded(format!(
+                        "pulling {} took longer than --build-timeout ({}); check the registry, \
+                         or pull it yourself",
+                        key.0,
+                        humantime::format_duration(limit)
+                    )))
+                });
+            // The outcome first, then the entry goes and the progress channel closes (its
+            // last sender is dropped with `progress`): a waiter that sees it closed finds
+            // the outcome set.
+            done_tx.send_replace(Some(outcome));
+            engine
+                .pulls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        });
+        PullTicket {
+            started: true,
+            progress: progress_rx,
+            done,
+        }
+    }
+
+    /// Pulls `reference`, reporting progress as (layer, current, total, status). Not shared:
+    /// requests use [`Engine::start_pull`].
+    async fn pull(
         &self,
         reference: &ImageRef,
         platform: &str,

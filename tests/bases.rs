@@ -3,7 +3,7 @@
 //! prefix and used; a new base under the same tag is picked up after the TTL (reason
 //! base_changed, its files in the image) and not before; an unreachable registry leaves
 //! requests working from the local base with a `base_unverified` warning; concurrent requests
-//! due for a check share one.
+//! due for a check share one; concurrent requests for a missing base share one pull.
 //!
 //! The daemon reaches the registry through a small TCP proxy written here, which counts the
 //! manifest requests that pass, and can hold them (to keep a check in flight while requests
@@ -450,4 +450,68 @@ async fn an_engine_without_the_distribution_api_counts_the_base_as_current() {
         );
     }
     daemon.stop().await;
+}
+
+/// 20 concurrent requests with different tags whose base is missing share one pull: each is
+/// told it started or joined the pull, every one completes on the same base, and the registry
+/// sees the manifest request of one pull.
+#[tokio::test]
+async fn concurrent_requests_for_a_missing_base_share_one_pull() {
+    let setup = Setup::start(Duration::from_secs(3600)).await;
+    // Hold the registry until every request has reached the pull.
+    setup.proxy.open.send_replace(false);
+    let (reached, mut reached_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let pulling = format!("pulling {}", setup.mirrored_base());
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let (socket, reached, pulling) = (
+                setup.daemon.socket.clone(),
+                reached.clone(),
+                pulling.clone(),
+            );
+            let request = request(&unique("layer"), setup.layer.path());
+            tokio::spawn(async move {
+                let mut client = lambda_imaged::client::Client::connect(&socket)
+                    .await
+                    .unwrap();
+                client
+                    .build_with(request, |event| match &event.event {
+                        Some(Event::Log(log)) if log.text.starts_with(&pulling) => {
+                            let _ = reached.send(log.text.clone());
+                        }
+                        _ => {}
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut texts = Vec::new();
+    while texts.len() < 20 {
+        let text = tokio::time::timeout(DEADLINE, reached_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} requests reached the pull", texts.len()))
+            .unwrap();
+        texts.push(text);
+    }
+    assert_eq!(
+        texts.iter().filter(|t| **t == pulling).count(),
+        1,
+        "one request started the pull, the others joined it: {texts:?}"
+    );
+    setup.proxy.open.send_replace(true);
+    let mut tags = Vec::new();
+    for handle in handles {
+        let done = handle.await.unwrap().expect("the build succeeds");
+        assert_eq!(done.reason, proto::Reason::Missing as i32);
+        tags.push(done.tag);
+    }
+    assert_eq!(
+        setup.proxy.manifest_requests(&setup.repo),
+        1,
+        "the registry saw one pull"
+    );
+    for tag in &tags[1..] {
+        let _ = docker(&["rmi", tag]);
+    }
+    setup.finish(&tags[0]).await;
 }
