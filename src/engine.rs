@@ -9,6 +9,7 @@
 //! [`Engine::inspect_fresh`].
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +24,7 @@ use tokio::sync::{Mutex, broadcast, watch};
 
 use crate::error::{Error, Result};
 use crate::reference::ImageRef;
+use crate::resolve::Arch;
 
 /// How long a connect + version negotiation may take before the engine counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,6 +94,8 @@ pub struct EngineVersion {
     pub name: String,
     pub version: String,
     pub api_version: String,
+    /// The engine host's architecture as Go spells it ("amd64", "arm64"); empty if unsaid.
+    pub arch: String,
 }
 
 /// Why [`Engine::registry_digest`] has no digest.
@@ -126,6 +130,71 @@ fn distribution_unsupported(status_code: u16, message: &str) -> bool {
     status_code == 501
         || (status_code == 404
             && (message.eq_ignore_ascii_case("not found") || message.contains("page not found")))
+}
+
+/// Where the kernel lists its binfmt_misc entries (one file per registered interpreter, plus
+/// `status` and `register`).
+pub const BINFMT_MISC_DIR: &str = "/proc/sys/fs/binfmt_misc";
+
+/// The Lambda architectures an engine can run containers of, for GetInfo, in [`Arch`] order.
+///
+/// The rule: the engine's native architecture (`native`, Go's spelling from `/version`), plus
+/// each architecture with an enabled 64-bit little-endian ELF entry under `binfmt_dir` (an
+/// emulator such as qemu-user, which lets the kernel run that architecture's binaries) while
+/// binfmt_misc itself is enabled. Entries are only read when the engine is `local` (it shares
+/// this kernel; see [`Engine::is_local`]): for a remote engine, only the native architecture is
+/// reported, since its host's binfmt_misc cannot be seen from here. An entry is recognised by
+/// its ELF magic's `e_machine` (x86-64: 62, AArch64: 183), not by its name, which differs
+/// between qemu-user-static, binfmt-support and tonistiigi/binfmt.
+pub fn runnable_architectures(native: &str, local: bool, binfmt_dir: &Path) -> Vec<Arch> {
+    let mut found: Vec<Arch> = match native {
+        "amd64" | "x86_64" => vec![Arch::X86_64],
+        "arm64" | "aarch64" => vec![Arch::Arm64],
+        _ => Vec::new(),
+    };
+    let binfmt_on = local
+        && std::fs::read_to_string(binfmt_dir.join("status"))
+            .is_ok_and(|status| status.trim() == "enabled");
+    if binfmt_on {
+        let entries = std::fs::read_dir(binfmt_dir)
+            .into_iter()
+            .flatten()
+            .flatten();
+        for entry in entries {
+            if matches!(entry.file_name().to_str(), Some("status" | "register")) {
+                continue;
+            }
+            if let Some(arch) = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|text| binfmt_entry_arch(&text))
+            {
+                found.push(arch);
+            }
+        }
+    }
+    found.sort_by_key(|arch| *arch as u8);
+    found.dedup();
+    found
+}
+
+/// The architecture an enabled binfmt_misc entry runs (its text as the kernel shows it), if it
+/// is a 64-bit little-endian ELF entry for x86-64 or AArch64.
+fn binfmt_entry_arch(text: &str) -> Option<Arch> {
+    let mut lines = text.lines();
+    if lines.next()?.trim() != "enabled" {
+        return None;
+    }
+    let magic = lines.find_map(|line| line.strip_prefix("magic "))?.trim();
+    let magic = hex::decode(magic).ok()?;
+    // ELF header: "\x7fELF", class 2 (64-bit), data 1 (little-endian), e_machine at 18..20.
+    if magic.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    match u16::from_le_bytes([*magic.get(18)?, *magic.get(19)?]) {
+        62 => Some(Arch::X86_64),
+        183 => Some(Arch::Arm64),
+        _ => None,
+    }
 }
 
 /// One shared engine connection plus the image index.
@@ -217,6 +286,19 @@ impl Engine {
     /// Where the engine is reached.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// True when the engine shares this machine's kernel, as far as we can tell: it is reached
+    /// over a Unix socket and reports the architecture this daemon was built for. (A socket
+    /// forwarded from another machine, or Docker Desktop's VM, can still pass: the answer is a
+    /// hint for GetInfo, never used to decide a build.)
+    pub fn is_local(&self, native: &str) -> bool {
+        let ours = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        self.host.starts_with("unix://") && native == ours
     }
 
     /// True while the engine answers; changes are published to [`Engine::health`] watchers.
@@ -631,6 +713,7 @@ impl Engine {
             name,
             version: version.version.unwrap_or_default(),
             api_version: client.client_version().to_string(),
+            arch: version.arch.unwrap_or_default(),
         })
     }
 
@@ -697,6 +780,51 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The native architecture, plus enabled 64-bit ELF binfmt_misc entries told by their
+    /// e_machine (names do not matter), only for a local engine and while binfmt_misc is on.
+    #[test]
+    fn runnable_architectures_follow_binfmt_entries_of_a_local_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |name: &str, state: &str, magic: &str| {
+            std::fs::write(
+                dir.path().join(name),
+                format!("{state}\ninterpreter /usr/bin/qemu\nflags: F\noffset 0\nmagic {magic}\nmask ff\n"),
+            )
+            .unwrap();
+        };
+        let aarch64 = "7f454c460201010000000000000000000200b700";
+        let arm32 = "7f454c4601010100000000000000000002002800";
+        entry("some-emulator", "enabled", aarch64);
+        entry("qemu-arm", "enabled", arm32);
+        std::fs::write(dir.path().join("register"), "").unwrap();
+        let archs = |native: &str, local: bool| runnable_architectures(native, local, dir.path());
+        assert_eq!(
+            archs("amd64", true),
+            [Arch::X86_64],
+            "binfmt_misc has no status: off"
+        );
+        std::fs::write(dir.path().join("status"), "enabled\n").unwrap();
+        assert_eq!(archs("amd64", true), [Arch::X86_64, Arch::Arm64]);
+        assert_eq!(archs("amd64", false), [Arch::X86_64], "remote: native only");
+        assert_eq!(archs("arm64", true), [Arch::Arm64], "no duplicate");
+        assert_eq!(archs("riscv64", false), Vec::<Arch>::new());
+        entry("some-emulator", "disabled", aarch64);
+        assert_eq!(
+            archs("amd64", true),
+            [Arch::X86_64],
+            "a disabled entry does not count"
+        );
+        std::fs::write(dir.path().join("status"), "disabled\n").unwrap();
+        entry(
+            "qemu-x86_64",
+            "enabled",
+            "7f454c4602010100000000000000000002003e00",
+        );
+        assert_eq!(archs("arm64", true), [Arch::Arm64], "binfmt_misc off");
+        std::fs::write(dir.path().join("status"), "enabled\n").unwrap();
+        assert_eq!(archs("arm64", true), [Arch::X86_64, Arch::Arm64]);
+    }
 
     /// Podman's bare 404 and a 501 mean "no distribution API"; Docker's registry errors do not.
     #[test]
