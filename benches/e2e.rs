@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench e2e -- <scenario> [--json]`; scenarios: warm_hit, dedup, fanout,
 //! layer_repeat, layer_touch, layer_delete, layer_add, multi_layer, shared_prefix, delta_chain,
-//! cold_vs_docker, rss_1g (or `all`).
+//! cold_vs_docker, rss_1g, base_check, base_changed (or `all`).
 //!
 //! Each line holds the scenario's correctness figures (engine builds, completed streams, files
 //! re-hashed, the image's file contents, ...), its speed figures, and `failures`: every
@@ -42,6 +42,8 @@ const SCENARIOS: &[&str] = &[
     "delta_chain",
     "cold_vs_docker",
     "rss_1g",
+    "base_check",
+    "base_changed",
 ];
 
 fn main() {
@@ -136,6 +138,8 @@ async fn run(name: &str, checks: &mut Checks) -> Value {
         "delta_chain" => delta_chain(checks).await,
         "cold_vs_docker" => cold_vs_docker(checks).await,
         "rss_1g" => rss_1g(checks).await,
+        "base_check" => base_check(checks).await,
+        "base_changed" => base_changed(checks).await,
         _ => unreachable!("checked in main"),
     }
 }
@@ -150,6 +154,11 @@ struct Daemon {
 impl Daemon {
     /// Starts the binary and waits (up to 60 s) until it answers on its socket.
     async fn start() -> Daemon {
+        Daemon::start_with(&[]).await
+    }
+
+    /// Like [`Daemon::start`], with `extra` flags.
+    async fn start_with(extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("d.sock");
         let rie = std::env::var("LAMBDA_IMAGED_RIE_DIR")
@@ -165,6 +174,7 @@ impl Daemon {
             .arg(dir.path().join("cache"))
             .arg("--rie-dir")
             .arg(rie)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -935,5 +945,190 @@ async fn rss_1g(checks: &mut Checks) -> Value {
         "daemon_peak_rss_mib": (peak as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
         "daemon_rss_before_mib": (baseline as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
         "target_daemon_peak_rss_mib": 64,
+    })
+}
+
+/// The local registry's host:port (`scripts/test-env.sh`).
+fn registry() -> String {
+    std::env::var("LAMBDA_IMAGED_TEST_REGISTRY")
+        .expect("LAMBDA_IMAGED_TEST_REGISTRY is not set: run scripts/test-env.sh first")
+}
+
+/// Pushes a python3.12 base to `<registry>/<repo>/python:3.12-x86_64`: the stand-in base, plus
+/// `/marker` holding `marker` when given (a new base under the same tag). The local name is
+/// removed again, so only the daemon's pull brings it back.
+fn push_base(repo: &str, marker: Option<&str>) {
+    let name = format!("{}/{repo}/python:3.12-x86_64", registry());
+    match marker {
+        None => {
+            docker_ok(&["tag", BASE_IMAGE, &name]);
+        }
+        Some(marker) => {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("marker"), marker).unwrap();
+            std::fs::write(
+                dir.path().join("Dockerfile"),
+                format!("FROM {BASE_IMAGE}\nCOPY marker /marker\n"),
+            )
+            .unwrap();
+            let output = Command::new("docker")
+                .args(["build", "-q", "-t", &name])
+                .arg(dir.path())
+                .env("DOCKER_BUILDKIT", "0")
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "docker build: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    docker_ok(&["push", &name]);
+    docker_ok(&["rmi", &name]);
+}
+
+/// How many `base_unverified` warnings a stream carried.
+fn unverified(built: &Built) -> usize {
+    built
+        .events
+        .iter()
+        .filter(|e| matches!(&e.event, Some(Event::Warning(w)) if w.code == "base_unverified"))
+        .count()
+}
+
+/// Warm hits while the base's freshness check is due all the time (`--base-check-ttl 10ms`,
+/// the base from the local registry through `--base-image-mirror`), alternating with warm hits
+/// that skip the check (`skip_pull_image`, i.e. `warm_hit`) on the same daemon and tag, 1,000
+/// each: the checked ones must stay within 10 % of the others (p50). Every answer is cached.
+async fn base_check(checks: &mut Checks) -> Value {
+    let repo = unique("bench-base");
+    push_base(&repo, None);
+    let mirror = format!("{}/{repo}", registry());
+    let daemon =
+        Daemon::start_with(&["--base-check-ttl", "10ms", "--base-image-mirror", &mirror]).await;
+    let layer = daemon.dir.path().join("layer");
+    small_layer(&layer);
+    let name = unique("check");
+    let unchecked = request(&name, &layer);
+    let mut checked = unchecked.clone();
+    checked.skip_pull_image = false;
+    let first = build_events(&daemon.socket, checked.clone()).await; // pulls the base
+    let since = now_stamp();
+    let mut client = daemon.client().await;
+    let (mut cached, mut warned) = (0, 0);
+    let time = |client: &mut Client, request: proto::BuildRequest| {
+        let mut client = client.clone();
+        async move {
+            let started = Instant::now();
+            let outcome = client.build(request).await;
+            let us = started.elapsed().as_secs_f64() * 1e6;
+            let done = outcome.result.expect("build succeeds");
+            let built = Built {
+                done,
+                events: outcome.events,
+                ms: us / 1000.0,
+            };
+            (us, built)
+        }
+    };
+    for _ in 0..100 {
+        time(&mut client, checked.clone()).await; // warm up
+        time(&mut client, unchecked.clone()).await;
+    }
+    let (mut with_check, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..1000 {
+        let (us, built) = time(&mut client, checked.clone()).await;
+        with_check.push(us);
+        cached += usize::from(built.done.cached);
+        warned += unverified(&built);
+        let (us, built) = time(&mut client, unchecked.clone()).await;
+        without.push(us);
+        cached += usize::from(built.done.cached);
+    }
+    with_check.sort_by(f64::total_cmp);
+    without.sort_by(f64::total_cmp);
+    let builds = engine_builds_of(std::slice::from_ref(&first.done.tag), &since);
+    let base = format!("{mirror}/python:3.12-x86_64");
+    drop(daemon);
+    rmi(&[first.done.tag.clone(), base]);
+    let (p50, p50_warm) = (percentile(&with_check, 0.5), percentile(&without, 0.5));
+    json!({
+        "scenario": "base_check", "requests": with_check.len() + without.len(),
+        "cached": checks.equal("cached answers", cached, 2000),
+        "engine_builds": checks.equal("engine builds after the first", builds, 0),
+        "base_unverified_warnings": warned,
+        "p50_us": p50.round(), "p99_us": percentile(&with_check, 0.99).round(),
+        "warm_hit_p50_us": p50_warm.round(), "warm_hit_p99_us": percentile(&without, 0.99).round(),
+        "p50_ratio": (p50 / p50_warm * 100.0).round() / 100.0,
+        "target_p50_ratio": 1.1,
+    })
+}
+
+/// A function with a 20 MB / 400-file layer on a base from the local registry
+/// (`--base-check-ttl 1s`); a new base is pushed under the same tag, and requests go on until
+/// one rebuilds with base_changed: how long that took after the push, the rebuild's own time,
+/// and the bytes it sent. The new base's file and the layer's files are in the image.
+async fn base_changed(checks: &mut Checks) -> Value {
+    let repo = unique("bench-base");
+    push_base(&repo, None);
+    // The daemon names the registry `localhost:<port>`, so its pulled base is not the
+    // `127.0.0.1:<port>` name `push_base` builds, pushes and removes.
+    let mirror = format!(
+        "{}/{repo}",
+        registry().replacen("127.0.0.1:", "localhost:", 1)
+    );
+    assert!(
+        mirror.starts_with("localhost:"),
+        "the bench expects the registry on 127.0.0.1: {mirror}"
+    );
+    let daemon =
+        Daemon::start_with(&["--base-check-ttl", "1s", "--base-image-mirror", &mirror]).await;
+    let layer = daemon.dir.path().join("deps");
+    make_layer(&layer, 400, 20 << 20);
+    let mut req = request(&unique("changed"), &layer);
+    req.skip_pull_image = false;
+    let first = build_events(&daemon.socket, req.clone()).await;
+    let full_bytes = checks.bytes_sent("first build", &first);
+    push_base(&repo, Some("second base"));
+    let pushed = Instant::now();
+    let deadline = pushed + Duration::from_secs(120);
+    let mut requests = 0;
+    let mut first_after_push = None;
+    let changed = loop {
+        let built = build_events(&daemon.socket, req.clone()).await;
+        requests += 1;
+        // The first request after the TTL is answered from the local base (the check runs
+        // in the background); only a later one rebuilds.
+        first_after_push.get_or_insert(built.reason());
+        if built.reason() != "up_to_date" || Instant::now() > deadline {
+            break built;
+        }
+        // Poll gently: each request is a warm hit while the check and pull run.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let after_push_ms = pushed.elapsed().as_secs_f64() * 1000.0;
+    let reason = checks.equal("reason", changed.reason(), "base_changed");
+    checks.equal(
+        "the first request after the push",
+        first_after_push,
+        Some("up_to_date"),
+    );
+    let bytes = checks.bytes_sent("base_changed rebuild", &changed);
+    let marker = run_in_image(&changed.done.tag, "cat /marker");
+    let sample = layer.join("pkg000/file00000.bin");
+    let same_file =
+        image_sha256(&changed.done.tag, "/opt/pkg000/file00000.bin") == host_sha256(&sample);
+    let base = format!("{mirror}/python:3.12-x86_64");
+    drop(daemon);
+    rmi(&[changed.done.tag.clone(), base]);
+    json!({
+        "scenario": "base_changed", "reason": reason,
+        "marker": checks.equal("the new base's /marker", marker.as_str(), "second base"),
+        "layer_file_intact": checks.equal("a layer file's sha256 in the image", same_file, true),
+        "requests_until_rebuild": requests,
+        "seconds_after_push": (after_push_ms / 10.0).round() / 100.0,
+        "rebuild_ms": changed.ms.round(), "rebuild_bytes_sent": bytes,
+        "first_build_bytes_sent": full_bytes,
     })
 }

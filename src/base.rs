@@ -168,7 +168,7 @@ pub async fn check(
 }
 
 async fn check_now(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     freshness: &Freshness,
     base: &ImageRef,
     platform: &'static str,
@@ -197,7 +197,8 @@ async fn check_now(
         return;
     }
     tracing::info!(base = name, digest = remote, "base image outdated; pulling");
-    if let Err(err) = engine.pull(base, platform, |_| {}).await {
+    // Shared with any request pulling the same base right now.
+    if let Err(err) = engine.start_pull(base, platform).wait(|_| {}).await {
         tracing::warn!(base = name, error = %err, "pulling the updated base image failed");
         freshness.failed(
             &name,

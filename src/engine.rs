@@ -32,10 +32,11 @@ use bollard::query_parameters::{
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, broadcast, watch};
 
 use crate::error::{Error, Result};
 use crate::reference::ImageRef;
+use crate::resolve::Arch;
 
 /// How long a connect + version negotiation may take before the engine counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -105,6 +106,8 @@ pub struct EngineVersion {
     pub name: String,
     pub version: String,
     pub api_version: String,
+    /// The engine host's architecture as Go spells it ("amd64", "arm64"); empty if unsaid.
+    pub arch: String,
 }
 
 /// Why [`Engine::registry_digest`] has no digest.
@@ -229,6 +232,71 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Where the kernel lists its binfmt_misc entries (one file per registered interpreter, plus
+/// `status` and `register`).
+pub const BINFMT_MISC_DIR: &str = "/proc/sys/fs/binfmt_misc";
+
+/// The Lambda architectures an engine can run containers of, for GetInfo, in [`Arch`] order.
+///
+/// The rule: the engine's native architecture (`native`, Go's spelling from `/version`), plus
+/// each architecture with an enabled 64-bit little-endian ELF entry under `binfmt_dir` (an
+/// emulator such as qemu-user, which lets the kernel run that architecture's binaries) while
+/// binfmt_misc itself is enabled. Entries are only read when the engine is `local` (it shares
+/// this kernel; see [`Engine::is_local`]): for a remote engine, only the native architecture is
+/// reported, since its host's binfmt_misc cannot be seen from here. An entry is recognised by
+/// its ELF magic's `e_machine` (x86-64: 62, AArch64: 183), not by its name, which differs
+/// between qemu-user-static, binfmt-support and tonistiigi/binfmt.
+pub fn runnable_architectures(native: &str, local: bool, binfmt_dir: &Path) -> Vec<Arch> {
+    let mut found: Vec<Arch> = match native {
+        "amd64" | "x86_64" => vec![Arch::X86_64],
+        "arm64" | "aarch64" => vec![Arch::Arm64],
+        _ => Vec::new(),
+    };
+    let binfmt_on = local
+        && std::fs::read_to_string(binfmt_dir.join("status"))
+            .is_ok_and(|status| status.trim() == "enabled");
+    if binfmt_on {
+        let entries = std::fs::read_dir(binfmt_dir)
+            .into_iter()
+            .flatten()
+            .flatten();
+        for entry in entries {
+            if matches!(entry.file_name().to_str(), Some("status" | "register")) {
+                continue;
+            }
+            if let Some(arch) = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|text| binfmt_entry_arch(&text))
+            {
+                found.push(arch);
+            }
+        }
+    }
+    found.sort_by_key(|arch| *arch as u8);
+    found.dedup();
+    found
+}
+
+/// The architecture an enabled binfmt_misc entry runs (its text as the kernel shows it), if it
+/// is a 64-bit little-endian ELF entry for x86-64 or AArch64.
+fn binfmt_entry_arch(text: &str) -> Option<Arch> {
+    let mut lines = text.lines();
+    if lines.next()?.trim() != "enabled" {
+        return None;
+    }
+    let magic = lines.find_map(|line| line.strip_prefix("magic "))?.trim();
+    let magic = hex::decode(magic).ok()?;
+    // ELF header: "\x7fELF", class 2 (64-bit), data 1 (little-endian), e_machine at 18..20.
+    if magic.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    match u16::from_le_bytes([*magic.get(18)?, *magic.get(19)?]) {
+        62 => Some(Arch::X86_64),
+        183 => Some(Arch::Arm64),
+        _ => None,
+    }
+}
+
 /// One shared engine connection plus the image index.
 pub struct Engine {
     host: String,
@@ -237,6 +305,55 @@ pub struct Engine {
     client: Mutex<Option<Docker>>,
     index: RwLock<Index>,
     healthy: watch::Sender<bool>,
+    /// Pulls in flight by (reference, platform): concurrent requests for one missing base
+    /// (whatever their tags) and a freshness check's update share one pull. A std Mutex: held
+    /// only to look up, insert or remove an entry, never across an `.await`.
+    pulls: std::sync::Mutex<HashMap<(String, String), Arc<InFlightPull>>>,
+}
+
+/// Progress items one pull keeps for followers that fall behind; a slower one skips items
+/// (it lags), it never stalls the pull.
+const PULL_PROGRESS_BUFFER: usize = 256;
+
+/// One pull in flight, shared by every request for the same reference and platform.
+struct InFlightPull {
+    /// The engine's progress items, as they come.
+    progress: broadcast::Sender<CreateImageInfo>,
+    /// The outcome, set once the pull ended (before `progress` closes).
+    done: watch::Receiver<Option<Result<()>>>,
+}
+
+/// A request's share of a pull, from [`Engine::start_pull`].
+pub struct PullTicket {
+    /// True when this request started the pull; false when it joined one already in flight
+    /// (it then sees progress from the moment it joined).
+    pub started: bool,
+    progress: broadcast::Receiver<CreateImageInfo>,
+    done: watch::Receiver<Option<Result<()>>>,
+}
+
+impl PullTicket {
+    /// Hands each progress item to `on_progress` until the pull ends; returns its outcome,
+    /// the same for every request that shares it.
+    ///
+    /// # Errors
+    /// The pull's error (registry refused, engine unreachable, `DEADLINE_EXCEEDED` after
+    /// `--build-timeout`), as [`Engine::start_pull`] describes.
+    pub async fn wait(mut self, mut on_progress: impl FnMut(&CreateImageInfo)) -> Result<()> {
+        loop {
+            match self.progress.recv().await {
+                Ok(item) => on_progress(&item),
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        match self.done.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+            Err(_) => Err(Error::Internal(
+                "the pull's task ended without an outcome".into(),
+            )),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -260,6 +377,7 @@ impl Engine {
             client: Mutex::new(None),
             index: RwLock::new(Index::default()),
             healthy,
+            pulls: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -271,6 +389,19 @@ impl Engine {
     /// Where the engine is reached.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// True when the engine shares this machine's kernel, as far as we can tell: it is reached
+    /// over a Unix socket and reports the architecture this daemon was built for. (A socket
+    /// forwarded from another machine, or Docker Desktop's VM, can still pass: the answer is a
+    /// hint for GetInfo, never used to decide a build.)
+    pub fn is_local(&self, native: &str) -> bool {
+        let ours = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        self.host.starts_with("unix://") && native == ours
     }
 
     /// True while the engine answers; changes are published to [`Engine::health`] watchers.
@@ -472,8 +603,68 @@ impl Engine {
         index.images.clear();
     }
 
-    /// Pulls `reference`, reporting progress as (layer, current, total, status).
-    pub async fn pull(
+    /// Pulls `reference` for `platform`, or joins the pull of the same reference and platform
+    /// already in flight: however many requests ask at once, the engine (and the registry)
+    /// sees one pull. The pull runs on a task of its own, bounded by `--build-timeout`, so a
+    /// request that gives up (client gone, its own deadline) never cancels it for the others.
+    /// Joining happens before this returns: a request may report it right away.
+    pub fn start_pull(self: &Arc<Self>, reference: &ImageRef, platform: &str) -> PullTicket {
+        let key = (reference.as_str().to_owned(), platform.to_owned());
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pull) = pulls.get(&key) {
+            return PullTicket {
+                started: false,
+                progress: pull.progress.subscribe(),
+                done: pull.done.clone(),
+            };
+        }
+        let (progress, progress_rx) = broadcast::channel(PULL_PROGRESS_BUFFER);
+        let (done_tx, done) = watch::channel(None);
+        pulls.insert(
+            key.clone(),
+            Arc::new(InFlightPull {
+                progress: progress.clone(),
+                done: done.clone(),
+            }),
+        );
+        drop(pulls);
+        let (engine, reference) = (self.clone(), reference.clone());
+        tokio::spawn(async move {
+            let limit = engine.build_timeout;
+            let pulling = engine.pull(&reference, &key.1, |item| {
+                // No receiver left is fine: the pull still completes for the next request.
+                let _ = progress.send(item.clone());
+            });
+            let outcome = tokio::time::timeout(limit, pulling)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::DeadlineExceeded(format!(
+                        "pulling {} took longer than --build-timeout ({}); check the registry, \
+                         or pull it yourself",
+                        key.0,
+                        humantime::format_duration(limit)
+                    )))
+                });
+            // The outcome first, then the entry goes and the progress channel closes (its
+            // last sender is dropped with `progress`): a waiter that sees it closed finds
+            // the outcome set.
+            done_tx.send_replace(Some(outcome));
+            engine
+                .pulls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        });
+        PullTicket {
+            started: true,
+            progress: progress_rx,
+            done,
+        }
+    }
+
+    /// Pulls `reference`, reporting progress as (layer, current, total, status). Not shared:
+    /// requests use [`Engine::start_pull`].
+    async fn pull(
         &self,
         reference: &ImageRef,
         platform: &str,
@@ -664,6 +855,7 @@ impl Engine {
             name,
             version: version.version.unwrap_or_default(),
             api_version: client.client_version().to_string(),
+            arch: version.arch.unwrap_or_default(),
         })
     }
 
@@ -730,6 +922,51 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The native architecture, plus enabled 64-bit ELF binfmt_misc entries told by their
+    /// e_machine (names do not matter), only for a local engine and while binfmt_misc is on.
+    #[test]
+    fn runnable_architectures_follow_binfmt_entries_of_a_local_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |name: &str, state: &str, magic: &str| {
+            std::fs::write(
+                dir.path().join(name),
+                format!("{state}\ninterpreter /usr/bin/qemu\nflags: F\noffset 0\nmagic {magic}\nmask ff\n"),
+            )
+            .unwrap();
+        };
+        let aarch64 = "7f454c460201010000000000000000000200b700";
+        let arm32 = "7f454c4601010100000000000000000002002800";
+        entry("some-emulator", "enabled", aarch64);
+        entry("qemu-arm", "enabled", arm32);
+        std::fs::write(dir.path().join("register"), "").unwrap();
+        let archs = |native: &str, local: bool| runnable_architectures(native, local, dir.path());
+        assert_eq!(
+            archs("amd64", true),
+            [Arch::X86_64],
+            "binfmt_misc has no status: off"
+        );
+        std::fs::write(dir.path().join("status"), "enabled\n").unwrap();
+        assert_eq!(archs("amd64", true), [Arch::X86_64, Arch::Arm64]);
+        assert_eq!(archs("amd64", false), [Arch::X86_64], "remote: native only");
+        assert_eq!(archs("arm64", true), [Arch::Arm64], "no duplicate");
+        assert_eq!(archs("riscv64", false), Vec::<Arch>::new());
+        entry("some-emulator", "disabled", aarch64);
+        assert_eq!(
+            archs("amd64", true),
+            [Arch::X86_64],
+            "a disabled entry does not count"
+        );
+        std::fs::write(dir.path().join("status"), "disabled\n").unwrap();
+        entry(
+            "qemu-x86_64",
+            "enabled",
+            "7f454c4602010100000000000000000002003e00",
+        );
+        assert_eq!(archs("arm64", true), [Arch::Arm64], "binfmt_misc off");
+        std::fs::write(dir.path().join("status"), "enabled\n").unwrap();
+        assert_eq!(archs("arm64", true), [Arch::X86_64, Arch::Arm64]);
+    }
 
     /// Podman's bare 404 and a 501 mean "no distribution API"; Docker's registry errors do not.
     #[test]

@@ -815,7 +815,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 /// Inspects the base; pulls it when missing and allowed. Never lets the build call pull.
 /// The flag is true when the base was present, false when it was just pulled.
 async fn ensure_base(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     plan: &Plan,
     reporter: &Reporter,
 ) -> Result<(ImageInfo, bool)> {
@@ -829,13 +829,20 @@ async fn ensure_base(
              load it first, or drop --skip-pull-image"
         )));
     }
+    // One pull per base and platform, whatever the tags asking: a request joins a pull in
+    // flight (and says so) instead of starting its own.
+    let ticket = engine.start_pull(&plan.base, plan.arch.platform());
     reporter.emit(Event::Log {
         kind: LogKind::Status,
-        text: format!("pulling {name}"),
+        text: if ticket.started {
+            format!("pulling {name}")
+        } else {
+            format!("pulling {name} (joined the pull already in flight)")
+        },
         step: 0,
     });
-    let pulled = engine
-        .pull(&plan.base, plan.arch.platform(), |item| {
+    let pulled = ticket
+        .wait(|item| {
             if let Some(detail) = &item.progress_detail {
                 reporter.emit(Event::PullProgress {
                     image: name.to_owned(),

@@ -332,6 +332,16 @@ impl ImageBuilder for Service {
                 engine_info.name = version.name;
                 engine_info.version = version.version;
                 engine_info.api_version = version.api_version;
+                let local = engine.is_local(&version.arch);
+                let binfmt = std::path::Path::new(crate::engine::BINFMT_MISC_DIR);
+                // A few small procfs reads: off the async workers all the same.
+                let native = version.arch;
+                let archs = tokio::task::spawn_blocking(move || {
+                    crate::engine::runnable_architectures(&native, local, binfmt)
+                })
+                .await
+                .unwrap_or_default();
+                engine_info.architectures = archs.iter().map(|a| a.as_str().to_owned()).collect();
             }
             Ok(Err(err)) => engine_info.error = err.to_string(),
             Err(_) => engine_info.error = "the engine did not answer within 5 s".into(),

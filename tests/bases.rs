@@ -3,9 +3,9 @@
 //! prefix and used; a new base under the same tag is picked up after the TTL (reason
 //! base_changed, its files in the image) and not before; an unreachable registry leaves
 //! requests working from the local base with a `base_unverified` warning; concurrent requests
-//! due for a check share one.
+//! due for a check share one; concurrent requests for a missing base share one pull.
 //!
-//! The daemon reaches the registry through a small TCP proxy written here, which counts the
+//! The daemon reaches the registry through a small TCP proxy (`support/registry.rs`), which counts the
 //! manifest requests that pass, and can hold them (to keep a check in flight while requests
 //! arrive) or refuse connections (a registry that stopped answering).
 
@@ -13,129 +13,21 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use lambda_imaged::client::{LayerArg, RequestBuilder, proto};
 use proto::build_event::Event;
+use support::registry::{Proxy, registry};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// The generous bound of every poll below (a busy 2-core machine is slow, never stuck).
 const DEADLINE: Duration = Duration::from_secs(45);
 
-fn registry() -> String {
-    std::env::var("LAMBDA_IMAGED_TEST_REGISTRY").unwrap_or_else(|_| {
-        panic!(
-            "LAMBDA_IMAGED_TEST_REGISTRY is not set: run `eval \"$(scripts/test-env.sh)\"` first"
-        )
-    })
-}
-
-/// The bytes a client sent on one connection.
-type Recorded = Arc<Mutex<Vec<u8>>>;
-
-/// A TCP proxy on 127.0.0.1 in front of the registry that records every request line sent
-/// through it.
-struct Proxy {
-    addr: String,
-    /// What clients sent, per connection (requests only: the registry's answers are not kept).
-    sent: Arc<Mutex<Vec<Recorded>>>,
-    /// Connections accepted while held.
-    held: Arc<AtomicUsize>,
-    open: watch::Sender<bool>,
-    refuse: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let sent: Arc<Mutex<Vec<Recorded>>> = Arc::default();
-        let held = Arc::new(AtomicUsize::new(0));
-        let refuse = Arc::new(AtomicBool::new(false));
-        let (open, open_rx) = watch::channel(true);
-        let (sent2, held2, refuse2) = (sent.clone(), held.clone(), refuse.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                if refuse2.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let mut open_rx = open_rx.clone();
-                if !*open_rx.borrow() {
-                    held2.fetch_add(1, Ordering::SeqCst);
-                }
-                let record = Arc::new(Mutex::new(Vec::new()));
-                sent2.lock().unwrap().push(record.clone());
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    if open_rx.wait_for(|open| *open).await.is_err() {
-                        return;
-                    }
-                    let Ok(server) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut server_read, mut server_write) = server.into_split();
-                    let up = async move {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            let n = match client_read.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            record.lock().unwrap().extend_from_slice(&buf[..n]);
-                            if server_write.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                        let _ = server_write.shutdown().await;
-                    };
-                    let down = async move {
-                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                        let _ = client_write.shutdown().await;
-                    };
-                    tokio::join!(up, down);
-                });
-            }
-        });
-        Proxy {
-            addr,
-            sent,
-            held,
-            open,
-            refuse,
-        }
-    }
-
-    /// Manifest requests by tag (`GET`/`HEAD /v2/<prefix>/python/manifests/3.12-x86_64`) that
-    /// passed so far: one per pull or freshness check (each then asks for the manifest by
-    /// digest as well, which is not counted).
-    fn manifest_requests(&self, prefix: &str) -> usize {
-        let needle = format!(" /v2/{prefix}/python/manifests/3.12-x86_64 ");
-        self.sent
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|conn| {
-                let bytes = conn.lock().unwrap().clone();
-                String::from_utf8_lossy(&bytes)
-                    .split("\r\n")
-                    .filter(|line| {
-                        (line.starts_with("GET ") || line.starts_with("HEAD "))
-                            && line.contains(&needle)
-                    })
-                    .count()
-            })
-            .sum()
-    }
+/// Manifest requests for `<repo>/python:3.12-x86_64` through `proxy` (see
+/// [`Proxy::manifest_requests_for`]).
+fn manifest_requests(proxy: &Proxy, repo: &str) -> usize {
+    proxy.manifest_requests_for(&format!("{repo}/python"), "3.12-x86_64")
 }
 
 /// A base `<registry>/<repo>/python:3.12-x86_64` pushed to the real registry: the busybox
@@ -261,7 +153,7 @@ async fn a_pulled_base_is_used_and_not_checked_before_the_ttl() {
     let first = setup.build().await;
     let done = first.completed().clone();
     assert_eq!(done.reason, proto::Reason::Missing as i32);
-    let pulled = setup.proxy.manifest_requests(&setup.repo);
+    let pulled = manifest_requests(&setup.proxy, &setup.repo);
     assert!(pulled >= 1, "the base was pulled through the mirror");
     let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &setup.mirrored_base()]);
     assert!(!base_id.trim().is_empty());
@@ -281,7 +173,7 @@ async fn a_pulled_base_is_used_and_not_checked_before_the_ttl() {
         assert!(warnings(&again, "base_unverified").is_empty(), "{again:?}");
     }
     assert_eq!(
-        setup.proxy.manifest_requests(&setup.repo),
+        manifest_requests(&setup.proxy, &setup.repo),
         pulled,
         "no registry request before the TTL"
     );
@@ -364,7 +256,7 @@ async fn an_unreachable_registry_leaves_the_local_base_in_use() {
 async fn concurrent_due_requests_share_one_check() {
     let setup = Setup::start(Duration::ZERO).await;
     let first = setup.build().await.completed().clone();
-    let before = setup.proxy.manifest_requests(&setup.repo);
+    let before = manifest_requests(&setup.proxy, &setup.repo);
     setup.proxy.open.send_replace(false);
     let handles: Vec<_> = (0..20)
         .map(|_| {
@@ -394,7 +286,7 @@ async fn concurrent_due_requests_share_one_check() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     setup.proxy.open.send_replace(true);
-    while setup.proxy.manifest_requests(&setup.repo) == before {
+    while manifest_requests(&setup.proxy, &setup.repo) == before {
         assert!(
             started.elapsed() < DEADLINE,
             "the held check never completed"
@@ -403,7 +295,7 @@ async fn concurrent_due_requests_share_one_check() {
     }
     // The 20 requests above started exactly one check. (A request after it completes would
     // start the next one: the TTL is 0.)
-    assert_eq!(setup.proxy.manifest_requests(&setup.repo) - before, 1);
+    assert_eq!(manifest_requests(&setup.proxy, &setup.repo) - before, 1);
     setup.finish(&first.tag).await;
 }
 
@@ -450,4 +342,68 @@ async fn an_engine_without_the_distribution_api_counts_the_base_as_current() {
         );
     }
     daemon.stop().await;
+}
+
+/// 20 concurrent requests with different tags whose base is missing share one pull: each is
+/// told it started or joined the pull, every one completes on the same base, and the registry
+/// sees the manifest request of one pull.
+#[tokio::test]
+async fn concurrent_requests_for_a_missing_base_share_one_pull() {
+    let setup = Setup::start(Duration::from_secs(3600)).await;
+    // Hold the registry until every request has reached the pull.
+    setup.proxy.open.send_replace(false);
+    let (reached, mut reached_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let pulling = format!("pulling {}", setup.mirrored_base());
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let (socket, reached, pulling) = (
+                setup.daemon.socket.clone(),
+                reached.clone(),
+                pulling.clone(),
+            );
+            let request = request(&unique("layer"), setup.layer.path());
+            tokio::spawn(async move {
+                let mut client = lambda_imaged::client::Client::connect(&socket)
+                    .await
+                    .unwrap();
+                client
+                    .build_with(request, |event| match &event.event {
+                        Some(Event::Log(log)) if log.text.starts_with(&pulling) => {
+                            let _ = reached.send(log.text.clone());
+                        }
+                        _ => {}
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut texts = Vec::new();
+    while texts.len() < 20 {
+        let text = tokio::time::timeout(DEADLINE, reached_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} requests reached the pull", texts.len()))
+            .unwrap();
+        texts.push(text);
+    }
+    assert_eq!(
+        texts.iter().filter(|t| **t == pulling).count(),
+        1,
+        "one request started the pull, the others joined it: {texts:?}"
+    );
+    setup.proxy.open.send_replace(true);
+    let mut tags = Vec::new();
+    for handle in handles {
+        let done = handle.await.unwrap().expect("the build succeeds");
+        assert_eq!(done.reason, proto::Reason::Missing as i32);
+        tags.push(done.tag);
+    }
+    assert_eq!(
+        manifest_requests(&setup.proxy, &setup.repo),
+        1,
+        "the registry saw one pull"
+    );
+    for tag in &tags[1..] {
+        let _ = docker(&["rmi", tag]);
+    }
+    setup.finish(&tags[0]).await;
 }

@@ -758,12 +758,38 @@ fn build_ls_info_prune_health_output_is_pinned() {
     }
     let rie_dir = support::rie_dir();
     let cache_dir = daemon.socket.with_file_name("cache");
+    // The engine's own architecture, plus those this kernel's binfmt_misc runs (the engine is
+    // local); without binfmt_misc, exactly the native one. The rule is unit-tested in engine.rs.
+    let native = match support::docker_ok(&["version", "-f", "{{.Server.Arch}}"]).trim() {
+        "amd64" => "x86_64",
+        "arm64" => "arm64",
+        other => panic!("the test engine runs on {other}, not a Lambda architecture"),
+    };
+    let architectures = info["engine"]["architectures"].clone();
+    let listed: Vec<&str> = architectures
+        .as_array()
+        .expect("engine.architectures is a list")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(listed.contains(&native), "{listed:?}");
+    assert!(
+        listed == ["x86_64"] || listed == ["arm64"] || listed == ["x86_64", "arm64"],
+        "{listed:?}"
+    );
+    let binfmt_on = std::fs::read_to_string("/proc/sys/fs/binfmt_misc/status")
+        .is_ok_and(|status| status.trim() == "enabled");
+    if !binfmt_on {
+        assert_eq!(listed, [native], "no binfmt_misc: the native one only");
+    }
+    let runs = listed.join(" ");
     assert_eq!(
         info,
         json!({
             "cache_bytes": "*", "cache_dir": cache_dir.display().to_string(),
             "capabilities": ["build", "resolve", "list_builds", "dedup", "fingerprint", "streamed_context"],
-            "engine": {"api_version": "*", "distribution_api": "*", "error": "", "host": support::engine_host(),
+            "engine": {"api_version": "*", "architectures": architectures, "distribution_api": "*", "error": "",
+                       "host": support::engine_host(),
                        "name": "*", "reachable": true, "version": "*"},
             "limits": "*",
             "rie": [
@@ -782,8 +808,9 @@ fn build_ls_info_prune_health_output_is_pinned() {
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     let pattern = Regex::new(&format!(
-        "^lambda-imaged \\S+\nengine:  \\S+ \\S+ \\(API \\S+\\) at {}\nsocket:  {}\ncache:   {} \\(\\d+ bytes\\)\nrie:     x86_64 \\S+ [0-9a-f]{{64}}\nrie:     arm64 \\S+ [0-9a-f]{{64}}\n(limit:   \\w+ = \\d+\n)+$",
+        "^lambda-imaged \\S+\nengine:  \\S+ \\S+ \\(API \\S+\\) at {}\nruns:    {}\nsocket:  {}\ncache:   {} \\(\\d+ bytes\\)\nrie:     x86_64 \\S+ [0-9a-f]{{64}}\nrie:     arm64 \\S+ [0-9a-f]{{64}}\n(limit:   \\w+ = \\d+\n)+$",
         regex::escape(&support::engine_host()),
+        runs,
         regex::escape(&daemon.socket.display().to_string()),
         regex::escape(&cache_dir.display().to_string()),
     ))

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod podman;
+pub mod registry;
 pub mod tree;
 
 use std::path::{Path, PathBuf};
@@ -354,23 +355,33 @@ pub fn bootstrap_fixture() -> String {
 
 /// Runs `tag` with the real RIE and invokes the function once over HTTP; returns the answer.
 pub async fn invoke_through_rie(tag: &str) -> String {
+    invoke_through_rie_running(tag, &["/opt/bootstrap"]).await
+}
+
+/// Like [`invoke_through_rie`], with the RIE running `command` as the runtime (as SAM runs an
+/// IMAGE function: the RIE, then the image's ENTRYPOINT and CMD).
+pub async fn invoke_through_rie_running(tag: &str, command: &[&str]) -> String {
     let output = docker_ok(&["network", "inspect", "bridge", "--format", "{{.Name}}"]);
     assert_eq!(
         output.trim(),
         "bridge",
         "the engine needs its default bridge to publish ports"
     );
-    let container = docker_ok(&[
-        "run",
-        "-d",
-        "--rm",
-        "-p",
-        "127.0.0.1::8080",
-        "--entrypoint",
-        "/var/rapid/aws-lambda-rie",
-        tag,
-        "/opt/bootstrap",
-    ]);
+    let container = docker_ok(
+        &[
+            "run",
+            "-d",
+            "--rm",
+            "-p",
+            "127.0.0.1::8080",
+            "--entrypoint",
+            "/var/rapid/aws-lambda-rie",
+            tag,
+        ]
+        .into_iter()
+        .chain(command.iter().copied())
+        .collect::<Vec<_>>(),
+    );
     let container = container.trim().to_owned();
     let port = docker_ok(&["port", &container, "8080/tcp"]);
     let address = port.lines().next().unwrap().trim().to_owned();

@@ -291,7 +291,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineInfo(_message.Message):
-    __slots__ = ("host", "reachable", "name", "version", "api_version", "distribution_api", "error")
+    __slots__ = ("host", "reachable", "name", "version", "api_version", "distribution_api", "error", "architectures")
     HOST_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +299,7 @@ class EngineInfo(_message.Message):
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTION_API_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURES_FIELD_NUMBER: _ClassVar[int]
     host: str
     reachable: bool
     name: str
@@ -306,7 +307,8 @@ class EngineInfo(_message.Message):
     api_version: str
     distribution_api: bool
     error: str
-    def __init__(self, host: _Optional[str] = ..., reachable: _Optional[bool] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api_version: _Optional[str] = ..., distribution_api: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    architectures: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, host: _Optional[str] = ..., reachable: _Optional[bool] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api_version: _Optional[str] = ..., distribution_api: _Optional[bool] = ..., error: _Optional[str] = ..., architectures: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RieInfo(_message.Message):
     __slots__ = ("architecture", "path", "sha256", "present")
