@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench e2e -- <scenario> [--json]`; scenarios: warm_hit, dedup, fanout,
 //! layer_repeat, layer_touch, layer_delete, layer_add, multi_layer, shared_prefix, delta_chain,
-//! cold_vs_docker, rss_1g, base_check, base_changed (or `all`).
+//! cold_vs_docker, rss_1g, base_check, base_changed (or `all`); soak (10 minutes, or
+//! `--soak-secs=N` / `LAMBDA_IMAGED_SOAK_SECS`; never part of `all`).
 //!
 //! Each line holds the scenario's correctness figures (engine builds, completed streams, files
 //! re-hashed, the image's file contents, ...), its speed figures, and `failures`: every
@@ -46,6 +47,9 @@ const SCENARIOS: &[&str] = &[
     "base_changed",
 ];
 
+/// Scenarios run only when named.
+const ON_DEMAND: &[&str] = &["soak"];
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -54,7 +58,7 @@ fn main() {
     let json_only = std::env::args().any(|a| a == "--json");
     let wanted: Vec<&str> = match args.first().map(String::as_str) {
         None | Some("all") => SCENARIOS.to_vec(),
-        Some(name) if SCENARIOS.contains(&name) => vec![name],
+        Some(name) if SCENARIOS.contains(&name) || ON_DEMAND.contains(&name) => vec![name],
         Some(name) => {
             eprintln!(
                 "unknown scenario {name:?}; one of: {}, all",
@@ -140,6 +144,7 @@ async fn run(name: &str, checks: &mut Checks) -> Value {
         "rss_1g" => rss_1g(checks).await,
         "base_check" => base_check(checks).await,
         "base_changed" => base_changed(checks).await,
+        "soak" => soak(checks).await,
         _ => unreachable!("checked in main"),
     }
 }
@@ -1130,5 +1135,325 @@ async fn base_changed(checks: &mut Checks) -> Value {
         "seconds_after_push": (after_push_ms / 10.0).round() / 100.0,
         "rebuild_ms": changed.ms.round(), "rebuild_bytes_sent": bytes,
         "first_build_bytes_sent": full_bytes,
+    })
+}
+
+/// How long `soak` runs: `--soak-secs=N`, else `LAMBDA_IMAGED_SOAK_SECS`, else 10 minutes.
+fn soak_duration() -> Duration {
+    let from_arg = std::env::args().find_map(|a| {
+        a.strip_prefix("--soak-secs=")
+            .map(|v| v.parse::<u64>().expect("--soak-secs takes whole seconds"))
+    });
+    let from_env = std::env::var("LAMBDA_IMAGED_SOAK_SECS").ok().map(|v| {
+        v.parse::<u64>()
+            .expect("LAMBDA_IMAGED_SOAK_SECS takes whole seconds")
+    });
+    Duration::from_secs(from_arg.or(from_env).unwrap_or(600))
+}
+
+impl Daemon {
+    /// The daemon binary with `engine` as its DOCKER_HOST and its stderr (warnings, panics)
+    /// in `<dir>/daemon.log`.
+    async fn start_with_engine(engine: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let rie = std::env::var("LAMBDA_IMAGED_RIE_DIR")
+            .expect("run `eval \"$(scripts/test-env.sh)\"` first");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--rie-dir")
+            .arg(rie)
+            .env("DOCKER_HOST", engine)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon { child, socket, dir };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        if let Err(err) = Client::connect_waiting(&daemon.socket, deadline).await {
+            panic!("the daemon did not come up: {err}");
+        }
+        daemon
+    }
+
+    /// Open file descriptors and resident memory (VmRSS, bytes) of the daemon now.
+    fn fds_and_rss(&self) -> (usize, u64) {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        (fds, rss * 1024)
+    }
+}
+
+/// Least-squares slope of `points` (x in minutes), per minute.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let num: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let den: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
+/// What one soak request was expected to do, and what it did.
+#[derive(Default)]
+struct SoakTally {
+    /// Ended with neither Completed nor a status, or its task died.
+    lost: usize,
+    /// Completed with another tag or image id than its tag's, or failed while no fault was on.
+    misserved: usize,
+    requests: usize,
+}
+
+impl SoakTally {
+    /// Records a request that must complete with `expected_id` (when known) for `tag`.
+    fn served(
+        &mut self,
+        outcome: &support::Outcome,
+        tag: &str,
+        expected_id: Option<&str>,
+    ) -> Option<String> {
+        self.requests += 1;
+        match &outcome.result {
+            Ok(done) if done.tag == tag && expected_id.is_none_or(|id| id == done.image_id) => {
+                Some(done.image_id.clone())
+            }
+            Ok(done) => {
+                eprintln!("soak: mis-served {tag}: {done:?}");
+                self.misserved += 1;
+                None
+            }
+            Err(status)
+                if status.code() == tonic::Code::Internal
+                    && status.message().contains("without") =>
+            {
+                self.lost += 1;
+                None
+            }
+            Err(status) => {
+                eprintln!("soak: {tag} failed with no fault on: {status:?}");
+                self.misserved += 1;
+                None
+            }
+        }
+    }
+}
+
+/// Mixed traffic through the fault proxy for [`soak_duration`]: each round sends warm hits
+/// (timed), one new build shared by three clients, one client that leaves mid-build (and a
+/// follow-up for its tag), and every fourth round an engine fault on a new build (HTTP 500,
+/// answer cut short, connection dropped, or an engine restart), which must fail with a status
+/// and then succeed once lifted. Fails on daemon panics, a dead daemon, and lost or
+/// mis-served requests; reports RSS and fd slopes (after the first minute) and p99 hit
+/// latency.
+async fn soak(checks: &mut Checks) -> Value {
+    use support::fault_proxy::{Fault, FaultProxy};
+    let duration = soak_duration();
+    let proxy = FaultProxy::start().await;
+    let daemon = Daemon::start_with_engine(&proxy.host()).await;
+    let socket = daemon.socket.clone();
+    let mut tally = SoakTally::default();
+    let mut tags = Vec::new();
+    let new_request = || {
+        let name = unique("soak");
+        let path = daemon.dir.path().join(&name);
+        small_layer(&path);
+        request(&name, &path)
+    };
+    // Warm tags served as hits all along.
+    let mut warm = Vec::new();
+    for _ in 0..4 {
+        let req = new_request();
+        let done = build(&socket, req.clone()).await;
+        tags.push(done.tag.clone());
+        warm.push((req, done.tag, done.image_id));
+    }
+    let (fds_start, rss_start) = daemon.fds_and_rss();
+    let started = Instant::now();
+    let mut samples: Vec<(f64, f64, f64)> = Vec::new();
+    let mut hits_ms = Vec::new();
+    let (mut rounds, mut faults, mut fault_statuses, mut disconnects) =
+        (0usize, 0usize, 0usize, 0usize);
+    while started.elapsed() < duration {
+        rounds += 1;
+        // Hits, a shared new build and a leaver, all at once.
+        let mut hits = Vec::new();
+        for i in 0..8 {
+            let (req, tag, id) = warm[i % warm.len()].clone();
+            let socket = socket.clone();
+            hits.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let outcome = Client::connect(&socket).await.unwrap().build(req).await;
+                (outcome, tag, id, t.elapsed().as_secs_f64() * 1000.0)
+            }));
+        }
+        let shared = new_request();
+        let sharers: Vec<_> = (0..3)
+            .map(|_| support::spawn_build(&socket, shared.clone()))
+            .collect();
+        let leaving = new_request();
+        let leaver = {
+            let (socket, req) = (socket.clone(), leaving.clone());
+            tokio::spawn(async move {
+                let mut client = lambda_imaged::client::connect(&socket).await.unwrap();
+                let mut stream = client.build(req).await.unwrap().into_inner();
+                // Leaves right after Accepted.
+                stream.message().await.ok().flatten().is_some()
+            })
+        };
+        for hit in hits {
+            match hit.await {
+                Ok((outcome, tag, id, ms)) => {
+                    if tally.served(&outcome, &tag, Some(&id)).is_some() {
+                        hits_ms.push(ms);
+                    }
+                }
+                Err(_) => tally.lost += 1,
+            }
+        }
+        let mut shared_id: Option<String> = None;
+        for sharer in sharers {
+            match sharer.await {
+                Ok(outcome) => {
+                    let tag = outcome
+                        .result
+                        .as_ref()
+                        .map(|d| d.tag.clone())
+                        .unwrap_or_default();
+                    if let Some(id) = tally.served(&outcome, &tag, shared_id.as_deref()) {
+                        shared_id.get_or_insert(id);
+                        tags.push(tag);
+                    }
+                }
+                Err(_) => tally.lost += 1,
+            }
+        }
+        if !matches!(leaver.await, Ok(true)) {
+            tally.lost += 1;
+        }
+        disconnects += 1;
+        let follow = support::build(&socket, leaving).await;
+        let tag = follow
+            .result
+            .as_ref()
+            .map(|d| d.tag.clone())
+            .unwrap_or_default();
+        if tally.served(&follow, &tag, None).is_some() {
+            tags.push(tag);
+        }
+
+        if rounds % 4 == 0 {
+            faults += 1;
+            let req = new_request();
+            let kind = (rounds / 4) % 4;
+            match kind {
+                0 => proxy.set("/images/load", Fault::Error500("soak: injected".into())),
+                1 => proxy.set("/images/load", Fault::CutAfter(8)),
+                2 => proxy.set("/images/load", Fault::Drop),
+                _ => proxy.refuse(),
+            }
+            let failed = support::build(&socket, req.clone()).await;
+            tally.requests += 1;
+            match &failed.result {
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+                    ) =>
+                {
+                    fault_statuses += 1
+                }
+                Err(status)
+                    if status.code() == tonic::Code::Internal
+                        && status.message().contains("without") =>
+                {
+                    tally.lost += 1
+                }
+                other => {
+                    eprintln!("soak: fault {kind} gave {other:?}");
+                    tally.misserved += 1;
+                }
+            }
+            proxy.clear();
+            proxy.restore();
+            // Health back (the watcher reconnects on its own), then the retry must build.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut client = daemon.client().await;
+            while client.health().await.ok()
+                != Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "health never came back after fault {kind}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let retry = support::build(&socket, req).await;
+            let tag = retry
+                .result
+                .as_ref()
+                .map(|d| d.tag.clone())
+                .unwrap_or_default();
+            if tally.served(&retry, &tag, None).is_some() {
+                tags.push(tag);
+            }
+        }
+        let (fds, rss) = daemon.fds_and_rss();
+        samples.push((
+            started.elapsed().as_secs_f64() / 60.0,
+            fds as f64,
+            rss as f64,
+        ));
+    }
+    let (fds_end, rss_end) = daemon.fds_and_rss();
+    let alive = matches!(Command::new("kill").arg("-0").arg(daemon.child.id().to_string()).status(), Ok(s) if s.success());
+    let log = std::fs::read_to_string(daemon.dir.path().join("daemon.log")).unwrap_or_default();
+    let panics = log.matches("panicked").count();
+    // Slopes after the first minute (or the second half of a shorter run): start-up growth
+    // (pools, caches filling) is not a leak.
+    let skip = (duration.as_secs_f64() / 60.0 / 2.0).min(1.0);
+    let late: Vec<_> = samples.iter().filter(|s| s.0 >= skip).collect();
+    let fd_slope = slope(&late.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>());
+    let rss_slope = slope(&late.iter().map(|s| (s.0, s.2 / 1024.0)).collect::<Vec<_>>());
+    hits_ms.sort_by(f64::total_cmp);
+    let p99 = if hits_ms.is_empty() {
+        0.0
+    } else {
+        percentile(&hits_ms, 0.99)
+    };
+    tags.sort();
+    tags.dedup();
+    rmi(&tags);
+    json!({
+        "scenario": "soak", "seconds": started.elapsed().as_secs(), "rounds": rounds,
+        "requests": tally.requests, "hits": hits_ms.len(), "disconnects": disconnects,
+        "faults": faults,
+        "fault_statuses": checks.equal("faults answered with a status", fault_statuses, faults),
+        "panics": checks.equal("daemon panics", panics, 0),
+        "daemon_alive": checks.equal("daemon alive", alive, true),
+        "lost": checks.equal("lost requests", tally.lost, 0),
+        "misserved": checks.equal("mis-served requests", tally.misserved, 0),
+        "fds_start": fds_start, "fds_end": fds_end,
+        "fd_slope_per_min": (fd_slope * 100.0).round() / 100.0,
+        "rss_start_mib": rss_start >> 20, "rss_end_mib": rss_end >> 20,
+        "rss_slope_kib_per_min": rss_slope.round(),
+        "hit_p99_ms": (p99 * 10.0).round() / 10.0,
     })
 }

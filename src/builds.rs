@@ -9,7 +9,10 @@
 //!
 //! Events live in the entry's log (a `Vec` behind a mutex) and a `watch` channel only says
 //! "the log grew": a slow subscriber reads at its own pace and never stalls the build or the
-//! other subscribers. The log is bounded ([`MAX_EVENTS`]).
+//! other subscribers. The log is bounded ([`MAX_EVENTS`] events, [`MAX_LOG_BYTES`] bytes of
+//! text, each log line cut to [`MAX_LINE_BYTES`]; successive progress of one pull layer is
+//! coalesced), so a build that prints without end, followed by a client that never reads,
+//! costs a fixed amount of memory.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -26,8 +29,15 @@ use crate::engine::RunConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
-/// Most events kept per build; further engine log lines are dropped (one warning says so).
+/// Most events kept per build; further engine log lines and progress are dropped (one warning
+/// says so).
 pub const MAX_EVENTS: usize = 20_000;
+/// Most bytes of event text (log lines, layer ids, warnings) kept per build; beyond it, like
+/// [`MAX_EVENTS`], further log lines and progress are dropped.
+pub const MAX_LOG_BYTES: usize = 8 << 20;
+/// Longest log line kept, in bytes; a longer one is cut at a character boundary and ends in
+/// "…".
+pub const MAX_LINE_BYTES: usize = 8 << 10;
 /// Finished builds kept for ListBuilds.
 pub const HISTORY: usize = 100;
 
@@ -121,6 +131,8 @@ pub struct InFlight {
 #[derive(Default)]
 struct State {
     events: Vec<Event>,
+    /// Text bytes held in `events` (see [`MAX_LOG_BYTES`]).
+    bytes: usize,
     truncated: bool,
     phase: Option<Phase>,
     /// Set once, when the build ends.
@@ -144,22 +156,50 @@ impl InFlight {
         self.lock().phase.unwrap_or(Phase::Checking)
     }
 
-    fn push(&self, event: Event) {
+    fn push(&self, mut event: Event) {
         let len = {
             let mut state = self.lock();
+            // Progress of the layer last reported replaces that report: a pull prints many
+            // per layer, and only the latest matters to a client that catches up.
+            if let (
+                Event::PullProgress { image, layer, .. },
+                Some(Event::PullProgress {
+                    image: last_image,
+                    layer: last_layer,
+                    ..
+                }),
+            ) = (&event, state.events.last())
+                && image == last_image
+                && layer == last_layer
+            {
+                let at = state.events.len() - 1;
+                state.events[at] = event;
+                let len = state.events.len();
+                drop(state);
+                self.grew.send_replace(len);
+                return;
+            }
+            if let Event::Log { text, .. } = &mut event {
+                cut_line(text);
+            }
+            let size = text_bytes(&event);
             let droppable = matches!(event, Event::Log { .. } | Event::PullProgress { .. });
-            if state.events.len() >= MAX_EVENTS && droppable {
+            let full = state.events.len() >= MAX_EVENTS || state.bytes + size > MAX_LOG_BYTES;
+            if full && droppable {
                 if !state.truncated {
                     state.truncated = true;
                     state.events.push(Event::Warning {
                         code: "log_truncated".into(),
                         message: format!(
-                            "more than {MAX_EVENTS} events; further engine output is dropped"
+                            "more than {MAX_EVENTS} events or {} of text; further engine \
+                             output is dropped",
+                            bytesize::ByteSize::b(MAX_LOG_BYTES as u64)
                         ),
                     });
                 }
                 return;
             }
+            state.bytes += size;
             state.events.push(event);
             state.events.len()
         };
@@ -195,6 +235,28 @@ impl InFlight {
                 return;
             }
         }
+    }
+}
+
+/// Cuts `text` to [`MAX_LINE_BYTES`] at a character boundary, marking the cut.
+fn cut_line(text: &mut String) {
+    if text.len() > MAX_LINE_BYTES {
+        let mut end = MAX_LINE_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+}
+
+/// The bytes of text an event holds (what [`MAX_LOG_BYTES`] counts).
+fn text_bytes(event: &Event) -> usize {
+    match event {
+        Event::Log { text, .. } => text.len(),
+        Event::PullProgress { image, layer, .. } => image.len() + layer.len(),
+        Event::Warning { code, message } => code.len() + message.len(),
+        Event::Queued { .. } | Event::ContextProgress { .. } | Event::Completed(_) => 0,
     }
 }
 
@@ -337,6 +399,8 @@ pub struct Counters {
     pub cache_hits: AtomicU64,
     pub engine_builds: AtomicU64,
     pub failures: AtomicU64,
+    /// Build streams ended with RESOURCE_EXHAUSTED because their client stopped reading.
+    pub slow_clients_dropped: AtomicU64,
 }
 
 /// How a request wants to be matched against builds in flight.
@@ -554,5 +618,69 @@ impl Builds {
             // `finished` fires just before the entry leaves the table; let the task remove it.
             tokio::task::yield_now().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flight() -> InFlight {
+        InFlight {
+            id: "b".into(),
+            tag: "t".into(),
+            key: "k".into(),
+            force: false,
+            started: SystemTime::now(),
+            state: Mutex::new(State::default()),
+            grew: watch::channel(0).0,
+            subscribers: AtomicU32::new(0),
+        }
+    }
+
+    /// Progress of one pull layer coalesces; long lines are cut; the text cap stops further
+    /// output with one warning, while a warning or the outcome still gets in.
+    #[test]
+    fn the_event_log_is_bounded() {
+        let flight = flight();
+        for current in 0..1000 {
+            flight.push(Event::PullProgress {
+                image: "i".into(),
+                layer: "l".into(),
+                current,
+                total: 1000,
+            });
+        }
+        assert_eq!(
+            flight.lock().events.len(),
+            1,
+            "one layer's progress coalesces"
+        );
+        flight.push(Event::Log {
+            kind: LogKind::Stream,
+            text: "é".repeat(MAX_LINE_BYTES),
+            step: 0,
+        });
+        let cut = flight.lock().events[1].clone();
+        let Event::Log { text, .. } = cut else {
+            panic!("a log line")
+        };
+        assert!(text.len() <= MAX_LINE_BYTES + '…'.len_utf8() && text.ends_with('…'));
+        for _ in 0..(MAX_LOG_BYTES / MAX_LINE_BYTES + 10) {
+            flight.push(Event::Log {
+                kind: LogKind::Stream,
+                text: "x".repeat(MAX_LINE_BYTES),
+                step: 0,
+            });
+        }
+        let state = flight.lock();
+        assert!(state.bytes <= MAX_LOG_BYTES, "{} bytes kept", state.bytes);
+        assert!(state.truncated);
+        let warnings = state
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Warning { code, .. } if code == "log_truncated"))
+            .count();
+        assert_eq!(warnings, 1);
     }
 }

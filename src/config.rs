@@ -47,6 +47,10 @@ pub struct Config {
     pub allow_gids: Vec<u32>,
     /// Points where tests hold builds. Never set by flags.
     pub hooks: TestHooks,
+    /// How long a Build stream may wait on a client that does not read its events before it is
+    /// ended with RESOURCE_EXHAUSTED (the build goes on for everyone else). Not a flag: tests
+    /// shorten it.
+    pub client_stall_timeout: Duration,
     /// How often each ZIP base is compared with its registry, for all clients together.
     pub base_check_ttl: Duration,
     /// ZIP bases come from `<prefix>/<name:tag>` instead of `public.ecr.aws/lambda/...`.
@@ -106,6 +110,7 @@ impl Config {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             hooks: TestHooks::default(),
+            client_stall_timeout: crate::service::CLIENT_STALL_TIMEOUT,
             base_check_ttl: Duration::from_secs(60 * 60),
             base_image_mirror: None,
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,

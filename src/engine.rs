@@ -483,8 +483,11 @@ impl Engine {
         }
     }
 
-    /// Maps an engine error: 404 is NOT_FOUND, other answers are the engine refusing
-    /// (FAILED_PRECONDITION with its own text), anything else means it is unreachable.
+    /// Maps an engine error: 404 is NOT_FOUND; other answers are the engine refusing
+    /// (FAILED_PRECONDITION with its own text; a 5xx also names the engine and its status,
+    /// since it is the engine's own failure); no answer in time is UNAVAILABLE; a connection
+    /// that broke mid-answer (engine restarted, answer cut short) is UNAVAILABLE saying so;
+    /// anything else means the engine is unreachable (UNAVAILABLE).
     pub fn map_error(&self, err: bollard::errors::Error) -> Error {
         use bollard::errors::Error as B;
         match err {
@@ -492,6 +495,15 @@ impl Engine {
                 status_code: 404,
                 message,
             } => Error::NotFound(message),
+            B::DockerResponseServerError {
+                status_code,
+                message,
+            } if status_code >= 500 => Error::FailedPrecondition(format!(
+                "the engine refused: {} (HTTP {status_code} from the engine at {}; see its log, \
+                 then retry)",
+                message.trim_end(),
+                self.host
+            )),
             B::DockerResponseServerError { message, .. } => {
                 Error::FailedPrecondition(format!("the engine refused: {}", message.trim_end()))
             }
@@ -499,9 +511,16 @@ impl Engine {
                 Error::FailedPrecondition(format!("the engine failed: {}", error.trim_end()))
             }
             B::RequestTimeoutError => Error::Unavailable(format!(
-                "the engine at {} did not answer in time",
+                "the engine at {} did not answer in time; check that it is responsive, then retry",
                 self.host
             )),
+            err @ (B::HyperResponseError { .. } | B::IOError { .. } | B::JsonDataError { .. }) => {
+                Error::Unavailable(format!(
+                    "the connection to the engine at {} broke mid-answer ({err}); it may have \
+                     restarted: retry once it answers",
+                    self.host
+                ))
+            }
             other => self.unreachable(&other),
         }
     }

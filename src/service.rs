@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::Stream;
@@ -28,8 +29,13 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub const MAX_STREAMS: usize = 4096;
 
 /// Capacity of each client's outgoing queue. A slow client only delays itself: the build's
-/// log is in memory and each client reads it at its own pace.
+/// log is in memory and each client reads it at its own pace. One slot is always kept free
+/// for the status that ends the stream.
 const CLIENT_QUEUE: usize = 64;
+
+/// Default for `Config::client_stall_timeout`: a client whose queue stays full this long is
+/// told RESOURCE_EXHAUSTED and let go, so it stops pinning its build's event log.
+pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The service state shared by every request.
 pub struct Service {
@@ -43,6 +49,8 @@ pub struct Service {
     pub policy: access::Policy,
     /// One permit per open Build stream.
     streams: Arc<tokio::sync::Semaphore>,
+    /// See `Config::client_stall_timeout`.
+    stall_timeout: Duration,
 }
 
 impl Service {
@@ -61,6 +69,7 @@ impl Service {
             abort,
             policy: config.policy(),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+            stall_timeout: config.client_stall_timeout,
         }
     }
 }
@@ -149,6 +158,47 @@ fn definition_key(plan: &Plan, peer: Option<&Peer>) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// How [`send_or_stall`] went.
+enum Sent {
+    Yes,
+    /// The client closed its stream.
+    Gone,
+    /// The client's queue stayed full for the stall timeout; it was sent RESOURCE_EXHAUSTED.
+    Stalled,
+}
+
+/// Queues `event` for the client, waiting at most `stall` for room. Room means two free slots:
+/// one for the event and one kept for the status that ends the stream, so a client that stops
+/// reading can still be told why it was let go (it reads the status after what it left
+/// unread). The build never waits on this: it appends to its log and moves on.
+async fn send_or_stall(
+    tx: &mpsc::Sender<Result<proto::BuildEvent, Status>>,
+    stall: Duration,
+    event: proto::BuildEvent,
+) -> Sent {
+    match tokio::time::timeout(stall, tx.reserve_many(2)).await {
+        Ok(Ok(mut permits)) => {
+            // `reserve_many(2)` yields exactly two permits.
+            if let Some(permit) = permits.next() {
+                permit.send(Ok(event));
+            }
+            Sent::Yes
+        }
+        Ok(Err(_)) => Sent::Gone,
+        Err(_) => {
+            let status = Error::ResourceExhausted(format!(
+                "client did not read events for {}s; the build goes on without this stream: \
+                 read the stream continuously (or request again to replay the build's events \
+                 from the start)",
+                stall.as_secs_f32()
+            ));
+            // The free slot kept above takes it; if the client closed meanwhile, no one cares.
+            let _ = tx.try_send(Err(status.into_status()));
+            Sent::Stalled
+        }
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::BuildEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -196,6 +246,7 @@ impl ImageBuilder for Service {
         let build_id = subscription.flight().id.clone();
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let mut abort = self.abort.clone();
+        let (builds, stall) = (self.builds.clone(), self.stall_timeout);
         tokio::spawn(async move {
             let _stream_permit = stream_permit;
             let accepted = proto::build_event::Event::Accepted(proto::Accepted {
@@ -234,12 +285,18 @@ impl ImageBuilder for Service {
                             )),
                             _ => None,
                         };
-                        if tx
-                            .send(Ok(proto::event_to_wire(&build_id, &event)))
+                        match send_or_stall(&tx, stall, proto::event_to_wire(&build_id, &event))
                             .await
-                            .is_err()
                         {
-                            break "client went away".to_owned();
+                            Sent::Yes => {}
+                            Sent::Gone => break "client went away".to_owned(),
+                            Sent::Stalled => {
+                                builds
+                                    .stats
+                                    .slow_clients_dropped
+                                    .fetch_add(1, Ordering::Relaxed);
+                                break format!("client did not read for {stall:?}");
+                            }
                         }
                         if let Some(summary) = summary {
                             break summary;

@@ -1,0 +1,516 @@
+//! The engine failing mid-build, many clients at once, clients that leave or stop reading:
+//! every scenario runs against the real engine behind the fault proxy
+//! (`support/fault_proxy.rs`), which injects the fault and counts the engine calls. Builds are
+//! held at known points with the proxy's `Hang` (a gate the test opens), never with sleeps.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lambda_imaged::client::{self, Client, proto};
+use lambda_imaged::server::Builds;
+use proto::build_event::Event;
+use support::fault_proxy::{self, Fault, FaultProxy};
+use support::*;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The engine's load endpoint: where the image goes in, so where a fault hurts most.
+const LOAD: &str = "/images/load";
+
+/// Generous bound for states the daemon reaches on its own on a busy 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// Polls `check` every 50 ms until it holds; panics after [`DEADLINE`].
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn subscribers(builds: &Builds) -> u32 {
+    builds.list().0.iter().map(|s| s.subscribers).sum()
+}
+
+/// A daemon whose engine is the proxy, with `tweak` applied.
+async fn daemon_behind(
+    proxy: &FaultProxy,
+    tweak: impl FnOnce(&mut lambda_imaged::config::Config),
+) -> TestDaemon {
+    let host = proxy.host();
+    TestDaemon::start_with(move |config| {
+        config.engine_host = host;
+        tweak(config);
+    })
+    .await
+}
+
+fn layer(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let path = dir.join(name);
+    write_file(&path.join("message.txt"), content, 0o644);
+    path
+}
+
+/// A request for a new tag with one small layer of its own.
+fn new_request(dir: &Path, prefix: &str) -> proto::BuildRequest {
+    let name = unique(prefix);
+    let path = layer(dir, &name, &name);
+    zip_request(&[(&name, &path)])
+}
+
+/// A Build stream read by hand: its Accepted event has arrived, nothing more is read.
+async fn open_stream(
+    socket: &Path,
+    request: proto::BuildRequest,
+) -> tonic::Streaming<proto::BuildEvent> {
+    let mut client = client::connect(socket).await.unwrap();
+    let mut stream = client.build(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(Event::Accepted(_))), "{first:?}");
+    stream
+}
+
+/// Reads `stream` to its end: the Completed event, or the status it ended with.
+async fn finish_stream(
+    stream: &mut tonic::Streaming<proto::BuildEvent>,
+) -> (usize, Result<proto::Completed, tonic::Status>) {
+    let mut events = 0;
+    loop {
+        match stream.message().await {
+            Ok(Some(event)) => {
+                events += 1;
+                if let Some(Event::Completed(done)) = event.event {
+                    return (events, Ok(done));
+                }
+            }
+            Ok(None) => panic!("the stream ended with neither Completed nor a status"),
+            Err(status) => return (events, Err(status)),
+        }
+    }
+}
+
+/// Asserts every outcome failed with `code` within `within` of `started`, naming the engine.
+fn assert_all_failed(
+    outcomes: &[Outcome],
+    code: Code,
+    host: &str,
+    started: Instant,
+    within: Duration,
+) {
+    for outcome in outcomes {
+        let status = outcome.status();
+        assert_eq!(status.code(), code, "{}", status.message());
+        assert!(
+            status.message().contains(host) || status.message().contains("--build-timeout"),
+            "the status names the engine or the limit: {}",
+            status.message()
+        );
+    }
+    assert!(
+        started.elapsed() < within,
+        "every subscriber was told within {within:?} (took {:?})",
+        started.elapsed()
+    );
+}
+
+/// After a fault: the slot is free, a retry builds, the daemon still answers GetInfo.
+async fn assert_recovers(daemon: &TestDaemon, request: proto::BuildRequest) {
+    until("an empty in-flight table", || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
+    let retry = build(&daemon.socket, request).await;
+    let done = retry.completed();
+    assert!(!done.cached, "the retry built: {done:?}");
+    let info = Client::connect(&daemon.socket)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap();
+    assert!(info.engine.unwrap().reachable);
+    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+}
+
+/// HTTP 500 on the load: every subscriber gets FAILED_PRECONDITION with the engine's text and
+/// address; the slot is cleared and a retry after the fault builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn engine_500_on_load_reaches_every_subscriber() {
+    let proxy = FaultProxy::start().await;
+    let daemon = daemon_behind(&proxy, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let request = new_request(dir.path(), "f500");
+    proxy.set(
+        LOAD,
+        Fault::Error500("simulated engine failure: disk I/O error".into()),
+    );
+    let started = Instant::now();
+    let clients: Vec<_> = (0..3)
+        .map(|_| spawn_build(&daemon.socket, request.clone()))
+        .collect();
+    let mut outcomes = Vec::new();
+    for client in clients {
+        outcomes.push(client.await.unwrap());
+    }
+    assert_all_failed(
+        &outcomes,
+        Code::FailedPrecondition,
+        &proxy.host(),
+        started,
+        DEADLINE,
+    );
+    for outcome in &outcomes {
+        assert!(outcome.status().message().contains("disk I/O error"));
+    }
+    assert!(proxy.count(LOAD) >= 1);
+    proxy.clear();
+    assert_recovers(&daemon, request).await;
+    daemon.stop().await;
+}
+
+/// The load's answer cut midway: UNAVAILABLE naming the engine and saying the connection
+/// broke; a retry builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncated_load_answer_is_unavailable() {
+    let proxy = FaultProxy::start().await;
+    let daemon = daemon_behind(&proxy, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let request = new_request(dir.path(), "fcut");
+    proxy.set(LOAD, Fault::CutAfter(8));
+    let started = Instant::now();
+    let clients: Vec<_> = (0..2)
+        .map(|_| spawn_build(&daemon.socket, request.clone()))
+        .collect();
+    let mut outcomes = Vec::new();
+    for client in clients {
+        outcomes.push(client.await.unwrap());
+    }
+    assert_all_failed(
+        &outcomes,
+        Code::Unavailable,
+        &proxy.host(),
+        started,
+        DEADLINE,
+    );
+    assert!(
+        outcomes[0].status().message().contains("broke mid-answer"),
+        "{}",
+        outcomes[0].status().message()
+    );
+    proxy.clear();
+    assert_recovers(&daemon, request).await;
+    daemon.stop().await;
+}
+
+/// A load the engine never answers: DEADLINE_EXCEEDED naming --build-timeout, to every
+/// subscriber, within the timeout (plus a margin for a busy machine); a retry builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_engine_hits_the_build_timeout() {
+    let timeout = Duration::from_secs(10);
+    let proxy = FaultProxy::start().await;
+    let daemon = daemon_behind(&proxy, |config| config.build_timeout = timeout).await;
+    let dir = tempfile::tempdir().unwrap();
+    let request = new_request(dir.path(), "fhang");
+    proxy.set(LOAD, Fault::Hang);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..2)
+        .map(|_| spawn_build(&daemon.socket, request.clone()))
+        .collect();
+    let mut outcomes = Vec::new();
+    for client in clients {
+        outcomes.push(client.await.unwrap());
+    }
+    assert_all_failed(
+        &outcomes,
+        Code::DeadlineExceeded,
+        &proxy.host(),
+        started,
+        timeout + Duration::from_secs(30),
+    );
+    proxy.clear();
+    assert_recovers(&daemon, request).await;
+    daemon.stop().await;
+}
+
+/// The engine "restarts" mid-load (every connection cut, new ones refused): subscribers get
+/// UNAVAILABLE naming the engine; health says NOT_SERVING and GetInfo reachable=false while it
+/// is down, and a request then is UNAVAILABLE at once; once it is back, health is SERVING
+/// and a retry builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn engine_restart_mid_build() {
+    let proxy = FaultProxy::start().await;
+    let daemon = daemon_behind(&proxy, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let request = new_request(dir.path(), "frestart");
+    let mut watcher = Client::connect(&daemon.socket).await.unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while watcher.health().await.unwrap() != ServingStatus::Serving {
+        assert!(Instant::now() < deadline, "health never became SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.set(LOAD, Fault::Hang);
+    let clients: Vec<_> = (0..2)
+        .map(|_| spawn_build(&daemon.socket, request.clone()))
+        .collect();
+    proxy.wait_for(LOAD, 1, DEADLINE).await;
+    let started = Instant::now();
+    proxy.refuse();
+    let mut outcomes = Vec::new();
+    for client in clients {
+        outcomes.push(client.await.unwrap());
+    }
+    assert_all_failed(
+        &outcomes,
+        Code::Unavailable,
+        &proxy.host(),
+        started,
+        DEADLINE,
+    );
+    until("an empty in-flight table", || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
+
+    let deadline = Instant::now() + DEADLINE;
+    while watcher.health().await.unwrap() != ServingStatus::NotServing {
+        assert!(Instant::now() < deadline, "health never became NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let info = watcher.info().await.unwrap().engine.unwrap();
+    assert!(!info.reachable, "{info:?}");
+    assert!(!info.error.is_empty());
+    let other = new_request(dir.path(), "fdown");
+    let down = build(&daemon.socket, other).await;
+    assert_eq!(
+        down.status().code(),
+        Code::Unavailable,
+        "{}",
+        down.status().message()
+    );
+    assert!(down.status().message().contains(&proxy.host()));
+
+    proxy.clear();
+    proxy.restore();
+    let deadline = Instant::now() + DEADLINE;
+    while watcher.health().await.unwrap() != ServingStatus::Serving {
+        assert!(
+            Instant::now() < deadline,
+            "health never became SERVING again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_recovers(&daemon, request).await;
+    daemon.stop().await;
+}
+
+/// 200 concurrent Build streams over 20 new tags: exactly 20 engine loads, all 200 complete,
+/// one image id per tag; the process's file descriptors return to their baseline (less the
+/// engine connections the daemon's client keeps pooled, which the proxy counts).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_streams_twenty_tags() {
+    let proxy = FaultProxy::start().await;
+    let daemon = daemon_behind(&proxy, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Warm up: the RIE layer and the engine connection pool exist before the baseline.
+    let warm = build(&daemon.socket, new_request(dir.path(), "fwarm")).await;
+    docker(&["rmi", "-f", "--no-prune", &warm.completed().tag]);
+    until("an empty in-flight table", || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
+    let adjusted = || fault_proxy::open_fds() - 2 * proxy.open_connections();
+    let baseline = adjusted();
+    let loads_before = proxy.count(LOAD);
+    let builds_before = daemon
+        .builds
+        .stats
+        .engine_builds
+        .load(std::sync::atomic::Ordering::Relaxed);
+
+    let requests: Vec<_> = (0..20).map(|_| new_request(dir.path(), "fload")).collect();
+    let clients: Vec<_> = (0..200)
+        .map(|i| spawn_build(&daemon.socket, requests[i % 20].clone()))
+        .collect();
+    let mut ids: HashMap<String, Vec<String>> = HashMap::new();
+    for client in clients {
+        let outcome = client.await.unwrap();
+        let done = outcome.completed();
+        ids.entry(done.tag.clone())
+            .or_default()
+            .push(done.image_id.clone());
+    }
+    assert_eq!(ids.len(), 20, "20 tags");
+    for (tag, images) in &ids {
+        assert_eq!(images.len(), 10, "{tag}: 10 clients completed");
+        assert!(
+            images.iter().all(|id| id == &images[0]),
+            "{tag}: one image id: {images:?}"
+        );
+    }
+    assert_eq!(
+        proxy.count(LOAD) - loads_before,
+        20,
+        "exactly 20 engine loads"
+    );
+    let builds = daemon
+        .builds
+        .stats
+        .engine_builds
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(builds - builds_before, 20, "exactly 20 engine builds");
+
+    until("file descriptors back to the baseline", || {
+        adjusted() <= baseline
+    })
+    .await;
+    eprintln!(
+        "fds: baseline {baseline}, after {} (pooled engine connections: {})",
+        adjusted(),
+        proxy.open_connections()
+    );
+    for tag in ids.keys() {
+        docker(&["rmi", "-f", "--no-prune", tag]);
+    }
+    daemon.stop().await;
+}
+
+/// Cancel one, cancel all (BuildKit's flightcontrol cases, decided differently): 4 of 5
+/// subscribers leave mid-build, the build finishes and the 5th gets Completed from one engine
+/// load. When every subscriber leaves, the build still runs to its end (a build is never
+/// cancelled by its clients; the image is what the next request wants): a request arriving
+/// meanwhile joins it, and one after it is a cache hit, with no further load.
+#[tokio::test(flavor = "multi_thread")]
+async fn leaving_subscribers_cancel_nothing() {
+    let proxy = FaultProxy::start().await;
+    let daemon = daemon_behind(&proxy, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let request = new_request(dir.path(), "fcancel");
+    proxy.set(LOAD, Fault::Hang);
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        streams.push(open_stream(&daemon.socket, request.clone()).await);
+    }
+    proxy.wait_for(LOAD, 1, DEADLINE).await;
+    until("5 subscribers", || subscribers(&daemon.builds) == 5).await;
+    let mut last = streams.pop().unwrap();
+    drop(streams);
+    until("4 subscribers gone", || subscribers(&daemon.builds) == 1).await;
+    proxy.clear();
+    let (_, done) = finish_stream(&mut last).await;
+    let done = done.unwrap_or_else(|s| panic!("the 5th failed: {s:?}"));
+    assert!(!done.cached);
+    assert_eq!(proxy.count(LOAD), 1, "one engine load");
+    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+
+    let request = new_request(dir.path(), "fcancelall");
+    proxy.set(LOAD, Fault::Hang);
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(open_stream(&daemon.socket, request.clone()).await);
+    }
+    proxy.wait_for(LOAD, 2, DEADLINE).await;
+    drop(streams);
+    until("every subscriber gone", || subscribers(&daemon.builds) == 0).await;
+    assert_eq!(daemon.builds.in_flight(), 1, "the build is still in flight");
+    let joiner = spawn_build(&daemon.socket, request.clone());
+    until("the joiner attached", || subscribers(&daemon.builds) == 1).await;
+    proxy.clear();
+    let joined = joiner.await.unwrap();
+    assert!(
+        matches!(&joined.events[0].event, Some(Event::Accepted(a)) if a.joined),
+        "the next request joined the abandoned build"
+    );
+    assert!(!joined.completed().cached);
+    until("an empty in-flight table", || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
+    let after = build(&daemon.socket, request).await;
+    assert!(
+        after.completed().cached,
+        "the abandoned build's image serves the next request"
+    );
+    assert_eq!(after.completed().image_id, joined.completed().image_id);
+    assert_eq!(proxy.count(LOAD), 2, "no further load");
+    docker(&["rmi", "-f", "--no-prune", &after.completed().tag]);
+    daemon.stop().await;
+}
+
+/// A subscriber that stops reading while the engine prints 32 MiB: the others finish with the
+/// whole (bounded) log; the stalled one is ended with RESOURCE_EXHAUSTED naming the reason;
+/// the event log stays within its caps and memory stays bounded.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_reader_is_dropped_and_memory_stays_bounded() {
+    let proxy = FaultProxy::start().await;
+    let stall = Duration::from_secs(3);
+    let daemon = daemon_behind(&proxy, |config| config.client_stall_timeout = stall).await;
+    let dir = tempfile::tempdir().unwrap();
+    let request = new_request(dir.path(), "fslow");
+    let (rss_before, _) = fault_proxy::rss();
+    proxy.set(LOAD, Fault::Inflate(32 << 20));
+    let mut slow = open_stream(&daemon.socket, request.clone()).await;
+    let readers: Vec<_> = (0..3)
+        .map(|_| spawn_build(&daemon.socket, request.clone()))
+        .collect();
+    let mut image = None;
+    let mut tag = String::new();
+    for reader in readers {
+        let outcome = reader.await.unwrap();
+        let done = outcome.completed().clone();
+        assert!(
+            outcome.events.len() <= lambda_imaged::server::MAX_EVENTS + 16,
+            "the log is capped: {} events",
+            outcome.events.len()
+        );
+        assert!(
+            outcome
+                .events
+                .iter()
+                .any(|e| matches!(&e.event, Some(Event::Warning(w)) if w.code == "log_truncated"))
+        );
+        assert!(image.get_or_insert(done.image_id.clone()) == &done.image_id);
+        tag = done.tag;
+    }
+    until("the stalled client to be let go", || {
+        daemon
+            .builds
+            .stats
+            .slow_clients_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    let (read, ended) = finish_stream(&mut slow).await;
+    let status = ended.expect_err("the stalled client is not served to the end");
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("did not read events for 3s"),
+        "{}",
+        status.message()
+    );
+    let (rss_after, peak) = fault_proxy::rss();
+    eprintln!(
+        "slow reader: {read} events read late; RSS before {} MiB, after {} MiB, peak {} MiB",
+        rss_before >> 20,
+        rss_after >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak.saturating_sub(rss_before) < 256 << 20,
+        "memory bounded: peak {} MiB over a {} MiB start",
+        peak >> 20,
+        rss_before >> 20
+    );
+    docker(&["rmi", "-f", "--no-prune", &tag]);
+    daemon.stop().await;
+}
