@@ -43,6 +43,11 @@ pub struct Config {
     pub base_check_ttl: Duration,
     /// ZIP bases come from `<prefix>/<name:tag>` instead of `public.ecr.aws/lambda/...`.
     pub base_image_mirror: Option<String>,
+    /// `--registry-cache REGISTRY/REPO`: share built images with a fleet through this
+    /// repository (validated by `into_config`); off when `None`.
+    pub registry_cache: Option<String>,
+    /// `--registry-cache-share-private`: also push images built from files others cannot read.
+    pub registry_cache_share_private: bool,
 }
 
 fn is_root() -> bool {
@@ -90,6 +95,8 @@ impl Config {
             hooks: TestHooks::default(),
             base_check_ttl: Duration::from_secs(60 * 60),
             base_image_mirror: None,
+            registry_cache: None,
+            registry_cache_share_private: false,
         }
     }
 }
@@ -146,6 +153,17 @@ pub enum ConfigError {
         reason: String,
     },
     /// `max_parallel_builds = 0`.
+    /// `registry_cache` does not name a registry repository.
+    #[error(
+        "registry_cache = {value:?}: {reason}; expected REGISTRY/REPO such as \
+         \"registry.example.com:5000/lambda-cache\""
+    )]
+    RegistryCache {
+        /// What was given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
     #[error("max_parallel_builds must be at least 1")]
     NoParallelBuilds,
     /// `log_format` is neither `text` nor `json`.
@@ -227,6 +245,14 @@ pub struct Settings {
     /// public.ecr.aws/lambda; the images keep SAM's tags [default: none]
     #[arg(long)]
     pub base_image_mirror: Option<String>,
+    /// Share built images with other daemons through this registry repository
+    /// (REGISTRY/REPO): look each image up there before building it, push it after.
+    #[arg(long)]
+    pub registry_cache: Option<String>,
+    /// Also push images built from layer files that other local users cannot read.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_cache_share_private: Option<bool>,
 }
 
 fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
@@ -276,6 +302,11 @@ impl Settings {
             log_format: pick(over.log_format, self.log_format),
             base_check_ttl: pick(over.base_check_ttl, self.base_check_ttl),
             base_image_mirror: pick(over.base_image_mirror, self.base_image_mirror),
+            registry_cache: pick(over.registry_cache, self.registry_cache),
+            registry_cache_share_private: pick(
+                over.registry_cache_share_private,
+                self.registry_cache_share_private,
+            ),
         }
     }
 
@@ -344,6 +375,17 @@ impl Settings {
             }
             config.base_image_mirror = Some(prefix.to_owned());
         }
+        if let Some(repository) = &self.registry_cache {
+            let cache =
+                crate::registry_cache::RegistryCache::new(repository, false).map_err(|reason| {
+                    ConfigError::RegistryCache {
+                        value: repository.clone(),
+                        reason,
+                    }
+                })?;
+            config.registry_cache = Some(cache.repository().to_owned());
+        }
+        config.registry_cache_share_private = self.registry_cache_share_private.unwrap_or(false);
         config.shutdown_timeout = duration(
             "shutdown_timeout",
             &self.shutdown_timeout,
@@ -428,6 +470,11 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
         log_format: Some(log_format.to_owned()),
         base_check_ttl: Some(humantime::format_duration(config.base_check_ttl).to_string()),
         base_image_mirror: config.base_image_mirror.clone(),
+        registry_cache: config.registry_cache.clone(),
+        registry_cache_share_private: config
+            .registry_cache
+            .is_some()
+            .then_some(config.registry_cache_share_private),
     };
     toml::to_string(&settings).unwrap_or_default()
 }

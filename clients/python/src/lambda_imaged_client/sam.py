@@ -59,6 +59,7 @@ _REASONS = {
     5: "a layer changed",
     6: "the runtime interface emulator changed",
     7: "the image definition changed",
+    8: "pulled from the fleet's registry cache, not built",
 }
 
 # One "unreachable" warning per process (start-lambda / start-api build many times); every
