@@ -224,17 +224,21 @@ async fn an_unreachable_registry_leaves_builds_local() {
     b.stop().await;
 }
 
+/// The bytes a client sent on one connection.
+type Recorded = Arc<Mutex<Vec<u8>>>;
+
 /// A TCP proxy on 127.0.0.1 in front of the registry that records every request line.
 struct Proxy {
     addr: String,
-    sent: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    /// What clients sent, per connection (the registry's answers are not kept).
+    sent: Arc<Mutex<Vec<Recorded>>>,
 }
 
 impl Proxy {
     async fn start(upstream: String) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let sent: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let sent: Arc<Mutex<Vec<Recorded>>> = Arc::default();
         let sent2 = sent.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
