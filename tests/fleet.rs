@@ -8,7 +8,8 @@
 //! is built there and pushed, and A then pulls it; an unreachable registry leaves both
 //! building locally with a warning; ten concurrent requests on B share one lookup and one
 //! pull (counted at a proxy in front of the registry); a registry that needs basic auth is
-//! used with credentials from the docker config file named by DOCKER_CONFIG.
+//! used with credentials from the docker config file named by DOCKER_CONFIG (real daemon
+//! processes for that one, so the variable is theirs alone).
 
 mod support;
 
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lambda_imaged::client::proto;
+use lambda_imaged::client::{Client, proto};
 use proto::build_event::Event;
 use support::dockerd::{SecondEngine, docker_at_ok, second_engine};
 use support::tree::{assert_same, image_opt, image_tree_at};
@@ -373,4 +374,204 @@ async fn concurrent_requests_share_one_lookup_and_one_pull() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// A `docker-registry` started here on a free loopback port, requiring basic auth (htpasswd
+/// with a bcrypt line for `user`); stopped on drop.
+struct AuthRegistry {
+    addr: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthRegistry {
+    async fn start(user: &str, password: &str) -> AuthRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = bcrypt::hash(password, 4).unwrap();
+        std::fs::write(dir.path().join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: fleet\n    path: {}\n",
+            dir.path().join("data").display(),
+            dir.path().join("htpasswd").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry runs (installed by scripts/test-env.sh)");
+        let mut registry = AuthRegistry {
+            addr,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while registry.anonymous_status().await != Some(401) {
+            if let Ok(Some(status)) = registry.child.try_wait() {
+                let log = std::fs::read_to_string(registry._dir.path().join("log"));
+                panic!("docker-registry exited ({status}): {log:?}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the auth registry did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        registry
+    }
+
+    /// The HTTP status of an anonymous `GET /v2/` (None while nothing answers).
+    async fn anonymous_status(&self) -> Option<u16> {
+        let mut stream = TcpStream::connect(&self.addr).await.ok()?;
+        let request = format!(
+            "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        String::from_utf8_lossy(&answer)
+            .split(' ')
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real daemon binary, run with `--registry-cache` on the engine at `host`, with
+/// `DOCKER_CONFIG` set to `docker_config`; killed on drop.
+struct DaemonProcess {
+    child: std::process::Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl DaemonProcess {
+    fn start(host: &str, cache: &str, docker_config: &Path) -> DaemonProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--rie-dir")
+            .arg(rie_dir())
+            .args(["--registry-cache", cache])
+            .env_remove("LAMBDA_IMAGED_SOCKET")
+            .env("DOCKER_HOST", host)
+            .env("DOCKER_CONFIG", docker_config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        DaemonProcess {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        Client::connect_waiting(&self.socket, deadline)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A registry that needs basic auth: a daemon without credentials is refused (it builds
+/// locally, with a warning); daemons given a docker config file through DOCKER_CONFIG (`auths`
+/// with a base64 `auth`) push to it and pull from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_with_basic_auth_takes_credentials_from_the_docker_config() {
+    let engine_b = second_engine(&[BASE]);
+    let password = unique("pw-");
+    let registry = AuthRegistry::start("fleet", &password).await;
+    let cache = format!("{}/{}", registry.addr, unique("fleet-"));
+    let config_dir = tempfile::tempdir().unwrap();
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("fleet:{password}"),
+    );
+    std::fs::write(
+        config_dir.path().join("config.json"),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("auth-")));
+
+    // No credentials (this process has no DOCKER_CONFIG, and root no ~/.docker).
+    let anonymous = daemon(&cache, None).await;
+    let refused = build(&anonymous.socket, zip_request(&[(&unique("anon"), &layer)])).await;
+    assert_eq!(refused.completed().reason, proto::Reason::Missing as i32);
+    assert!(
+        warnings(&refused).contains(&"registry_cache_unavailable".to_owned()),
+        "{:?}",
+        warnings(&refused)
+    );
+    anonymous.stop().await;
+
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let b = DaemonProcess::start(&engine_b.host, &cache, config_dir.path());
+    let built = b.client().await.build(request.clone()).await;
+    let built = built.completed().clone();
+    assert_eq!(built.reason, proto::Reason::Missing as i32);
+    let reference = cache_reference(&engine_b.host, &built.tag, &cache);
+    let mut client = b.client().await;
+    let deadline = Instant::now() + DEADLINE;
+    let push = loop {
+        let listed = client.list_builds().await.unwrap();
+        if let Some(push) = listed.recent.into_iter().find(|s| s.tag == reference) {
+            break push;
+        }
+        assert!(Instant::now() < deadline, "no push of {reference} listed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        push.state,
+        proto::BuildState::Succeeded as i32,
+        "{}",
+        push.error
+    );
+
+    let a = DaemonProcess::start(&engine_host(), &cache, config_dir.path());
+    let mut client = a.client().await;
+    let hit = client.build(request).await;
+    assert_eq!(
+        hit.completed().reason,
+        proto::Reason::RegistryHit as i32,
+        "{hit:?}"
+    );
+    assert_eq!(hit.completed().image_id, built.image_id);
+    let stats = client.info().await.unwrap().stats.unwrap();
+    assert_eq!(stats.engine_builds, 0, "A built instead of pulling");
 }
