@@ -1021,7 +1021,7 @@ async fn fleet(checks: &mut Checks) -> Value {
     let pulled = build(&b.socket, request).await;
     let pull_ms = started.elapsed().as_secs_f64() * 1000.0;
     let b_builds = b.stats().await.engine_builds;
-    rmi(&[built.tag.clone()]);
+    rmi(std::slice::from_ref(&built.tag));
     let _ = support::dockerd::docker_at(&engine_b.host, &["rmi", "-f", &pulled.tag]);
     json!({
         "scenario": "fleet", "layer_mib": 200, "layer_files": 4000,
