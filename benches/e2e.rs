@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench e2e -- <scenario> [--json]`; scenarios: warm_hit, dedup, fanout,
 //! layer_repeat, layer_touch, layer_delete, layer_add, multi_layer, shared_prefix, delta_chain,
-//! cold_vs_docker, rss_1g, base_check, base_changed (or `all`); soak (10 minutes, or
+//! cold_vs_docker, rss_1g, base_check, base_changed, fleet (or `all`); soak (10 minutes, or
 //! `--soak-secs=N` / `LAMBDA_IMAGED_SOAK_SECS`; never part of `all`).
 //!
 //! Each line holds the scenario's correctness figures (engine builds, completed streams, files
@@ -45,6 +45,7 @@ const SCENARIOS: &[&str] = &[
     "rss_1g",
     "base_check",
     "base_changed",
+    "fleet",
 ];
 
 /// Scenarios run only when named.
@@ -145,6 +146,7 @@ async fn run(name: &str, checks: &mut Checks) -> Value {
         "base_check" => base_check(checks).await,
         "base_changed" => base_changed(checks).await,
         "soak" => soak(checks).await,
+        "fleet" => fleet(checks).await,
         _ => unreachable!("checked in main"),
     }
 }
@@ -1455,5 +1457,100 @@ async fn soak(checks: &mut Checks) -> Value {
         "rss_start_mib": rss_start >> 20, "rss_end_mib": rss_end >> 20,
         "rss_slope_kib_per_min": rss_slope.round(),
         "hit_p99_ms": (p99 * 10.0).round() / 10.0,
+    })
+}
+
+/// The daemon binary on the engine at `host`, sharing images through `--registry-cache cache`.
+async fn fleet_daemon(host: &str, cache: &str) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let rie = std::env::var("LAMBDA_IMAGED_RIE_DIR")
+        .expect("run `eval \"$(scripts/test-env.sh)\"` first");
+    let child = Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--rie-dir")
+        .arg(rie)
+        .args(["--registry-cache", cache])
+        .env("DOCKER_HOST", host)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { child, socket, dir };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    if let Err(err) = Client::connect_waiting(&daemon.socket, deadline).await {
+        panic!("the daemon did not come up: {err}");
+    }
+    daemon
+}
+
+/// Runner B's first request for an image runner A already built and pushed (a pull from the
+/// registry cache) against A's cold build of it: 200 MB / 4,000-file layer, two engines
+/// (`tests/support/dockerd.rs`), the test registry. Correctness: A built (missing), its push
+/// succeeded, B answered `registry_hit` with no engine build and the same image id.
+async fn fleet(checks: &mut Checks) -> Value {
+    let engine_b = support::dockerd::second_engine(&[BASE_IMAGE]);
+    let registry = std::env::var("LAMBDA_IMAGED_TEST_REGISTRY")
+        .expect("run `eval \"$(scripts/test-env.sh)\"` first");
+    let cache = format!("{registry}/{}", unique("bench-fleet-"));
+    let a = fleet_daemon(&support::engine_host(), &cache).await;
+    let b = fleet_daemon(&engine_b.host, &cache).await;
+    // Readable by others: only such layers are shared (see the README's security note).
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let layer = root.path().join("layer");
+    make_layer(&layer, 4000, 200 << 20);
+    let request = request(&unique("fleet"), &layer);
+
+    let started = Instant::now();
+    let built = build(&a.socket, request.clone()).await;
+    let cold_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let fingerprint = docker_ok(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"io.lambda-imaged.fingerprint\"}}",
+        &built.tag,
+    ]);
+    let reference = format!("{cache}:fp-{}", fingerprint.trim());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let mut client = a.client().await;
+    let push = loop {
+        let listed = client.list_builds().await.unwrap();
+        if let Some(push) = listed.recent.into_iter().find(|s| s.tag == reference) {
+            break Some(push);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let push_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let pushed = push.is_some_and(|p| p.state == proto::BuildState::Succeeded as i32);
+
+    let started = Instant::now();
+    let pulled = build(&b.socket, request).await;
+    let pull_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let b_builds = b.stats().await.engine_builds;
+    rmi(std::slice::from_ref(&built.tag));
+    let _ = support::dockerd::docker_at(&engine_b.host, &["rmi", "-f", &pulled.tag]);
+    json!({
+        "scenario": "fleet", "layer_mib": 200, "layer_files": 4000,
+        "a_reason": checks.equal("A's build reason", proto::reason_name(built.reason), "missing"),
+        "a_pushed": checks.equal("A's push succeeded (ListBuilds)", pushed, true),
+        "b_reason": checks.equal("B's reason", proto::reason_name(pulled.reason), "registry_hit"),
+        "b_engine_builds": checks.equal("engine builds on B", b_builds, 0),
+        "same_image": checks.equal("B's image id is A's", pulled.image_id == built.image_id, true),
+        "cold_build_ms": cold_ms.round(), "push_ms": push_ms.round(), "pull_ms": pull_ms.round(),
+        "ratio": (pull_ms / cold_ms * 100.0).round() / 100.0, "target_ratio": 0.4,
     })
 }

@@ -59,6 +59,8 @@ pub enum Reason {
     LayerChanged,
     RieChanged,
     DefinitionChanged,
+    /// Pulled from the registry cache: another daemon had built the same fingerprint.
+    RegistryHit,
 }
 
 /// A successful outcome.
@@ -334,6 +336,11 @@ impl Reporter {
         &self.builds.metrics
     }
 
+    /// The table this build is in (for work that outlives the build, such as a push).
+    pub fn builds(&self) -> &Arc<Builds> {
+        &self.builds
+    }
+
     /// The build id.
     pub fn build_id(&self) -> &str {
         &self.flight.id
@@ -381,6 +388,10 @@ pub struct Summary {
 pub struct Builds {
     table: DashMap<String, Arc<InFlight>>,
     history: Mutex<VecDeque<Summary>>,
+    /// Background pushes to the registry cache in progress (listed with the builds in flight,
+    /// under their registry reference; see `registry_cache.rs`). std Mutex: held for a push or
+    /// a remove, never across an `.await`.
+    pushes: Mutex<Vec<Summary>>,
     /// Bounds concurrent engine builds (distinct tags); checks and cache hits need no slot.
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
@@ -419,6 +430,7 @@ impl Builds {
         Arc::new(Builds {
             table: DashMap::new(),
             history: Mutex::new(VecDeque::new()),
+            pushes: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(max_parallel.max(1))),
             waiting: AtomicUsize::new(0),
             closing,
@@ -556,7 +568,54 @@ impl Builds {
         history.truncate(HISTORY);
     }
 
-    /// Builds in flight (oldest first) and recent finished ones (newest first).
+    /// A background push of `reference` started: listed as running until
+    /// [`Builds::push_finished`] with the returned id.
+    pub fn push_started(&self, reference: &str) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let summary = Summary {
+            build_id: id.clone(),
+            tag: reference.to_owned(),
+            started: SystemTime::now(),
+            finished: None,
+            subscribers: 0,
+            phase: Phase::Running,
+            image_id: String::new(),
+            error: String::new(),
+        };
+        self.pushes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(summary);
+        id
+    }
+
+    /// The push `id` ended: pushed `Ok(image id)` or failed `Err(why)`; it moves to the history.
+    pub fn push_finished(&self, id: &str, outcome: std::result::Result<String, String>) {
+        let mut summary = {
+            let mut pushes = self.pushes.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(at) = pushes.iter().position(|s| s.build_id == id) else {
+                return;
+            };
+            pushes.remove(at)
+        };
+        summary.finished = Some(SystemTime::now());
+        match outcome {
+            Ok(image_id) => {
+                summary.phase = Phase::Succeeded;
+                summary.image_id = image_id;
+            }
+            Err(error) => {
+                summary.phase = Phase::Failed;
+                summary.error = error;
+            }
+        }
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.push_front(summary);
+        history.truncate(HISTORY);
+    }
+
+    /// Builds in flight (oldest first) and recent finished ones (newest first); background
+    /// pushes to the registry cache are among them, under their registry reference.
     pub fn list(&self) -> (Vec<Summary>, Vec<Summary>) {
         let mut in_flight: Vec<Summary> = self
             .table
@@ -575,6 +634,13 @@ impl Builds {
                 }
             })
             .collect();
+        in_flight.extend(
+            self.pushes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
         in_flight.sort_by_key(|s| s.started);
         let recent = self
             .history

@@ -58,6 +58,11 @@ pub struct Config {
     /// Most connections one peer uid may have open at once; further ones are closed on
     /// accept (`listener::accept`). At least 1.
     pub max_connections_per_uid: usize,
+    /// `--registry-cache REGISTRY/REPO`: share built images with a fleet through this
+    /// repository (validated by `into_config`); off when `None`.
+    pub registry_cache: Option<String>,
+    /// `--registry-cache-share-private`: also push images built from files others cannot read.
+    pub registry_cache_share_private: bool,
 }
 
 /// Default of [`Config::max_connections_per_uid`]: far above what one machine's emulators
@@ -114,6 +119,8 @@ impl Config {
             base_check_ttl: Duration::from_secs(60 * 60),
             base_image_mirror: None,
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            registry_cache: None,
+            registry_cache_share_private: false,
         }
     }
 }
@@ -187,6 +194,17 @@ pub enum ConfigError {
         source: std::net::AddrParseError,
     },
     /// `max_parallel_builds = 0`.
+    /// `registry_cache` does not name a registry repository.
+    #[error(
+        "registry_cache = {value:?}: {reason}; expected REGISTRY/REPO such as \
+         \"registry.example.com:5000/lambda-cache\""
+    )]
+    RegistryCache {
+        /// What was given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
     #[error("max_parallel_builds must be at least 1")]
     NoParallelBuilds,
     /// `max_connections_per_uid = 0`.
@@ -284,6 +302,14 @@ pub struct Settings {
     /// and logged [default: 256]
     #[arg(long)]
     pub max_connections_per_uid: Option<usize>,
+    /// Share built images with other daemons through this registry repository
+    /// (REGISTRY/REPO): look each image up there before building it, push it after.
+    #[arg(long)]
+    pub registry_cache: Option<String>,
+    /// Also push images built from layer files that other local users cannot read.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_cache_share_private: Option<bool>,
 }
 
 fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
@@ -338,6 +364,11 @@ impl Settings {
             max_connections_per_uid: pick(
                 over.max_connections_per_uid,
                 self.max_connections_per_uid,
+            ),
+            registry_cache: pick(over.registry_cache, self.registry_cache),
+            registry_cache_share_private: pick(
+                over.registry_cache_share_private,
+                self.registry_cache_share_private,
             ),
         }
     }
@@ -429,6 +460,17 @@ impl Settings {
             }
             config.base_image_mirror = Some(prefix.to_owned());
         }
+        if let Some(repository) = &self.registry_cache {
+            let cache =
+                crate::registry_cache::RegistryCache::new(repository, false).map_err(|reason| {
+                    ConfigError::RegistryCache {
+                        value: repository.clone(),
+                        reason,
+                    }
+                })?;
+            config.registry_cache = Some(cache.repository().to_owned());
+        }
+        config.registry_cache_share_private = self.registry_cache_share_private.unwrap_or(false);
         config.shutdown_timeout = duration(
             "shutdown_timeout",
             &self.shutdown_timeout,
@@ -522,6 +564,11 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
         base_check_ttl: Some(humantime::format_duration(config.base_check_ttl).to_string()),
         base_image_mirror: config.base_image_mirror.clone(),
         max_connections_per_uid: Some(config.max_connections_per_uid),
+        registry_cache: config.registry_cache.clone(),
+        registry_cache_share_private: config
+            .registry_cache
+            .is_some()
+            .then_some(config.registry_cache_share_private),
     };
     toml::to_string(&settings).unwrap_or_default()
 }

@@ -25,10 +25,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bollard::auth::DockerCredentials;
 use bollard::models::{BuildInfo, CreateImageInfo};
 use bollard::query_parameters::{
     CreateImageOptions, EventsOptions, ImportImageOptions, ListContainersOptions,
-    ListImagesOptions, RemoveImageOptions, TagImageOptions,
+    ListImagesOptions, PushImageOptions, RemoveImageOptions, TagImageOptions,
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt;
@@ -687,6 +688,18 @@ impl Engine {
         &self,
         reference: &ImageRef,
         platform: &str,
+        progress: impl FnMut(&CreateImageInfo),
+    ) -> Result<()> {
+        self.pull_as(reference, platform, None, progress).await
+    }
+
+    /// [`Engine::pull`] with registry credentials (sent as `X-Registry-Auth`); `platform` may
+    /// be empty (the engine's own).
+    pub async fn pull_as(
+        &self,
+        reference: &ImageRef,
+        platform: &str,
+        credentials: Option<DockerCredentials>,
         mut progress: impl FnMut(&CreateImageInfo),
     ) -> Result<()> {
         let client = self.client().await?;
@@ -698,7 +711,7 @@ impl Engine {
             platform: platform.to_owned(),
             ..Default::default()
         };
-        let mut stream = client.create_image(Some(options), None, None);
+        let mut stream = client.create_image(Some(options), None, credentials);
         while let Some(item) = stream.next().await {
             let item = item.map_err(|err| self.map_error(err))?;
             progress(&item);
@@ -725,6 +738,78 @@ impl Engine {
             }
             Err(err) => Err(RegistryError::Engine(self.map_error(err))),
         }
+    }
+
+    /// Whether the registry has `reference` (a tag): its manifest digest, or `Ok(None)` when
+    /// the registry answers that it has no such manifest or repository (the engine relays its
+    /// 404). Asked through the distribution API with `credentials` as `X-Registry-Auth`, so the
+    /// engine decides TLS or plain HTTP and applies its mirrors, as for its own pulls.
+    pub async fn registry_lookup(
+        &self,
+        reference: &str,
+        credentials: Option<DockerCredentials>,
+    ) -> Result<Option<String>, RegistryError> {
+        let client = self.client().await.map_err(RegistryError::Engine)?;
+        match client.inspect_registry_image(reference, credentials).await {
+            Ok(inspect) => Ok(Some(inspect.descriptor.digest.unwrap_or_default())),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code,
+                message,
+            }) => {
+                if distribution_unsupported(status_code, &message) {
+                    Err(RegistryError::Unsupported)
+                } else if status_code == 404 {
+                    Ok(None)
+                } else {
+                    Err(RegistryError::Registry(message.trim().to_owned()))
+                }
+            }
+            Err(err) => Err(RegistryError::Engine(self.map_error(err))),
+        }
+    }
+
+    /// Pushes `reference` (a tag the engine holds) with `credentials` as `X-Registry-Auth`,
+    /// within the build timeout. A failure the engine reports in the stream (refused
+    /// credentials, unreachable registry) is an error.
+    pub async fn push(
+        &self,
+        reference: &ImageRef,
+        credentials: Option<DockerCredentials>,
+    ) -> Result<()> {
+        let client = self
+            .client()
+            .await?
+            .with_timeout(self.build_timeout.saturating_add(CALL_TIMEOUT));
+        let options = PushImageOptions {
+            tag: reference.tag().map(str::to_owned),
+            ..Default::default()
+        };
+        let mut stream = client.push_image(reference.repository(), Some(options), credentials);
+        while let Some(item) = stream.next().await {
+            let item = item.map_err(|err| self.map_error(err))?;
+            if let Some(error) = item.error_detail.and_then(|d| d.message) {
+                return Err(Error::FailedPrecondition(format!(
+                    "the engine failed the push of {}: {error}",
+                    reference.as_str()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the name `reference` only (the image stays while it has other names).
+    pub async fn untag(&self, reference: &str) -> Result<()> {
+        let client = self.client().await?;
+        let options = RemoveImageOptions {
+            force: false,
+            noprune: true,
+            ..Default::default()
+        };
+        client
+            .remove_image(reference, Some(options), None)
+            .await
+            .map_err(|err| self.map_error(err))?;
+        Ok(())
     }
 
     /// Loads a `docker save`-style archive (`POST /images/load`), streamed as it is produced.

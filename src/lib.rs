@@ -15,6 +15,8 @@
 //! - `stat_cache`: file identity (stat key), content hashing, the persisted stat cache.
 //! - `fingerprint`: pure: the digests that determine an image, its labels, rebuild or not.
 //! - `pipeline`: one build from plan to image: walk, base, fingerprint, cache check, engine.
+//! - `registry_cache`: the fleet's registry cache: look a fingerprint up and pull it before a
+//!   cold build, push after a build; credentials from the docker config; what may be shared.
 //! - `base`: base image freshness: one background registry check per base per TTL, shared.
 //! - `image_store`: diff IDs by content, chains the engine holds, image listings for deltas.
 //! - `assemble`: the image as a `docker save` archive (layer tars, config, manifest) produced
@@ -50,6 +52,7 @@ pub(crate) mod pipeline;
 pub mod proto;
 pub(crate) mod prune;
 pub(crate) mod reference;
+pub(crate) mod registry_cache;
 pub(crate) mod resolve;
 pub mod server;
 pub(crate) mod service;

@@ -218,6 +218,7 @@ fn reason_label(reason: Reason) -> &'static str {
         Reason::LayerChanged => "layer_changed",
         Reason::RieChanged => "rie_changed",
         Reason::DefinitionChanged => "definition_changed",
+        Reason::RegistryHit => "registry_hit",
     }
 }
 

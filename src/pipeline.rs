@@ -22,6 +22,7 @@ use crate::fingerprint::{self, FINGERPRINT_LABEL, Parts, decide};
 use crate::image_store::{self, ImageStore, Listing};
 use crate::layers::{self, Limits};
 use crate::prune;
+use crate::registry_cache::{self, RegistryCache};
 use crate::resolve::{Arch, Plan, RIE_IMAGE_PATH};
 use crate::stat_cache::{StatCache, StatKey};
 
@@ -57,6 +58,8 @@ pub struct Shared {
     pub freshness: Arc<Freshness>,
     /// `--base-image-mirror`: ZIP bases come from `<prefix>/<name:tag>` (see `resolve`).
     pub base_mirror: Option<String>,
+    /// `--registry-cache`: images are looked up before cold builds and pushed after builds.
+    pub registry_cache: Option<RegistryCache>,
 }
 
 /// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
@@ -158,16 +161,33 @@ pub async fn run(
     // can be after the removal has returned and the next request has come in.
     let existing = shared.engine.inspect_fresh(&plan.tag).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
-    let (image_id, config, cached) = if reason == Reason::UpToDate {
+    let fingerprint = parts.fingerprint();
+    let (image_id, config, cached, reason) = if reason == Reason::UpToDate {
         record_use(&shared, &plan.tag);
         // `decide` only says UpToDate for an existing image.
         let existing = existing.unwrap_or_default();
-        (existing.id, existing.config, true)
+        (existing.id, existing.config, true, reason)
+    } else if let Some(pulled) =
+        from_registry(&shared, &plan, &fingerprint, reason, &reporter).await
+    {
+        let adopted = after_build(&shared, &plan, &pulled, existing).await?;
+        (adopted.id, adopted.config, false, Reason::RegistryHit)
     } else {
         let images = (&base, existing.as_ref());
+        let layers = (plan.layers.clone(), inputs.tree.clone());
         let image_id = build(&shared, &plan, &parts, inputs, images, peer, &reporter).await?;
         let built = after_build(&shared, &plan, &image_id, existing).await?;
-        (built.id, built.config, false)
+        if let Some(cache) = &shared.registry_cache {
+            registry_cache::push_in_background(
+                shared.engine.clone(),
+                reporter.builds().clone(),
+                cache.clone(),
+                built.id.clone(),
+                fingerprint,
+                layers,
+            );
+        }
+        (built.id, built.config, false, reason)
     };
     Ok(Completed {
         tag: plan.tag,
@@ -178,6 +198,39 @@ pub async fn run(
         duration_ms: elapsed_ms(started),
         config,
     })
+}
+
+/// Before a cold build, with `--registry-cache`: the image another daemon built for
+/// `fingerprint`, pulled and tagged (see `registry_cache.rs`); `None` builds locally. A forced
+/// rebuild never asks: the client wants a fresh build.
+async fn from_registry(
+    shared: &Shared,
+    plan: &Plan,
+    fingerprint: &str,
+    reason: Reason,
+    reporter: &Reporter,
+) -> Option<String> {
+    let cache = shared.registry_cache.as_ref()?;
+    if reason == Reason::Forced {
+        return None;
+    }
+    let tag = match crate::reference::ImageRef::parse(&plan.tag) {
+        Ok(tag) => tag,
+        Err(why) => {
+            tracing::warn!(tag = plan.tag, "registry cache skipped: tag {why}");
+            return None;
+        }
+    };
+    let engine = &shared.engine;
+    registry_cache::fetch(
+        engine,
+        cache,
+        fingerprint,
+        &tag,
+        shared.build_timeout,
+        reporter,
+    )
+    .await
 }
 
 /// The `layers_ignored` warning: which layers an IMAGE function's request named in vain.
@@ -841,28 +894,7 @@ async fn ensure_base(
         },
         step: 0,
     });
-    let pulled = ticket
-        .wait(|item| {
-            if let Some(detail) = &item.progress_detail {
-                reporter.emit(Event::PullProgress {
-                    image: name.to_owned(),
-                    layer: item.id.clone().unwrap_or_default(),
-                    current: detail.current.unwrap_or(0).max(0) as u64,
-                    total: detail.total.unwrap_or(0).max(0) as u64,
-                });
-            } else if let Some(status) = &item.status {
-                let text = match &item.id {
-                    Some(id) => format!("{id}: {status}"),
-                    None => status.clone(),
-                };
-                reporter.emit(Event::Log {
-                    kind: LogKind::Status,
-                    text,
-                    step: 0,
-                });
-            }
-        })
-        .await;
+    let pulled = ticket.wait(|item| report_pull(reporter, name, item)).await;
     match pulled {
         Ok(()) => {}
         Err(Error::Unavailable(message)) => return Err(Error::Unavailable(message)),
@@ -876,6 +908,33 @@ async fn ensure_base(
         Error::NotFound(format!("base image {name} is still missing after the pull"))
     })?;
     Ok((info, false))
+}
+
+/// One item of the engine's pull stream of `image`, as a PullProgress event (with progress)
+/// or a status log line.
+pub(crate) fn report_pull(
+    reporter: &Reporter,
+    image: &str,
+    item: &bollard::models::CreateImageInfo,
+) {
+    if let Some(detail) = &item.progress_detail {
+        reporter.emit(Event::PullProgress {
+            image: image.to_owned(),
+            layer: item.id.clone().unwrap_or_default(),
+            current: detail.current.unwrap_or(0).max(0) as u64,
+            total: detail.total.unwrap_or(0).max(0) as u64,
+        });
+    } else if let Some(status) = &item.status {
+        let text = match &item.id {
+            Some(id) => format!("{id}: {status}"),
+            None => status.clone(),
+        };
+        reporter.emit(Event::Log {
+            kind: LogKind::Status,
+            text,
+            step: 0,
+        });
+    }
 }
 
 fn arch_mismatch(base: &ImageInfo, arch: Arch) -> Option<String> {

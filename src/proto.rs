@@ -115,6 +115,7 @@ impl From<builds::Reason> for Reason {
             builds::Reason::LayerChanged => Reason::LayerChanged,
             builds::Reason::RieChanged => Reason::RieChanged,
             builds::Reason::DefinitionChanged => Reason::DefinitionChanged,
+            builds::Reason::RegistryHit => Reason::RegistryHit,
         }
     }
 }
@@ -225,6 +226,7 @@ pub fn reason_name(reason: i32) -> &'static str {
         Ok(Reason::LayerChanged) => "layer_changed",
         Ok(Reason::RieChanged) => "rie_changed",
         Ok(Reason::DefinitionChanged) => "definition_changed",
+        Ok(Reason::RegistryHit) => "registry_hit",
         Ok(Reason::Unspecified) | Err(_) => "unspecified",
     }
 }

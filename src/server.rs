@@ -90,6 +90,17 @@ impl Daemon {
             every_layer: tokio::sync::OnceCell::new(),
             freshness: Arc::new(crate::base::Freshness::new(config.base_check_ttl)),
             base_mirror: config.base_image_mirror.clone(),
+            registry_cache: config.registry_cache.as_deref().and_then(|repository| {
+                // `into_config` validated flag and file; a Config built in code may not be.
+                crate::registry_cache::RegistryCache::new(
+                    repository,
+                    config.registry_cache_share_private,
+                )
+                .map_err(|why| {
+                    tracing::error!(repository, "registry cache disabled: {why}");
+                })
+                .ok()
+            }),
         });
         Daemon {
             config,

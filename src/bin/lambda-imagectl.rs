@@ -521,6 +521,13 @@ impl Render {
                 };
                 if done.cached {
                     println!("{} is up to date ({})", done.tag, short_id(&done.image_id));
+                } else if done.reason == proto::Reason::RegistryHit as i32 {
+                    println!(
+                        "pulled {} ({}) from the registry cache in {:.1} s, because {why}",
+                        done.tag,
+                        short_id(&done.image_id),
+                        done.duration_ms as f64 / 1000.0
+                    );
                 } else {
                     println!(
                         "built {} ({}) in {:.1} s, because {why}",

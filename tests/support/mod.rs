@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod dockerd;
 pub mod fault_proxy;
 pub mod podman;
 pub mod registry;

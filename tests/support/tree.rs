@@ -9,8 +9,6 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::{docker, docker_ok};
-
 /// One entry of a file tree: what Lambda's `/opt` must agree on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
@@ -33,10 +31,18 @@ pub fn image_opt(image: &str) -> BTreeMap<String, Node> {
 
 /// The entries under `/<top>` (paths relative to it) of `image`, read from `docker export`.
 pub fn image_tree(image: &str, top: &str) -> BTreeMap<String, Node> {
+    image_tree_at(&super::engine_host(), image, top)
+}
+
+/// [`image_tree`] of an image in the engine at `host` (a second engine of a fleet test).
+pub fn image_tree_at(host: &str, image: &str, top: &str) -> BTreeMap<String, Node> {
+    use super::dockerd::{docker_at, docker_at_ok};
     let prefix = format!("{top}/");
-    let id = docker_ok(&["create", image, "/bin/true"]).trim().to_owned();
-    let exported = docker(&["export", &id]);
-    docker_ok(&["rm", &id]);
+    let id = docker_at_ok(host, &["create", image, "/bin/true"])
+        .trim()
+        .to_owned();
+    let exported = docker_at(host, &["export", &id]);
+    docker_at_ok(host, &["rm", &id]);
     assert!(exported.status.success(), "docker export {image} failed");
     let mut archive = tar::Archive::new(exported.stdout.as_slice());
     let mut tree = BTreeMap::new();

@@ -59,7 +59,9 @@ _REASONS = {
     5: "a layer changed",
     6: "the runtime interface emulator changed",
     7: "the image definition changed",
+    8: "pulled from the fleet's registry cache, not built",
 }
+REASON_REGISTRY_HIT = 8
 
 # One "unreachable" warning per process (start-lambda / start-api build many times); every
 # later build still tries the daemon first, quietly, so it is used again once it is back.
@@ -287,6 +289,12 @@ def _stream_build(daemon, request, stream):
         raise DaemonError("INTERNAL", "the build stream ended without a completed event")
     if completed.cached:
         LOG.info("lambda-imaged: image %s is up to date", completed.tag)
+    elif completed.reason == REASON_REGISTRY_HIT:
+        LOG.info(
+            "lambda-imaged: pulled %s from the fleet's registry cache in %.2f s",
+            completed.tag,
+            time.monotonic() - started,
+        )
     else:
         why = _REASONS.get(completed.reason, "rebuilt")
         if completed.changed_layer:

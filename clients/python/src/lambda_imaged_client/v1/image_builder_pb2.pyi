@@ -36,6 +36,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_LAYER_CHANGED: _ClassVar[Reason]
     REASON_RIE_CHANGED: _ClassVar[Reason]
     REASON_DEFINITION_CHANGED: _ClassVar[Reason]
+    REASON_REGISTRY_HIT: _ClassVar[Reason]
 
 class BuildState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +63,7 @@ REASON_BASE_CHANGED: Reason
 REASON_LAYER_CHANGED: Reason
 REASON_RIE_CHANGED: Reason
 REASON_DEFINITION_CHANGED: Reason
+REASON_REGISTRY_HIT: Reason
 BUILD_STATE_UNSPECIFIED: BuildState
 BUILD_STATE_QUEUED: BuildState
 BUILD_STATE_RUNNING: BuildState

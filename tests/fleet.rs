@@ -1,0 +1,577 @@
+//! A fleet sharing its images through a registry (`--registry-cache`), on real parts: two
+//! private engines on this machine (the main test engine and a second one, see
+//! `support/dockerd.rs`), the real `docker-registry` on loopback that `scripts/test-env.sh`
+//! runs, and two daemons: A on the main engine, B on the second.
+//!
+//! What is proved: A builds and pushes; B, asked for the same function, pulls instead of
+//! building (REGISTRY_HIT, no engine build, the same image and `/opt`); a layer changed on B
+//! is built there and pushed, and A then pulls it; an unreachable registry leaves both
+//! building locally with a warning; ten concurrent requests on B share one lookup and one
+//! pull (counted at a proxy in front of the registry); a registry that needs basic auth is
+//! used with credentials from the docker config file named by DOCKER_CONFIG (real daemon
+//! processes for that one, so the variable is theirs alone).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lambda_imaged::client::{Client, proto};
+use proto::build_event::Event;
+use support::dockerd::{SecondEngine, docker_at_ok, second_engine};
+use support::tree::{assert_same, image_opt, image_tree_at};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The generous bound of every poll below (a push of a small image on a busy 2-core machine
+/// takes seconds, never minutes).
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// The stand-in base every request here uses (`skip_pull_image`), copied into engine B.
+const BASE: &str = "public.ecr.aws/lambda/python:3.12-x86_64";
+
+fn registry() -> String {
+    std::env::var("LAMBDA_IMAGED_TEST_REGISTRY").unwrap_or_else(|_| {
+        panic!(
+            "LAMBDA_IMAGED_TEST_REGISTRY is not set: run `eval \"$(scripts/test-env.sh)\"` first"
+        )
+    })
+}
+
+/// A daemon using `cache` as its registry cache, on the main engine or on `engine`.
+async fn daemon(cache: &str, engine: Option<&SecondEngine>) -> TestDaemon {
+    let cache = cache.to_owned();
+    let host = engine.map(|e| e.host.clone());
+    TestDaemon::start_with(move |config| {
+        config.registry_cache = Some(cache);
+        if let Some(host) = host {
+            config.engine_host = host;
+        }
+    })
+    .await
+}
+
+/// A layer others may read (so its image may be shared): `python/mod.py` holding `content`.
+fn shared_layer(root: &Path, content: &str) -> PathBuf {
+    let layer = root.join("layer");
+    std::fs::create_dir_all(layer.join("python")).unwrap();
+    for dir in [root, &layer, &layer.join("python")] {
+        set_mode(dir, 0o755);
+    }
+    write_file(&layer.join("python/mod.py"), content, 0o644);
+    layer
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Where the image `tag` (in the engine at `host`) is shared: `<cache>:fp-<its fingerprint>`.
+fn cache_reference(host: &str, tag: &str, cache: &str) -> String {
+    let format = "{{index .Config.Labels \"io.lambda-imaged.fingerprint\"}}";
+    let fingerprint = docker_at_ok(host, &["image", "inspect", "--format", format, tag]);
+    format!("{cache}:fp-{}", fingerprint.trim())
+}
+
+/// Waits until `daemon` lists the push of `reference` as finished; its summary.
+async fn push_of(daemon: &TestDaemon, reference: &str) -> proto::BuildSummary {
+    let mut client = daemon.client().await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let listed = client
+            .list_builds(proto::ListBuildsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(push) = listed.recent.into_iter().find(|s| s.tag == reference) {
+            return push;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no finished push of {reference} in ListBuilds within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `daemon` has pushed `reference`; panics with the error when the push failed.
+async fn pushed(daemon: &TestDaemon, reference: &str) {
+    let push = push_of(daemon, reference).await;
+    assert_eq!(
+        push.state,
+        proto::BuildState::Succeeded as i32,
+        "push of {reference} failed: {}",
+        push.error
+    );
+}
+
+fn engine_builds(daemon: &TestDaemon) -> u64 {
+    daemon
+        .builds
+        .stats
+        .engine_builds
+        .load(std::sync::atomic::Ordering::SeqCst)
+}
+
+fn warnings(outcome: &Outcome) -> Vec<String> {
+    outcome
+        .events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Warning(w)) => Some(w.code.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A builds and pushes; B pulls the same image instead of building it (REGISTRY_HIT, pull
+/// progress, no engine build, the same image id and /opt); a layer changed on B is built there
+/// and pushed, and A then pulls that one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_builds_each_image_once() {
+    let engine_b = second_engine(&[BASE]);
+    let cache = format!("{}/{}", registry(), unique("fleet-"));
+    let a = daemon(&cache, None).await;
+    let b = daemon(&cache, Some(&engine_b)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("v1-")));
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+
+    let built = build(&a.socket, request.clone()).await.completed().clone();
+    assert_eq!(built.reason, proto::Reason::Missing as i32);
+    let reference = cache_reference(&engine_host(), &built.tag, &cache);
+    pushed(&a, &reference).await;
+
+    let hit = build(&b.socket, request.clone()).await;
+    let pulled = hit.completed();
+    assert_eq!(pulled.reason, proto::Reason::RegistryHit as i32, "{hit:?}");
+    assert!(!pulled.cached);
+    assert_eq!(engine_builds(&b), 0, "B built instead of pulling");
+    assert_eq!(
+        pulled.image_id, built.image_id,
+        "the same image on both engines"
+    );
+    assert!(
+        hit.events
+            .iter()
+            .any(|e| matches!(&e.event, Some(Event::PullProgress(p)) if p.image == reference)),
+        "no pull progress of {reference}"
+    );
+    assert_same(
+        "B's /opt",
+        &image_tree_at(&engine_b.host, &pulled.tag, "opt"),
+        &image_opt(&built.tag),
+    );
+    // Only SAM's tag names the pulled image on B.
+    let tags = docker_at_ok(
+        &engine_b.host,
+        &["image", "inspect", "--format", "{{.RepoTags}}", &pulled.tag],
+    );
+    assert!(!tags.contains(&cache), "{tags}");
+
+    write_file(
+        &layer.join("python/mod.py"),
+        &format!("x = '{}'\n", unique("v2-")),
+        0o644,
+    );
+    let rebuilt = build(&b.socket, request.clone()).await.completed().clone();
+    assert_eq!(rebuilt.reason, proto::Reason::LayerChanged as i32);
+    assert_eq!(engine_builds(&b), 1);
+    let reference = cache_reference(&engine_b.host, &rebuilt.tag, &cache);
+    pushed(&b, &reference).await;
+
+    let before = engine_builds(&a);
+    let hit = build(&a.socket, request).await.completed().clone();
+    assert_eq!(hit.reason, proto::Reason::RegistryHit as i32);
+    assert_eq!(hit.image_id, rebuilt.image_id);
+    assert_eq!(engine_builds(&a), before, "A built instead of pulling");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A registry cache that does not answer (a closed port) leaves both daemons building
+/// locally: the build succeeds with a `registry_cache_unavailable` warning, and the
+/// background push fails in ListBuilds, not in the client's stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_registry_leaves_builds_local() {
+    let engine_b = second_engine(&[BASE]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cache = format!("{}/fleet", closed.local_addr().unwrap());
+    drop(closed);
+    let a = daemon(&cache, None).await;
+    let b = daemon(&cache, Some(&engine_b)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("down-")));
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+    for (daemon, host) in [(&a, engine_host()), (&b, engine_b.host.clone())] {
+        let outcome = build(&daemon.socket, request.clone()).await;
+        let done = outcome.completed();
+        assert_eq!(done.reason, proto::Reason::Missing as i32);
+        assert_eq!(engine_builds(daemon), 1);
+        assert!(
+            warnings(&outcome).contains(&"registry_cache_unavailable".to_owned()),
+            "{:?}",
+            warnings(&outcome)
+        );
+        let reference = cache_reference(&host, &done.tag, &cache);
+        let push = push_of(daemon, &reference).await;
+        assert_eq!(push.state, proto::BuildState::Failed as i32);
+        assert!(!push.error.is_empty());
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The bytes a client sent on one connection.
+type Recorded = Arc<Mutex<Vec<u8>>>;
+
+/// A TCP proxy on 127.0.0.1 in front of the registry that records every request line.
+struct Proxy {
+    addr: String,
+    /// What clients sent, per connection (the registry's answers are not kept).
+    sent: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let sent: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let sent2 = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let record = Arc::new(Mutex::new(Vec::new()));
+                sent2.lock().unwrap().push(record.clone());
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            record.lock().unwrap().extend_from_slice(&buf[..n]);
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Proxy { addr, sent }
+    }
+
+    /// Request lines (`GET /v2/...`, `HEAD ...`) that passed so far containing `needle`.
+    fn requests(&self, needle: &str) -> Vec<String> {
+        let sent = self.sent.lock().unwrap();
+        sent.iter()
+            .flat_map(|conn| {
+                let bytes = conn.lock().unwrap().clone();
+                String::from_utf8_lossy(&bytes)
+                    .split("\r\n")
+                    .filter(|line| {
+                        ["GET ", "HEAD ", "PUT ", "POST ", "PATCH "]
+                            .iter()
+                            .any(|m| line.starts_with(m))
+                            && line.contains(needle)
+                    })
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+/// Ten concurrent requests for one function on B share one registry lookup and one pull:
+/// the manifest is asked for by its tag twice in all (the lookup, then the pull), the image
+/// config blob twice (the engine's distribution API reads it to report the platform, then
+/// the pull), no blob is fetched twice, and no request builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_share_one_lookup_and_one_pull() {
+    let engine_b = second_engine(&[BASE]);
+    let proxy = Proxy::start(registry()).await;
+    let repo = unique("fleet-");
+    let cache = format!("{}/{repo}", proxy.addr);
+    let a = daemon(&cache, None).await;
+    let b = daemon(&cache, Some(&engine_b)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("ten-")));
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let built = build(&a.socket, request.clone()).await.completed().clone();
+    let reference = cache_reference(&engine_host(), &built.tag, &cache);
+    pushed(&a, &reference).await;
+    let fingerprint_tag = reference.rsplit(':').next().unwrap().to_owned();
+    let by_tag = format!(" /v2/{repo}/manifests/{fingerprint_tag} ");
+    let config_blob = format!(
+        " /v2/{repo}/blobs/{} ",
+        docker_at_ok(
+            &engine_host(),
+            &["image", "inspect", "--format", "{{.Id}}", &built.tag]
+        )
+        .trim()
+    );
+    let (tags_before, configs_before) = (
+        proxy.requests(&by_tag).len(),
+        proxy
+            .requests(&config_blob)
+            .iter()
+            .filter(|l| l.starts_with("GET "))
+            .count(),
+    );
+
+    let clients: Vec<_> = (0..10)
+        .map(|_| spawn_build(&b.socket, request.clone()))
+        .collect();
+    for client in clients {
+        let done = client.await.unwrap().completed().clone();
+        assert_eq!(done.reason, proto::Reason::RegistryHit as i32);
+        assert_eq!(done.image_id, built.image_id);
+    }
+    assert_eq!(engine_builds(&b), 0);
+    let lookups_and_pulls = proxy.requests(&by_tag).len() - tags_before;
+    let config_gets = proxy
+        .requests(&config_blob)
+        .iter()
+        .filter(|l| l.starts_with("GET "))
+        .count()
+        - configs_before;
+    let blob_gets: Vec<String> = proxy
+        .requests(&format!(" /v2/{repo}/blobs/"))
+        .into_iter()
+        .filter(|l| l.starts_with("GET ") && !l.contains(&config_blob))
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = blob_gets.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        blob_gets.len(),
+        "a layer was pulled twice: {blob_gets:?}"
+    );
+    assert_eq!(
+        lookups_and_pulls,
+        2,
+        "manifest requests by tag: {:?}",
+        proxy.requests(&by_tag)
+    );
+    assert_eq!(
+        config_gets, 2,
+        "the image config was read {config_gets} times"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A `docker-registry` started here on a free loopback port, requiring basic auth (htpasswd
+/// with a bcrypt line for `user`); stopped on drop.
+struct AuthRegistry {
+    addr: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthRegistry {
+    async fn start(user: &str, password: &str) -> AuthRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = bcrypt::hash(password, 4).unwrap();
+        std::fs::write(dir.path().join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: fleet\n    path: {}\n",
+            dir.path().join("data").display(),
+            dir.path().join("htpasswd").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry runs (installed by scripts/test-env.sh)");
+        let mut registry = AuthRegistry {
+            addr,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while registry.anonymous_status().await != Some(401) {
+            if let Ok(Some(status)) = registry.child.try_wait() {
+                let log = std::fs::read_to_string(registry._dir.path().join("log"));
+                panic!("docker-registry exited ({status}): {log:?}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the auth registry did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        registry
+    }
+
+    /// The HTTP status of an anonymous `GET /v2/` (None while nothing answers).
+    async fn anonymous_status(&self) -> Option<u16> {
+        let mut stream = TcpStream::connect(&self.addr).await.ok()?;
+        let request = format!(
+            "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        String::from_utf8_lossy(&answer)
+            .split(' ')
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real daemon binary, run with `--registry-cache` on the engine at `host`, with
+/// `DOCKER_CONFIG` set to `docker_config`; killed on drop.
+struct DaemonProcess {
+    child: std::process::Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl DaemonProcess {
+    fn start(host: &str, cache: &str, docker_config: &Path) -> DaemonProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--rie-dir")
+            .arg(rie_dir())
+            .args(["--registry-cache", cache])
+            .env_remove("LAMBDA_IMAGED_SOCKET")
+            .env("DOCKER_HOST", host)
+            .env("DOCKER_CONFIG", docker_config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        DaemonProcess {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        Client::connect_waiting(&self.socket, deadline)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A registry that needs basic auth: a daemon without credentials is refused (it builds
+/// locally, with a warning); daemons given a docker config file through DOCKER_CONFIG (`auths`
+/// with a base64 `auth`) push to it and pull from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_with_basic_auth_takes_credentials_from_the_docker_config() {
+    let engine_b = second_engine(&[BASE]);
+    let password = unique("pw-");
+    let registry = AuthRegistry::start("fleet", &password).await;
+    let cache = format!("{}/{}", registry.addr, unique("fleet-"));
+    let config_dir = tempfile::tempdir().unwrap();
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("fleet:{password}"),
+    );
+    std::fs::write(
+        config_dir.path().join("config.json"),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("auth-")));
+
+    // No credentials (this process has no DOCKER_CONFIG, and root no ~/.docker).
+    let anonymous = daemon(&cache, None).await;
+    let refused = build(&anonymous.socket, zip_request(&[(&unique("anon"), &layer)])).await;
+    assert_eq!(refused.completed().reason, proto::Reason::Missing as i32);
+    assert!(
+        warnings(&refused).contains(&"registry_cache_unavailable".to_owned()),
+        "{:?}",
+        warnings(&refused)
+    );
+    anonymous.stop().await;
+
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let b = DaemonProcess::start(&engine_b.host, &cache, config_dir.path());
+    let built = b.client().await.build(request.clone()).await;
+    let built = built.completed().clone();
+    assert_eq!(built.reason, proto::Reason::Missing as i32);
+    let reference = cache_reference(&engine_b.host, &built.tag, &cache);
+    let mut client = b.client().await;
+    let deadline = Instant::now() + DEADLINE;
+    let push = loop {
+        let listed = client.list_builds().await.unwrap();
+        if let Some(push) = listed.recent.into_iter().find(|s| s.tag == reference) {
+            break push;
+        }
+        assert!(Instant::now() < deadline, "no push of {reference} listed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        push.state,
+        proto::BuildState::Succeeded as i32,
+        "{}",
+        push.error
+    );
+
+    let a = DaemonProcess::start(&engine_host(), &cache, config_dir.path());
+    let mut client = a.client().await;
+    let hit = client.build(request).await;
+    assert_eq!(
+        hit.completed().reason,
+        proto::Reason::RegistryHit as i32,
+        "{hit:?}"
+    );
+    assert_eq!(hit.completed().image_id, built.image_id);
+    let stats = client.info().await.unwrap().stats.unwrap();
+    assert_eq!(stats.engine_builds, 0, "A built instead of pulling");
+}

@@ -1,0 +1,202 @@
+//! A second private engine on this machine, for fleet tests (design.md §7): its own `--host`,
+//! `--data-root`, `--exec-root` and `--pidfile` under `$LAMBDA_IMAGED_TEST_DIR/engine-b`,
+//! `--iptables=false` (else it rewrites the first engine's DOCKER chains) and its own bridge
+//! created with `ip link add … type bridge` (`--bridge=none` would delete the shared
+//! `docker0`).
+//!
+//! nextest runs every test in a process of its own, so the engine is started by the first test
+//! that needs it and reused by the rest (and by later runs): a file lock serialises the start,
+//! and a start that fails panics with the reason and the tail of its log. Like the main test
+//! engine, it keeps running afterwards; [`stop`] ends it and removes the bridge it created.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the engine may take to answer after its start on a busy machine.
+const START_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The second engine: where it is reached, and its state directory.
+pub struct SecondEngine {
+    /// `unix:///…/engine-b/docker.sock`, for `DOCKER_HOST` and `Config::engine_host`.
+    pub host: String,
+    pub dir: PathBuf,
+}
+
+fn state_dir() -> PathBuf {
+    let base = std::env::var("LAMBDA_IMAGED_TEST_DIR").unwrap_or_else(|_| {
+        panic!("LAMBDA_IMAGED_TEST_DIR is not set: run `eval \"$(scripts/test-env.sh)\"` first")
+    });
+    PathBuf::from(base).join("engine-b")
+}
+
+/// The bridge of the second engine (at most 15 characters).
+const BRIDGE: &str = "limg-fleet-b";
+
+/// Runs the docker CLI against `host`.
+pub fn docker_at(host: &str, args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .env("DOCKER_HOST", host)
+        .output()
+        .expect("the docker CLI runs (installed by scripts/test-env.sh)")
+}
+
+/// Runs the docker CLI against `host` and returns stdout; panics with stderr on failure.
+pub fn docker_at_ok(host: &str, args: &[&str]) -> String {
+    let output = docker_at(host, args);
+    assert!(
+        output.status.success(),
+        "DOCKER_HOST={host} docker {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn answering(host: &str) -> bool {
+    docker_at(host, &["version", "--format", "{{.Server.Version}}"])
+        .status
+        .success()
+}
+
+fn ip(args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .expect("`ip` runs (iproute2, installed by scripts/test-env.sh)")
+}
+
+/// The second engine, started if it is not running yet, holding `images` copied from the
+/// main test engine (`docker save | docker load`) when it lacks them.
+pub fn second_engine(images: &[&str]) -> SecondEngine {
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("docker.sock");
+    let host = format!("unix://{}", sock.display());
+    let lock = std::fs::File::create(dir.join("start.lock")).unwrap();
+    // SAFETY: flock on a descriptor this function owns; released when `lock` is dropped.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    if !answering(&host) {
+        start(&dir, &host);
+    }
+    for image in images {
+        if docker_at(&host, &["image", "inspect", image])
+            .status
+            .success()
+        {
+            continue;
+        }
+        let saved = Command::new("docker")
+            .args(["save", image])
+            .env("DOCKER_HOST", super::engine_host())
+            .output()
+            .unwrap();
+        assert!(saved.status.success(), "docker save {image} failed");
+        let mut load = Command::new("docker")
+            .arg("load")
+            .env("DOCKER_HOST", &host)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        load.stdin.take().unwrap().write_all(&saved.stdout).unwrap();
+        assert!(
+            load.wait().unwrap().success(),
+            "docker load of {image} into {host} failed"
+        );
+    }
+    drop(lock);
+    SecondEngine { host, dir }
+}
+
+// The engine is meant to outlive this process (see the module doc): it is not waited for
+// once it answers.
+#[allow(clippy::zombie_processes)]
+fn start(dir: &std::path::Path, host: &str) {
+    let _ = std::fs::remove_file(dir.join("docker.sock"));
+    let _ = std::fs::remove_file(dir.join("dockerd.pid"));
+    if !ip(&["link", "show", BRIDGE]).status.success() {
+        let added = ip(&["link", "add", BRIDGE, "type", "bridge"]);
+        assert!(
+            added.status.success(),
+            "cannot create bridge {BRIDGE} for the second engine: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+    }
+    let addresses =
+        String::from_utf8_lossy(&ip(&["-4", "-o", "addr", "show", "dev", BRIDGE]).stdout)
+            .into_owned();
+    if addresses.trim().is_empty() {
+        let used = String::from_utf8_lossy(&ip(&["-4", "-o", "addr", "show"]).stdout).into_owned()
+            + &String::from_utf8_lossy(&ip(&["-4", "route", "show"]).stdout);
+        let cidr = (200..255)
+            .map(|x| format!("172.30.{x}.1/24"))
+            .find(|cidr| !used.contains(&cidr[..cidr.len() - 4]))
+            .expect("a free 172.30.X.0/24 for the second engine's bridge");
+        let added = ip(&["addr", "add", &cidr, "dev", BRIDGE]);
+        assert!(
+            added.status.success(),
+            "ip addr add {cidr} dev {BRIDGE} failed"
+        );
+    }
+    ip(&["link", "set", BRIDGE, "up"]);
+    let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+    let mut command = Command::new("dockerd");
+    command
+        .arg("--host")
+        .arg(host)
+        .arg("--data-root")
+        .arg(dir.join("data"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("dockerd.pid"))
+        .args(["--iptables=false", "--bridge", BRIDGE])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // Its own process group: it outlives this test process, for the next tests to reuse.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start the second dockerd: {err}"));
+    let deadline = Instant::now() + START_DEADLINE;
+    while !answering(host) {
+        let tail = || {
+            let log = std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the second dockerd exited during start-up ({status}):\n{}",
+                tail()
+            );
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "the second dockerd did not answer on {host} within {START_DEADLINE:?}:\n{}",
+                tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Stops the second engine (if running) and removes its bridge.
+pub fn stop() {
+    let dir = state_dir();
+    if let Ok(pid) = std::fs::read_to_string(dir.join("dockerd.pid"))
+        && let Ok(pid) = pid.trim().parse::<i32>()
+    {
+        // SAFETY: kill(2) with a pid read from the engine's own pidfile.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    ip(&["link", "delete", BRIDGE, "type", "bridge"]);
+}
