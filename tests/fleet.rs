@@ -53,6 +53,22 @@ async fn daemon(cache: &str, engine: Option<&SecondEngine>) -> TestDaemon {
     .await
 }
 
+/// The registry cache series of `daemon`'s metrics (what `GET /metrics` serves):
+/// (hits, misses, push failures).
+fn registry_metrics(daemon: &TestDaemon) -> (u64, u64, u64) {
+    let text = daemon.builds.metrics().render();
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    (
+        value("lambda_imaged_registry_cache_hits_total"),
+        value("lambda_imaged_registry_cache_misses_total"),
+        value("lambda_imaged_registry_cache_push_failures_total"),
+    )
+}
+
 /// A layer others may read (so its image may be shared): `python/mod.py` holding `content`.
 fn shared_layer(root: &Path, content: &str) -> PathBuf {
     let layer = root.join("layer");
@@ -188,6 +204,17 @@ async fn a_fleet_builds_each_image_once() {
     assert_eq!(hit.reason, proto::Reason::RegistryHit as i32);
     assert_eq!(hit.image_id, rebuilt.image_id);
     assert_eq!(engine_builds(&a), before, "A built instead of pulling");
+    // A: a miss (its first build), then a hit; B: a hit, then a miss (the changed layer).
+    assert_eq!(
+        registry_metrics(&a),
+        (1, 1, 0),
+        "A's hits, misses, push failures"
+    );
+    assert_eq!(
+        registry_metrics(&b),
+        (1, 1, 0),
+        "B's hits, misses, push failures"
+    );
     a.stop().await;
     b.stop().await;
 }
@@ -220,6 +247,8 @@ async fn an_unreachable_registry_leaves_builds_local() {
         let push = push_of(daemon, &reference).await;
         assert_eq!(push.state, proto::BuildState::Failed as i32);
         assert!(!push.error.is_empty());
+        // The lookup failed (neither hit nor miss); the push failure is counted.
+        assert_eq!(registry_metrics(daemon), (0, 0, 1));
     }
     a.stop().await;
     b.stop().await;
