@@ -514,3 +514,112 @@ async fn slow_reader_is_dropped_and_memory_stays_bounded() {
     docker(&["rmi", "-f", "--no-prune", &tag]);
     daemon.stop().await;
 }
+
+/// `size` bytes that do not compress (xorshift64), so the engine spends its time on them.
+fn incompressible(size: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(size);
+    out
+}
+
+/// Polls the daemon's health until it is `want`.
+async fn health_becomes(watcher: &mut Client, want: ServingStatus) {
+    let deadline = Instant::now() + DEADLINE;
+    while watcher.health().await.unwrap() != want {
+        assert!(Instant::now() < deadline, "health never became {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real engine restart, not a model of one: the second private dockerd
+/// (`support/dockerd.rs`) is killed with SIGKILL while the image streams into it, then started
+/// again. The subscriber gets UNAVAILABLE naming the engine, the in-flight slot is cleared,
+/// health is NOT_SERVING while the engine is down and SERVING once it is back, and the retry
+/// builds the image (nothing was tagged from the cut load). Runs alone with the fleet tests
+/// (`.config/nextest.toml`, group `engine-b`): they share that engine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_engine_killed_mid_load_then_restarted() {
+    const BASE: &str = "public.ecr.aws/lambda/python:3.12-x86_64";
+    let engine = tokio::task::spawn_blocking(|| support::dockerd::second_engine(&[BASE]))
+        .await
+        .unwrap();
+    let host = engine.host.clone();
+    let daemon = TestDaemon::start_with(move |config| config.engine_host = host).await;
+    let mut watcher = Client::connect(&daemon.socket).await.unwrap();
+    health_becomes(&mut watcher, ServingStatus::Serving).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("frealrestart");
+    let layer = dir.path().join(&name);
+    // 128 MiB of noise: the load takes seconds, so SIGKILL lands while it streams.
+    write_file(&layer.join("python/marker.txt"), &name, 0o644);
+    std::fs::write(
+        layer.join("python/blob.bin"),
+        incompressible(128 << 20, 0x5eed),
+    )
+    .unwrap();
+    let request = zip_request(&[(&name, &layer)]);
+    let mut stream = open_stream(&daemon.socket, request.clone()).await;
+    loop {
+        let event = stream
+            .message()
+            .await
+            .expect("the stream broke before the load began")
+            .expect("the stream ended before the load began");
+        match event.event {
+            Some(Event::ContextProgress(p)) if p.bytes_total == 0 && p.bytes_sent > 0 => break,
+            Some(Event::Completed(done)) => {
+                panic!("the load finished before the engine could be killed: {done:?}")
+            }
+            _ => {}
+        }
+    }
+    let pid: i32 = std::fs::read_to_string(engine.dir.join("dockerd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) with the pid from the second engine's own pidfile.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    until("the killed engine's process to end", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await;
+
+    let (_, result) = finish_stream(&mut stream).await;
+    let status = result.expect_err("a build whose engine was killed mid-load completed");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status.message().contains(&engine.host),
+        "the status names the engine: {}",
+        status.message()
+    );
+    assert!(killed.elapsed() < DEADLINE, "the status came late");
+    until("an empty in-flight table", || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
+    health_becomes(&mut watcher, ServingStatus::NotServing).await;
+    let info = watcher.info().await.unwrap().engine.unwrap();
+    assert!(!info.reachable, "{info:?}");
+
+    let engine = tokio::task::spawn_blocking(|| support::dockerd::second_engine(&[BASE]))
+        .await
+        .unwrap();
+    health_becomes(&mut watcher, ServingStatus::Serving).await;
+    let retry = build(&daemon.socket, request).await;
+    let done = retry.completed();
+    assert_eq!(done.reason, proto::Reason::Missing as i32, "{retry:?}");
+    let opt = support::tree::image_tree_at(&engine.host, &done.tag, "opt");
+    assert_eq!(opt["python/marker.txt"].size, name.len() as u64, "{opt:?}");
+    assert_eq!(opt["python/blob.bin"].size, 128 << 20, "{opt:?}");
+    daemon.stop().await;
+}
