@@ -723,21 +723,9 @@ impl Engine {
     /// the engine's distribution API (`GET /distribution/{name}/json`), so the engine's own
     /// registry settings (mirrors, insecure registries, credentials) apply.
     pub async fn registry_digest(&self, reference: &str) -> Result<String, RegistryError> {
-        let client = self.client().await.map_err(RegistryError::Engine)?;
-        match client.inspect_registry_image(reference, None).await {
-            Ok(inspect) => Ok(inspect.descriptor.digest.unwrap_or_default()),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code,
-                message,
-            }) => {
-                if distribution_unsupported(status_code, &message) {
-                    Err(RegistryError::Unsupported)
-                } else {
-                    Err(RegistryError::Registry(message.trim().to_owned()))
-                }
-            }
-            Err(err) => Err(RegistryError::Engine(self.map_error(err))),
-        }
+        self.registry_lookup(reference, None)
+            .await?
+            .ok_or_else(|| RegistryError::Registry(format!("manifest unknown: {reference}")))
     }
 
     /// Whether the registry has `reference` (a tag): its manifest digest, or `Ok(None)` when

@@ -12,7 +12,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -39,24 +38,10 @@ fn push_base(repo: &str, marker: Option<&str>) {
             docker_ok(&["tag", "public.ecr.aws/lambda/python:3.12-x86_64", &name]);
         }
         Some(marker) => {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("marker"), marker).unwrap();
-            std::fs::write(
-                dir.path().join("Dockerfile"),
+            docker_build(
+                &name,
                 "FROM public.ecr.aws/lambda/python:3.12-x86_64\nCOPY marker /marker\n",
-            )
-            .unwrap();
-            let output = Command::new("docker")
-                .args(["build", "-q", "-t", &name])
-                .arg(dir.path())
-                .env("DOCKER_HOST", engine_host())
-                .env("DOCKER_BUILDKIT", "0")
-                .output()
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "docker build: {}",
-                String::from_utf8_lossy(&output.stderr)
+                &[("marker", marker, 0o644)],
             );
         }
     }

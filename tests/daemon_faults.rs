@@ -19,7 +19,8 @@ use lambda_imaged::client::{self, Client, proto};
 use proto::build_event::Event;
 use support::tree::{assert_same, expected_opt, image_opt, set_time};
 use support::{
-    OutcomeExt, TestDaemon, build, docker, docker_ok, engine_host, rie_dir, unique, zip_request,
+    OutcomeExt, TestDaemon, build, docker, docker_ok, engine_host, noise, rie_dir, unique,
+    zip_request,
 };
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -136,20 +137,6 @@ impl Drop for Cleanup {
             docker(&["rmi", "-f", tag]);
         }
     }
-}
-
-/// `size` bytes that do not compress (xorshift64), so a layer really costs its size to send.
-fn noise(size: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(size + 8);
-    while out.len() < size {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(size);
-    out
 }
 
 /// A directory layer with one big file of `big` bytes, small files, a nested dir and a link,

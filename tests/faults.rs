@@ -93,6 +93,22 @@ async fn finish_stream(
     }
 }
 
+/// `count` Build streams for `request` at once, each read to its end.
+async fn concurrent_builds(
+    socket: &Path,
+    request: &proto::BuildRequest,
+    count: usize,
+) -> Vec<Outcome> {
+    let clients: Vec<_> = (0..count)
+        .map(|_| spawn_build(socket, request.clone()))
+        .collect();
+    let mut outcomes = Vec::new();
+    for client in clients {
+        outcomes.push(client.await.unwrap());
+    }
+    outcomes
+}
+
 /// Asserts every outcome failed with `code` within `within` of `started`, naming the engine.
 fn assert_all_failed(
     outcomes: &[Outcome],
@@ -149,13 +165,7 @@ async fn engine_500_on_load_reaches_every_subscriber() {
         Fault::Error500("simulated engine failure: disk I/O error".into()),
     );
     let started = Instant::now();
-    let clients: Vec<_> = (0..3)
-        .map(|_| spawn_build(&daemon.socket, request.clone()))
-        .collect();
-    let mut outcomes = Vec::new();
-    for client in clients {
-        outcomes.push(client.await.unwrap());
-    }
+    let outcomes = concurrent_builds(&daemon.socket, &request, 3).await;
     assert_all_failed(
         &outcomes,
         Code::FailedPrecondition,
@@ -182,13 +192,7 @@ async fn truncated_load_answer_is_unavailable() {
     let request = new_request(dir.path(), "fcut");
     proxy.set(LOAD, Fault::CutAfter(8));
     let started = Instant::now();
-    let clients: Vec<_> = (0..2)
-        .map(|_| spawn_build(&daemon.socket, request.clone()))
-        .collect();
-    let mut outcomes = Vec::new();
-    for client in clients {
-        outcomes.push(client.await.unwrap());
-    }
+    let outcomes = concurrent_builds(&daemon.socket, &request, 2).await;
     assert_all_failed(
         &outcomes,
         Code::Unavailable,
@@ -217,13 +221,7 @@ async fn hung_engine_hits_the_build_timeout() {
     let request = new_request(dir.path(), "fhang");
     proxy.set(LOAD, Fault::Hang);
     let started = Instant::now();
-    let clients: Vec<_> = (0..2)
-        .map(|_| spawn_build(&daemon.socket, request.clone()))
-        .collect();
-    let mut outcomes = Vec::new();
-    for client in clients {
-        outcomes.push(client.await.unwrap());
-    }
+    let outcomes = concurrent_builds(&daemon.socket, &request, 2).await;
     assert_all_failed(
         &outcomes,
         Code::DeadlineExceeded,
@@ -247,11 +245,7 @@ async fn engine_restart_mid_build() {
     let dir = tempfile::tempdir().unwrap();
     let request = new_request(dir.path(), "frestart");
     let mut watcher = Client::connect(&daemon.socket).await.unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    while watcher.health().await.unwrap() != ServingStatus::Serving {
-        assert!(Instant::now() < deadline, "health never became SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    health_becomes(&mut watcher, ServingStatus::Serving).await;
     proxy.set(LOAD, Fault::Hang);
     let clients: Vec<_> = (0..2)
         .map(|_| spawn_build(&daemon.socket, request.clone()))
@@ -275,11 +269,7 @@ async fn engine_restart_mid_build() {
     })
     .await;
 
-    let deadline = Instant::now() + DEADLINE;
-    while watcher.health().await.unwrap() != ServingStatus::NotServing {
-        assert!(Instant::now() < deadline, "health never became NOT_SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    health_becomes(&mut watcher, ServingStatus::NotServing).await;
     let info = watcher.info().await.unwrap().engine.unwrap();
     assert!(!info.reachable, "{info:?}");
     assert!(!info.error.is_empty());
@@ -515,20 +505,6 @@ async fn slow_reader_is_dropped_and_memory_stays_bounded() {
     daemon.stop().await;
 }
 
-/// `size` bytes that do not compress (xorshift64), so the engine spends its time on them.
-fn incompressible(size: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(size + 8);
-    while out.len() < size {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(size);
-    out
-}
-
 /// Polls the daemon's health until it is `want`.
 async fn health_becomes(watcher: &mut Client, want: ServingStatus) {
     let deadline = Instant::now() + DEADLINE;
@@ -560,11 +536,7 @@ async fn a_real_engine_killed_mid_load_then_restarted() {
     let layer = dir.path().join(&name);
     // 128 MiB of noise: the load takes seconds, so SIGKILL lands while it streams.
     write_file(&layer.join("python/marker.txt"), &name, 0o644);
-    std::fs::write(
-        layer.join("python/blob.bin"),
-        incompressible(128 << 20, 0x5eed),
-    )
-    .unwrap();
+    std::fs::write(layer.join("python/blob.bin"), noise(128 << 20, 0x5eed)).unwrap();
     let request = zip_request(&[(&name, &layer)]);
     let mut stream = open_stream(&daemon.socket, request.clone()).await;
     loop {

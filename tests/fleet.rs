@@ -14,16 +14,16 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lambda_imaged::client::{Client, proto};
 use proto::build_event::Event;
 use support::dockerd::{SecondEngine, docker_at_ok, second_engine};
+use support::registry::Proxy;
 use support::tree::{assert_same, image_opt, image_tree_at};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// The generous bound of every poll below (a push of a small image on a busy 2-core machine
 /// takes seconds, never minutes).
@@ -252,79 +252,6 @@ async fn an_unreachable_registry_leaves_builds_local() {
     }
     a.stop().await;
     b.stop().await;
-}
-
-/// The bytes a client sent on one connection.
-type Recorded = Arc<Mutex<Vec<u8>>>;
-
-/// A TCP proxy on 127.0.0.1 in front of the registry that records every request line.
-struct Proxy {
-    addr: String,
-    /// What clients sent, per connection (the registry's answers are not kept).
-    sent: Arc<Mutex<Vec<Recorded>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let sent: Arc<Mutex<Vec<Recorded>>> = Arc::default();
-        let sent2 = sent.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let record = Arc::new(Mutex::new(Vec::new()));
-                sent2.lock().unwrap().push(record.clone());
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut server_read, mut server_write) = server.into_split();
-                    let up = async move {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = match client_read.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            record.lock().unwrap().extend_from_slice(&buf[..n]);
-                            if server_write.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                        let _ = server_write.shutdown().await;
-                    };
-                    let down = async move {
-                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                        let _ = client_write.shutdown().await;
-                    };
-                    tokio::join!(up, down);
-                });
-            }
-        });
-        Proxy { addr, sent }
-    }
-
-    /// Request lines (`GET /v2/...`, `HEAD ...`) that passed so far containing `needle`.
-    fn requests(&self, needle: &str) -> Vec<String> {
-        let sent = self.sent.lock().unwrap();
-        sent.iter()
-            .flat_map(|conn| {
-                let bytes = conn.lock().unwrap().clone();
-                String::from_utf8_lossy(&bytes)
-                    .split("\r\n")
-                    .filter(|line| {
-                        ["GET ", "HEAD ", "PUT ", "POST ", "PATCH "]
-                            .iter()
-                            .any(|m| line.starts_with(m))
-                            && line.contains(needle)
-                    })
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
 }
 
 /// Ten concurrent requests for one function on B share one registry lookup and one pull:

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use lambda_imaged::client::{Client, InvokeImageArg, LayerArg, RequestBuilder, proto};
@@ -14,28 +13,6 @@ use proto::build_event::Event;
 use sha2::{Digest, Sha256};
 use support::registry::{Proxy, registry};
 use support::*;
-
-/// Builds `tag` with the classic builder from `dockerfile` and the `files` (name, content,
-/// mode) beside it.
-fn docker_build(tag: &str, dockerfile: &str, files: &[(&str, &str, u32)]) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("Dockerfile"), dockerfile).unwrap();
-    for (name, content, mode) in files {
-        write_file(&dir.path().join(name), content, *mode);
-    }
-    let output = Command::new("docker")
-        .args(["build", "-q", "-t", tag])
-        .arg(dir.path())
-        .env("DOCKER_HOST", engine_host())
-        .env("DOCKER_BUILDKIT", "0")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "docker build {tag}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 fn warnings(outcome: &Outcome, code: &str) -> Vec<String> {
     outcome

@@ -422,3 +422,39 @@ pub fn bytes_sent(events: &[proto::BuildEvent]) -> u64 {
         .next_back()
         .unwrap_or(0)
 }
+
+/// `size` bytes that do not compress (xorshift64), so a layer really costs its size to send.
+pub fn noise(size: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(size);
+    out
+}
+
+/// Builds `tag` with the classic builder from `dockerfile` and the `files` (name, content,
+/// mode) beside it.
+pub fn docker_build(tag: &str, dockerfile: &str, files: &[(&str, &str, u32)]) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile).unwrap();
+    for (name, content, mode) in files {
+        write_file(&dir.path().join(name), content, *mode);
+    }
+    let output = Command::new("docker")
+        .args(["build", "-q", "-t", tag])
+        .arg(dir.path())
+        .env("DOCKER_HOST", engine_host())
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "docker build {tag}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

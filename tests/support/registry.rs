@@ -103,6 +103,27 @@ impl Proxy {
         }
     }
 
+    /// Request lines (`GET /v2/...`, `HEAD ...`, `PUT`, `POST`, `PATCH`) that passed so far
+    /// containing `needle`.
+    pub fn requests(&self, needle: &str) -> Vec<String> {
+        let sent = self.sent.lock().unwrap();
+        sent.iter()
+            .flat_map(|conn| {
+                let bytes = conn.lock().unwrap().clone();
+                String::from_utf8_lossy(&bytes)
+                    .split("\r\n")
+                    .filter(|line| {
+                        ["GET ", "HEAD ", "PUT ", "POST ", "PATCH "]
+                            .iter()
+                            .any(|m| line.starts_with(m))
+                            && line.contains(needle)
+                    })
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Manifest requests by tag (`GET`/`HEAD /v2/<repository>/manifests/<tag>`) that passed
     /// so far: one per pull or freshness check (each then asks for the manifest by digest as
     /// well, which is not counted).
