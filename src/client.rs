@@ -43,6 +43,23 @@ use proto::build_event::Event;
 /// How often [`Client::connect_waiting`] retries while the daemon is not up yet.
 const CONNECT_RETRY: Duration = Duration::from_millis(200);
 
+/// A status that the connection produced rather than the daemon, as `UNAVAILABLE` saying what
+/// happened and what to do; any other status unchanged. tonic attaches the transport's error
+/// (h2, hyper) as the source of a status it makes from a broken connection (`UNKNOWN` "h2
+/// protocol error: error reading a body", or `UNAVAILABLE`, depending on where the read was);
+/// statuses the daemon sends arrive in trailers and have none.
+pub fn connection_lost(status: tonic::Status) -> tonic::Status {
+    use std::error::Error as _;
+    match status.source() {
+        Some(source) => tonic::Status::unavailable(format!(
+            "the connection to lambda-imaged broke ({source}): the daemon was stopped or \
+             killed; retry once it is back (a build it had begun is built again, nothing \
+             half-done is kept)"
+        )),
+        None => status,
+    }
+}
+
 /// The socket the daemon serves by default: `LAMBDA_IMAGED_SOCKET`, else
 /// `/run/lambda-imaged/lambda-imaged.sock` as root, `$XDG_RUNTIME_DIR/lambda-imaged.sock`
 /// otherwise (when `XDG_RUNTIME_DIR` is set).
@@ -487,19 +504,26 @@ impl Client {
     ///
     /// # Errors
     /// The status the daemon ended the call or stream with (e.g. `NOT_FOUND` naming a layer
-    /// path); `INTERNAL` if the stream breaks the protocol (ends without `Completed`, or goes
-    /// on after it).
+    /// path); `UNAVAILABLE` "the connection to lambda-imaged broke …" when the connection
+    /// itself failed mid-call (the daemon was stopped or killed: see [`connection_lost`]);
+    /// `INTERNAL` if the stream breaks the protocol (ends without `Completed`, or goes on
+    /// after it).
     pub async fn build_with(
         &mut self,
         request: proto::BuildRequest,
         mut on_event: impl FnMut(&proto::BuildEvent),
     ) -> Result<proto::Completed, tonic::Status> {
-        let mut stream = self.inner.build(request).await?.into_inner();
-        while let Some(event) = stream.message().await? {
+        let mut stream = self
+            .inner
+            .build(request)
+            .await
+            .map_err(connection_lost)?
+            .into_inner();
+        while let Some(event) = stream.message().await.map_err(connection_lost)? {
             on_event(&event);
             if let Some(Event::Completed(done)) = event.event {
                 // The stream ends right after Completed; anything else is a daemon bug.
-                return match stream.message().await? {
+                return match stream.message().await.map_err(connection_lost)? {
                     None => Ok(done),
                     Some(extra) => Err(tonic::Status::internal(format!(
                         "the daemon sent an event after Completed: {extra:?}"
