@@ -302,6 +302,10 @@ pub struct Settings {
     /// and logged [default: 256]
     #[arg(long)]
     pub max_connections_per_uid: Option<usize>,
+    /// How long a client may leave its event queue full before its Build stream is ended with
+    /// RESOURCE_EXHAUSTED (the build goes on for the others) [default: 1m]
+    #[arg(long)]
+    pub client_stall_timeout: Option<String>,
     /// Share built images with other daemons through this registry repository
     /// (REGISTRY/REPO): look each image up there before building it, push it after.
     #[arg(long)]
@@ -365,6 +369,7 @@ impl Settings {
                 over.max_connections_per_uid,
                 self.max_connections_per_uid,
             ),
+            client_stall_timeout: pick(over.client_stall_timeout, self.client_stall_timeout),
             registry_cache: pick(over.registry_cache, self.registry_cache),
             registry_cache_share_private: pick(
                 over.registry_cache_share_private,
@@ -482,6 +487,11 @@ impl Settings {
             }
             config.max_parallel_builds = max;
         }
+        config.client_stall_timeout = duration(
+            "client_stall_timeout",
+            &self.client_stall_timeout,
+            config.client_stall_timeout,
+        )?;
         if let Some(max) = self.max_connections_per_uid {
             if max == 0 {
                 return Err(ConfigError::NoConnections);
@@ -564,6 +574,9 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
         base_check_ttl: Some(humantime::format_duration(config.base_check_ttl).to_string()),
         base_image_mirror: config.base_image_mirror.clone(),
         max_connections_per_uid: Some(config.max_connections_per_uid),
+        client_stall_timeout: Some(
+            humantime::format_duration(config.client_stall_timeout).to_string(),
+        ),
         registry_cache: config.registry_cache.clone(),
         registry_cache_share_private: config
             .registry_cache
@@ -634,9 +647,21 @@ mod tests {
         let err = bad.into_config().unwrap_err();
         assert!(matches!(err, ConfigError::NoParallelBuilds), "{err:?}");
 
-        std::fs::write(&file, "max_connections_per_uid = 8\n").unwrap();
+        std::fs::write(
+            &file,
+            "max_connections_per_uid = 8\nclient_stall_timeout = \"5s\"\n",
+        )
+        .unwrap();
         let config = Settings::from_file(&file).unwrap().into_config().unwrap();
         assert_eq!(config.max_connections_per_uid, 8);
+        assert_eq!(config.client_stall_timeout, Duration::from_secs(5));
+        assert_eq!(
+            Settings::default()
+                .into_config()
+                .unwrap()
+                .client_stall_timeout,
+            crate::service::CLIENT_STALL_TIMEOUT
+        );
         assert_eq!(
             Settings::default()
                 .into_config()
