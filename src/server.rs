@@ -38,6 +38,9 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 const STREAM_GRACE: Duration = Duration::from_secs(10);
 /// How often a changed stat cache is saved.
 const STAT_CACHE_SAVE_EVERY: Duration = Duration::from_secs(10);
+/// How often the stat cache forgets files that no longer exist (`StatCache::forget_missing`):
+/// rarely, since it costs one `lstat` per entry.
+const STAT_CACHE_SWEEP_EVERY: Duration = Duration::from_secs(60 * 60);
 
 /// The daemon's parts, built from a config; tests keep a handle to inspect the table.
 pub struct Daemon {
@@ -285,11 +288,22 @@ async fn drain(
     }
 }
 
-/// Saves a changed stat cache every [`STAT_CACHE_SAVE_EVERY`].
+/// Saves a changed stat cache every [`STAT_CACHE_SAVE_EVERY`], and first, every
+/// [`STAT_CACHE_SWEEP_EVERY`], forgets the files that no longer exist.
 async fn save_stat_cache_every(cache: Arc<StatCache>, path: PathBuf) {
     let mut every = tokio::time::interval(STAT_CACHE_SAVE_EVERY);
+    let mut last_sweep = tokio::time::Instant::now();
     loop {
         every.tick().await;
+        if last_sweep.elapsed() >= STAT_CACHE_SWEEP_EVERY {
+            last_sweep = tokio::time::Instant::now();
+            let swept = cache.clone();
+            if let Ok(dropped) = tokio::task::spawn_blocking(move || swept.forget_missing()).await
+                && dropped > 0
+            {
+                tracing::info!(dropped, "stat cache: forgot files that no longer exist");
+            }
+        }
         save_stat_cache(cache.clone(), path.clone()).await;
     }
 }

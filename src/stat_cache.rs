@@ -108,6 +108,33 @@ impl StatCache {
         cache
     }
 
+    /// Drops the entries of files that no longer exist (`lstat` says ENOENT or ENOTDIR), so a
+    /// long-running daemon does not keep, in memory and on disk, every file of every layer
+    /// directory a client ever built from and then deleted (a CI runner's checkouts, temp
+    /// dirs). One `lstat` per entry, as the daemon itself (the entries' paths were read with a
+    /// client's rights: a file we cannot see now is kept). Returns how many were dropped; the
+    /// next save writes the smaller cache.
+    pub fn forget_missing(&self) -> usize {
+        let paths: Vec<PathBuf> = self.lock().keys().cloned().collect();
+        let gone: Vec<PathBuf> = paths
+            .into_iter()
+            .filter(|path| match fs::symlink_metadata(path) {
+                Ok(_) => false,
+                Err(err) => matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)),
+            })
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        let mut files = self.lock();
+        for path in &gone {
+            files.remove(path);
+        }
+        drop(files);
+        self.dirty.store(true, Ordering::Relaxed);
+        gone.len()
+    }
+
     /// Saves the cache atomically (temp file, fsync, rename) if it changed since the last save.
     pub fn save_if_dirty(&self, path: &Path) -> Result<()> {
         if !self.dirty.swap(false, Ordering::Relaxed) {
@@ -281,6 +308,30 @@ fn hash_reader(path: &Path, file: &mut impl Read) -> Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Entries of files that are gone (deleted, or under a path that is now a file) are
+    /// forgotten, and the next save writes the smaller cache; existing files are kept.
+    #[test]
+    fn forget_missing_drops_only_files_that_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("kept");
+        fs::write(&kept, "content").unwrap();
+        let deleted = dir.path().join("deleted");
+        let under_a_file = kept.join("child");
+        let cache = StatCache::default();
+        let key = StatKey::of(&fs::metadata(&kept).unwrap());
+        for path in [&kept, &deleted, &under_a_file] {
+            cache.lock().insert(path.clone(), (key, [7; 32]));
+        }
+        assert_eq!(cache.forget_missing(), 2);
+        assert_eq!(cache.forget_missing(), 0, "nothing more to forget");
+        let saved = dir.path().join("statcache.json");
+        cache.save_if_dirty(&saved).unwrap();
+        let loaded = StatCache::load(&saved);
+        let files = loaded.lock();
+        assert_eq!(files.len(), 1);
+        assert!(files.contains_key(&kept));
+    }
 
     /// The cache survives a save and load; a corrupt or foreign-version file is ignored.
     #[test]
