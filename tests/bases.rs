@@ -58,17 +58,6 @@ fn request(layer_name: &str, layer: &Path) -> proto::BuildRequest {
         .unwrap()
 }
 
-fn warnings(outcome: &Outcome, code: &str) -> Vec<String> {
-    outcome
-        .events
-        .iter()
-        .filter_map(|e| match &e.event {
-            Some(Event::Warning(w)) if w.code == code => Some(w.message.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// What every test starts from: a proxy, a unique repository pushed with the stand-in base,
 /// a daemon taking bases from the proxy with `ttl`, and a layer.
 struct Setup {
@@ -155,7 +144,10 @@ async fn a_pulled_base_is_used_and_not_checked_before_the_ttl() {
     for _ in 0..3 {
         let again = setup.build().await;
         assert_eq!(again.completed().reason, proto::Reason::UpToDate as i32);
-        assert!(warnings(&again, "base_unverified").is_empty(), "{again:?}");
+        assert!(
+            warnings_with_code(&again, "base_unverified").is_empty(),
+            "{again:?}"
+        );
     }
     assert_eq!(
         manifest_requests(&setup.proxy, &setup.repo),
@@ -182,7 +174,7 @@ async fn a_new_base_is_picked_up_after_the_ttl() {
             "no base_changed rebuild within {DEADLINE:?}"
         );
         let outcome = setup.build().await;
-        saw_unverified |= !warnings(&outcome, "base_unverified").is_empty();
+        saw_unverified |= !warnings_with_code(&outcome, "base_unverified").is_empty();
         let done = outcome.completed().clone();
         if done.reason == proto::Reason::BaseChanged as i32 {
             break done;
@@ -217,7 +209,7 @@ async fn an_unreachable_registry_leaves_the_local_base_in_use() {
         let done = outcome.completed();
         assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
         assert_eq!(done.image_id, first.image_id);
-        let unverified = warnings(&outcome, "base_unverified");
+        let unverified = warnings_with_code(&outcome, "base_unverified");
         assert!(
             unverified.len() <= 1,
             "one warning per request: {unverified:?}"
@@ -256,7 +248,7 @@ async fn concurrent_due_requests_share_one_check() {
         let done = outcome.completed();
         assert_eq!(done.image_id, first.image_id);
         assert_eq!(
-            warnings(&outcome, "base_unverified").len(),
+            warnings_with_code(&outcome, "base_unverified").len(),
             1,
             "{outcome:?}"
         );
@@ -312,7 +304,7 @@ async fn an_engine_without_the_distribution_api_counts_the_base_as_current() {
         );
         let outcome = build(&daemon.socket, request(&name, layer.path())).await;
         assert_eq!(outcome.completed().image_id, first.image_id);
-        if warnings(&outcome, "base_unverified").is_empty() {
+        if warnings_with_code(&outcome, "base_unverified").is_empty() {
             break;
         }
         tokio::task::yield_now().await;
@@ -322,7 +314,7 @@ async fn an_engine_without_the_distribution_api_counts_the_base_as_current() {
         let done = outcome.completed();
         assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
         assert!(
-            warnings(&outcome, "base_unverified").is_empty(),
+            warnings_with_code(&outcome, "base_unverified").is_empty(),
             "{outcome:?}"
         );
     }

@@ -14,17 +14,6 @@ use sha2::{Digest, Sha256};
 use support::registry::{Proxy, registry};
 use support::*;
 
-fn warnings(outcome: &Outcome, code: &str) -> Vec<String> {
-    outcome
-        .events
-        .iter()
-        .filter_map(|e| match &e.event {
-            Some(Event::Warning(w)) if w.code == code => Some(w.message.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// The function's entry script: writes where it runs, one variable of the image's ENV and its
 /// arguments (the image's CMD) to /opt/message.txt, which the bootstrap fixture answers with.
 const ENTRY: &str = "#!/bin/sh\nprintf '%s|%s|%s' \"$(pwd)\" \"$GREETING\" \"$*\" > /opt/message.txt\nexec /app/bootstrap\n";
@@ -90,7 +79,10 @@ async fn an_image_function_from_a_registry_is_pulled_once_and_invoked() {
         let hit = again.completed();
         assert_eq!(hit.reason, proto::Reason::UpToDate as i32, "{hit:?}");
         assert_eq!(hit.image_id, done.image_id);
-        assert!(warnings(&again, "base_unverified").is_empty(), "{again:?}");
+        assert!(
+            warnings_with_code(&again, "base_unverified").is_empty(),
+            "{again:?}"
+        );
     }
     assert_eq!(
         proxy.manifest_requests_for(&repository, "v1"),

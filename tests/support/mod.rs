@@ -458,3 +458,15 @@ pub fn docker_build(tag: &str, dockerfile: &str, files: &[(&str, &str, u32)]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The messages of `outcome`'s `Warning` events whose code is `code`.
+pub fn warnings_with_code(outcome: &Outcome, code: &str) -> Vec<String> {
+    outcome
+        .events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Warning(w)) if w.code == code => Some(w.message.clone()),
+            _ => None,
+        })
+        .collect()
+}
