@@ -562,7 +562,7 @@ async fn a_real_engine_killed_mid_load_then_restarted() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let killed = Instant::now();
     until("the killed engine's process to end", || {
-        !Path::new(&format!("/proc/{pid}")).exists()
+        support::dockerd::has_ended(pid)
     })
     .await;
 

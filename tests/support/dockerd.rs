@@ -117,6 +117,23 @@ pub fn second_engine(images: &[&str]) -> SecondEngine {
 fn start(dir: &std::path::Path, host: &str) {
     let _ = std::fs::remove_file(dir.join("docker.sock"));
     let _ = std::fs::remove_file(dir.join("dockerd.pid"));
+    // dockerd reuses the containerd named in this pidfile while that pid exists. A killed
+    // engine's containerd gets SIGKILL too (moby starts it with a parent-death signal) and then
+    // stays a zombie until init reaps it; dockerd would wait for a socket that never comes
+    // ("timeout waiting for containerd to start"). So: give it a moment to die, and drop the
+    // pidfile once its process has ended. One still running after that is left to be reused.
+    let containerd_pid = dir.join("exec/containerd/containerd.pid");
+    if let Ok(pid) = std::fs::read_to_string(&containerd_pid)
+        && let Ok(pid) = pid.trim().parse::<i32>()
+    {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !has_ended(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if has_ended(pid) {
+            let _ = std::fs::remove_file(&containerd_pid);
+        }
+    }
     if !ip(&["link", "show", BRIDGE]).status.success() {
         let added = ip(&["link", "add", BRIDGE, "type", "bridge"]);
         assert!(
@@ -185,6 +202,22 @@ fn start(dir: &std::path::Path, host: &str) {
     }
 }
 
+/// Whether the engine process `pid` has ended. A process this test process started and has not
+/// waited for stays a zombie after it dies (its `/proc/<pid>` remains until it is reaped), so it
+/// is reaped here when it is our child, and a zombie counts as ended when it is not.
+pub fn has_ended(pid: i32) -> bool {
+    // SAFETY: waitpid(2) on one pid with WNOHANG: it reaps that pid only if it is our exited
+    // child and otherwise returns at once (0 while it runs, -1/ECHILD when it is not ours).
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state is the first field after the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
 /// Stops the second engine (if running) and removes its bridge.
 pub fn stop() {
     let dir = state_dir();
@@ -194,7 +227,7 @@ pub fn stop() {
         // SAFETY: kill(2) with a pid read from the engine's own pidfile.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        while !has_ended(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
