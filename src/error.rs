@@ -53,6 +53,16 @@ pub enum Error {
     FileChanged(PathBuf),
 }
 
+/// The metadata key (a gRPC trailer, or a header of a trailers-only answer) on every error
+/// status the daemon itself sends, with the value [`ORIGIN_DAEMON`]. A client in any language
+/// tells by it an `UNAVAILABLE` from the daemon (the engine is unreachable, the daemon is
+/// shutting down) from one its own transport made up (nothing listens on the socket, the
+/// connection broke mid-call: the daemon was stopped or killed).
+pub const ORIGIN_METADATA: &str = "lambda-imaged-origin";
+
+/// The value of [`ORIGIN_METADATA`].
+pub const ORIGIN_DAEMON: &str = "daemon";
+
 /// Shorthand used throughout the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -76,9 +86,15 @@ impl Error {
         code_name(self.code())
     }
 
-    /// The status a client receives: [`Error::code`] and the message.
+    /// The status a client receives: [`Error::code`], the message, and the
+    /// [`ORIGIN_METADATA`] trailer that tells it the daemon sent this status.
     pub fn into_status(self) -> tonic::Status {
-        tonic::Status::new(self.code(), self.to_string())
+        let mut status = tonic::Status::new(self.code(), self.to_string());
+        status.metadata_mut().insert(
+            ORIGIN_METADATA,
+            tonic::metadata::MetadataValue::from_static(ORIGIN_DAEMON),
+        );
+        status
     }
 
     /// An unexpected I/O failure on `path` while doing `what`. A full disk or quota (ENOSPC,
@@ -156,6 +172,21 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    /// Every status made from an error carries the origin trailer, so clients can tell it from
+    /// a transport failure with the same code.
+    #[test]
+    fn statuses_say_the_daemon_sent_them() {
+        let status = Error::Unavailable("cannot reach the container engine".into()).into_status();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status
+                .metadata()
+                .get(ORIGIN_METADATA)
+                .map(|v| v.to_str().unwrap()),
+            Some(ORIGIN_DAEMON)
+        );
+    }
 
     /// The causes callers branch on keep the status code and the message clients always saw.
     #[test]

@@ -6,12 +6,13 @@ import pwd
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FINGERPRINT_LABEL, docker, engine_tag_events, image_label, sam_layered_tag
+from conftest import FINGERPRINT_LABEL, Daemon, docker, engine_tag_events, image_label, sam_layered_tag
 from lambda_imaged_client import DaemonError, DaemonUnavailable, build_request, connect
 
 
@@ -22,6 +23,103 @@ def test_connect_to_a_missing_socket_is_unavailable_at_once(workdir):
         connect(path, timeout=30)
     assert err.value.code == "UNAVAILABLE"
     assert path in err.value.message
+
+
+def _small_layer(tmp_path: Path) -> Path:
+    layer = tmp_path / "layer"
+    (layer / "python").mkdir(parents=True)
+    (layer / "python" / "marker.txt").write_text(tmp_path.name)
+    return layer
+
+
+def test_an_unreachable_engine_is_the_daemons_unavailable_not_an_unreachable_daemon(
+    engine, daemon_binary, workdir, tmp_path
+):
+    """The daemon answers UNAVAILABLE naming its engine: a plain DaemonError (the daemon was
+    reached), not DaemonUnavailable, told apart by the daemon's origin trailer."""
+    address = f"unix://{workdir}/no-engine.sock"
+    d = Daemon(daemon_binary, workdir, engine=address).start()
+    try:
+        with connect(d.socket) as client, pytest.raises(DaemonError) as err:
+            client.build_tag(runtime="python3.12", layers=[("L", _small_layer(tmp_path))])
+        assert type(err.value) is DaemonError, err.value
+        assert err.value.code == "UNAVAILABLE"
+        assert address in err.value.message
+        assert "not reachable" not in err.value.message
+    finally:
+        d.stop()
+
+
+class _LoadHoldingProxy:
+    """A Unix-socket proxy in front of the real engine that forwards every byte both ways,
+    except that a connection whose request names /images/load is held from then on (nothing
+    more of it reaches the engine): a build stays in flight until the test ends it."""
+
+    def __init__(self, engine_host: str, path: Path):
+        assert engine_host.startswith("unix://"), engine_host
+        self.engine = engine_host[len("unix://") :]
+        self.path = str(path)
+        self.held = threading.Event()
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(64)
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.engine)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, to_engine: bool):
+        try:
+            while data := src.recv(65536):
+                if to_engine and b"/images/load" in data:
+                    self.held.set()
+                    return  # held: the engine never sees this request
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        for s in self.sockets:
+            s.close()
+
+
+def test_a_daemon_killed_mid_build_is_unavailable_saying_the_connection_broke(
+    engine, daemon_binary, workdir, tmp_path
+):
+    """The daemon is killed while its build is held at the engine's load (a proxy in front of
+    the real engine): the stream's end is DaemonUnavailable with `.broke`, saying the
+    connection broke and to retry, not that the daemon is not running."""
+    proxy = _LoadHoldingProxy(engine, workdir / "engine.sock")
+    d = Daemon(daemon_binary, workdir, engine=f"unix://{proxy.path}").start()
+    name = "Killed" + tmp_path.name[-6:].replace("_", "")
+    try:
+        with connect(d.socket) as client:
+            events = client.build(runtime="python3.12", layers=[(name, _small_layer(tmp_path))])
+            assert next(events).WhichOneof("event") == "accepted"
+            assert proxy.held.wait(120), "the build never reached the engine's load"
+            d.proc.kill()
+            d.proc.wait(timeout=30)
+            with pytest.raises(DaemonUnavailable) as err:
+                for event in events:
+                    assert event.WhichOneof("event") != "completed", event
+        assert err.value.broke
+        assert err.value.code == "UNAVAILABLE"
+        assert "broke mid-call" in err.value.message and d.socket in err.value.message
+        assert "retry" in err.value.message
+    finally:
+        d.stop()
+        proxy.close()
 
 
 TEST_USER = "lambda-imaged-test-user"  # shared with tests/service.rs

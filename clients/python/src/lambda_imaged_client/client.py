@@ -4,7 +4,8 @@
 `Client`; `Client.build(...)` yields the daemon's `BuildEvent`s, ending with `completed`;
 `Client.resolve(...)` returns the `BuildPlan` (tag, base, Dockerfile) without engine I/O.
 Failures raise `DaemonError` (the gRPC status code's name and the daemon's message), or its
-subclass `DaemonUnavailable` when the daemon cannot be reached at all.
+subclass `DaemonUnavailable` when the daemon cannot be reached at all or the connection to it
+broke mid-call.
 """
 
 import grp
@@ -41,12 +42,23 @@ class DaemonError(Exception):
 
 
 class DaemonUnavailable(DaemonError):
-    """Nothing answers on the socket: it is missing, refused, or the daemon does not respond."""
+    """Nothing answers on the socket (it is missing, refused, or the daemon does not respond),
+    or the connection broke mid-call. An UNAVAILABLE the daemon itself sends (its engine is
+    unreachable, it is shutting down) is a plain `DaemonError` with code "UNAVAILABLE"."""
 
-    def __init__(self, socket: str, reason: str):
-        super().__init__("UNAVAILABLE", f"lambda-imaged is not reachable at {socket}: {reason}")
+    def __init__(self, socket: str, reason: str, *, broke: bool = False):
+        if broke:
+            message = f"the connection to lambda-imaged at {socket} broke mid-call ({reason})"
+            message += ": the daemon was stopped or killed; retry once it is back (a build it had "
+            message += "begun is built again, nothing half-done is kept)"
+        else:
+            message = f"lambda-imaged is not reachable at {socket}: {reason}"
+        super().__init__("UNAVAILABLE", message)
         self.socket = socket
+        #: grpcio's or the OS's own words for what failed.
         self.reason = reason
+        #: True when the daemon had answered and the connection then broke.
+        self.broke = broke
 
 
 def default_socket() -> str:
@@ -185,12 +197,28 @@ def _explain_denied(path: str) -> str:
     )
 
 
-def _daemon_error(err: grpc.RpcError, socket: str) -> DaemonError:
+# The trailer on every status the daemon itself sends (src/error.rs, ORIGIN_METADATA): an
+# UNAVAILABLE without it was made up by grpcio's transport, so the daemon is not reachable.
+_ORIGIN_KEY, _ORIGIN_DAEMON = "lambda-imaged-origin", "daemon"
+
+
+def _from_daemon(err: grpc.RpcError) -> bool:
+    try:
+        trailers = err.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an error without a call has no trailers
+        return False
+    return any(key == _ORIGIN_KEY and value == _ORIGIN_DAEMON for key, value in trailers)
+
+
+def _daemon_error(err: grpc.RpcError, socket: str, *, mid_call: bool = False) -> DaemonError:
+    """The exception for `err`: `DaemonUnavailable` when grpcio's transport failed (nothing
+    listens, or the connection broke: `mid_call` once the daemon had answered), else a
+    `DaemonError` with the daemon's code and message (its UNAVAILABLE names the engine)."""
     code = err.code() if hasattr(err, "code") else None
     name = code.name if code is not None else "UNKNOWN"
     details = (err.details() if hasattr(err, "details") else None) or str(err)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return DaemonUnavailable(socket, details)
+    if code is grpc.StatusCode.UNAVAILABLE and not _from_daemon(err):
+        return DaemonUnavailable(socket, details, broke=mid_call)
     return DaemonError(name, details)
 
 
@@ -220,11 +248,13 @@ class Client:
         generator early detaches this client; the daemon still finishes the build."""
         req = request if request is not None else build_request(**fields)
         call = self._stub.Build(req)
+        answered = False
         try:
             for event in call:
+                answered = True
                 yield event
         except grpc.RpcError as err:
-            raise _daemon_error(err, self.socket) from None
+            raise _daemon_error(err, self.socket, mid_call=answered) from None
         finally:
             call.cancel()
 

@@ -174,7 +174,10 @@ def build_with_daemon(
             return sam_build()
         found_id, built_by_daemon = _image_in_sams_engine(self, completed.tag)
     except DaemonUnavailable as err:
-        _warn_unreachable(sock, err.reason)
+        if err.broke:  # it answered, then went away: say so each time, not "not reachable"
+            _warn(f"{err.message}; SAM builds {what} itself")
+        else:
+            _warn_unreachable(sock, err.reason)
         return sam_build()
     except DaemonError as err:
         _warn(f"lambda-imaged could not build {what} ({err.code}: {err.message}); SAM builds it itself")

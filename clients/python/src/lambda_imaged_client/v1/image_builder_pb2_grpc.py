@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class ImageBuilderStub:
     """Builds (or finds) the image a local Lambda emulator runs a function in.
+
+    Every error status the daemon sends carries the metadata (trailer) `lambda-imaged-origin:
+    daemon`. A status without it was made by the client's transport: nothing listens on the
+    socket, or the connection broke because the daemon was stopped or killed.
     """
 
     def __init__(self, channel):
@@ -64,6 +68,10 @@ class ImageBuilderStub:
 
 class ImageBuilderServicer:
     """Builds (or finds) the image a local Lambda emulator runs a function in.
+
+    Every error status the daemon sends carries the metadata (trailer) `lambda-imaged-origin:
+    daemon`. A status without it was made by the client's transport: nothing listens on the
+    socket, or the connection broke because the daemon was stopped or killed.
     """
 
     def Build(self, request, context):
@@ -140,6 +148,10 @@ def add_ImageBuilderServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ImageBuilder:
     """Builds (or finds) the image a local Lambda emulator runs a function in.
+
+    Every error status the daemon sends carries the metadata (trailer) `lambda-imaged-origin:
+    daemon`. A status without it was made by the client's transport: nothing listens on the
+    socket, or the connection broke because the daemon was stopped or killed.
     """
 
     @staticmethod
