@@ -6,7 +6,8 @@
 #   eval "$(scripts/test-env.sh)"     # prepare (idempotent) and print `export` lines
 #   . "$LAMBDA_IMAGED_TEST_DIR/env"   # the same lines, written to a file
 #   scripts/test-env.sh stop          # stop the private dockerd and registry this script
-#                                     # started, and remove the bridge it created (if any)
+#                                     # started, and remove the bridge it created (if any);
+#                                     # also the tests' second engine (engine-b) and its bridge
 #   scripts/test-env.sh status        # exit 0 if the private dockerd answers
 #
 # State dir D = ${LAMBDA_IMAGED_TEST_DIR:-/tmp/lambda-imaged-test}:
@@ -69,15 +70,15 @@ unset DOCKER_CONTEXT DOCKER_TLS_VERIFY DOCKER_CERT_PATH
 
 dk() { docker -H "unix://$SOCK" "$@"; }
 
-# pid from the pidfile if it is a live dockerd, else empty.
+# pid from pidfile $1 (default: ours) if it is a live dockerd started with it, else empty.
 our_pid() {
-	local pid
-	[ -s "$PIDFILE" ] || return 0
-	pid=$(cat "$PIDFILE" 2>/dev/null) || return 0
+	local pid pidfile=${1:-$PIDFILE}
+	[ -s "$pidfile" ] || return 0
+	pid=$(cat "$pidfile" 2>/dev/null) || return 0
 	[[ "$pid" =~ ^[0-9]+$ ]] || return 0
 	[ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 0
 	# A stale pidfile must never name some other engine's dockerd.
-	tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--pidfile $PIDFILE " || return 0
+	tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--pidfile $pidfile " || return 0
 	echo "$pid"
 }
 
@@ -94,30 +95,51 @@ running() {
 	[ "$state" != Z ] && [ "$state" != X ]
 }
 
+# Stops dockerd $1: SIGTERM, up to 45 s (it stops its containers, up to 15 s each in
+# parallel, then containerd), then SIGKILL. Dies if it survives that.
+end_dockerd() {
+	local pid=$1 i
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 450; i++)); do
+		running "$pid" || break
+		sleep 0.1
+	done
+	if running "$pid"; then
+		echo "test-env.sh: dockerd $pid did not stop in 45 s; sending SIGKILL" >&2
+		kill -KILL "$pid" 2>/dev/null || true
+		for ((i = 0; i < 100; i++)); do
+			running "$pid" || break
+			sleep 0.1
+		done
+	fi
+	running "$pid" && die "dockerd $pid survived SIGKILL for 10 s; not removing its bridge"
+	return 0
+}
+
 stop_daemon() {
-	local pid i
+	local pid
 	pid=$(our_pid)
 	if [ -z "$pid" ]; then
 		note "no private dockerd running (pidfile $PIDFILE)"
 	else
-		kill -TERM "$pid" 2>/dev/null || true
-		# dockerd stops its containers (up to 15 s each, in parallel), then containerd.
-		for ((i = 0; i < 450; i++)); do
-			running "$pid" || break
-			sleep 0.1
-		done
-		if running "$pid"; then
-			echo "test-env.sh: dockerd $pid did not stop in 45 s; sending SIGKILL" >&2
-			kill -KILL "$pid" 2>/dev/null || true
-			for ((i = 0; i < 100; i++)); do
-				running "$pid" || break
-				sleep 0.1
-			done
-		fi
-		running "$pid" && die "dockerd $pid survived SIGKILL for 10 s; not removing its bridge"
+		end_dockerd "$pid"
 	fi
 	rm -f "$PIDFILE"
 	remove_bridge
+}
+
+# The second engine that tests/support/dockerd.rs starts for the fleet and restart tests, in
+# $D/engine-b with its own bridge (the name is BRIDGE there), which it created: both go.
+SECOND_PIDFILE="$D/engine-b/dockerd.pid"
+SECOND_BRIDGE=limg-fleet-b
+stop_second_engine() {
+	local pid
+	pid=$(our_pid "$SECOND_PIDFILE")
+	[ -z "$pid" ] || end_dockerd "$pid"
+	rm -f "$SECOND_PIDFILE"
+	if ip link show "$SECOND_BRIDGE" >/dev/null 2>&1; then
+		ip link delete "$SECOND_BRIDGE" type bridge
+	fi
 }
 
 # Removes what start_daemon added to the host's network ($BRIDGE_RECORD), nothing else: a
@@ -522,6 +544,7 @@ main() {
 		;;
 	stop)
 		stop_registry
+		stop_second_engine
 		stop_daemon
 		;;
 	status) answering ;;

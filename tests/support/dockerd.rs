@@ -7,7 +7,8 @@
 //! nextest runs every test in a process of its own, so the engine is started by the first test
 //! that needs it and reused by the rest (and by later runs): a file lock serialises the start,
 //! and a start that fails panics with the reason and the tail of its log. Like the main test
-//! engine, it keeps running afterwards; [`stop`] ends it and removes the bridge it created.
+//! engine, it keeps running afterwards; `scripts/test-env.sh stop` ends it and removes its
+//! bridge (BRIDGE below; the script names it too).
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -216,20 +217,4 @@ pub fn has_ended(pid: i32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
     }
-}
-
-/// Stops the second engine (if running) and removes its bridge.
-pub fn stop() {
-    let dir = state_dir();
-    if let Ok(pid) = std::fs::read_to_string(dir.join("dockerd.pid"))
-        && let Ok(pid) = pid.trim().parse::<i32>()
-    {
-        // SAFETY: kill(2) with a pid read from the engine's own pidfile.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !has_ended(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-    ip(&["link", "delete", BRIDGE, "type", "bridge"]);
 }
