@@ -35,6 +35,9 @@ pub const MAX_DELTA_SHARE: u64 = 4;
 pub const DELTA_ALLOWANCE: u64 = 4 << 20;
 /// Chains remembered; the set is emptied when it grows past this (a miss costs a resend).
 const MAX_CHAINS: usize = 100_000;
+/// Diff IDs kept in memory; the map is emptied when it grows past this (a miss reads the
+/// record from disk again), so a daemon that sees new layer contents for months stays small.
+const MAX_DIFF_IDS_IN_MEMORY: usize = 100_000;
 
 /// One entry of an image's `/opt` listing: what must be equal for two trees to be equal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,15 +125,23 @@ impl ImageStore {
             digest: digest.to_owned(),
             size: size.parse().ok()?,
         };
-        lock(&self.diff_ids).insert(key.to_owned(), found.clone());
+        self.remember_diff_id(key, &found);
         Some(found)
     }
 
     /// Records the diff ID of content `key` (best effort: a lost record costs one resend).
     pub fn record_diff_id(&self, key: &str, diff_id: &DiffId) {
-        lock(&self.diff_ids).insert(key.to_owned(), diff_id.clone());
+        self.remember_diff_id(key, diff_id);
         let text = format!("{} {}\n", diff_id.digest, diff_id.size);
         let _ = write_atomic(&self.dir.join("diff-ids"), key, text.as_bytes());
+    }
+
+    fn remember_diff_id(&self, key: &str, diff_id: &DiffId) {
+        let mut diff_ids = lock(&self.diff_ids);
+        if diff_ids.len() >= MAX_DIFF_IDS_IN_MEMORY && !diff_ids.contains_key(key) {
+            diff_ids.clear();
+        }
+        diff_ids.insert(key.to_owned(), diff_id.clone());
     }
 
     /// Notes that the engine holds every chain of `diff_ids` (an image with them exists).
@@ -338,6 +349,30 @@ pub fn delta_items(
 mod tests {
     use super::*;
     use crate::stat_cache::StatKey;
+
+    /// The in-memory diff IDs stay under their cap however many layer contents pass; a record
+    /// dropped from memory is read from disk again.
+    #[test]
+    fn diff_ids_in_memory_are_bounded_and_backed_by_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path());
+        let id = |i: usize| DiffId {
+            digest: format!("sha256:{i:064x}"),
+            size: i as u64,
+        };
+        for i in 0..=MAX_DIFF_IDS_IN_MEMORY {
+            store.remember_diff_id(&format!("key{i}"), &id(i));
+        }
+        assert_eq!(
+            lock(&store.diff_ids).len(),
+            1,
+            "emptied at the cap, then the new one"
+        );
+        store.record_diff_id("on-disk", &id(7));
+        lock(&store.diff_ids).clear();
+        assert_eq!(store.diff_id("on-disk"), Some(id(7)));
+        assert_eq!(store.diff_id("never-recorded"), None);
+    }
 
     fn file(path: &str, content: &str, mtime: u64) -> Entry {
         Entry {
