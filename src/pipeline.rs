@@ -897,11 +897,24 @@ async fn ensure_base(
     let pulled = ticket.wait(|item| report_pull(reporter, name, item)).await;
     match pulled {
         Ok(()) => {}
-        Err(Error::Unavailable(message)) => return Err(Error::Unavailable(message)),
-        Err(err) => {
+        // The engine's 404: no registry has it (manifest unknown, no such repository).
+        Err(Error::NotFound(message)) => {
             return Err(Error::NotFound(format!(
-                "base image {name} is neither in the engine nor pullable: {err}"
+                "base image {name} is neither in the engine nor pullable: {message}"
             )));
+        }
+        // The engine unreachable, the pull past --build-timeout: their messages say so.
+        Err(err @ (Error::Unavailable(_) | Error::DeadlineExceeded(_))) => return Err(err),
+        // Anything else (a 5xx wrapping a registry outage, TLS or auth failure, a stream
+        // error) is not "no such image": the code stays, the message names the base.
+        Err(err) => {
+            let message = format!("pulling base image {name} failed: {err}");
+            return Err(match err.code() {
+                tonic::Code::PermissionDenied => Error::PermissionDenied(message),
+                tonic::Code::ResourceExhausted => Error::ResourceExhausted(message),
+                tonic::Code::Internal => Error::Internal(message),
+                _ => Error::FailedPrecondition(message),
+            });
         }
     }
     let info = engine.inspect(name).await?.ok_or_else(|| {

@@ -182,6 +182,80 @@ async fn engine_500_on_load_reaches_every_subscriber() {
     daemon.stop().await;
 }
 
+/// HTTP 500 on the base pull (`POST /images/create`, where the engine reports a registry it
+/// could not pull from): every request for the missing base gets a status naming the engine
+/// and its text, the shared pull's slot is cleared, and once the fault is gone a retry pulls
+/// the base from the registry and builds.
+#[tokio::test(flavor = "multi_thread")]
+async fn engine_500_on_the_base_pull_reaches_every_request_then_a_retry_pulls() {
+    const PULL: &str = "/images/create";
+    let repo = unique("fpull");
+    let pushed = format!(
+        "{}/{repo}/python:3.12-x86_64",
+        support::registry::registry()
+    );
+    docker_ok(&["tag", "public.ecr.aws/lambda/python:3.12-x86_64", &pushed]);
+    docker_ok(&["push", &pushed]);
+    docker_ok(&["rmi", &pushed]);
+    let proxy = FaultProxy::start().await;
+    let mirror = format!("{}/{repo}", support::registry::registry());
+    let daemon = daemon_behind(&proxy, move |config| {
+        config.base_image_mirror = Some(mirror)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("fpull");
+    let request = client::RequestBuilder::zip("python3.12")
+        .layer(client::LayerArg::new(
+            &name,
+            layer(dir.path(), &name, &name),
+        ))
+        .finish()
+        .unwrap();
+    proxy.set(
+        PULL,
+        Fault::Error500("simulated registry failure: 503 Service Unavailable".into()),
+    );
+    let started = Instant::now();
+    let outcomes = concurrent_builds(&daemon.socket, &request, 3).await;
+    assert_all_failed(
+        &outcomes,
+        Code::FailedPrecondition,
+        &proxy.host(),
+        started,
+        DEADLINE,
+    );
+    for outcome in &outcomes {
+        let message = outcome.status().message();
+        assert!(message.contains("503 Service Unavailable"), "{message}");
+        assert!(
+            message.contains(&repo),
+            "the status names the base: {message}"
+        );
+    }
+    assert!(proxy.count(PULL) >= 1);
+    proxy.clear();
+    until("an empty in-flight table", || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
+    let retry = build(&daemon.socket, request).await;
+    let done = retry.completed();
+    assert_eq!(done.reason, proto::Reason::Missing as i32, "{retry:?}");
+    let pulling = format!("pulling {pushed}");
+    assert!(
+        retry
+            .events
+            .iter()
+            .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text == pulling)),
+        "the retry pulled the base: {retry:?}"
+    );
+    docker_ok(&["image", "inspect", &pushed]);
+    daemon.stop().await;
+    docker(&["rmi", "-f", &done.tag]);
+    docker(&["rmi", "-f", &pushed]);
+}
+
 /// The load's answer cut midway: UNAVAILABLE naming the engine and saying the connection
 /// broke; a retry builds.
 #[tokio::test(flavor = "multi_thread")]
