@@ -76,6 +76,10 @@ pub struct Listing {
     /// when this image is the full assembly itself.
     #[serde(default)]
     pub root_entries: Option<BTreeMap<String, Listed>>,
+    /// The length in bytes of each of the image's layer tars above the base, bottom first:
+    /// what `prune` counts per layer chain. Empty in listings an older daemon wrote.
+    #[serde(default)]
+    pub layer_bytes: Vec<u64>,
 }
 
 impl Listing {
@@ -165,8 +169,7 @@ impl ImageStore {
 
     /// The listing of image `id`, if we made it and kept it.
     pub fn listing(&self, id: &str) -> Option<Listing> {
-        let text = fs::read(self.listing_path(id)).ok()?;
-        serde_json::from_slice(&text).ok()
+        read_listing(&self.dir, id)
     }
 
     /// Keeps the listing of image `id` (best effort: without it the next edit is a full
@@ -179,19 +182,24 @@ impl ImageStore {
             }
         }
     }
+}
 
-    fn listing_path(&self, id: &str) -> PathBuf {
-        // Same layout as `remove_listing`.
-        self.dir
-            .join("images")
-            .join(format!("{}.json", id.trim_start_matches("sha256:")))
-    }
+/// `<cache>/images/<image id hex>.json`: where the listing of image `id` is kept.
+fn listing_path(cache_dir: &Path, id: &str) -> PathBuf {
+    cache_dir
+        .join("images")
+        .join(format!("{}.json", id.trim_start_matches("sha256:")))
+}
+
+/// The listing of image `id` under `cache_dir`, if it was made there and kept.
+pub fn read_listing(cache_dir: &Path, id: &str) -> Option<Listing> {
+    let text = fs::read(listing_path(cache_dir, id)).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 /// Removes the listing of image `id` (the image is gone), if there is one.
 pub fn remove_listing(cache_dir: &Path, id: &str) {
-    let name = format!("{}.json", id.trim_start_matches("sha256:"));
-    let _ = fs::remove_file(cache_dir.join("images").join(name));
+    let _ = fs::remove_file(listing_path(cache_dir, id));
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

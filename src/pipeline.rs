@@ -771,6 +771,7 @@ async fn load(
         }
     }
     shared.images.note_chains(&assembled.diff_ids);
+    listing.layer_bytes = assembled.layers.iter().map(|layer| layer.size).collect();
     shared.images.record_listing(&assembled.image_id, &listing);
     reporter.emit(Event::Log {
         kind: LogKind::Status,

@@ -1,6 +1,9 @@
 //! Removing what this daemon made: its images (found by its label, never anything else, never
 //! one a container uses) and unused extracted layers, least recently used first.
 //!
+//! Bytes are counted by layer chain, each once, without the base's ([`footprint`]): the
+//! engine's own per-image size counts the base and every shared layer in every image.
+//!
 //! Last use lives in the daemon's own record, `<cache>/used/<sha256(tag)>` (its mtime), since
 //! an image's labels cannot change without a rebuild; an extracted layer's last use is its
 //! directory's mtime (touched whenever a request uses it).
@@ -11,9 +14,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
-use crate::engine::Engine;
+use std::collections::HashMap;
+
+use crate::assemble::chain_ids;
+use crate::engine::{Engine, LabelledImage};
 use crate::error::Result;
 use crate::fingerprint::FINGERPRINT_LABEL;
+use crate::image_store::{Listing, read_listing};
 
 /// What to remove.
 #[derive(Debug, Clone, Copy, Default)]
@@ -63,22 +70,98 @@ fn last_use(cache_dir: &Path, tag: &str) -> Option<SystemTime> {
 struct Candidate {
     kind: Kind,
     name: String,
-    bytes: u64,
     last_use: SystemTime,
 }
 
 enum Kind {
-    Image { id: String, tags: Vec<String> },
-    Layer(PathBuf),
+    /// An image and its share of storage ([`footprint`]).
+    Image {
+        id: String,
+        tags: Vec<String>,
+        chains: Vec<(String, u64)>,
+    },
+    /// An extracted layer directory and its bytes.
+    Layer(PathBuf, u64),
 }
 
-/// Applies `policy`; returns what it removed (or would).
+/// One image's share of the engine's storage: its layer chains above the base, with each
+/// layer tar's bytes (from the listing the daemon kept when it made the image). By chain, not
+/// by diff ID, since the engine stores a layer once per chain (the layer and every layer below
+/// it: engine-facts.md): images that share lower layers share those chains, and the base's
+/// chains are left out (pruning our images never frees them).
+///
+/// Without layer sizes (an image pulled from the registry cache, or made by an older daemon)
+/// it is the engine's size of the whole image, base included, as a share of its own: an
+/// overstatement, so such an image goes sooner, never later.
+fn footprint(
+    image: &LabelledImage,
+    diff_ids: Option<&[String]>,
+    listing: Option<&Listing>,
+) -> Vec<(String, u64)> {
+    if let (Some(diff_ids), Some(listing)) = (diff_ids, listing) {
+        let ours = listing.layer_bytes.len();
+        if ours > 0 && ours <= diff_ids.len() {
+            let chains = chain_ids(diff_ids);
+            return chains[chains.len() - ours..]
+                .iter()
+                .cloned()
+                .zip(listing.layer_bytes.iter().copied())
+                .collect();
+        }
+    }
+    vec![(format!("image {}", image.id), image.size)]
+}
+
+/// The storage our images hold, by chain: its bytes and how many images hold it.
+#[derive(Debug, Default)]
+struct Storage {
+    chains: HashMap<String, (u64, usize)>,
+}
+
+impl Storage {
+    fn hold(&mut self, chains: &[(String, u64)]) {
+        for (chain, bytes) in chains {
+            self.chains.entry(chain.clone()).or_insert((*bytes, 0)).1 += 1;
+        }
+    }
+
+    /// Bytes of every chain held, each once.
+    fn total(&self) -> u64 {
+        self.chains.values().map(|(bytes, _)| bytes).sum()
+    }
+
+    /// Lets go of an image's chains; returns the bytes of those no other image holds.
+    fn release(&mut self, chains: &[(String, u64)]) -> u64 {
+        let mut freed = 0;
+        for (chain, _) in chains {
+            if let Some((bytes, holders)) = self.chains.get_mut(chain) {
+                *holders -= 1;
+                if *holders == 0 {
+                    freed += *bytes;
+                    self.chains.remove(chain);
+                }
+            }
+        }
+        freed
+    }
+}
+
+/// Applies `policy`; returns what it removed (or would). Bytes are counted by layer chain
+/// ([`footprint`]): a layer several of our images share counts once, and is freed with the
+/// last of them; the base's layers are not counted.
 pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<Report> {
     let in_use = engine.images_in_use().await?;
     let mut candidates = Vec::new();
-    let mut total: u64 = 0;
+    let mut storage = Storage::default();
     for image in engine.labelled_images(FINGERPRINT_LABEL).await? {
-        total += image.size;
+        let info = engine.inspect(&image.id).await.ok().flatten();
+        let listing = read_listing(cache_dir, &image.id);
+        let chains = footprint(
+            &image,
+            info.as_ref().map(|i| i.diff_ids.as_slice()),
+            listing.as_ref(),
+        );
+        storage.hold(&chains);
         if in_use.contains(&image.id) {
             continue;
         }
@@ -99,12 +182,13 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
             kind: Kind::Image {
                 id: image.id,
                 tags: image.tags,
+                chains,
             },
             name,
-            bytes: image.size,
             last_use: last,
         });
     }
+    let mut layer_bytes = 0;
     let layers_dir = cache_dir.join("layers");
     if let Ok(entries) = fs::read_dir(&layers_dir) {
         for entry in entries.flatten() {
@@ -114,7 +198,7 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
             }
             let path = entry.path();
             let bytes = dir_size(&path);
-            total += bytes;
+            layer_bytes += bytes;
             if policy.keep_layers {
                 continue;
             }
@@ -122,9 +206,8 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
                 .and_then(|m| m.modified())
                 .unwrap_or(UNIX_EPOCH);
             candidates.push(Candidate {
-                kind: Kind::Layer(path),
+                kind: Kind::Layer(path, bytes),
                 name,
-                bytes,
                 last_use: last,
             });
         }
@@ -132,12 +215,13 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
     candidates.sort_by_key(|c| c.last_use);
     let now = SystemTime::now();
     let mut report = Report::default();
-    let mut remaining = total;
     for candidate in candidates {
         let old_enough = policy
             .older_than
             .is_none_or(|age| now.duration_since(candidate.last_use).unwrap_or_default() >= age);
-        let over_cap = policy.keep_bytes.is_some_and(|cap| remaining > cap);
+        let over_cap = policy
+            .keep_bytes
+            .is_some_and(|cap| storage.total() + layer_bytes > cap);
         let wanted = match (policy.older_than.is_some(), policy.keep_bytes.is_some()) {
             (false, false) => true,
             (true, false) => old_enough,
@@ -147,26 +231,14 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
         if !wanted {
             continue;
         }
-        let removed = policy.dry_run
-            || match &candidate.kind {
-                Kind::Image { id, .. } => {
-                    let removed = engine.remove_image(id, !policy.keep_layers).await.is_ok();
-                    if removed {
-                        crate::image_store::remove_listing(cache_dir, id);
-                    }
-                    removed
-                }
-                Kind::Layer(path) => remove_layer(path),
-            };
-        if !removed {
-            continue;
-        }
-        remaining = remaining.saturating_sub(candidate.bytes);
-        report.bytes += candidate.bytes;
         match candidate.kind {
-            Kind::Image { tags, .. } => {
-                for tag in &tags {
-                    if !policy.dry_run {
+            Kind::Image { id, tags, chains } => {
+                if !policy.dry_run {
+                    if engine.remove_image(&id, !policy.keep_layers).await.is_err() {
+                        continue;
+                    }
+                    crate::image_store::remove_listing(cache_dir, &id);
+                    for tag in &tags {
                         let _ = fs::remove_file(
                             cache_dir
                                 .join("used")
@@ -174,9 +246,17 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
                         );
                     }
                 }
+                report.bytes += storage.release(&chains);
                 report.images.push(candidate.name);
             }
-            Kind::Layer(_) => report.layers.push(candidate.name),
+            Kind::Layer(path, bytes) => {
+                if !policy.dry_run && !remove_layer(&path) {
+                    continue;
+                }
+                layer_bytes -= bytes;
+                report.bytes += bytes;
+                report.layers.push(candidate.name);
+            }
         }
     }
     Ok(report)
@@ -208,4 +288,82 @@ pub fn dir_size(path: &Path) -> u64 {
             _ => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(id: &str, size: u64) -> LabelledImage {
+        LabelledImage {
+            id: id.into(),
+            tags: vec![],
+            size,
+            created_unix: 0,
+        }
+    }
+
+    fn listing(layer_bytes: &[u64]) -> Listing {
+        Listing {
+            layer_bytes: layer_bytes.to_vec(),
+            ..Listing::default()
+        }
+    }
+
+    fn ids(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| format!("sha256:{n}")).collect()
+    }
+
+    /// Our layers are the top of the image's chains; the base's chains are not ours. Without
+    /// sizes the whole image counts, as a share of its own.
+    #[test]
+    fn a_footprint_is_the_chains_above_the_base() {
+        let diff_ids = ids(&["base1", "base2", "rie", "deps"]);
+        let chains = chain_ids(&diff_ids);
+        let ours = footprint(
+            &image("sha256:a", 999),
+            Some(&diff_ids),
+            Some(&listing(&[10, 200])),
+        );
+        assert_eq!(
+            ours,
+            vec![(chains[2].clone(), 10), (chains[3].clone(), 200)]
+        );
+        for unknown in [
+            footprint(&image("sha256:a", 999), Some(&diff_ids), None),
+            footprint(&image("sha256:a", 999), None, Some(&listing(&[10]))),
+            footprint(
+                &image("sha256:a", 999),
+                Some(&diff_ids),
+                Some(&listing(&[])),
+            ),
+            footprint(
+                &image("sha256:a", 999),
+                Some(&ids(&["x"])),
+                Some(&listing(&[1, 2])),
+            ),
+        ] {
+            assert_eq!(unknown, vec![("image sha256:a".to_owned(), 999)]);
+        }
+    }
+
+    /// Two images sharing base, RIE and a deps layer, each with its own code layer: the shared
+    /// chains count once, the first image's removal frees only its code layer, the last
+    /// one's frees the rest.
+    #[test]
+    fn shared_chains_count_once_and_go_with_the_last_image() {
+        let a = ids(&["base", "rie", "deps", "code-a"]);
+        let b = ids(&["base", "rie", "deps", "code-b"]);
+        let sizes = listing(&[10, 200, 1]);
+        let fa = footprint(&image("sha256:a", 0), Some(&a), Some(&sizes));
+        let fb = footprint(&image("sha256:b", 0), Some(&b), Some(&sizes));
+        let mut storage = Storage::default();
+        storage.hold(&fa);
+        storage.hold(&fb);
+        assert_eq!(storage.total(), 10 + 200 + 1 + 1);
+        assert_eq!(storage.release(&fa), 1, "only code-a goes");
+        assert_eq!(storage.total(), 10 + 200 + 1);
+        assert_eq!(storage.release(&fb), 10 + 200 + 1);
+        assert_eq!(storage.total(), 0);
+    }
 }

@@ -1064,6 +1064,79 @@ async fn prune_removes_only_our_unused_images() {
     assert!(busy_gone);
 }
 
+/// Prune counts a layer our images share once and leaves the base out. Two images share a
+/// 16 MiB deps layer (each has its own small code layer): with only the older one due, a dry
+/// run would free just its code layer (not its whole size, base and deps included, as the
+/// engine reports it); with both due, the deps layer once plus the code layers (and the RIE
+/// layer if no other image of ours on this engine holds it). Dry runs only: the engine is
+/// shared with parallel tests.
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_counts_shared_layers_once() {
+    const DEPS: u64 = 16 * MIB;
+    let daemon = TestDaemon::start().await;
+    let cache = daemon.dir.path().join("cache");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let deps = dir.path().join("deps");
+    write_file(&deps.join("python/marker.txt"), &unique("deps"), 0o644);
+    fs::write(deps.join("python/blob.bin"), noise(DEPS as usize, 0xdeb5)).unwrap();
+    let deps_name = unique("deps");
+    let mut built = Vec::new();
+    for code in ["code-a", "code-b"] {
+        let layer = dir.path().join(code);
+        write_file(&layer.join("python/app.py"), &unique(code), 0o644);
+        let name = unique(code);
+        let request = zip_request(&[(&deps_name, &deps), (&name, &layer)]);
+        let done = build(&daemon.socket, request).await.completed().clone();
+        cleanup.image(&done.tag);
+        built.push(done);
+    }
+    let (a, b) = (&built[0], &built[1]);
+    let whole = |tag: &str| -> u64 {
+        docker_ok(&["image", "inspect", "-f", "{{.Size}}", tag])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        whole(&a.tag) > DEPS,
+        "the engine counts the base and deps in each image"
+    );
+
+    let ancient = UNIX_EPOCH + Duration::from_secs(365 * 86_400);
+    let older_than = 50 * 365 * 86_400;
+    let mut client = daemon.client().await;
+    let mut dry_run = async || {
+        client
+            .prune(proto::PruneRequest {
+                older_than_seconds: older_than,
+                keep_storage_bytes: 0,
+                dry_run: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    age_record(&cache, &a.tag, ancient, true).await;
+    let first = dry_run().await;
+    age_record(&cache, &b.tag, ancient + Duration::from_secs(60), true).await;
+    let both = dry_run().await;
+    daemon.stop().await;
+
+    assert_eq!(first.images_removed, vec![a.tag.clone()]);
+    assert!(
+        first.bytes_freed < MIB,
+        "only a's code layer is a's alone: {} bytes",
+        first.bytes_freed
+    );
+    assert_eq!(both.images_removed, [a.tag.clone(), b.tag.clone()]);
+    assert!(
+        (DEPS..DEPS + 12 * MIB).contains(&both.bytes_freed),
+        "the shared deps layer counts once (plus code and at most the RIE): {} bytes",
+        both.bytes_freed
+    );
+}
+
 /// Two concurrent requests (different layer names, so different builds) naming the same zip
 /// extract it once: both succeed and the cache holds one extracted layer.
 #[tokio::test(flavor = "multi_thread")]
