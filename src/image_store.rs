@@ -2,7 +2,7 @@
 //! lacks: each layer's diff ID by its content, the layer chains the engine is known to hold,
 //! and each image's `/opt` listing (for delta layers).
 //!
-//! - Diff IDs: `<cache>/diff-ids/<key>` ("sha256:<hex> <size>"), keyed by the layer's content
+//! - Diff IDs: `<cache>/diff-ids/<key>` (`sha256:<hex> <size>`), keyed by the layer's content
 //!   (a Lambda layer's content digest, the RIE's digest), so an unchanged layer is referenced
 //!   without reading or sending it, also after a restart.
 //! - Chains: in memory; filled from the base and the previous image (inspected: they exist

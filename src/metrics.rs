@@ -244,7 +244,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 
 /// Answers scrapes on `listener` until the task is dropped: `GET /metrics` gets the text,
 /// any other path 404, any other method 405. One task per connection; a connection that does
-/// not send its request within [`HEADER_TIMEOUT`] is closed.
+/// not send its request within `HEADER_TIMEOUT` is closed.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
