@@ -620,6 +620,8 @@ fn delta_assembly(
         keys: Vec::new(),
         listing,
     };
+    // The kept layers' tar sizes, for prune, when the previous listing has them (0: unknown).
+    let sizes = (previous.layer_bytes.len() == ours.len()).then_some(&previous.layer_bytes);
     for (index, diff_id) in ours[..kept_layers].iter().enumerate() {
         let label = previous
             .labels
@@ -631,7 +633,7 @@ fn delta_assembly(
             items: Arc::new(Vec::new()),
             known: Some(assemble::DiffId {
                 digest: diff_id.clone(),
-                size: 0,
+                size: sizes.map_or(0, |sizes| sizes[index]),
             }),
             skip: true,
         });
@@ -771,7 +773,12 @@ async fn load(
         }
     }
     shared.images.note_chains(&assembled.diff_ids);
-    listing.layer_bytes = assembled.layers.iter().map(|layer| layer.size).collect();
+    // Every layer tar has at least its end-of-archive blocks, so a size of 0 is one not known
+    // (a kept layer of an image whose listing had no sizes): then none are recorded, and prune
+    // counts the image whole.
+    if assembled.layers.iter().all(|layer| layer.size > 0) {
+        listing.layer_bytes = assembled.layers.iter().map(|layer| layer.size).collect();
+    }
     shared.images.record_listing(&assembled.image_id, &listing);
     reporter.emit(Event::Log {
         kind: LogKind::Status,

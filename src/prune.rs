@@ -116,18 +116,26 @@ fn footprint(
 #[derive(Debug, Default)]
 struct Storage {
     chains: HashMap<String, (u64, usize)>,
+    /// Bytes of every chain held, each once.
+    total: u64,
 }
 
 impl Storage {
     fn hold(&mut self, chains: &[(String, u64)]) {
         for (chain, bytes) in chains {
-            self.chains.entry(chain.clone()).or_insert((*bytes, 0)).1 += 1;
+            let (held, holders) = self.chains.entry(chain.clone()).or_insert((0, 0));
+            // Records of one chain agree; should one not, the larger size counts.
+            if *bytes > *held {
+                self.total += *bytes - *held;
+                *held = *bytes;
+            }
+            *holders += 1;
         }
     }
 
     /// Bytes of every chain held, each once.
     fn total(&self) -> u64 {
-        self.chains.values().map(|(bytes, _)| bytes).sum()
+        self.total
     }
 
     /// Lets go of an image's chains; returns the bytes of those no other image holds.
@@ -142,6 +150,7 @@ impl Storage {
                 }
             }
         }
+        self.total -= freed;
         freed
     }
 }
@@ -364,6 +373,20 @@ mod tests {
         assert_eq!(storage.release(&fa), 1, "only code-a goes");
         assert_eq!(storage.total(), 10 + 200 + 1);
         assert_eq!(storage.release(&fb), 10 + 200 + 1);
+        assert_eq!(storage.total(), 0);
+    }
+
+    /// Two records of one chain that disagree: the larger counts, once.
+    #[test]
+    fn a_chain_counts_at_its_largest_record() {
+        let mut storage = Storage::default();
+        storage.hold(&[("chain".to_owned(), 5)]);
+        storage.hold(&[("chain".to_owned(), 7)]);
+        storage.hold(&[("chain".to_owned(), 6)]);
+        assert_eq!(storage.total(), 7);
+        assert_eq!(storage.release(&[("chain".to_owned(), 5)]), 0);
+        assert_eq!(storage.release(&[("chain".to_owned(), 7)]), 0);
+        assert_eq!(storage.release(&[("chain".to_owned(), 6)]), 7);
         assert_eq!(storage.total(), 0);
     }
 }

@@ -133,6 +133,35 @@ fn assert_all_failed(
     );
 }
 
+/// Three concurrent requests for `request` while the engine answers `path` with HTTP 500 and
+/// `text`: each gets FAILED_PRECONDITION with the engine's text and address, within
+/// [`DEADLINE`]; the engine saw the call; the fault is then lifted.
+async fn three_fail_on_http_500(
+    proxy: &FaultProxy,
+    daemon: &TestDaemon,
+    request: &proto::BuildRequest,
+    path: &str,
+    text: &str,
+) -> Vec<Outcome> {
+    proxy.set(path, Fault::Error500(text.into()));
+    let started = Instant::now();
+    let outcomes = concurrent_builds(&daemon.socket, request, 3).await;
+    assert_all_failed(
+        &outcomes,
+        Code::FailedPrecondition,
+        &proxy.host(),
+        started,
+        DEADLINE,
+    );
+    for outcome in &outcomes {
+        let message = outcome.status().message();
+        assert!(message.contains(text), "{message}");
+    }
+    assert!(proxy.count(path) >= 1);
+    proxy.clear();
+    outcomes
+}
+
 /// After a fault: the slot is free, a retry builds, the daemon still answers GetInfo.
 async fn assert_recovers(daemon: &TestDaemon, request: proto::BuildRequest) {
     until("an empty in-flight table", || {
@@ -160,24 +189,14 @@ async fn engine_500_on_load_reaches_every_subscriber() {
     let daemon = daemon_behind(&proxy, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let request = new_request(dir.path(), "f500");
-    proxy.set(
+    three_fail_on_http_500(
+        &proxy,
+        &daemon,
+        &request,
         LOAD,
-        Fault::Error500("simulated engine failure: disk I/O error".into()),
-    );
-    let started = Instant::now();
-    let outcomes = concurrent_builds(&daemon.socket, &request, 3).await;
-    assert_all_failed(
-        &outcomes,
-        Code::FailedPrecondition,
-        &proxy.host(),
-        started,
-        DEADLINE,
-    );
-    for outcome in &outcomes {
-        assert!(outcome.status().message().contains("disk I/O error"));
-    }
-    assert!(proxy.count(LOAD) >= 1);
-    proxy.clear();
+        "simulated engine failure: disk I/O error",
+    )
+    .await;
     assert_recovers(&daemon, request).await;
     daemon.stop().await;
 }
@@ -212,29 +231,21 @@ async fn engine_500_on_the_base_pull_reaches_every_request_then_a_retry_pulls() 
         ))
         .finish()
         .unwrap();
-    proxy.set(
+    let outcomes = three_fail_on_http_500(
+        &proxy,
+        &daemon,
+        &request,
         PULL,
-        Fault::Error500("simulated registry failure: 503 Service Unavailable".into()),
-    );
-    let started = Instant::now();
-    let outcomes = concurrent_builds(&daemon.socket, &request, 3).await;
-    assert_all_failed(
-        &outcomes,
-        Code::FailedPrecondition,
-        &proxy.host(),
-        started,
-        DEADLINE,
-    );
+        "simulated registry failure: 503 Service Unavailable",
+    )
+    .await;
     for outcome in &outcomes {
         let message = outcome.status().message();
-        assert!(message.contains("503 Service Unavailable"), "{message}");
         assert!(
             message.contains(&repo),
             "the status names the base: {message}"
         );
     }
-    assert!(proxy.count(PULL) >= 1);
-    proxy.clear();
     until("an empty in-flight table", || {
         daemon.builds.in_flight() == 0
     })

@@ -851,6 +851,23 @@ fn use_record(cache: &Path, tag: &str) -> PathBuf {
         .join(hex::encode(Sha256::digest(tag.as_bytes())))
 }
 
+/// Prune through the RPC: what was last used more than `seconds` ago, for real or as a dry run.
+async fn prune_older_than(
+    client: &mut client::ImageBuilderClient<tonic::transport::Channel>,
+    seconds: u64,
+    dry_run: bool,
+) -> proto::PruneResponse {
+    client
+        .prune(proto::PruneRequest {
+            older_than_seconds: seconds,
+            keep_storage_bytes: 0,
+            dry_run,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Makes `tag` look last used at `when`: waits for the daemon's own record (written off the
 /// request path) or, for an image the daemon never saw, writes one.
 async fn age_record(cache: &Path, tag: &str, when: SystemTime, ours: bool) {
@@ -1005,30 +1022,14 @@ async fn prune_removes_only_our_unused_images() {
     assert!(printed.contains("would free"), "{printed}");
 
     let mut client = daemon.client().await;
-    let dry = client
-        .prune(proto::PruneRequest {
-            older_than_seconds: older_than,
-            keep_storage_bytes: 0,
-            dry_run: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let dry = prune_older_than(&mut client, older_than, true).await;
     assert_eq!(dry.images_removed, vec![free.tag.clone()]);
     assert_eq!(dry.layers_removed, vec![free_layer.clone()]);
     assert!(dry.bytes_freed > 0);
     assert!(present(&free.tag), "dry run removed nothing");
     assert_eq!(layer_entries(&cache).len(), 2, "dry run removed no layer");
 
-    let report = client
-        .prune(proto::PruneRequest {
-            older_than_seconds: older_than,
-            keep_storage_bytes: 0,
-            dry_run: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let report = prune_older_than(&mut client, older_than, false).await;
     let outcome = (
         report.images_removed.clone(),
         present(&free.image_id),
@@ -1041,15 +1042,7 @@ async fn prune_removes_only_our_unused_images() {
 
     // The container gone, its image is unused and goes at the next prune.
     docker_ok(&["rm", &container_name]);
-    let second = client
-        .prune(proto::PruneRequest {
-            older_than_seconds: older_than,
-            keep_storage_bytes: 0,
-            dry_run: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let second = prune_older_than(&mut client, older_than, false).await;
     let busy_gone = !present(&busy.image_id);
     daemon.stop().await;
     assert_eq!(
@@ -1106,21 +1099,10 @@ async fn prune_counts_shared_layers_once() {
     let ancient = UNIX_EPOCH + Duration::from_secs(365 * 86_400);
     let older_than = 50 * 365 * 86_400;
     let mut client = daemon.client().await;
-    let mut dry_run = async || {
-        client
-            .prune(proto::PruneRequest {
-                older_than_seconds: older_than,
-                keep_storage_bytes: 0,
-                dry_run: true,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    };
     age_record(&cache, &a.tag, ancient, true).await;
-    let first = dry_run().await;
+    let first = prune_older_than(&mut client, older_than, true).await;
     age_record(&cache, &b.tag, ancient + Duration::from_secs(60), true).await;
-    let both = dry_run().await;
+    let both = prune_older_than(&mut client, older_than, true).await;
     daemon.stop().await;
 
     assert_eq!(first.images_removed, vec![a.tag.clone()]);
@@ -1134,6 +1116,69 @@ async fn prune_counts_shared_layers_once() {
         (DEPS..DEPS + 12 * MIB).contains(&both.bytes_freed),
         "the shared deps layer counts once (plus code and at most the RIE): {} bytes",
         both.bytes_freed
+    );
+}
+
+/// A delta image holds its previous image's layers at their real sizes: one image with its own
+/// 4 MiB deps layer, then a code edit (a delta over it; the old image is removed as
+/// superseded). With the new image due, a dry run would free the deps layer too, since no
+/// other image holds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_counts_a_delta_images_inherited_layers() {
+    const DEPS: u64 = 4 * MIB;
+    let daemon = TestDaemon::start().await;
+    let cache = daemon.dir.path().join("cache");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let deps = dir.path().join("deps");
+    fs::create_dir_all(deps.join("python")).unwrap();
+    fs::write(deps.join("python/blob.bin"), noise(DEPS as usize, 0xde17a)).unwrap();
+    let code = dir.path().join("code");
+    write_file(&code.join("python/app.py"), "version = 1\n", 0o644);
+    let request = zip_request(&[(&unique("deps"), &deps), (&unique("code"), &code)]);
+    let first = build(&daemon.socket, request.clone())
+        .await
+        .completed()
+        .clone();
+    cleanup.image(&first.tag);
+    write_file(&code.join("python/app.py"), "version = 2\n", 0o644);
+    let edited = build(&daemon.socket, request).await;
+    let second = edited.completed().clone();
+    assert_ne!(second.image_id, first.image_id);
+    assert!(
+        bytes_sent(&edited.events) < MIB,
+        "the edit was a delta: {edited:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while docker(&["image", "inspect", &first.image_id])
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the superseded image was not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ancient = UNIX_EPOCH + Duration::from_secs(365 * 86_400);
+    age_record(&cache, &second.tag, ancient, true).await;
+    let mut client = daemon.client().await;
+    let dry = prune_older_than(&mut client, 50 * 365 * 86_400, true).await;
+    daemon.stop().await;
+    assert_eq!(dry.images_removed, vec![second.tag.clone()]);
+    assert!(
+        dry.bytes_freed >= DEPS,
+        "the inherited deps layer is counted: {} bytes",
+        dry.bytes_freed
+    );
+    let whole: u64 = docker_ok(&["image", "inspect", "-f", "{{.Size}}", &second.tag])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        dry.bytes_freed < whole,
+        "counted by layer (base left out), not as the whole image ({whole} bytes): {} bytes",
+        dry.bytes_freed
     );
 }
 
