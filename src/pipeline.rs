@@ -903,32 +903,55 @@ async fn ensure_base(
         step: 0,
     });
     let pulled = ticket.wait(|item| report_pull(reporter, name, item)).await;
-    match pulled {
-        Ok(()) => {}
-        // The engine's 404: no registry has it (manifest unknown, no such repository).
-        Err(Error::NotFound(message)) => {
-            return Err(Error::NotFound(format!(
-                "base image {name} is neither in the engine nor pullable: {message}"
-            )));
-        }
-        // The engine unreachable, the pull past --build-timeout: their messages say so.
-        Err(err @ (Error::Unavailable(_) | Error::DeadlineExceeded(_))) => return Err(err),
-        // Anything else (a 5xx wrapping a registry outage, TLS or auth failure, a stream
-        // error) is not "no such image": the code stays, the message names the base.
-        Err(err) => {
-            let message = format!("pulling base image {name} failed: {err}");
-            return Err(match err.code() {
-                tonic::Code::PermissionDenied => Error::PermissionDenied(message),
-                tonic::Code::ResourceExhausted => Error::ResourceExhausted(message),
-                tonic::Code::Internal => Error::Internal(message),
-                _ => Error::FailedPrecondition(message),
-            });
-        }
+    if let Err(err) = pulled {
+        return Err(pull_failure(name, err));
     }
     let info = engine.inspect(name).await?.ok_or_else(|| {
         Error::NotFound(format!("base image {name} is still missing after the pull"))
     })?;
     Ok((info, false))
+}
+
+/// The error a request gets when the pull of its base `name` failed with `err`.
+///
+/// NOT_FOUND only when no registry has the image: Docker answers that with HTTP 404 (mapped to
+/// [`Error::NotFound`]); Podman's compatible API answers 200 and puts the registry's error in
+/// the stream, so there its text decides ("manifest unknown", "not found", "name unknown",
+/// "repository does not exist": the registry API's and the engines' words). The engine
+/// unreachable and a pull past `--build-timeout` keep their own status. Anything else (a
+/// registry outage, a TLS or auth failure: Docker's 5xx, a stream error) is not "no such
+/// image": FAILED_PRECONDITION naming the base, with the engine's text.
+fn pull_failure(name: &str, err: Error) -> Error {
+    const NOT_FOUND_TEXTS: [&str; 4] = [
+        "manifest unknown",
+        "not found",
+        "name unknown",
+        "repository does not exist",
+    ];
+    match err {
+        Error::Unavailable(_) | Error::DeadlineExceeded(_) => err,
+        Error::NotFound(message) => Error::NotFound(format!(
+            "base image {name} is neither in the engine nor pullable: {message}"
+        )),
+        Error::FailedPrecondition(message)
+            if NOT_FOUND_TEXTS
+                .iter()
+                .any(|text| message.to_ascii_lowercase().contains(text)) =>
+        {
+            Error::NotFound(format!(
+                "base image {name} is neither in the engine nor pullable: {message}"
+            ))
+        }
+        err => {
+            let message = format!("pulling base image {name} failed: {err}");
+            match err.code() {
+                tonic::Code::PermissionDenied => Error::PermissionDenied(message),
+                tonic::Code::ResourceExhausted => Error::ResourceExhausted(message),
+                tonic::Code::Internal => Error::Internal(message),
+                _ => Error::FailedPrecondition(message),
+            }
+        }
+    }
 }
 
 /// One item of the engine's pull stream of `image`, as a PullProgress event (with progress)
@@ -975,6 +998,53 @@ fn arch_mismatch(base: &ImageInfo, arch: Arch) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NOT_FOUND only for an image no registry has: Docker's 404, or Podman's stream error
+    /// with the registry's words. A registry outage or TLS failure is FAILED_PRECONDITION
+    /// naming the base; timeouts keep their status. The Docker 404 and both Podman texts are
+    /// what Docker 20.10 and Podman 4.3's `POST /images/create` answered here for a missing
+    /// repository on the test registry (Podman's HTTPS one before the registry was marked
+    /// insecure).
+    #[test]
+    fn pull_failures_are_not_found_only_for_a_missing_image() {
+        let base = "127.0.0.1:5596/nowhere/x:1";
+        let code = |err: Error| pull_failure(base, err).code();
+        let docker_404 = "manifest for 127.0.0.1:5596/nowhere/x:1 not found: manifest unknown";
+        assert_eq!(
+            code(Error::NotFound(docker_404.into())),
+            tonic::Code::NotFound
+        );
+        let podman_missing = "the engine failed: initializing source docker://127.0.0.1:5596/\
+                              nowhere/x:1: reading manifest 1 in 127.0.0.1:5596/nowhere/x: \
+                              manifest unknown: manifest unknown";
+        assert_eq!(
+            code(Error::FailedPrecondition(podman_missing.into())),
+            tonic::Code::NotFound
+        );
+        let podman_tls = "the engine failed: initializing source docker://127.0.0.1:5596/nowhere/\
+                          x:1: pinging container registry 127.0.0.1:5596: Get \"https://127.0.0.\
+                          1:5596/v2/\": http: server gave HTTP response to HTTPS client";
+        let outage = pull_failure(base, Error::FailedPrecondition(podman_tls.into()));
+        assert_eq!(outage.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            outage
+                .to_string()
+                .starts_with(&format!("pulling base image {base} failed: "))
+        );
+        let docker_500 = "the engine refused: received unexpected HTTP status: 503 Service \
+                          Unavailable (HTTP 500 from the engine at unix:///d.sock; see its log, \
+                          then retry)";
+        assert_eq!(
+            code(Error::FailedPrecondition(docker_500.into())),
+            tonic::Code::FailedPrecondition
+        );
+        for kept in [
+            Error::Unavailable("cannot reach the container engine".into()),
+            Error::DeadlineExceeded("pulling took longer than --build-timeout".into()),
+        ] {
+            assert_eq!(pull_failure(base, kept.clone()), kept);
+        }
+    }
 
     /// The per-tag hints stay within their cap however many tags pass, keep the recently set
     /// ones, and a known tag is updated in place even when the map is full.

@@ -28,7 +28,7 @@ if _version_not_supported:
 class ImageBuilderStub:
     """Builds (or finds) the image a local Lambda emulator runs a function in.
 
-    Every error status the daemon sends carries the metadata (trailer) `lambda-imaged-origin:
+    Every error status this service sends carries the metadata (trailer) `lambda-imaged-origin:
     daemon`. A status without it was made by the client's transport: nothing listens on the
     socket, or the connection broke because the daemon was stopped or killed.
     """
@@ -69,7 +69,7 @@ class ImageBuilderStub:
 class ImageBuilderServicer:
     """Builds (or finds) the image a local Lambda emulator runs a function in.
 
-    Every error status the daemon sends carries the metadata (trailer) `lambda-imaged-origin:
+    Every error status this service sends carries the metadata (trailer) `lambda-imaged-origin:
     daemon`. A status without it was made by the client's transport: nothing listens on the
     socket, or the connection broke because the daemon was stopped or killed.
     """
@@ -149,7 +149,7 @@ def add_ImageBuilderServicer_to_server(servicer, server):
 class ImageBuilder:
     """Builds (or finds) the image a local Lambda emulator runs a function in.
 
-    Every error status the daemon sends carries the metadata (trailer) `lambda-imaged-origin:
+    Every error status this service sends carries the metadata (trailer) `lambda-imaged-origin:
     daemon`. A status without it was made by the client's transport: nothing listens on the
     socket, or the connection broke because the daemon was stopped or killed.
     """
