@@ -129,16 +129,20 @@ stop_daemon() {
 }
 
 # The second engine that tests/support/dockerd.rs starts for the fleet and restart tests, in
-# $D/engine-b with its own bridge (the name is BRIDGE there), which it created: both go.
-SECOND_PIDFILE="$D/engine-b/dockerd.pid"
+# $D/engine-b with its own bridge (the name is BRIDGE there), which it created. The bridge
+# goes too, unless some dockerd still runs on it (another state dir's second engine).
+SECOND_PIDFILE="${D%/}/engine-b/dockerd.pid"
 SECOND_BRIDGE=limg-fleet-b
 stop_second_engine() {
 	local pid
 	pid=$(our_pid "$SECOND_PIDFILE")
 	[ -z "$pid" ] || end_dockerd "$pid"
 	rm -f "$SECOND_PIDFILE"
-	if ip link show "$SECOND_BRIDGE" >/dev/null 2>&1; then
-		ip link delete "$SECOND_BRIDGE" type bridge
+	ip link show "$SECOND_BRIDGE" >/dev/null 2>&1 || return 0
+	if pgrep -f -- "--bridge $SECOND_BRIDGE" >/dev/null; then
+		note "a dockerd still uses bridge $SECOND_BRIDGE; leaving it"
+	else
+		ip link delete "$SECOND_BRIDGE" type bridge || note "could not delete bridge $SECOND_BRIDGE"
 	fi
 }
 

@@ -127,11 +127,16 @@ fn start(dir: &std::path::Path, host: &str) {
     if let Ok(pid) = std::fs::read_to_string(&containerd_pid)
         && let Ok(pid) = pid.trim().parse::<i32>()
     {
+        // A pid that now names another program (reused) is as stale as one that ended.
+        let containerd = || {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "containerd")
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !has_ended(pid) && Instant::now() < deadline {
+        while containerd() && !has_ended(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
-        if has_ended(pid) {
+        if has_ended(pid) || !containerd() {
             let _ = std::fs::remove_file(&containerd_pid);
         }
     }

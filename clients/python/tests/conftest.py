@@ -101,10 +101,8 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
         self.proc = None
 
-    def start(self, *, wait_for_engine: bool = True) -> "Daemon":
-        """Starts the daemon and waits until it answers GetInfo, or only until its socket
-        accepts connections when `wait_for_engine` is false (an engine that never answers
-        holds GetInfo for its 5 s engine probe)."""
+    def start(self) -> "Daemon":
+        """Starts the daemon and waits until it answers GetInfo."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDA_IMAGED_SOCKET")}
         engine = ["--engine", self.engine] if self.engine else []
         log = open(self.log_path, "ab")
@@ -135,8 +133,7 @@ class Daemon:
                 raise RuntimeError(f"lambda-imaged exited ({self.proc.returncode}):\n{self.log()}")
             try:
                 with connect(self.socket, timeout=2) as client:
-                    if wait_for_engine:
-                        client.info()
+                    client.info()
                 return self
             except DaemonError as err:
                 if time.monotonic() > deadline:

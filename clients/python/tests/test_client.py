@@ -36,16 +36,21 @@ def test_an_unreachable_engine_is_the_daemons_unavailable_not_an_unreachable_dae
     engine, daemon_binary, workdir, tmp_path
 ):
     """The daemon answers UNAVAILABLE naming its engine: a plain DaemonError (the daemon was
-    reached), not DaemonUnavailable, told apart by the daemon's origin trailer."""
+    reached), not DaemonUnavailable, told apart by the daemon's origin trailer. Both in a
+    Build stream (after its first event) and as a unary call's only answer (Prune)."""
     address = f"unix://{workdir}/no-engine.sock"
     d = Daemon(daemon_binary, workdir, engine=address).start()
     try:
-        with connect(d.socket) as client, pytest.raises(DaemonError) as err:
-            client.build_tag(runtime="python3.12", layers=[("L", _small_layer(tmp_path))])
-        assert type(err.value) is DaemonError, err.value
-        assert err.value.code == "UNAVAILABLE"
-        assert address in err.value.message
-        assert "not reachable" not in err.value.message
+        with connect(d.socket) as client:
+            with pytest.raises(DaemonError) as streamed:
+                client.build_tag(runtime="python3.12", layers=[("L", _small_layer(tmp_path))])
+            with pytest.raises(DaemonError) as unary:
+                client.prune(dry_run=True)
+        for err in (streamed, unary):
+            assert type(err.value) is DaemonError, err.value
+            assert err.value.code == "UNAVAILABLE"
+            assert address in err.value.message
+            assert "not reachable" not in err.value.message
     finally:
         d.stop()
 

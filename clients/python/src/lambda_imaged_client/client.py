@@ -217,8 +217,12 @@ def _daemon_error(err: grpc.RpcError, socket: str, *, mid_call: bool = False) ->
     code = err.code() if hasattr(err, "code") else None
     name = code.name if code is not None else "UNKNOWN"
     details = (err.details() if hasattr(err, "details") else None) or str(err)
-    if code is grpc.StatusCode.UNAVAILABLE and not _from_daemon(err):
-        return DaemonUnavailable(socket, details, broke=mid_call)
+    if not _from_daemon(err):
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return DaemonUnavailable(socket, details, broke=mid_call)
+        # grpcio may report a stream cut mid-call as UNKNOWN or INTERNAL ("Stream removed").
+        if mid_call and code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            return DaemonUnavailable(socket, details, broke=True)
     return DaemonError(name, details)
 
 
@@ -283,7 +287,11 @@ class Client:
         req = pb.PruneRequest(
             older_than_seconds=older_than_seconds, keep_storage_bytes=keep_storage_bytes, dry_run=dry_run
         )
-        return self._stub.Prune(req)
+        # No client deadline: removing many images may take a while; the daemon answers.
+        try:
+            return self._stub.Prune(req)
+        except grpc.RpcError as err:
+            raise _daemon_error(err, self.socket) from None
 
     def _unary(self, method, req):
         try:
