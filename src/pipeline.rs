@@ -171,6 +171,7 @@ pub async fn run(
         from_registry(&shared, &plan, &fingerprint, reason, &reporter).await
     {
         let adopted = after_build(&shared, &plan, &pulled, existing).await?;
+        remember_pulled(&shared, &parts, &inputs, &base, &adopted);
         (adopted.id, adopted.config, false, Reason::RegistryHit)
     } else {
         let images = (&base, existing.as_ref());
@@ -248,6 +249,33 @@ struct Inputs {
     rie: PathBuf,
     rie_digest: [u8; 32],
     tree: Option<Arc<layers::Tree>>,
+}
+
+/// After a registry-cache hit: the pulled image's chains are held by the engine now, and when
+/// it is a full assembly (the base, the RIE layer and one layer per Lambda layer: the shape
+/// only a full assembly has) its listing is this request's tree, since its fingerprint covers
+/// every file's content, mode and mtime. So the next edit here is a delta, as after a local
+/// build. An image of another shape (a delta made elsewhere) gets no listing: the next edit
+/// is a full assembly. Its layer sizes are not known here, so prune counts it whole.
+fn remember_pulled(
+    shared: &Shared,
+    parts: &Parts,
+    inputs: &Inputs,
+    base: &ImageInfo,
+    pulled: &ImageInfo,
+) {
+    shared.images.note_chains(&pulled.diff_ids);
+    let Some(tree) = inputs.tree.as_deref() else {
+        return;
+    };
+    let full = 1 + tree.layers.len();
+    if pulled.diff_ids.starts_with(&base.diff_ids)
+        && pulled.diff_ids.len() == base.diff_ids.len() + full
+    {
+        shared
+            .images
+            .record_listing(&pulled.id, &full_listing(parts, Some(tree)));
+    }
 }
 
 /// Step 1: hashes the RIE and walks the layers (with the peer's rights), and reports the
@@ -472,6 +500,31 @@ struct Assembly {
     listing: Listing,
 }
 
+/// The listing of a full assembly of `parts` with `/opt` = `tree`: its own root (the RIE layer
+/// and one layer per Lambda layer), depth 0; layer sizes are added once the image is loaded.
+fn full_listing(parts: &Parts, tree: Option<&layers::Tree>) -> Listing {
+    let mut listing = Listing {
+        base: parts.base.clone(),
+        rie: parts.rie.clone(),
+        root_layers: 1 + tree.map_or(0, |t| t.layers.len()),
+        labels: std::iter::once(RIE_LABEL.to_owned())
+            .chain(parts.layers.iter().map(|(name, _)| layer_label(name)))
+            .collect(),
+        ..Listing::default()
+    };
+    if let Some(tree) = tree {
+        listing.set_tree(&tree.entries);
+    }
+    listing
+}
+
+/// What events call the RIE layer, and Lambda layer `name`.
+const RIE_LABEL: &str = "runtime interface emulator";
+
+fn layer_label(name: &str) -> String {
+    format!("layer {name:?}")
+}
+
 /// A full assembly: the RIE layer and one layer per Lambda layer. A prefix of layers whose
 /// diff IDs are known and whose chains the engine holds is referenced, not sent (`every`:
 /// the engine needs every layer).
@@ -500,17 +553,11 @@ fn full_assembly(
         },
     ];
     let mut planned = vec![(
-        "runtime interface emulator".to_owned(),
+        RIE_LABEL.to_owned(),
         rie_items,
         image_store::rie_key(&parts.rie),
     )];
-    let mut listing = Listing {
-        base: parts.base.clone(),
-        rie: parts.rie.clone(),
-        ..Listing::default()
-    };
-    // A full assembly is its own root: RIE + one layer per Lambda layer.
-    listing.root_layers = 1 + inputs.tree.as_ref().map_or(0, |t| t.layers.len());
+    let listing = full_listing(parts, inputs.tree.as_deref());
     if let Some(tree) = &inputs.tree {
         for ((name, _), (entries, digest)) in parts
             .layers
@@ -518,12 +565,11 @@ fn full_assembly(
             .zip(tree.layers.iter().zip(&tree.layer_digests))
         {
             planned.push((
-                format!("layer {name:?}"),
+                layer_label(name),
                 image_store::layer_items(entries),
                 image_store::layer_key(digest),
             ));
         }
-        listing.set_tree(&tree.entries);
     }
     // The chain under the next layer; extended one layer at a time while every layer so far is
     // known (a layer after an unknown one is never skipped).

@@ -145,7 +145,7 @@ fn warnings(outcome: &Outcome) -> Vec<String> {
 
 /// A builds and pushes; B pulls the same image instead of building it (REGISTRY_HIT, pull
 /// progress, no engine build, the same image id and /opt); a layer changed on B is built there
-/// and pushed, and A then pulls that one.
+/// (a delta over the pulled image) and pushed, and A then pulls that one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_builds_each_image_once() {
     let engine_b = second_engine(&[BASE]);
@@ -193,9 +193,18 @@ async fn a_fleet_builds_each_image_once() {
         &format!("x = '{}'\n", unique("v2-")),
         0o644,
     );
-    let rebuilt = build(&b.socket, request.clone()).await.completed().clone();
+    let edit = build(&b.socket, request.clone()).await;
+    let rebuilt = edit.completed().clone();
     assert_eq!(rebuilt.reason, proto::Reason::LayerChanged as i32);
     assert_eq!(engine_builds(&b), 1);
+    // B knows the pulled image's /opt (its fingerprint covers the tree): the edit is a delta
+    // over it, as after a local build.
+    assert!(
+        edit.events
+            .iter()
+            .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.contains("delta 1/"))),
+        "the edit after a registry hit was not a delta: {edit:?}"
+    );
     let reference = cache_reference(&engine_b.host, &rebuilt.tag, &cache);
     pushed(&b, &reference).await;
 
