@@ -286,8 +286,9 @@ fn image_config(spec: &Spec, diff_ids: &[String]) -> Value {
 }
 
 /// The exact length of the layer tar of `items`: the same writer over a counting sink, with
-/// zeros for file contents (nothing is read).
-fn layer_size(items: &[Item]) -> Result<u64> {
+/// zeros for file contents (nothing is read). Errors: only the writer's own (a path the tar
+/// format cannot hold).
+pub fn layer_size(items: &[Item]) -> Result<u64> {
     let mut counter = CountingWriter(0);
     write_layer(items, &mut counter, true)?;
     Ok(counter.0)

@@ -3,7 +3,7 @@
 //!
 //! Runs on its own task (see `builds.rs`); reports through a [`Reporter`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -171,7 +171,7 @@ pub async fn run(
         from_registry(&shared, &plan, &fingerprint, reason, &reporter).await
     {
         let adopted = after_build(&shared, &plan, &pulled, existing).await?;
-        remember_pulled(&shared, &parts, &inputs, &base, &adopted);
+        remember_pulled(&shared, &parts, &inputs, &base, &adopted).await;
         (adopted.id, adopted.config, false, Reason::RegistryHit)
     } else {
         let images = (&base, existing.as_ref());
@@ -255,9 +255,11 @@ struct Inputs {
 /// it is a full assembly (the base, the RIE layer and one layer per Lambda layer: the shape
 /// only a full assembly has) its listing is this request's tree, since its fingerprint covers
 /// every file's content, mode and mtime. So the next edit here is a delta, as after a local
-/// build. An image of another shape (a delta made elsewhere) gets no listing: the next edit
-/// is a full assembly. Its layer sizes are not known here, so prune counts it whole.
-fn remember_pulled(
+/// build, and prune counts its layers by the sizes a local assembly of the tree has (the
+/// writer is deterministic: the same tar lengths as on the machine that built it). An image of
+/// another shape (a delta made elsewhere) gets no listing: the next edit is a full assembly,
+/// and prune counts it whole.
+async fn remember_pulled(
     shared: &Shared,
     parts: &Parts,
     inputs: &Inputs,
@@ -265,17 +267,36 @@ fn remember_pulled(
     pulled: &ImageInfo,
 ) {
     shared.images.note_chains(&pulled.diff_ids);
-    let Some(tree) = inputs.tree.as_deref() else {
+    let Some(tree) = inputs.tree.clone() else {
         return;
     };
     let full = 1 + tree.layers.len();
-    if pulled.diff_ids.starts_with(&base.diff_ids)
-        && pulled.diff_ids.len() == base.diff_ids.len() + full
+    if !pulled.diff_ids.starts_with(&base.diff_ids)
+        || pulled.diff_ids.len() != base.diff_ids.len() + full
     {
-        shared
-            .images
-            .record_listing(&pulled.id, &full_listing(parts, Some(tree)));
+        return;
     }
+    let mut listing = full_listing(parts, Some(&tree));
+    let rie = inputs.rie.clone();
+    // Writes every layer over a counting sink (zeros for contents): off the async workers.
+    let sizes = blocking(move || {
+        std::iter::once(rie_items(&rie))
+            .chain(
+                tree.layers
+                    .iter()
+                    .map(|entries| Ok(image_store::layer_items(entries))),
+            )
+            .map(|items| assemble::layer_size(&items?))
+            .collect::<Result<Vec<u64>>>()
+    })
+    .await;
+    match sizes {
+        Ok(sizes) => listing.layer_bytes = sizes,
+        Err(err) => {
+            tracing::warn!(image = %pulled.id, error = %err, "could not size the pulled image's layers")
+        }
+    }
+    shared.images.record_listing(&pulled.id, &listing);
 }
 
 /// Step 1: hashes the RIE and walks the layers (with the peer's rights), and reports the
@@ -518,6 +539,27 @@ fn full_listing(parts: &Parts, tree: Option<&layers::Tree>) -> Listing {
     listing
 }
 
+/// The RIE layer's items: `/var/rapid/aws-lambda-rie`, 0755, time 0, from `rie`.
+fn rie_items(rie: &Path) -> Result<Vec<assemble::Item>> {
+    let meta = std::fs::metadata(rie)
+        .map_err(|err| Error::io("reading the runtime interface emulator", rie, &err))?;
+    Ok(vec![
+        assemble::Item::Dir { path: "var".into() },
+        assemble::Item::Dir {
+            path: "var/rapid".into(),
+        },
+        assemble::Item::File {
+            path: RIE_IMAGE_PATH.trim_start_matches('/').into(),
+            source: rie.to_owned(),
+            size: meta.len(),
+            key: StatKey::of(&meta),
+            mode: 0o755,
+            mtime: 0,
+            as_daemon: true,
+        },
+    ])
+}
+
 /// What events call the RIE layer, and Lambda layer `name`.
 const RIE_LABEL: &str = "runtime interface emulator";
 
@@ -535,26 +577,9 @@ fn full_assembly(
     base: &ImageInfo,
     every: bool,
 ) -> Result<Assembly> {
-    let rie_meta = std::fs::metadata(&inputs.rie)
-        .map_err(|err| Error::io("reading the runtime interface emulator", &inputs.rie, &err))?;
-    let rie_items = vec![
-        assemble::Item::Dir { path: "var".into() },
-        assemble::Item::Dir {
-            path: "var/rapid".into(),
-        },
-        assemble::Item::File {
-            path: RIE_IMAGE_PATH.trim_start_matches('/').into(),
-            source: inputs.rie.clone(),
-            size: rie_meta.len(),
-            key: StatKey::of(&rie_meta),
-            mode: 0o755,
-            mtime: 0,
-            as_daemon: true,
-        },
-    ];
     let mut planned = vec![(
         RIE_LABEL.to_owned(),
-        rie_items,
+        rie_items(&inputs.rie)?,
         image_store::rie_key(&parts.rie),
     )];
     let listing = full_listing(parts, inputs.tree.as_deref());

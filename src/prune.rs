@@ -90,7 +90,7 @@ enum Kind {
 /// it: engine-facts.md): images that share lower layers share those chains, and the base's
 /// chains are left out (pruning our images never frees them).
 ///
-/// Without layer sizes (an image pulled from the registry cache, or made by an older daemon)
+/// Without layer sizes (a delta image pulled from the registry cache, or one an older daemon made)
 /// it is the engine's size of the whole image, base included, as a share of its own: an
 /// overstatement, so such an image goes sooner, never later.
 fn footprint(

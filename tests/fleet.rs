@@ -181,6 +181,21 @@ async fn a_fleet_builds_each_image_once() {
         &image_tree_at(&engine_b.host, &pulled.tag, "opt"),
         &image_opt(&built.tag),
     );
+    // B keeps the pulled image's listing with the layer sizes A recorded when it built it
+    // (prune counts it by layer, as A does).
+    let layer_bytes = |daemon: &TestDaemon| -> serde_json::Value {
+        let name = format!("{}.json", built.image_id.trim_start_matches("sha256:"));
+        let path = daemon.dir.path().join("cache/images").join(name);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("no listing at {}: {err}", path.display()));
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["layer_bytes"].clone()
+    };
+    assert_eq!(layer_bytes(&b), layer_bytes(&a));
+    assert_eq!(
+        layer_bytes(&a).as_array().map(Vec::len),
+        Some(2),
+        "RIE + one layer"
+    );
     // Only SAM's tag names the pulled image on B.
     let tags = docker_at_ok(
         &engine_b.host,
