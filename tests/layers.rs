@@ -851,6 +851,21 @@ fn use_record(cache: &Path, tag: &str) -> PathBuf {
         .join(hex::encode(Sha256::digest(tag.as_bytes())))
 }
 
+/// A daemon of the prune tests, its cache dir, and a temp dir for layers.
+async fn prune_setup() -> (TestDaemon, PathBuf, tempfile::TempDir) {
+    let daemon = TestDaemon::start().await;
+    let cache = daemon.dir.path().join("cache");
+    (daemon, cache, tempfile::tempdir().unwrap())
+}
+
+/// A layer `<dir>/deps` with `bytes` of noise (from `seed`) in `python/blob.bin`.
+fn deps_layer(dir: &Path, bytes: u64, seed: u64) -> PathBuf {
+    let deps = dir.join("deps");
+    fs::create_dir_all(deps.join("python")).unwrap();
+    fs::write(deps.join("python/blob.bin"), noise(bytes as usize, seed)).unwrap();
+    deps
+}
+
 /// Prune through the RPC: what was last used more than `seconds` ago, for real or as a dry run.
 async fn prune_older_than(
     client: &mut client::ImageBuilderClient<tonic::transport::Channel>,
@@ -1066,13 +1081,9 @@ async fn prune_removes_only_our_unused_images() {
 #[tokio::test(flavor = "multi_thread")]
 async fn prune_counts_shared_layers_once() {
     const DEPS: u64 = 16 * MIB;
-    let daemon = TestDaemon::start().await;
-    let cache = daemon.dir.path().join("cache");
-    let dir = tempfile::tempdir().unwrap();
+    let (daemon, cache, dir) = prune_setup().await;
     let mut cleanup = Cleanup::default();
-    let deps = dir.path().join("deps");
-    write_file(&deps.join("python/marker.txt"), &unique("deps"), 0o644);
-    fs::write(deps.join("python/blob.bin"), noise(DEPS as usize, 0xdeb5)).unwrap();
+    let deps = deps_layer(dir.path(), DEPS, 0xdeb5);
     let deps_name = unique("deps");
     let mut built = Vec::new();
     for code in ["code-a", "code-b"] {
@@ -1126,13 +1137,9 @@ async fn prune_counts_shared_layers_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn prune_counts_a_delta_images_inherited_layers() {
     const DEPS: u64 = 4 * MIB;
-    let daemon = TestDaemon::start().await;
-    let cache = daemon.dir.path().join("cache");
-    let dir = tempfile::tempdir().unwrap();
+    let (daemon, cache, dir) = prune_setup().await;
     let mut cleanup = Cleanup::default();
-    let deps = dir.path().join("deps");
-    fs::create_dir_all(deps.join("python")).unwrap();
-    fs::write(deps.join("python/blob.bin"), noise(DEPS as usize, 0xde17a)).unwrap();
+    let deps = deps_layer(dir.path(), DEPS, 0xde17a);
     let code = dir.path().join("code");
     write_file(&code.join("python/app.py"), "version = 1\n", 0o644);
     let request = zip_request(&[(&unique("deps"), &deps), (&unique("code"), &code)]);
