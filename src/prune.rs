@@ -20,7 +20,7 @@ use crate::assemble::chain_ids;
 use crate::engine::{Engine, LabelledImage};
 use crate::error::Result;
 use crate::fingerprint::FINGERPRINT_LABEL;
-use crate::image_store::{Listing, read_listing};
+use crate::image_store::{Listing, read_listing, remove_listing};
 
 /// What to remove.
 #[derive(Debug, Clone, Copy, Default)]
@@ -46,8 +46,7 @@ pub struct Report {
 /// Records that `tag` was used now (fire and forget: a missed record only makes prune think
 /// the image is older than it is).
 pub fn record_use(cache_dir: &Path, tag: &str) {
-    let dir = cache_dir.join("used");
-    let path = dir.join(hex::encode(Sha256::digest(tag.as_bytes())));
+    let path = use_record(cache_dir, tag);
     let now = SystemTime::now();
     if fs::File::options()
         .write(true)
@@ -57,14 +56,20 @@ pub fn record_use(cache_dir: &Path, tag: &str) {
     {
         return;
     }
-    let _ = fs::create_dir_all(&dir).and_then(|()| fs::write(&path, tag));
+    let _ = fs::create_dir_all(cache_dir.join("used")).and_then(|()| fs::write(&path, tag));
+}
+
+/// `<cache>/used/<sha256(tag)>`: the record of `tag`'s last use (its mtime).
+fn use_record(cache_dir: &Path, tag: &str) -> PathBuf {
+    cache_dir
+        .join("used")
+        .join(hex::encode(Sha256::digest(tag.as_bytes())))
 }
 
 fn last_use(cache_dir: &Path, tag: &str) -> Option<SystemTime> {
-    let path = cache_dir
-        .join("used")
-        .join(hex::encode(Sha256::digest(tag.as_bytes())));
-    fs::metadata(path).and_then(|m| m.modified()).ok()
+    fs::metadata(use_record(cache_dir, tag))
+        .and_then(|m| m.modified())
+        .ok()
 }
 
 struct Candidate {
@@ -246,13 +251,9 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
                     if engine.remove_image(&id, !policy.keep_layers).await.is_err() {
                         continue;
                     }
-                    crate::image_store::remove_listing(cache_dir, &id);
+                    remove_listing(cache_dir, &id);
                     for tag in &tags {
-                        let _ = fs::remove_file(
-                            cache_dir
-                                .join("used")
-                                .join(hex::encode(Sha256::digest(tag.as_bytes()))),
-                        );
+                        let _ = fs::remove_file(use_record(cache_dir, tag));
                     }
                 }
                 report.bytes += storage.release(&chains);

@@ -370,14 +370,7 @@ async fn engine_restart_mid_build() {
 
     proxy.clear();
     proxy.restore();
-    let deadline = Instant::now() + DEADLINE;
-    while watcher.health().await.unwrap() != ServingStatus::Serving {
-        assert!(
-            Instant::now() < deadline,
-            "health never became SERVING again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    health_becomes(&mut watcher, ServingStatus::Serving).await;
     assert_recovers(&daemon, request).await;
     daemon.stop().await;
 }

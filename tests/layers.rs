@@ -858,6 +858,14 @@ async fn prune_setup() -> (TestDaemon, PathBuf, tempfile::TempDir) {
     (daemon, cache, tempfile::tempdir().unwrap())
 }
 
+/// The engine's size of image `tag` (`.Size`: every layer, the base's included), in bytes.
+fn engine_size(tag: &str) -> u64 {
+    docker_ok(&["image", "inspect", "-f", "{{.Size}}", tag])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// A layer `<dir>/deps` with `bytes` of noise (from `seed`) in `python/blob.bin`.
 fn deps_layer(dir: &Path, bytes: u64, seed: u64) -> PathBuf {
     let deps = dir.join("deps");
@@ -1096,14 +1104,8 @@ async fn prune_counts_shared_layers_once() {
         built.push(done);
     }
     let (a, b) = (&built[0], &built[1]);
-    let whole = |tag: &str| -> u64 {
-        docker_ok(&["image", "inspect", "-f", "{{.Size}}", tag])
-            .trim()
-            .parse()
-            .unwrap()
-    };
     assert!(
-        whole(&a.tag) > DEPS,
+        engine_size(&a.tag) > DEPS,
         "the engine counts the base and deps in each image"
     );
 
@@ -1178,10 +1180,7 @@ async fn prune_counts_a_delta_images_inherited_layers() {
         "the inherited deps layer is counted: {} bytes",
         dry.bytes_freed
     );
-    let whole: u64 = docker_ok(&["image", "inspect", "-f", "{{.Size}}", &second.tag])
-        .trim()
-        .parse()
-        .unwrap();
+    let whole = engine_size(&second.tag);
     assert!(
         dry.bytes_freed < whole,
         "counted by layer (base left out), not as the whole image ({whole} bytes): {} bytes",
