@@ -10,12 +10,14 @@
 #    next run: `scripts/test-env.sh stop` stops it).
 # 2. cargo fmt --check
 # 3. cargo clippy --all-targets --locked -- -D warnings
-# 4. cargo deny --offline check licenses bans sources (deny.toml; cargo-deny is installed with
-#    cargo install --locked when missing). Advisories are not checked here: CI cannot fetch
-#    the RustSec database (deny.toml says how to check them against a snapshot).
+# 4. cargo fetch --locked (every target's crates: cargo metadata needs them), then
+#    cargo deny --offline check licenses bans sources (deny.toml). Advisories are not checked
+#    here: CI cannot fetch the RustSec database (deny.toml says how to check them against a
+#    snapshot).
 # 5. the Rust tests: cargo nextest run --locked --no-fail-fast, then cargo test --doc --locked
-#    (nextest runs no doctests); or, when cargo-nextest is not installed,
+#    (nextest runs no doctests); with LAMBDA_IMAGED_TEST_RUNNER=cargo-test,
 #    cargo test --locked --no-fail-fast (unit, integration and doctests in one run).
+# cargo-deny and cargo-nextest are installed, pinned, when missing (CARGO_*_VERSION below).
 # 6. clients/python/run-tests.sh: the Python client and the AWS SAM CLI integration.
 # Stages 0-4 stop the script at their first failure. The test stages (5, 6) all run to their
 # end even when one fails; then a table gives each stage's passed and failed counts, read from
@@ -207,10 +209,31 @@ FORCE_CARGO_TEST=""
 case "${LAMBDA_IMAGED_TEST_RUNNER:-}" in
 "" | nextest) ;;
 cargo-test) FORCE_CARGO_TEST=1 ;;
-*) fail 1 "LAMBDA_IMAGED_TEST_RUNNER=${LAMBDA_IMAGED_TEST_RUNNER}: use nextest (the default when installed) or cargo-test" ;;
+*) fail 1 "LAMBDA_IMAGED_TEST_RUNNER=${LAMBDA_IMAGED_TEST_RUNNER}: use nextest (the default) or cargo-test" ;;
 esac
+# The cargo tools the checks use, pinned: installed from crates.io with `cargo install --locked`
+# when missing (into $CARGO_HOME/bin, where cargo finds its subcommands), so a fresh machine
+# runs what CI runs. Bump them here; a newer one already installed is used as it is.
+CARGO_DENY_VERSION=0.20.2    # ~3.5 min to compile on 2 cores
+CARGO_NEXTEST_VERSION=0.9.143 # ~4 min; the version CI's machine image ships
+# ensure_cargo_tool NAME VERSION: cargo-NAME runs, or is installed at VERSION.
+ensure_cargo_tool() {
+	local name=$1 version=$2
+	if cargo "$name" --version >/dev/null 2>&1; then
+		return 0
+	fi
+	echo "installing cargo-$name $version (cargo install --locked cargo-$name@$version)"
+	run cargo install --locked --quiet "cargo-$name@$version"
+	cargo "$name" --version >/dev/null 2>&1 || fail 1 "cargo $name does not run after cargo install"
+}
+# nextest runs each test in a process of its own (a test's memory or signal handlers are its
+# own) with the test groups of .config/nextest.toml; cargo test runs one binary's tests as
+# threads of one process. Both paths are kept; nextest is the one CI and fresh machines take.
 NEXTEST=""
-if [ -z "$FORCE_CARGO_TEST" ] && cargo nextest --version >/dev/null 2>&1; then NEXTEST=1; fi
+if [ -z "$FORCE_CARGO_TEST" ]; then
+	ensure_cargo_tool nextest "$CARGO_NEXTEST_VERSION"
+	NEXTEST=1
+fi
 echo "$(cargo --version); $(cargo fmt --version); $(cargo clippy --version)"
 echo "test runner: $([ -n "$NEXTEST" ] && cargo nextest --version 2>/dev/null | head -n1 || echo 'cargo test')"
 passed
@@ -238,11 +261,15 @@ run cargo clippy --all-targets --locked -- -D warnings
 passed
 
 stage "cargo deny --offline check licenses bans sources"
-if ! cargo deny --version >/dev/null 2>&1; then
-	echo "installing cargo-deny (cargo install --locked cargo-deny)"
-	run cargo install --locked cargo-deny
-fi
-run cargo deny --offline check licenses bans sources
+ensure_cargo_tool deny "$CARGO_DENY_VERSION"
+# cargo deny reads the graph through `cargo metadata`, which resolves every target's
+# dependencies (Windows-only ones too: anstyle-wincon, windows-sys), so a build's downloads are
+# not enough. `cargo fetch --locked` downloads every crate Cargo.lock names, for all targets,
+# from crates.io; the check itself then runs offline. deny.toml's [graph] targets still limit
+# what is checked to the platforms we ship.
+run cargo fetch --locked --quiet
+# Duplicate versions are warnings (deny.toml); a passing run shows only errors and the verdict.
+run cargo deny --offline --log-level error check licenses bans sources
 passed
 
 # ---------------------------------------------------------------- tests
@@ -255,9 +282,7 @@ if [ -n "$NEXTEST" ]; then
 	fi
 else
 	echo
-	echo "test.sh: the Rust tests run under cargo test: cargo-nextest is $([ -n "$FORCE_CARGO_TEST" ] &&
-		echo "set aside (LAMBDA_IMAGED_TEST_RUNNER=cargo-test)" ||
-		echo "not installed (cargo install --locked cargo-nextest)")"
+	echo "test.sh: the Rust tests run under cargo test: cargo-nextest is set aside (LAMBDA_IMAGED_TEST_RUNNER=cargo-test)"
 	if [ $# -eq 0 ]; then
 		test_stage "Rust tests and doctests (cargo test)" cargo_test_all_counts \
 			cargo test --locked --no-fail-fast
