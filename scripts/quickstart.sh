@@ -6,7 +6,7 @@
 #
 # 0. the Rust toolchain: Cargo.toml's rust-version (1.89: the locked zip crate needs it) or newer, via rustup,
 #    checked before anything is installed.
-# 1. scripts/test-env.sh: packages, a private dockerd, the RIE binaries and busybox stand-ins
+# 1. scripts/test-env.sh engine: packages, a private dockerd, the RIE binaries and busybox stand-ins
 #    for the public.ecr.aws/lambda/* base images (the internet's images are not needed). Its
 #    state dir is $LAMBDA_IMAGED_TEST_DIR (default /tmp/lambda-imaged-quickstart, apart from
 #    the tests' /tmp/lambda-imaged-test).
@@ -123,7 +123,9 @@ step "preparing the engine, the RIE and the base images (scripts/test-env.sh, st
 if ! LAMBDA_IMAGED_TEST_DIR=$D scripts/test-env.sh status; then
 	ENGINE_STARTED=1 # (set before starting, so that a half-started one is stopped as well)
 fi
-env_lines=$(LAMBDA_IMAGED_TEST_DIR=$D scripts/test-env.sh) || die "scripts/test-env.sh failed (see above)"
+# `engine`: only what a build and an invoke need (no registry, Podman, Node or gRPC tools).
+env_lines=$(LAMBDA_IMAGED_TEST_DIR=$D scripts/test-env.sh engine) ||
+	die "scripts/test-env.sh engine failed (see above)"
 eval "$env_lines"
 if [ -z "${DOCKER_HOST:-}" ] || [ -z "${LAMBDA_IMAGED_RIE_DIR:-}" ]; then
 	die "scripts/test-env.sh did not print DOCKER_HOST and LAMBDA_IMAGED_RIE_DIR"
@@ -175,12 +177,18 @@ step "lambda-imagectl resolve ${BUILD_ARGS[*]}"
 ctl resolve "${BUILD_ARGS[@]}" || die "lambda-imagectl resolve failed"
 TAG=$(ctl resolve --json "${BUILD_ARGS[@]}" | jq -er .tag) || die "no tag in lambda-imagectl resolve --json"
 
-step "lambda-imagectl build ${BUILD_ARGS[*]}"
-ctl build "${BUILD_ARGS[@]}" || die "lambda-imagectl build failed (exit $?)"
+# --skip-pull-image, as `sam local invoke --skip-pull-image`: the base is the local busybox
+# stand-in, which no registry here can confirm. Without it the daemon would check the base
+# against public.ecr.aws in the background (once per --base-check-ttl) and, that registry being
+# out of reach, warn `base_unverified` while it serves the local base.
+step "lambda-imagectl build --skip-pull-image ${BUILD_ARGS[*]}"
+ctl build --skip-pull-image "${BUILD_ARGS[@]}" || die "lambda-imagectl build failed (exit $?)"
 
-step "lambda-imagectl build ${BUILD_ARGS[*]}   (again: answered from the cache)"
+step "lambda-imagectl build --skip-pull-image ${BUILD_ARGS[*]}   (again: answered from the cache)"
 # (stdout captured, then printed: `tee /dev/stderr` would truncate a log file stderr points at)
-out=$(ctl build "${BUILD_ARGS[@]}") || die "the second lambda-imagectl build failed (exit $?)"
+out=$(ctl build --skip-pull-image "${BUILD_ARGS[@]}") ||
+	die "the second lambda-imagectl build failed (exit $?)"
+! grep -q "warning" <<<"$out" || die "the second build warned: $out"
 printf '%s\n' "$out"
 grep -q "is up to date" <<<"$out" || die "the second build was not reported as up to date: $out"
 docker image inspect "$TAG" >/dev/null 2>&1 || die "the engine has no image $TAG"

@@ -4,6 +4,8 @@
 #
 # Usage (as root):
 #   eval "$(scripts/test-env.sh)"     # prepare (idempotent) and print `export` lines
+#   scripts/test-env.sh engine        # the same, with only what a build and an invoke need
+#                                     # (the quickstart's: no registry, Podman, Node, gRPC tools)
 #   . "$LAMBDA_IMAGED_TEST_DIR/env"   # the same lines, written to a file
 #   scripts/test-env.sh stop          # stop the private dockerd and registry this script
 #                                     # started, and remove the bridge it created (if any);
@@ -175,15 +177,25 @@ remove_bridge() {
 }
 
 # ---------------------------------------------------------------- packages
+# ensure_packages PROFILE: `engine` (a build and an invoke: the quickstart) or `tests` (every
+# test's tools as well).
 ensure_packages() {
-	local want=() missing=() p
-	# systemd: systemd-analyze and systemd-socket-activate for tests/systemd.rs (nothing is started).
-	want=(docker.io podman busybox-static curl unzip zip jq iproute2 util-linux procps systemd passwd docker-registry)
+	local profile=$1 want=() missing=() p
+	# The engine and the RIE: dockerd, the stand-in base, the wheel (pip) and its unzip; jq and
+	# curl for the scripts; ip, flock, pgrep for this one.
+	want=(docker.io busybox-static curl unzip jq iproute2 util-linux procps)
 	command -v python3 >/dev/null || want+=(python3)
-	# Node and npm for tests/interop.rs (a @grpc/grpc-js client), unless a Node is installed.
-	command -v npm >/dev/null || want+=(nodejs npm)
 	if ! python3 -m pip --version >/dev/null 2>&1; then
 		want+=(python3-venv)
+	fi
+	if [ "$profile" = tests ]; then
+		# systemd: systemd-analyze and systemd-socket-activate for tests/systemd.rs (nothing is
+		# started); zip for the layer-fidelity corpus; passwd for the access tests' users.
+		want+=(podman zip systemd passwd docker-registry)
+		# Node and npm for tests/interop.rs (a @grpc/grpc-js client), unless a Node is installed.
+		command -v npm >/dev/null || want+=(nodejs npm)
+		# python3-venv for the gRPC tools' and SAM CLI's venvs.
+		python3 -c 'import ensurepip' 2>/dev/null || want+=(python3-venv)
 	fi
 	for p in "${want[@]}"; do
 		dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -529,17 +541,21 @@ main() {
 	exec 9>"$D/.lock"
 	flock 9
 	case "$cmd" in
-	up | start | "")
-		ensure_packages
+	up | start | "" | engine)
+		local profile=tests
+		[ "$cmd" != engine ] || profile=engine
+		ensure_packages "$profile"
 		if ! answering; then
 			start_daemon
 			started=1
 		fi
 		ensure_rie
-		ensure_grpc_python
-		ensure_grpc_node
 		ensure_base
-		ensure_registry
+		if [ "$profile" = tests ]; then
+			ensure_grpc_python
+			ensure_grpc_node
+			ensure_registry
+		fi
 		# Checked after every start, and on request; a live daemon that answered is trusted.
 		if [ -n "$started" ] || [ -n "${LAMBDA_IMAGED_TEST_VERIFY:-}" ]; then
 			verify_containers
@@ -553,7 +569,7 @@ main() {
 		;;
 	status) answering ;;
 	env) [ -f "$D/env" ] && cat "$D/env" ;;
-	*) die "usage: $0 [up|stop|status|env]" ;;
+	*) die "usage: $0 [up|engine|stop|status|env]" ;;
 	esac
 }
 

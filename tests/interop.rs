@@ -140,7 +140,9 @@ async fn grpcio_with_default_options_is_served() {
     let layer = layer(daemon.dir.path());
     let want = expected(&daemon.socket, &layer).await;
     let mut cmd = Command::new(&python);
-    cmd.arg(fixture("interop.py"))
+    // (no __pycache__ next to the fixture, in the clone)
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1")
+        .arg(fixture("interop.py"))
         .arg(&daemon.socket)
         .arg(&layer);
     let found = run_client(cmd).await;

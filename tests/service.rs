@@ -1038,6 +1038,7 @@ async fn a_reflection_client_without_our_protos_resolves() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/service/reflect.py");
     let dangling = dangling_layer(daemon.dir.path());
     let output = run(Command::new(&python)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .arg(&script)
         .arg(&daemon.socket)
         .arg(&dangling))

@@ -27,6 +27,13 @@ export LAMBDA_IMAGED_TEST_ENV_LOADED=1 # conftest.py: the exports above are in p
 export PYTHONDONTWRITEBYTECODE=1       # keep __pycache__ out of the tree
 unset LAMBDA_IMAGED_SOCKET LAMBDA_IMAGED
 cd "$here"
+# A temp dir of this run's own (short: the daemons' sockets live under pytest's tmp_path),
+# removed at the end: SAM CLI leaves its build lock files (*.building.status) in the temp dir.
+tmp=$(mktemp -d /tmp/limg-py.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+export TMPDIR=$tmp
 # Every test bounds its own waits; this bounds the whole run.
-exec timeout --kill-after=30 1800 "$venv/bin/python" -m pytest -o "cache_dir=$state/py/pytest-cache" \
-	-q -rfE tests "$@"
+rc=0
+timeout --kill-after=30 1800 "$venv/bin/python" -m pytest -o "cache_dir=$state/py/pytest-cache" \
+	-q -rfE tests "$@" || rc=$?
+exit "$rc"

@@ -384,7 +384,7 @@ pub fn rss() -> (u64, u64) {
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
             * 1024
     };
     (field("VmRSS:"), field("VmHWM:"))

@@ -470,3 +470,37 @@ pub fn warnings_with_code(outcome: &Outcome, code: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// Environment variable set in the child process [`in_own_process`] starts.
+const OWN_PROCESS_ENV: &str = "LAMBDA_IMAGED_TEST_OWN_PROCESS";
+
+/// Runs test `name` (its full path in this test binary, e.g. `"slow_reader_is_dropped"`) in a
+/// process of its own, for a test that measures its process (RSS, peak RSS, open files):
+/// under `cargo test` every test of a binary shares one process, so another test's memory
+/// would count. Returns true in that child, where the caller goes on with its body; in the
+/// caller's process it runs this binary again with `--exact NAME`, waits, panics unless the
+/// child passed (its output is shown) and returns false, so the caller returns. Under nextest
+/// each test already has its own process; the re-run costs one process start.
+pub fn in_own_process(name: &str) -> bool {
+    if std::env::var_os(OWN_PROCESS_ENV).is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let output = std::process::Command::new(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(OWN_PROCESS_ENV, "1")
+        .output()
+        .expect("running the test binary again");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{text}");
+    assert!(
+        output.status.success() && text.contains("1 passed"),
+        "{name} in its own process: {}",
+        output.status
+    );
+    false
+}

@@ -129,10 +129,12 @@ impl Drop for Podman {
     fn drop(&mut self) {
         let _ = self.service.kill();
         let _ = self.service.wait();
-        // Undo any overlay mount left under the private root before the temp dir goes.
+        // Undo any overlay mount left under the private root before the temp dir goes (usually
+        // there is none: umount's "not mounted" is not worth printing).
         let _ = Command::new("umount")
             .arg("-R")
             .arg(self.dir.path().join("root/overlay"))
+            .stderr(Stdio::null())
             .status();
     }
 }
