@@ -25,9 +25,9 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::engine::RunConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::outcome::{Completed, Event, Phase};
 
 /// Most events kept per build; further engine log lines and progress are dropped (one warning
 /// says so).
@@ -40,81 +40,6 @@ pub const MAX_LOG_BYTES: usize = 8 << 20;
 pub const MAX_LINE_BYTES: usize = 8 << 10;
 /// Finished builds kept for ListBuilds.
 pub const HISTORY: usize = 100;
-
-/// Kind of a log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogKind {
-    Stream,
-    Status,
-    Error,
-}
-
-/// Why a build ran, or why none did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    UpToDate,
-    Missing,
-    Forced,
-    BaseChanged,
-    LayerChanged,
-    RieChanged,
-    DefinitionChanged,
-    /// Pulled from the registry cache: another daemon had built the same fingerprint.
-    RegistryHit,
-}
-
-/// A successful outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Completed {
-    pub tag: String,
-    pub image_id: String,
-    pub cached: bool,
-    pub reason: Reason,
-    pub changed_layer: String,
-    pub duration_ms: u64,
-    pub config: RunConfig,
-}
-
-/// One event of a build (the wire's `BuildEvent` minus `Accepted`, which is per client).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Queued {
-        position: u32,
-    },
-    Log {
-        kind: LogKind,
-        text: String,
-        step: u32,
-    },
-    PullProgress {
-        image: String,
-        layer: String,
-        current: u64,
-        total: u64,
-    },
-    ContextProgress {
-        bytes_sent: u64,
-        bytes_total: u64,
-    },
-    Warning {
-        code: String,
-        message: String,
-    },
-    Completed(Completed),
-}
-
-/// Where a build is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Checking the base and whether the existing image is current.
-    Checking,
-    /// Waiting for a build slot.
-    Queued,
-    /// The engine is building.
-    Running,
-    Succeeded,
-    Failed,
-}
 
 /// A build in progress (or just finished).
 pub struct InFlight {
@@ -690,6 +615,7 @@ impl Builds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::LogKind;
 
     fn flight() -> InFlight {
         InFlight {

@@ -70,6 +70,10 @@ pub struct Config {
 /// daemon's file descriptor limit (systemd's soft default is 1024).
 pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 256;
 
+/// Default for [`Config::client_stall_timeout`]: a client whose queue stays full this long is
+/// told RESOURCE_EXHAUSTED and let go, so it stops pinning its build's event log.
+pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -115,7 +119,7 @@ impl Config {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             hooks: TestHooks::default(),
-            client_stall_timeout: crate::service::CLIENT_STALL_TIMEOUT,
+            client_stall_timeout: CLIENT_STALL_TIMEOUT,
             base_check_ttl: Duration::from_secs(60 * 60),
             base_image_mirror: None,
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
@@ -660,7 +664,7 @@ mod tests {
                 .into_config()
                 .unwrap()
                 .client_stall_timeout,
-            crate::service::CLIENT_STALL_TIMEOUT
+            CLIENT_STALL_TIMEOUT
         );
         assert_eq!(
             Settings::default()

@@ -7,8 +7,8 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::builds::Reason;
 use crate::engine::ImageInfo;
+use crate::outcome::Reason;
 
 /// Label holding the content fingerprint of an image we built.
 pub const FINGERPRINT_LABEL: &str = "io.lambda-imaged.fingerprint";

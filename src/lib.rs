@@ -48,6 +48,7 @@ pub(crate) mod image_store;
 pub(crate) mod layers;
 pub mod listener;
 pub mod metrics;
+pub(crate) mod outcome;
 pub(crate) mod pipeline;
 pub mod proto;
 pub(crate) mod prune;

@@ -27,7 +27,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::builds::{Completed, Reason};
+use crate::outcome::{Completed, Reason};
 
 /// Content type of the OpenMetrics text `prometheus-client` writes.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -54,7 +54,7 @@ struct BuildLabels {
 }
 
 /// Every series the daemon exports. Cheap to update from any task (atomics); one per daemon,
-/// shared through [`crate::builds::Builds::metrics`].
+/// shared through the in-flight table (`Builds::metrics`).
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -185,7 +185,7 @@ impl Metrics {
                 } else {
                     self.build_seconds.observe(seconds);
                 }
-                (reason_label(completed.reason), "completed")
+                (Reason::name(completed.reason), "completed")
             }
             Err(()) => ("undecided", "failed"),
         };
@@ -205,20 +205,6 @@ impl Metrics {
         // Writing to a String cannot fail; the encoder only forwards fmt::Write errors.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
-    }
-}
-
-/// The label of a reason, as the proto's enum names it (lower case, no prefix).
-fn reason_label(reason: Reason) -> &'static str {
-    match reason {
-        Reason::UpToDate => "up_to_date",
-        Reason::Missing => "missing",
-        Reason::Forced => "forced",
-        Reason::BaseChanged => "base_changed",
-        Reason::LayerChanged => "layer_changed",
-        Reason::RieChanged => "rie_changed",
-        Reason::DefinitionChanged => "definition_changed",
-        Reason::RegistryHit => "registry_hit",
     }
 }
 

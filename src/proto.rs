@@ -28,6 +28,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 use crate::builds;
 use crate::error::{Error, Result};
+use crate::outcome;
 use crate::resolve;
 
 /// Parses the enums of a wire request; strings are validated by `resolve::resolve_with`.
@@ -105,23 +106,23 @@ impl From<&resolve::LayerSpec> for Layer {
     }
 }
 
-impl From<builds::Reason> for Reason {
-    fn from(reason: builds::Reason) -> Self {
+impl From<outcome::Reason> for Reason {
+    fn from(reason: outcome::Reason) -> Self {
         match reason {
-            builds::Reason::UpToDate => Reason::UpToDate,
-            builds::Reason::Missing => Reason::Missing,
-            builds::Reason::Forced => Reason::Forced,
-            builds::Reason::BaseChanged => Reason::BaseChanged,
-            builds::Reason::LayerChanged => Reason::LayerChanged,
-            builds::Reason::RieChanged => Reason::RieChanged,
-            builds::Reason::DefinitionChanged => Reason::DefinitionChanged,
-            builds::Reason::RegistryHit => Reason::RegistryHit,
+            outcome::Reason::UpToDate => Reason::UpToDate,
+            outcome::Reason::Missing => Reason::Missing,
+            outcome::Reason::Forced => Reason::Forced,
+            outcome::Reason::BaseChanged => Reason::BaseChanged,
+            outcome::Reason::LayerChanged => Reason::LayerChanged,
+            outcome::Reason::RieChanged => Reason::RieChanged,
+            outcome::Reason::DefinitionChanged => Reason::DefinitionChanged,
+            outcome::Reason::RegistryHit => Reason::RegistryHit,
         }
     }
 }
 
-impl From<&builds::Completed> for Completed {
-    fn from(c: &builds::Completed) -> Self {
+impl From<&outcome::Completed> for Completed {
+    fn from(c: &outcome::Completed) -> Self {
         Completed {
             tag: c.tag.clone(),
             image_id: c.image_id.clone(),
@@ -141,22 +142,21 @@ impl From<&builds::Completed> for Completed {
 }
 
 /// Wraps one of our events for the wire.
-pub fn event_to_wire(build_id: &str, event: &builds::Event) -> BuildEvent {
+pub fn event_to_wire(build_id: &str, event: &outcome::Event) -> BuildEvent {
     use build_event::Event as E;
     let event = match event {
-        builds::Event::Queued { position } => E::Queued(Queued {
+        outcome::Event::Queued { position } => E::Queued(Queued {
             position: *position,
         }),
-        builds::Event::Log { kind, text, step } => E::Log(Log {
+        outcome::Event::Log { kind, text, step } => E::Log(Log {
             kind: match kind {
-                builds::LogKind::Stream => LogKind::Stream,
-                builds::LogKind::Status => LogKind::Status,
-                builds::LogKind::Error => LogKind::Error,
+                outcome::LogKind::Stream => LogKind::Stream,
+                outcome::LogKind::Status => LogKind::Status,
             } as i32,
             text: text.clone(),
             step: *step,
         }),
-        builds::Event::PullProgress {
+        outcome::Event::PullProgress {
             image,
             layer,
             current,
@@ -167,18 +167,18 @@ pub fn event_to_wire(build_id: &str, event: &builds::Event) -> BuildEvent {
             current: *current,
             total: *total,
         }),
-        builds::Event::ContextProgress {
+        outcome::Event::ContextProgress {
             bytes_sent,
             bytes_total,
         } => E::ContextProgress(ContextProgress {
             bytes_sent: *bytes_sent,
             bytes_total: *bytes_total,
         }),
-        builds::Event::Warning { code, message } => E::Warning(Warning {
+        outcome::Event::Warning { code, message } => E::Warning(Warning {
             code: code.clone(),
             message: message.clone(),
         }),
-        builds::Event::Completed(completed) => E::Completed(completed.into()),
+        outcome::Event::Completed(completed) => E::Completed(completed.into()),
     };
     BuildEvent {
         build_id: build_id.to_owned(),
@@ -204,10 +204,10 @@ impl From<&builds::Summary> for BuildSummary {
             finished_unix_ms: s.finished.map(unix_ms).unwrap_or(0),
             subscribers: s.subscribers,
             state: match s.phase {
-                builds::Phase::Checking | builds::Phase::Running => BuildState::Running,
-                builds::Phase::Queued => BuildState::Queued,
-                builds::Phase::Succeeded => BuildState::Succeeded,
-                builds::Phase::Failed => BuildState::Failed,
+                outcome::Phase::Checking | outcome::Phase::Running => BuildState::Running,
+                outcome::Phase::Queued => BuildState::Queued,
+                outcome::Phase::Succeeded => BuildState::Succeeded,
+                outcome::Phase::Failed => BuildState::Failed,
             } as i32,
             image_id: s.image_id.clone(),
             error: s.error.clone(),
@@ -218,17 +218,19 @@ impl From<&builds::Summary> for BuildSummary {
 /// snake_case name of a reason, as the CLI prints it (`layer_changed`; `unspecified` for 0 and
 /// values this build does not know).
 pub fn reason_name(reason: i32) -> &'static str {
-    match Reason::try_from(reason) {
-        Ok(Reason::UpToDate) => "up_to_date",
-        Ok(Reason::Missing) => "missing",
-        Ok(Reason::Forced) => "forced",
-        Ok(Reason::BaseChanged) => "base_changed",
-        Ok(Reason::LayerChanged) => "layer_changed",
-        Ok(Reason::RieChanged) => "rie_changed",
-        Ok(Reason::DefinitionChanged) => "definition_changed",
-        Ok(Reason::RegistryHit) => "registry_hit",
-        Ok(Reason::Unspecified) | Err(_) => "unspecified",
-    }
+    use outcome::Reason as R;
+    let known = match Reason::try_from(reason) {
+        Ok(Reason::UpToDate) => R::UpToDate,
+        Ok(Reason::Missing) => R::Missing,
+        Ok(Reason::Forced) => R::Forced,
+        Ok(Reason::BaseChanged) => R::BaseChanged,
+        Ok(Reason::LayerChanged) => R::LayerChanged,
+        Ok(Reason::RieChanged) => R::RieChanged,
+        Ok(Reason::DefinitionChanged) => R::DefinitionChanged,
+        Ok(Reason::RegistryHit) => R::RegistryHit,
+        Ok(Reason::Unspecified) | Err(_) => return "unspecified",
+    };
+    known.name()
 }
 
 /// Lowercase name of a build state, as the CLI prints it (`running`; `unknown` for 0 and values

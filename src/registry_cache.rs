@@ -25,10 +25,11 @@ use std::time::Duration;
 
 use bollard::auth::DockerCredentials;
 
-use crate::builds::{Builds, Event, LogKind, Reporter};
+use crate::builds::{Builds, Reporter};
 use crate::engine::{Engine, RegistryError};
 use crate::fingerprint::FINGERPRINT_LABEL;
 use crate::layers::{Kind, Tree};
+use crate::outcome::{Event, LogKind};
 use crate::reference::ImageRef;
 use crate::resolve::LayerSpec;
 

@@ -3,9 +3,9 @@
 /// The in-flight table a [`Daemon`] shares with its service, for tests and embedders that
 /// watch builds in process (`Daemon::builds`): what is running, who waits, each build's
 /// events.
-pub use crate::builds::{
-    Builds, Event as BuildLogEvent, MAX_EVENTS, MAX_LOG_BYTES, Phase, Summary as BuildSummary,
-};
+pub use crate::builds::{Builds, MAX_EVENTS, MAX_LOG_BYTES, Summary as BuildSummary};
+/// The events and phases of a build, as [`Builds`] reports them.
+pub use crate::outcome::{Event as BuildLogEvent, Phase};
 use std::future::Future;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -14,9 +14,10 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::access::{self, Peer};
-use crate::builds::{Builds, Event, Key};
+use crate::builds::{Builds, Key};
 use crate::config::Config;
 use crate::error::Error;
+use crate::outcome::Event;
 use crate::pipeline::{self, Shared};
 use crate::proto::{self, image_builder_server::ImageBuilder};
 use crate::prune;
@@ -32,10 +33,6 @@ pub const MAX_STREAMS: usize = 4096;
 /// log is in memory and each client reads it at its own pace. One slot is always kept free
 /// for the status that ends the stream.
 const CLIENT_QUEUE: usize = 64;
-
-/// Default for `Config::client_stall_timeout`: a client whose queue stays full this long is
-/// told RESOURCE_EXHAUSTED and let go, so it stops pinning its build's event log.
-pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The service state shared by every request.
 pub struct Service {
