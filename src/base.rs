@@ -1,6 +1,10 @@
-//! Base image freshness, shared by every client: a ZIP function's base is compared with its
-//! registry at most once per base per `--base-check-ttl`, in the background, while requests
-//! are answered from the local base (stale-while-revalidate).
+//! The base image, step 2 of a build: present, pulled, fresh.
+//!
+//! [`base_image`] inspects the base and pulls it when missing and allowed (one pull per base
+//! and platform, shared by the requests that need it), and names a failed pull's cause
+//! ([`pull_failure`]). Freshness is shared by every client: a ZIP function's base is compared
+//! with its registry at most once per base per `--base-check-ttl`, in the background, while
+//! requests are answered from the local base (stale-while-revalidate).
 //!
 //! SAM asks the registry on every request and fails offline (aws-sam-cli #3773, #4702); we
 //! ask once per TTL for everyone, never make a request wait when a local base exists, keep
@@ -14,8 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::engine::{Engine, RegistryError};
+use crate::builds::Reporter;
+use crate::engine::{Engine, ImageInfo, RegistryError};
+use crate::error::{Error, Result};
+use crate::outcome::{Event, LogKind};
 use crate::reference::ImageRef;
+use crate::resolve::{Arch, Plan};
 
 /// The longest back-off between failed checks of one base, whatever the TTL.
 const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
@@ -215,9 +223,234 @@ async fn check_now(
     }
 }
 
+/// Step 2: the base image, pulled when missing and allowed, within `--build-timeout` (a
+/// registry that stalls mid-pull must not hang this tag forever); warns when its
+/// architecture is not the requested one.
+///
+/// A ZIP function's base, unless `skip_pull_image`, is also kept fresh (see [`Freshness`]): a
+/// local base is used at once, and when its check is due one check starts in the background
+/// (the next request after an update rebuilds with `base_changed`); a base served while its
+/// check is overdue or failed gets a `base_unverified` warning.
+pub async fn base_image(
+    engine: &Arc<Engine>,
+    freshness: &Arc<Freshness>,
+    build_timeout: Duration,
+    plan: &Plan,
+    reporter: &Reporter,
+) -> Result<ImageInfo> {
+    let checked = plan.package_type == crate::resolve::PackageType::Zip && !plan.skip_pull_image;
+    let (base, existed) = tokio::time::timeout(build_timeout, ensure_base(engine, plan, reporter))
+        .await
+        .map_err(|_| {
+            Error::DeadlineExceeded(format!(
+                "getting base image {} took longer than --build-timeout ({}s); check the \
+             registry, or pull it yourself",
+                plan.base,
+                build_timeout.as_secs()
+            ))
+        })??;
+    if checked {
+        let name = plan.base.as_str();
+        if existed {
+            let status = freshness.status(name, Instant::now());
+            if status.start_check {
+                tokio::spawn(check(
+                    engine.clone(),
+                    freshness.clone(),
+                    plan.base.clone(),
+                    plan.arch.platform(),
+                    base.repo_digests.clone(),
+                    build_timeout,
+                ));
+            }
+            if let Some(message) = status.unverified {
+                reporter.emit(Event::Warning {
+                    code: "base_unverified".into(),
+                    message,
+                });
+            }
+        } else {
+            // Just pulled: as fresh as the registry's.
+            freshness.verified(name, Instant::now());
+        }
+    }
+    if let Some(mismatch) = arch_mismatch(&base, plan.arch) {
+        reporter.emit(Event::Warning {
+            code: "arch_mismatch".into(),
+            message: mismatch,
+        });
+    }
+    Ok(base)
+}
+
+/// Inspects the base; pulls it when missing and allowed. Never lets the build call pull.
+/// The flag is true when the base was present, false when it was just pulled.
+async fn ensure_base(
+    engine: &Arc<Engine>,
+    plan: &Plan,
+    reporter: &Reporter,
+) -> Result<(ImageInfo, bool)> {
+    let name = plan.base.as_str();
+    if let Some(info) = engine.inspect(name).await? {
+        return Ok((info, true));
+    }
+    if plan.skip_pull_image {
+        return Err(Error::NotFound(format!(
+            "base image {name} is not present in the engine and skip_pull_image is set; pull or \
+             load it first, or drop --skip-pull-image"
+        )));
+    }
+    // One pull per base and platform, whatever the tags asking: a request joins a pull in
+    // flight (and says so) instead of starting its own.
+    let ticket = engine.start_pull(&plan.base, plan.arch.platform());
+    reporter.emit(Event::Log {
+        kind: LogKind::Status,
+        text: if ticket.started {
+            format!("pulling {name}")
+        } else {
+            format!("pulling {name} (joined the pull already in flight)")
+        },
+        step: 0,
+    });
+    let pulled = ticket.wait(|item| report_pull(reporter, name, item)).await;
+    if let Err(err) = pulled {
+        return Err(pull_failure(name, err));
+    }
+    let info = engine.inspect(name).await?.ok_or_else(|| {
+        Error::NotFound(format!("base image {name} is still missing after the pull"))
+    })?;
+    Ok((info, false))
+}
+
+/// The error a request gets when the pull of its base `name` failed with `err`.
+///
+/// NOT_FOUND only when no registry has the image: Docker answers that with HTTP 404 (mapped to
+/// [`Error::NotFound`]); Podman's compatible API answers 200 and puts the registry's error in
+/// the stream, so there its text decides ("manifest unknown", "not found", "name unknown",
+/// "repository does not exist": the registry API's and the engines' words). The engine
+/// unreachable and a pull past `--build-timeout` keep their own status. Anything else (a
+/// registry outage, a TLS or auth failure: Docker's 5xx, a stream error) is not "no such
+/// image": FAILED_PRECONDITION naming the base, with the engine's text.
+fn pull_failure(name: &str, err: Error) -> Error {
+    const NOT_FOUND_TEXTS: [&str; 4] = [
+        "manifest unknown",
+        "not found",
+        "name unknown",
+        "repository does not exist",
+    ];
+    match err {
+        Error::Unavailable(_) | Error::DeadlineExceeded(_) => err,
+        Error::NotFound(message) => Error::NotFound(format!(
+            "base image {name} is neither in the engine nor pullable: {message}"
+        )),
+        Error::FailedPrecondition(message)
+            if NOT_FOUND_TEXTS
+                .iter()
+                .any(|text| message.to_ascii_lowercase().contains(text)) =>
+        {
+            Error::NotFound(format!(
+                "base image {name} is neither in the engine nor pullable: {message}"
+            ))
+        }
+        err => {
+            let message = format!("pulling base image {name} failed: {err}");
+            match err.code() {
+                tonic::Code::PermissionDenied => Error::PermissionDenied(message),
+                tonic::Code::ResourceExhausted => Error::ResourceExhausted(message),
+                tonic::Code::Internal => Error::Internal(message),
+                _ => Error::FailedPrecondition(message),
+            }
+        }
+    }
+}
+
+/// One item of the engine's pull stream of `image`, as a PullProgress event (with progress)
+/// or a status log line.
+pub fn report_pull(reporter: &Reporter, image: &str, item: &bollard::models::CreateImageInfo) {
+    if let Some(detail) = &item.progress_detail {
+        reporter.emit(Event::PullProgress {
+            image: image.to_owned(),
+            layer: item.id.clone().unwrap_or_default(),
+            current: detail.current.unwrap_or(0).max(0) as u64,
+            total: detail.total.unwrap_or(0).max(0) as u64,
+        });
+    } else if let Some(status) = &item.status {
+        let text = match &item.id {
+            Some(id) => format!("{id}: {status}"),
+            None => status.clone(),
+        };
+        reporter.emit(Event::Log {
+            kind: LogKind::Status,
+            text,
+            step: 0,
+        });
+    }
+}
+
+fn arch_mismatch(base: &ImageInfo, arch: Arch) -> Option<String> {
+    let engine_arch = match arch {
+        Arch::X86_64 => "amd64",
+        Arch::Arm64 => "arm64",
+    };
+    let have = base.config.architecture.as_str();
+    (!have.is_empty() && have != engine_arch).then(|| {
+        format!(
+            "the base image is {have} but {} was requested; the image will not run natively",
+            arch.as_str()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NOT_FOUND only for an image no registry has: Docker's 404, or Podman's stream error
+    /// with the registry's words. A registry outage or TLS failure is FAILED_PRECONDITION
+    /// naming the base; timeouts keep their status. The Docker 404 and both Podman texts are
+    /// what Docker 20.10 and Podman 4.3's `POST /images/create` answered here for a missing
+    /// repository on the test registry (Podman's HTTPS one before the registry was marked
+    /// insecure).
+    #[test]
+    fn pull_failures_are_not_found_only_for_a_missing_image() {
+        let base = "127.0.0.1:5596/nowhere/x:1";
+        let code = |err: Error| pull_failure(base, err).code();
+        let docker_404 = "manifest for 127.0.0.1:5596/nowhere/x:1 not found: manifest unknown";
+        assert_eq!(
+            code(Error::NotFound(docker_404.into())),
+            tonic::Code::NotFound
+        );
+        let podman_missing = "the engine failed: initializing source docker://127.0.0.1:5596/\
+                              nowhere/x:1: reading manifest 1 in 127.0.0.1:5596/nowhere/x: \
+                              manifest unknown: manifest unknown";
+        assert_eq!(
+            code(Error::FailedPrecondition(podman_missing.into())),
+            tonic::Code::NotFound
+        );
+        let podman_tls = "the engine failed: initializing source docker://127.0.0.1:5596/nowhere/\
+                          x:1: pinging container registry 127.0.0.1:5596: Get \"https://127.0.0.\
+                          1:5596/v2/\": http: server gave HTTP response to HTTPS client";
+        let outage = pull_failure(base, Error::FailedPrecondition(podman_tls.into()));
+        assert_eq!(outage.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            outage
+                .to_string()
+                .starts_with(&format!("pulling base image {base} failed: "))
+        );
+        let docker_500 = "the engine refused: received unexpected HTTP status: 503 Service \
+                          Unavailable (HTTP 500 from the engine at unix:///d.sock; see its log, \
+                          then retry)";
+        assert_eq!(
+            code(Error::FailedPrecondition(docker_500.into())),
+            tonic::Code::FailedPrecondition
+        );
+        for kept in [
+            Error::Unavailable("cannot reach the container engine".into()),
+            Error::DeadlineExceeded("pulling took longer than --build-timeout".into()),
+        ] {
+            assert_eq!(pull_failure(base, kept.clone()), kept);
+        }
+    }
 
     /// Concurrent requests share one check; before the TTL nothing is checked; a failure
     /// backs off, doubling, and is named in every warning until a check succeeds.

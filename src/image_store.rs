@@ -24,15 +24,6 @@ use sha2::{Digest, Sha256};
 use crate::assemble::{DiffId, Item, chain_ids};
 use crate::layers::{Entry, Kind};
 
-/// Deltas stacked on one full assembly before they are squashed into one (over the same full
-/// layers), which keeps the chain far below the engines' layer limits (Docker 125, overlay 128).
-pub const MAX_DELTA_DEPTH: u32 = 8;
-/// Deltas stop once their bytes together exceed this share of the full layers' bytes (1/N)
-/// and [`DELTA_ALLOWANCE`]: past that, a full assembly costs little more than the deltas.
-pub const MAX_DELTA_SHARE: u64 = 4;
-/// Delta bytes always allowed, however small the layers (a full resend of a few MiB is cheap,
-/// but a delta is cheaper still).
-pub const DELTA_ALLOWANCE: u64 = 4 << 20;
 /// Chains remembered; the set is emptied when it grows past this (a miss costs a resend).
 const MAX_CHAINS: usize = 100_000;
 /// Diff IDs kept in memory; the map is emptied when it grows past this (a miss reads the

@@ -2,31 +2,42 @@
 //! on a machine, with SAM CLI's tags, at most one build per tag, streaming what happens.
 //!
 //! # Layout
-//! A request flows top to bottom. Public, for emulators and the binaries: [`client`],
-//! [`proto`], [`server`], [`listener`], [`config`], [`error`], [`metrics`]; the rest is internal
-//! (`pub(crate)`), so it can change without breaking anyone.
-//! - [`proto`]: the generated wire types and conversions; the only home of wire types.
+//! A code map, in the order one `Build` request meets the modules. Public, for emulators and
+//! the binaries: [`client`], [`proto`], [`server`], [`listener`], [`config`], [`error`],
+//! [`metrics`]; the rest is internal (`pub(crate)`), so it can change without breaking anyone.
+//! No module imports another that imports it back, at any distance (`tests/architecture.rs`).
+//!
+//! - [`listener`]: bind the Unix socket or adopt a systemd-passed one.
+//! - `h2_compat`: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in.
 //! - `service`: the gRPC service; the only code that sees `tonic::Request` and streams.
-//! - `access`: who may use the daemon; reading layers with the peer's own rights.
-//! - `resolve`: pure: request -> plan (tag, base, layers, Dockerfile); SAM's rules.
-//! - `reference`: image reference parsing that keeps the user's spelling.
+//! - `access`: who may use the daemon; reading layers with the peer's own rights. The only
+//!   module that changes thread credentials.
+//! - [`proto`]: the generated wire types and conversions; the only home of wire types.
+//! - `resolve`: request -> plan (tag, base, layers, Dockerfile); SAM's rules. Pure.
+//! - `reference`: image reference parsing that keeps the user's spelling. Pure.
+//! - `builds`: the in-flight table: one build per tag, events replayed to late joiners.
+//! - `outcome`: the vocabulary of a build's story: events, reasons, phases, the result.
+//! - `pipeline`: one build's table of contents, step by step: walk, base, fingerprint, cache
+//!   check, assembly, load, after the build.
+//! - `layers`: step 1, walking layer sources into one merged /opt tree; per-layer digests.
 //! - `archive`: zip layers extracted once, safely, into the content-addressed cache.
-//! - `layers`: walking layer sources into one merged /opt tree; per-layer content digests.
 //! - `stat_cache`: file identity (stat key), content hashing, the persisted stat cache.
-//! - `fingerprint`: pure: the digests that determine an image, its labels, rebuild or not.
-//! - `pipeline`: one build from plan to image: walk, base, fingerprint, cache check, engine.
+//! - `base`: step 2, the base image: present, pulled (one pull per base), fresh (one
+//!   background registry check per base per TTL, shared).
+//! - `fingerprint`: step 3, the digests that determine an image, its labels, rebuild or not.
+//!   Pure.
 //! - `registry_cache`: the fleet's registry cache: look a fingerprint up and pull it before a
 //!   cold build, push after a build; credentials from the docker config; what may be shared.
-//! - `base`: base image freshness: one background registry check per base per TTL, shared.
+//! - `assembly`: step 4's plan, what to send the engine: full, delta or squash, from the
+//!   image store. No engine I/O.
 //! - `image_store`: diff IDs by content, chains the engine holds, image listings for deltas.
 //! - `assemble`: the image as a `docker save` archive (layer tars, config, manifest) produced
 //!   while the engine loads it; layers the engine has are sent as zero-size entries.
-//! - `engine`: the few engine calls we make, over one shared bollard client; image index.
-//! - `builds`: the in-flight table: one build per tag, events replayed to late joiners.
+//! - `engine`: the few engine calls we make, over one shared bollard client; image index. The
+//!   only module that talks to the engine.
 //! - `prune`: removing our images and unused layers, least recently used first.
+//! - `tag_hints`: bounded per-tag hints that only save work.
 //! - [`server`]: serve on a listener with health and reflection until shutdown.
-//! - [`listener`]: bind the Unix socket or adopt a systemd-passed one.
-//! - `h2_compat`: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in.
 //! - [`metrics`]: Prometheus series and the opt-in `/metrics` HTTP listener.
 //! - [`config`]: the daemon's settings, validated once.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses.
@@ -36,6 +47,7 @@
 pub(crate) mod access;
 pub(crate) mod archive;
 pub(crate) mod assemble;
+pub(crate) mod assembly;
 pub(crate) mod base;
 pub(crate) mod builds;
 pub mod client;
@@ -58,3 +70,4 @@ pub(crate) mod resolve;
 pub mod server;
 pub(crate) mod service;
 pub(crate) mod stat_cache;
+pub(crate) mod tag_hints;

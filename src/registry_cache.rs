@@ -203,7 +203,7 @@ pub async fn fetch(
     let pulled = tokio::time::timeout(
         pull_limit,
         engine.pull_as(&reference, "", credentials, |item| {
-            crate::pipeline::report_pull(reporter, reference.as_str(), item)
+            crate::base::report_pull(reporter, reference.as_str(), item)
         }),
     )
     .await;

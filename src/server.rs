@@ -25,10 +25,11 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::h2_compat::TolerantAuthority;
 use crate::listener::Listener;
-use crate::pipeline::{MAX_TAG_HINTS, Shared, TagHints};
+use crate::pipeline::Shared;
 use crate::proto::{self, image_builder_server::ImageBuilderServer};
 use crate::service::Service;
 use crate::stat_cache::StatCache;
+use crate::tag_hints::{MAX_TAG_HINTS, TagHints};
 
 /// Where the stat cache is persisted, under the cache dir.
 const STAT_CACHE_FILE: &str = "statcache.v1.json";
