@@ -35,6 +35,18 @@ impl Peer {
             groups,
         }
     }
+
+    /// The daemon's own user as a peer: [`as_peer`] reads with the daemon's rights unchanged.
+    /// For work that acts for no client (sizing a pulled image's layers, tests).
+    pub fn daemon() -> Peer {
+        Peer {
+            uid: own_uid(),
+            // SAFETY: getegid has no preconditions and cannot fail.
+            gid: unsafe { libc::getegid() },
+            pid: None,
+            groups: Vec::new(),
+        }
+    }
 }
 
 /// The groups of process `pid`, if it is still the process that connected: the pid in
@@ -109,10 +121,9 @@ pub fn own_uid() -> u32 {
 }
 
 /// Runs `f` on this thread with the filesystem rights of `peer` (or unchanged when the peer is
-/// the daemon's own user). Must run on a thread of its own (a blocking-pool thread), never on
-/// an async worker, since the rights are per thread.
-pub fn as_peer<T>(peer: Option<&Peer>, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let Some(peer) = peer else { return f() };
+/// the daemon's own user, [`Peer::daemon`] included). Must run on a thread of its own (a
+/// blocking-pool thread), never on an async worker, since the rights are per thread.
+pub fn as_peer<T>(peer: &Peer, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let own = own_uid();
     if peer.uid == own {
         return f();
@@ -154,6 +165,7 @@ pub fn as_daemon<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 /// This thread's filesystem credentials.
+#[derive(Clone)]
 struct Saved {
     fsuid: u32,
     fsgid: u32,
@@ -162,19 +174,13 @@ struct Saved {
 }
 
 thread_local! {
-    static CURRENT: std::cell::RefCell<Option<Peer>> = const { std::cell::RefCell::new(None) };
+    /// The credentials [`Switched`] gave this thread; `None`: the daemon's own.
+    static CURRENT: std::cell::RefCell<Option<Saved>> = const { std::cell::RefCell::new(None) };
 }
 
 impl Saved {
     fn current() -> Saved {
-        CURRENT.with(|current| match &*current.borrow() {
-            Some(peer) => Saved {
-                fsuid: peer.uid,
-                fsgid: peer.gid,
-                groups: Some(peer.groups.clone()),
-            },
-            None => Saved::root(),
-        })
+        CURRENT.with(|current| current.borrow().clone().unwrap_or_else(Saved::root))
     }
 
     fn root() -> Saved {
@@ -244,7 +250,7 @@ impl Switched {
                 peer.uid
             )));
         }
-        CURRENT.with(|current| *current.borrow_mut() = Some(peer.clone()));
+        CURRENT.with(|current| *current.borrow_mut() = Some(target));
         Ok(Switched)
     }
 }
@@ -258,9 +264,8 @@ impl Drop for Switched {
 
 /// Turns a permission error met while reading as the peer into a clear PERMISSION_DENIED that
 /// names the peer's uid: a refused open ([`Error::ReadDenied`]) says what and which path, any
-/// other refusal keeps its message. Other errors, and any error without a peer, pass through.
-pub fn denied_for(peer: Option<&Peer>, err: Error) -> Error {
-    let Some(peer) = peer else { return err };
+/// other refusal keeps its message. Other errors pass through.
+pub fn denied_for(peer: &Peer, err: Error) -> Error {
     let what = match err {
         Error::ReadDenied { what, path } => format!("{what} {}", path.display()),
         Error::PermissionDenied(message) => message,
@@ -320,9 +325,9 @@ mod tests {
                 pid: None,
                 groups: vec![],
             };
-            assert_eq!(as_peer(Some(&me), || Ok(7)).unwrap(), 7);
+            assert_eq!(as_peer(&me, || Ok(7)).unwrap(), 7);
             let other = Peer { uid: own + 1, ..me };
-            let Err(Error::PermissionDenied(message)) = as_peer(Some(&other), || Ok(())) else {
+            let Err(Error::PermissionDenied(message)) = as_peer(&other, || Ok(())) else {
                 panic!("a non-root daemon must refuse to read for uid {}", own + 1);
             };
             assert!(
@@ -366,14 +371,10 @@ mod tests {
             groups: vec![],
         };
         let read = std::thread::spawn(move || {
-            let as_nobody = as_peer(Some(&nobody), || {
-                Ok(std::fs::read(&secret).map_err(|e| e.kind()))
-            })
-            .unwrap();
-            let written = as_peer(Some(&nobody), || {
-                as_daemon(|| Ok(std::fs::read(&secret).is_ok()))
-            })
-            .unwrap();
+            let as_nobody =
+                as_peer(&nobody, || Ok(std::fs::read(&secret).map_err(|e| e.kind()))).unwrap();
+            let written =
+                as_peer(&nobody, || as_daemon(|| Ok(std::fs::read(&secret).is_ok()))).unwrap();
             let after = std::fs::read(&secret).is_ok();
             (as_nobody, written, after)
         })

@@ -104,7 +104,7 @@ pub struct Spec {
     /// Our layers, bottom first.
     pub layers: Vec<Layer>,
     /// Whose rights layer files are read with (`None`: the daemon's own).
-    pub peer: Option<Peer>,
+    pub peer: Peer,
 }
 
 /// What was assembled.
@@ -137,13 +137,14 @@ pub fn produce(spec: Spec, sent: Arc<AtomicU64>) -> Producer {
         };
         // Layer files are opened with the requesting peer's rights, again: a file swapped for
         // a link between the walk and now is judged by the kernel as the peer.
-        let result = access::as_peer(spec.peer.as_ref(), || write_archive(&spec, &mut writer))
-            .and_then(|assembled| {
+        let result = access::as_peer(&spec.peer, || write_archive(&spec, &mut writer)).and_then(
+            |assembled| {
                 writer
                     .flush_chunk()
                     .map_err(|err| Error::Internal(format!("sending the image: {err}")))?;
                 Ok(assembled)
-            });
+            },
+        );
         if let Err(err) = &result {
             // Fail the upload so the engine does not load a truncated archive.
             let _ = tx.blocking_send(Err(io::Error::other(err.to_string())));

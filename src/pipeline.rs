@@ -89,7 +89,7 @@ pub fn rie_path(rie_dir: &std::path::Path, arch: Arch) -> PathBuf {
 pub async fn run(
     shared: Arc<Shared>,
     plan: Plan,
-    peer: Option<Peer>,
+    peer: Peer,
     reporter: Reporter,
 ) -> Result<Completed> {
     let started = Instant::now();
@@ -99,7 +99,7 @@ pub async fn run(
             message: ignored_layers_message(&plan.ignored_layers),
         });
     }
-    let inputs = walk_inputs(&shared, &plan, peer.as_ref(), &reporter).await?;
+    let inputs = walk_inputs(&shared, &plan, &peer, &reporter).await?;
     let base = base::base_image(
         &shared.engine,
         &shared.freshness,
@@ -112,11 +112,11 @@ pub async fn run(
     // The tag is asked of the engine, never the index: a "cached" answer must name an image
     // that exists, and the index hears of a `docker rmi` only when its event arrives, which
     // can be after the removal has returned and the next request has come in.
-    let existing = shared.engine.inspect_fresh(&plan.tag).await?;
+    let existing = shared.engine.inspect_fresh(plan.tag.as_str()).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
     let fingerprint = parts.fingerprint();
     let (image_id, config, cached, reason) = if reason == Reason::UpToDate {
-        record_use(&shared, &plan.tag);
+        record_use(&shared, plan.tag.as_str());
         // `decide` only says UpToDate for an existing image.
         let existing = existing.unwrap_or_default();
         (existing.id, existing.config, true, reason)
@@ -145,7 +145,7 @@ pub async fn run(
         (built.id, built.config, false, reason)
     };
     Ok(Completed {
-        tag: plan.tag,
+        tag: plan.tag.as_str().to_owned(),
         image_id,
         cached,
         reason,
@@ -169,19 +169,12 @@ async fn from_registry(
     if reason == Reason::Forced {
         return None;
     }
-    let tag = match crate::reference::ImageRef::parse(&plan.tag) {
-        Ok(tag) => tag,
-        Err(why) => {
-            tracing::warn!(tag = plan.tag, "registry cache skipped: tag {why}");
-            return None;
-        }
-    };
     let engine = &shared.engine;
     registry_cache::fetch(
         engine,
         cache,
         fingerprint,
-        &tag,
+        &plan.tag,
         shared.build_timeout,
         reporter,
     )
@@ -214,7 +207,7 @@ struct Inputs {
 async fn walk_inputs(
     shared: &Shared,
     plan: &Plan,
-    peer: Option<&Peer>,
+    peer: &Peer,
     reporter: &Reporter,
 ) -> Result<Inputs> {
     let rie = rie_path(&shared.rie_dir, plan.arch);
@@ -230,7 +223,7 @@ async fn walk_inputs(
         shared.limits,
     );
     let zips = shared.zips.clone();
-    let peer_for_walk = peer.cloned();
+    let peer_for_walk = peer.clone();
     let work =
         move || {
             let rie_digest = cache.file_digest(&path).map_err(|err| match err {
@@ -246,10 +239,10 @@ async fn walk_inputs(
             let tree = if specs.is_empty() {
                 None
             } else {
-                let walked = access::as_peer(peer_for_walk.as_ref(), || {
+                let walked = access::as_peer(&peer_for_walk, || {
                     layers::walk(&specs, limits, &cache, &zips)
                 });
-                Some(walked.map_err(|err| access::denied_for(peer_for_walk.as_ref(), err))?)
+                Some(walked.map_err(|err| access::denied_for(&peer_for_walk, err))?)
             };
             Ok((rie_digest, tree))
         };
@@ -259,7 +252,7 @@ async fn walk_inputs(
     // so the worker thread gets its own rights back before it runs anything else.
     let small = shared
         .walk_sizes
-        .get(&plan.tag)
+        .get(plan.tag.as_str())
         .is_some_and(|(entries, _)| entries <= INLINE_WALK_ENTRIES);
     let (rie_digest, tree) = if small {
         work()?
@@ -274,7 +267,9 @@ async fn walk_inputs(
             t.entries.len()
         }
     });
-    shared.walk_sizes.set(&plan.tag, entries, Instant::now());
+    shared
+        .walk_sizes
+        .set(plan.tag.as_str(), entries, Instant::now());
     for warning in tree.iter().flat_map(|t| t.warnings.iter()) {
         reporter.emit(Event::Warning {
             code: warning.code.into(),
@@ -315,7 +310,7 @@ async fn build(
     parts: &Parts,
     inputs: Inputs,
     images: (&ImageInfo, Option<&ImageInfo>),
-    peer: Option<Peer>,
+    peer: Peer,
     reporter: &Reporter,
 ) -> Result<String> {
     let (base, existing) = images;
@@ -351,7 +346,7 @@ async fn build(
         }
     };
     match tokio::time::timeout(shared.build_timeout, work).await {
-        Ok(result) => result.map_err(|err| access::denied_for(peer.as_ref(), err)),
+        Ok(result) => result.map_err(|err| access::denied_for(&peer, err)),
         Err(_) => Err(Error::DeadlineExceeded(format!(
             "building {} took longer than --build-timeout ({}s); raise it or check the engine",
             plan.tag,
@@ -368,7 +363,7 @@ async fn load(
     parts: &Parts,
     base: &ImageInfo,
     assembly: Assembly,
-    peer: Option<Peer>,
+    peer: Peer,
     reporter: &Reporter,
 ) -> Result<String> {
     let total = assembly.layers.len();
@@ -455,9 +450,7 @@ async fn load(
             return Err(Error::Internal("the image writer never finished".into()));
         }
     };
-    let tag = crate::reference::ImageRef::parse(&plan.tag)
-        .map_err(|why| Error::Internal(format!("tag {}: {why}", plan.tag)))?;
-    shared.engine.tag(&assembled.image_id, &tag).await?;
+    shared.engine.tag(&assembled.image_id, &plan.tag).await?;
     for (key, diff_id) in assembly.keys.iter().zip(&assembled.layers) {
         if let Some(key) = key {
             shared.images.record_diff_id(key, diff_id);
@@ -493,12 +486,15 @@ async fn after_build(
 ) -> Result<ImageInfo> {
     pass_gate(shared.hooks.after_build.as_ref()).await;
     let engine = &shared.engine;
-    let built = engine.inspect_fresh(&plan.tag).await?.ok_or_else(|| {
-        Error::Internal(format!(
-            "the engine built {image_id} but has no image tagged {}",
-            plan.tag
-        ))
-    })?;
+    let built = engine
+        .inspect_fresh(plan.tag.as_str())
+        .await?
+        .ok_or_else(|| {
+            Error::Internal(format!(
+                "the engine built {image_id} but has no image tagged {}",
+                plan.tag
+            ))
+        })?;
     if let Some(old) =
         existing.filter(|old| old.id != built.id && old.labels.contains_key(FINGERPRINT_LABEL))
     {
@@ -511,7 +507,7 @@ async fn after_build(
             }
         });
     }
-    record_use(shared, &plan.tag);
+    record_use(shared, plan.tag.as_str());
     if let Some(cap) = shared.max_cache_bytes {
         let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
         tokio::spawn(async move {
@@ -582,19 +578,14 @@ mod tests {
             path: "/layers/a/secret".into(),
         };
         assert_eq!(
-            access::denied_for(Some(&peer), denied.clone()),
+            access::denied_for(&peer, denied.clone()),
             Error::PermissionDenied(
                 "reading layer file /layers/a/secret; uid 4321 cannot read it, and the daemon \
                  reads layers only with the client's own rights"
                     .into()
             )
         );
-        assert_eq!(
-            access::denied_for(None, denied.clone()),
-            denied,
-            "no peer: unchanged"
-        );
         let other = Error::NotFound("x".into());
-        assert_eq!(access::denied_for(Some(&peer), other.clone()), other);
+        assert_eq!(access::denied_for(&peer, other.clone()), other);
     }
 }

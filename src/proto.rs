@@ -83,7 +83,7 @@ pub fn request_from_wire(request: BuildRequest) -> Result<resolve::Request> {
 impl From<&resolve::Plan> for BuildPlan {
     fn from(plan: &resolve::Plan) -> Self {
         BuildPlan {
-            tag: plan.tag.clone(),
+            tag: plan.tag.as_str().to_owned(),
             base_image: plan.base.to_string(),
             dockerfile: plan.dockerfile.clone(),
             architecture: plan.arch.as_str().to_owned(),

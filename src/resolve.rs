@@ -4,9 +4,10 @@
 //! `samcli/local/docker/lambda_image.py`) live here, so that every tag an existing emulator
 //! looks for is byte-identical. The one place we differ on purpose: references are parsed
 //! properly ([`ImageRef`]), so a registry port or a digest no longer mangles the repository.
-//! No engine I/O happens here; the only system call is a `stat` of each layer path.
+//! No I/O happens here: no engine call, no system call (the service checks that the layer
+//! paths exist, with the client's rights).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use regex::Regex;
@@ -145,7 +146,7 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// The tag SAM would give the image.
-    pub tag: String,
+    pub tag: ImageRef,
     /// The FROM image.
     pub base: ImageRef,
     pub arch: Arch,
@@ -243,20 +244,8 @@ fn check_layers(layers: &[LayerSpec]) -> Result<()> {
                 layer.path
             )));
         }
-        check_layer_path_exists(index, &layer.path)?;
     }
     Ok(())
-}
-
-fn check_layer_path_exists(index: usize, path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(_) => Ok(()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(format!(
-            "layers[{index}].path: {} does not exist",
-            path.display()
-        ))),
-        Err(err) => Err(Error::io(&format!("layers[{index}].path:"), path, &err)),
-    }
 }
 
 /// Resolves a request the way SAM does (see the module doc), with ZIP bases taken from `mirror` (`--base-image-mirror`, a validated prefix
@@ -336,7 +325,7 @@ pub fn resolve_with(request: &Request, mirror: Option<&str>) -> Result<Plan> {
                 layered_tag(&name_tag, &request.layers)
             };
             Ok(Plan {
-                tag,
+                tag: parse_reference("tag", &tag)?,
                 dockerfile: dockerfile(&base, !request.layers.is_empty()),
                 base,
                 arch,
@@ -365,7 +354,7 @@ pub fn resolve_with(request: &Request, mirror: Option<&str>) -> Result<Plan> {
                 .repository()
                 .to_owned();
             Ok(Plan {
-                tag: format!("{tag_repo}:rapid-{}", arch.as_str()),
+                tag: parse_reference("tag", &format!("{tag_repo}:rapid-{}", arch.as_str()))?,
                 dockerfile: dockerfile(&base, false),
                 base,
                 arch,
@@ -384,6 +373,7 @@ pub fn resolve_with(request: &Request, mirror: Option<&str>) -> Result<Plan> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn resolve(request: &Request) -> Result<Plan> {
         resolve_with(request, None)
@@ -476,7 +466,7 @@ mod tests {
                 } else {
                     str_of("tag")
                 };
-                assert_eq!(plan.tag, expected, "{case}");
+                assert_eq!(plan.tag.as_str(), expected, "{case}");
                 assert_eq!(plan.base.as_str(), str_of("base_image"), "{case}");
             }
             checked += 1;
@@ -487,7 +477,10 @@ mod tests {
     #[test]
     fn design_examples() {
         let plan = resolve(&zip("python3.12", Arch::X86_64)).unwrap();
-        assert_eq!(plan.tag, "public.ecr.aws/lambda/python:3.12-rapid-x86_64");
+        assert_eq!(
+            plan.tag.as_str(),
+            "public.ecr.aws/lambda/python:3.12-rapid-x86_64"
+        );
         let mirrored = resolve_with(
             &zip("python3.12", Arch::X86_64),
             Some("127.0.0.1:5055/lambda"),
@@ -503,7 +496,7 @@ mod tests {
             "public.ecr.aws/lambda/python:3.12-x86_64"
         );
         assert_eq!(
-            resolve(&zip("go1.x", Arch::X86_64)).unwrap().tag,
+            resolve(&zip("go1.x", Arch::X86_64)).unwrap().tag.as_str(),
             "public.ecr.aws/lambda/go:1-rapid-x86_64"
         );
         let dir = tempfile::tempdir().unwrap();
@@ -511,7 +504,7 @@ mod tests {
         request.layers = vec![layer(dir.path(), "layerA"), layer(dir.path(), "layerB")];
         let plan = resolve(&request).unwrap();
         assert_eq!(
-            plan.tag,
+            plan.tag.as_str(),
             "samcli/lambda-python:3.12-x86_64-826cc3a931cbea33312dcc046"
         );
         assert_eq!(
@@ -523,7 +516,7 @@ mod tests {
         image.package_type = PackageType::Image;
         image.image = format!("localhost:5000/team/fn@sha256:{}", "a".repeat(64));
         let plan = resolve(&image).unwrap();
-        assert_eq!(plan.tag, "localhost:5000/team/fn:rapid-arm64");
+        assert_eq!(plan.tag.as_str(), "localhost:5000/team/fn:rapid-arm64");
         assert!(!plan.dockerfile.contains("/opt"));
     }
 
@@ -578,7 +571,9 @@ mod tests {
             name: "b".into(),
             path: dir.path().join("missing"),
         };
-        assert!(matches!(resolve(&layers), Err(Error::NotFound(m)) if m.contains("missing")));
+        // Resolving does no I/O: a missing path is the service's NOT_FOUND (it checks the
+        // paths with the client's rights), not resolve's.
+        assert!(resolve(&layers).is_ok());
     }
 
     #[test]
@@ -597,9 +592,9 @@ mod tests {
         ];
         let plan = resolve(&request).unwrap();
         assert_eq!(plan.base.as_str(), "localhost:5000/hello:2");
-        assert_eq!(plan.tag, "localhost:5000/hello:rapid-x86_64");
+        assert_eq!(plan.tag.as_str(), "localhost:5000/hello:rapid-x86_64");
         request.function_name = "Other".into();
         let plan = resolve(&request).unwrap();
-        assert_eq!(plan.tag, "global/img:rapid-x86_64");
+        assert_eq!(plan.tag.as_str(), "global/img:rapid-x86_64");
     }
 }

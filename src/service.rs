@@ -71,20 +71,17 @@ impl Service {
     }
 }
 
-/// Who is asking, from SO_PEERCRED (always present on a Unix socket).
-fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
-    let cred = request
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)?;
-    Some(Peer::new(cred.uid(), cred.gid(), cred.pid()))
-}
-
 impl Service {
-    /// The peer, if allowed; PERMISSION_DENIED (logged) otherwise.
-    fn authorize<T>(&self, request: &Request<T>, rpc: &str) -> Result<Option<Peer>, Status> {
+    /// The peer, if allowed; PERMISSION_DENIED (logged) otherwise. Every RPC starts here, so
+    /// whatever follows holds a checked peer.
+    fn authorize<T>(&self, request: &Request<T>, rpc: &str) -> Result<Peer, Status> {
         // Fail closed: a connection without peer credentials is not a Unix-socket peer we know.
-        let Some(peer) = peer_of(request) else {
+        // Who is asking, from SO_PEERCRED (always present on a Unix socket).
+        let cred = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred);
+        let Some(cred) = cred else {
             tracing::warn!(rpc, "request denied: no peer credentials");
             return Err(Error::PermissionDenied(
                 "no peer credentials on this connection; connect over the daemon's Unix socket"
@@ -92,11 +89,12 @@ impl Service {
             )
             .into_status());
         };
+        let peer = Peer::new(cred.uid(), cred.gid(), cred.pid());
         if let Err(err) = self.policy.check(&peer) {
             tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, rpc, "request denied");
             return Err(err.into_status());
         }
-        Ok(Some(peer))
+        Ok(peer)
     }
 }
 
@@ -108,37 +106,63 @@ fn plan_of(request: proto::BuildRequest, mirror: Option<&str>) -> Result<Plan, E
              send fewer or shorter layers and invoke images"
         )));
     }
-    resolve::resolve_with(&proto::request_from_wire(request)?, mirror)
+    let plan = resolve::resolve_with(&proto::request_from_wire(request)?, mirror)?;
+    layer_paths_exist(&plan.layers)?;
+    Ok(plan)
+}
+
+/// NOT_FOUND naming the first layer whose path does not exist (`lstat`: a dangling link is
+/// found by the walk, with its own message). The one system call between a request and its
+/// plan, made here rather than in the pure `resolve`, with the peer's rights ([`plan_as`]).
+fn layer_paths_exist(layers: &[resolve::LayerSpec]) -> Result<(), Error> {
+    for (index, layer) in layers.iter().enumerate() {
+        match std::fs::symlink_metadata(&layer.path) {
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!(
+                    "layers[{index}].path: {} does not exist",
+                    layer.path.display()
+                )));
+            }
+            Err(err) => {
+                return Err(Error::io(
+                    &format!("layers[{index}].path:"),
+                    &layer.path,
+                    &err,
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resolves with the peer's rights: the layer paths are stat'ed as the peer, so a peer learns
 /// nothing about paths it could not see itself. The daemon's own user (the common case, and
 /// every warm hit from it) resolves inline.
 async fn plan_as(
-    peer: Option<Peer>,
+    peer: &Peer,
     request: proto::BuildRequest,
     mirror: Option<String>,
 ) -> Result<Plan, Error> {
-    match peer {
-        Some(peer) if peer.uid != access::own_uid() => tokio::task::spawn_blocking(move || {
-            access::as_peer(Some(&peer), || plan_of(request, mirror.as_deref()))
-                .map_err(|err| access::denied_for(Some(&peer), err))
-        })
-        .await
-        .map_err(|err| Error::Internal(format!("worker thread failed: {err}")))?,
-        _ => plan_of(request, mirror.as_deref()),
+    if peer.uid == access::own_uid() {
+        return plan_of(request, mirror.as_deref());
     }
+    let peer = peer.clone();
+    tokio::task::spawn_blocking(move || {
+        access::as_peer(&peer, || plan_of(request, mirror.as_deref()))
+            .map_err(|err| access::denied_for(&peer, err))
+    })
+    .await
+    .map_err(|err| Error::Internal(format!("worker thread failed: {err}")))?
 }
 
 /// Identifies a request's inputs: requests with the same key may share one build.
-fn definition_key(plan: &Plan, peer: Option<&Peer>) -> String {
+fn definition_key(plan: &Plan, peer: &Peer) -> String {
     let mut hasher = Sha256::new();
     // Builds are shared only between requests with the same rights: each peer's layer reads
     // are its own.
-    if let Some(peer) = peer {
-        hasher.update(format!("{}:{}:{:?}\0", peer.uid, peer.gid, peer.groups));
-    }
-    hasher.update(plan.tag.as_bytes());
+    hasher.update(format!("{}:{}:{:?}\0", peer.uid, peer.gid, peer.groups));
+    hasher.update(plan.tag.as_str().as_bytes());
     hasher.update([0]);
     hasher.update(plan.base.as_str().as_bytes());
     hasher.update([0]);
@@ -214,26 +238,19 @@ impl ImageBuilder for Service {
             ))
             .into_status()
         })?;
-        let (uid, pid) = (
-            peer.as_ref().map(|p| p.uid),
-            peer.as_ref().and_then(|p| p.pid),
-        );
-        let plan = plan_as(
-            peer.clone(),
-            request.into_inner(),
-            self.shared.base_mirror.clone(),
-        )
-        .await
-        .inspect_err(|err| {
-            tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
-        })?;
+        let (uid, pid) = (peer.uid, peer.pid);
+        let plan = plan_as(&peer, request.into_inner(), self.shared.base_mirror.clone())
+            .await
+            .inspect_err(|err| {
+                tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
+            })?;
         let key = Key {
-            tag: plan.tag.clone(),
-            definition: definition_key(&plan, peer.as_ref()),
+            tag: plan.tag.as_str().to_owned(),
+            definition: definition_key(&plan, &peer),
             force: plan.force_image_build,
         };
         let shared = self.shared.clone();
-        let tag = plan.tag.clone();
+        let tag = plan.tag.as_str().to_owned();
         let (mut subscription, joined) = self
             .builds
             .submit(key, move |reporter| {
@@ -320,13 +337,13 @@ impl ImageBuilder for Service {
         request: Request<proto::BuildRequest>,
     ) -> Result<Response<proto::BuildPlan>, Status> {
         let peer = self.authorize(&request, "Resolve")?;
-        let plan = plan_as(
-            peer.clone(),
-            request.into_inner(),
-            self.shared.base_mirror.clone(),
-        )
-        .await;
-        tracing::info!(uid = ?peer.map(|p| p.uid), tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""), ok = plan.is_ok(), "resolve request");
+        let plan = plan_as(&peer, request.into_inner(), self.shared.base_mirror.clone()).await;
+        tracing::info!(
+            uid = peer.uid,
+            tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""),
+            ok = plan.is_ok(),
+            "resolve request"
+        );
         Ok(Response::new(proto::BuildPlan::from(&plan?)))
     }
 
@@ -358,8 +375,11 @@ impl ImageBuilder for Service {
         };
         let report = prune::prune(&self.shared.engine, &self.cache_dir, policy).await?;
         tracing::info!(
-            uid = ?peer.map(|p| p.uid), images = report.images.len(),
-            layers = report.layers.len(), bytes = report.bytes, dry_run = request.dry_run,
+            uid = peer.uid,
+            images = report.images.len(),
+            layers = report.layers.len(),
+            bytes = report.bytes,
+            dry_run = request.dry_run,
             "prune request"
         );
         Ok(Response::new(proto::PruneResponse {
@@ -469,5 +489,40 @@ impl Service {
             files_hashed: cache.files_hashed.load(Relaxed),
             bytes_hashed: cache.bytes_hashed.load(Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layer paths are checked here, not in `resolve`: the first missing one is
+    /// NOT_FOUND naming its index and path; an existing one (a dangling link too: the walk
+    /// reports it) passes.
+    #[test]
+    fn missing_layer_paths_are_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("dangling");
+        std::os::unix::fs::symlink("/nonexistent/target", &link).unwrap();
+        let spec = |name: &str, path: PathBuf| resolve::LayerSpec {
+            name: name.into(),
+            path,
+        };
+        let mut layers = vec![
+            spec("a", dir.path().to_owned()),
+            spec("b", link),
+            spec("c", dir.path().join("missing")),
+        ];
+        let err = layer_paths_exist(&layers).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "layers[2].path: {}/missing does not exist",
+                dir.path().display()
+            )
+        );
+        layers.pop();
+        assert!(layer_paths_exist(&layers).is_ok());
     }
 }

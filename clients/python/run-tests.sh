@@ -30,6 +30,7 @@ cd "$here"
 # A temp dir of this run's own (short: the daemons' sockets live under pytest's tmp_path),
 # removed at the end: SAM CLI leaves its build lock files (*.building.status) in the temp dir.
 tmp=$(mktemp -d /tmp/limg-py.XXXXXX)
+chmod 0755 "$tmp" # (a test connects as another user to a socket under it)
 trap 'rm -rf "$tmp"' EXIT
 export TMPDIR=$tmp
 # Every test bounds its own waits; this bounds the whole run.

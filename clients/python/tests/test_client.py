@@ -3,6 +3,7 @@
 import grp
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -150,6 +151,10 @@ def test_a_user_outside_the_socket_group_is_told_permission_denied_and_which_gro
     user = _ensure(pwd.getpwnam, TEST_USER, ["useradd", "--system", "--no-create-home", TEST_USER])
     group = _ensure(grp.getgrnam, TEST_GROUP, ["groupadd", "-f", TEST_GROUP])
     workdir.chmod(0o755)  # the user may reach the socket file, not connect to it
+    # The client as the user can read it: the clone may sit in a directory only root enters.
+    client_src = workdir / "client"
+    shutil.copytree(CLIENT_SRC / "lambda_imaged_client", client_src / "lambda_imaged_client",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     path = str(workdir / "d.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -165,7 +170,7 @@ def test_a_user_outside_the_socket_group_is_told_permission_denied_and_which_gro
     try:
         out = subprocess.run(
             ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--",
-             sys.executable, "-c", script, str(CLIENT_SRC), path],
+             sys.executable, "-c", script, str(client_src), path],
             capture_output=True, text=True, timeout=60,
         )
     finally:
