@@ -35,18 +35,6 @@ impl Peer {
             groups,
         }
     }
-
-    /// The daemon's own user as a peer: [`as_peer`] reads with the daemon's rights unchanged.
-    /// For work that acts for no client (sizing a pulled image's layers, tests).
-    pub fn daemon() -> Peer {
-        Peer {
-            uid: own_uid(),
-            // SAFETY: getegid has no preconditions and cannot fail.
-            gid: unsafe { libc::getegid() },
-            pid: None,
-            groups: Vec::new(),
-        }
-    }
 }
 
 /// The groups of process `pid`, if it is still the process that connected: the pid in
@@ -121,7 +109,7 @@ pub fn own_uid() -> u32 {
 }
 
 /// Runs `f` on this thread with the filesystem rights of `peer` (or unchanged when the peer is
-/// the daemon's own user, [`Peer::daemon`] included). Must run on a thread of its own (a
+/// the daemon's own user). Must run on a thread of its own (a
 /// blocking-pool thread), never on an async worker, since the rights are per thread.
 pub fn as_peer<T>(peer: &Peer, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let own = own_uid();

@@ -110,6 +110,7 @@ impl ZipStore {
     }
 
     /// Where extracted layers live.
+    #[cfg(test)]
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -2,14 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::archive::ZipLimits;
 /// Re-exported: the TLS settings of a `tcp://` engine ([`Config::engine_tls`]).
 pub use crate::engine::EngineTls;
 use crate::layers::Limits;
-/// Re-exported: tests set the hooks through [`Config::hooks`].
-pub use crate::pipeline::TestHooks;
+use tokio::sync::Semaphore;
 
 /// Everything the daemon needs to run.
 #[derive(Debug, Clone)]
@@ -65,6 +65,32 @@ pub struct Config {
     pub registry_cache_share_private: bool,
 }
 
+/// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
+/// set, consumes one permit per build. Set through [`Config::hooks`], never by flags.
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    /// Before the engine build starts (a build slot is already held).
+    pub before_build: Option<Arc<Semaphore>>,
+    /// After the engine finished building, before the outcome is published.
+    pub after_build: Option<Arc<Semaphore>>,
+}
+
+/// The cache directory's layout: every name under `--cache-dir`, in one place.
+pub mod layout {
+    /// Extracted zip layers, by content (`archive.rs`).
+    pub const LAYERS: &str = "layers";
+    /// Diff IDs of the layers we assembled, by content key (`image_store.rs`).
+    pub const DIFF_IDS: &str = "diff-ids";
+    /// Listings of the images we assembled, by image id (`image_store.rs`).
+    pub const IMAGES: &str = "images";
+    /// Last use of each tag, for prune (`prune.rs`).
+    pub const USED: &str = "used";
+    /// The RIE binaries' default place (`--rie-dir`).
+    pub const RIE: &str = "rie";
+    /// The persisted stat cache (`stat_cache.rs`).
+    pub const STAT_CACHE_FILE: &str = "statcache.v1.json";
+}
+
 /// Default of [`Config::max_connections_per_uid`]: far above what one machine's emulators
 /// open (one connection per client process, each carrying up to 256 streams), far below the
 /// daemon's file descriptor limit (systemd's soft default is 1024).
@@ -93,15 +119,10 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 impl Config {
-    /// Who may call, from this config.
-    pub fn policy(&self) -> crate::access::Policy {
-        crate::access::Policy::new(&self.allow_uids, &self.allow_gids, self.socket_gid)
-    }
-
     /// Defaults for everything, with `socket` and `cache_dir` as given.
     pub fn new(socket: PathBuf, cache_dir: PathBuf) -> Config {
         Config {
-            rie_dir: cache_dir.join("rie"),
+            rie_dir: cache_dir.join(layout::RIE),
             socket,
             cache_dir,
             engine_host: crate::engine::Engine::host_from_env(),

@@ -56,6 +56,17 @@ pub enum ListenError {
 }
 
 impl Listener {
+    /// The socket file's group when it is not root's (the group `--socket-group` or systemd's
+    /// `SocketGroup=` gave it): its members may call (see `access::Policy`). `None` when the
+    /// file cannot be read or belongs to group 0.
+    pub fn socket_gid(&self) -> Option<u32> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| m.gid())
+            .filter(|gid| *gid != 0)
+    }
+
     /// Uses the systemd-passed socket if there is one (`LISTEN_PID` checked by `sd-notify`),
     /// else binds `path` with mode 0660.
     pub async fn open(path: &Path, group: Option<u32>) -> Result<Listener, ListenError> {

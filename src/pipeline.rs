@@ -17,6 +17,7 @@ use crate::assemble;
 use crate::assembly::{self, Assembly, short_id};
 use crate::base::{self, Freshness};
 use crate::builds::Reporter;
+use crate::config::{Config, TestHooks, layout};
 use crate::engine::{Engine, ImageInfo};
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, FINGERPRINT_LABEL, Parts, decide};
@@ -27,52 +28,115 @@ use crate::prune;
 use crate::registry_cache::{self, RegistryCache};
 use crate::resolve::{Arch, Plan};
 use crate::stat_cache::StatCache;
-use crate::tag_hints::TagHints;
+use crate::tag_hints::{MAX_TAG_HINTS, TagHints};
 
 /// Layers with at most this many entries at their last walk are walked inline.
 const INLINE_WALK_ENTRIES: usize = 64;
 
-/// What every build shares.
+/// What every build shares, built from the config by [`Shared::new`]; the service reads
+/// the few parts it needs through accessors.
 pub struct Shared {
-    pub engine: Arc<Engine>,
-    pub stat_cache: Arc<StatCache>,
-    pub zips: Arc<ZipStore>,
-    pub rie_dir: PathBuf,
-    pub limits: Limits,
-    pub build_timeout: Duration,
+    engine: Arc<Engine>,
+    stat_cache: Arc<StatCache>,
+    zips: Arc<ZipStore>,
+    rie_dir: PathBuf,
+    limits: Limits,
+    build_timeout: Duration,
     /// The cache directory (last-use records live under it).
-    pub cache_dir: PathBuf,
+    cache_dir: PathBuf,
     /// When each tag's use was last written to disk (bounded, see [`TagHints`]).
-    pub last_recorded: TagHints<()>,
+    last_recorded: TagHints<()>,
     /// Prune our images down to this many bytes after each build (`--max-cache-size`).
-    pub max_cache_bytes: Option<u64>,
-    /// Test hooks (see [`TestHooks`]).
-    pub hooks: TestHooks,
+    max_cache_bytes: Option<u64>,
+    /// Test hooks (see `config::TestHooks`).
+    hooks: TestHooks,
     /// Entries each tag's layers had at its last walk (decides inline vs blocking pool;
     /// bounded, see [`TagHints`]).
-    pub walk_sizes: TagHints<usize>,
+    walk_sizes: TagHints<usize>,
     /// Bounds concurrent layer walks (hashing), one per CPU and at least two.
-    pub walks: Semaphore,
+    walks: Semaphore,
     /// Diff IDs, chains the engine holds, image listings (for sending only what it lacks).
-    pub images: ImageStore,
+    images: ImageStore,
     /// Whether the engine's loader needs every layer (containerd image store); asked once.
-    pub every_layer: tokio::sync::OnceCell<bool>,
+    every_layer: tokio::sync::OnceCell<bool>,
     /// Base image freshness checks, shared by every request (`--base-check-ttl`).
-    pub freshness: Arc<Freshness>,
+    freshness: Arc<Freshness>,
     /// `--base-image-mirror`: ZIP bases come from `<prefix>/<name:tag>` (see `resolve`).
-    pub base_mirror: Option<String>,
+    base_mirror: Option<String>,
     /// `--registry-cache`: images are looked up before cold builds and pushed after builds.
-    pub registry_cache: Option<RegistryCache>,
+    registry_cache: Option<RegistryCache>,
 }
 
-/// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
-/// set, consumes one permit per build. Set through `config::Config::hooks`, never by flags.
-#[derive(Debug, Clone, Default)]
-pub struct TestHooks {
-    /// Before the engine build starts (a build slot is already held).
-    pub before_build: Option<Arc<Semaphore>>,
-    /// After the engine finished building, before the outcome is published.
-    pub after_build: Option<Arc<Semaphore>>,
+impl Shared {
+    /// The shared build state for `config`, over `engine`. Reads the persisted stat cache and
+    /// cleans the image store's temp files (see [`ImageStore::open`]); no engine I/O.
+    pub fn new(config: &Config, engine: Arc<Engine>) -> Shared {
+        let cache_dir = &config.cache_dir;
+        Shared {
+            engine,
+            stat_cache: Arc::new(StatCache::load(&cache_dir.join(layout::STAT_CACHE_FILE))),
+            zips: Arc::new(ZipStore::open(
+                cache_dir.join(layout::LAYERS),
+                config.zip_limits,
+            )),
+            rie_dir: config.rie_dir.clone(),
+            limits: config.limits,
+            build_timeout: config.build_timeout,
+            cache_dir: cache_dir.clone(),
+            max_cache_bytes: config.max_cache_bytes,
+            last_recorded: TagHints::new(MAX_TAG_HINTS),
+            hooks: config.hooks.clone(),
+            walks: Semaphore::new(config.max_parallel_builds.max(2)),
+            walk_sizes: TagHints::new(MAX_TAG_HINTS),
+            images: ImageStore::open(cache_dir),
+            every_layer: tokio::sync::OnceCell::new(),
+            freshness: Arc::new(Freshness::new(config.base_check_ttl)),
+            base_mirror: config.base_image_mirror.clone(),
+            registry_cache: config.registry_cache.as_deref().and_then(|repository| {
+                // `into_config` validated flag and file; a Config built in code may not be.
+                RegistryCache::new(repository, config.registry_cache_share_private)
+                    .map_err(|why| {
+                        tracing::error!(repository, "registry cache disabled: {why}");
+                    })
+                    .ok()
+            }),
+        }
+    }
+
+    /// The engine every build talks to.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The stat cache (its counters are in `GetInfo`'s stats).
+    pub fn stat_cache(&self) -> &Arc<StatCache> {
+        &self.stat_cache
+    }
+
+    /// `--base-image-mirror`, for resolving requests.
+    pub fn base_mirror(&self) -> Option<&str> {
+        self.base_mirror.as_deref()
+    }
+
+    /// Where the RIE for `arch` is read from.
+    pub fn rie_path(&self, arch: Arch) -> PathBuf {
+        rie_path(&self.rie_dir, arch)
+    }
+
+    /// The layer walk's limits (`--max-layer-entries`, `--max-layer-bytes`).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// `--build-timeout`.
+    pub fn build_timeout(&self) -> Duration {
+        self.build_timeout
+    }
+
+    /// Where the stat cache is saved.
+    pub fn stat_cache_path(&self) -> PathBuf {
+        self.cache_dir.join(layout::STAT_CACHE_FILE)
+    }
 }
 
 /// Where the RIE for `arch` is read from.

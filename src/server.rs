@@ -7,8 +7,7 @@ pub use crate::builds::{Builds, MAX_EVENTS, MAX_LOG_BYTES, Summary as BuildSumma
 /// The events and phases of a build, as [`Builds`] reports them.
 pub use crate::outcome::{Event as BuildLogEvent, Phase};
 use std::future::Future;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,6 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 
-use crate::archive::ZipStore;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::h2_compat::TolerantAuthority;
@@ -29,10 +27,7 @@ use crate::pipeline::Shared;
 use crate::proto::{self, image_builder_server::ImageBuilderServer};
 use crate::service::Service;
 use crate::stat_cache::StatCache;
-use crate::tag_hints::{MAX_TAG_HINTS, TagHints};
 
-/// Where the stat cache is persisted, under the cache dir.
-const STAT_CACHE_FILE: &str = "statcache.v1.json";
 /// HTTP/2 streams one client connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// After every build ended at shutdown, how long streams may take to deliver their outcome.
@@ -74,38 +69,7 @@ impl Daemon {
             config.build_timeout,
         );
         let builds = Builds::new(config.max_parallel_builds);
-        let shared = Arc::new(Shared {
-            engine: engine.clone(),
-            stat_cache: Arc::new(StatCache::load(&config.cache_dir.join(STAT_CACHE_FILE))),
-            zips: Arc::new(ZipStore::open(
-                config.cache_dir.join("layers"),
-                config.zip_limits,
-            )),
-            rie_dir: config.rie_dir.clone(),
-            limits: config.limits,
-            build_timeout: config.build_timeout,
-            cache_dir: config.cache_dir.clone(),
-            max_cache_bytes: config.max_cache_bytes,
-            last_recorded: TagHints::new(MAX_TAG_HINTS),
-            hooks: config.hooks.clone(),
-            walks: tokio::sync::Semaphore::new(config.max_parallel_builds.max(2)),
-            walk_sizes: TagHints::new(MAX_TAG_HINTS),
-            images: crate::image_store::ImageStore::open(&config.cache_dir),
-            every_layer: tokio::sync::OnceCell::new(),
-            freshness: Arc::new(crate::base::Freshness::new(config.base_check_ttl)),
-            base_mirror: config.base_image_mirror.clone(),
-            registry_cache: config.registry_cache.as_deref().and_then(|repository| {
-                // `into_config` validated flag and file; a Config built in code may not be.
-                crate::registry_cache::RegistryCache::new(
-                    repository,
-                    config.registry_cache_share_private,
-                )
-                .map_err(|why| {
-                    tracing::error!(repository, "registry cache disabled: {why}");
-                })
-                .ok()
-            }),
-        });
+        let shared = Arc::new(Shared::new(&config, engine.clone()));
         Daemon {
             config,
             engine,
@@ -141,6 +105,7 @@ impl Daemon {
         listener: Listener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
+        let socket_gid = self.config.socket_gid.or_else(|| listener.socket_gid());
         let Listener {
             listener,
             path,
@@ -152,7 +117,7 @@ impl Daemon {
             (None, Some(addr)) => Some(crate::metrics::bind(addr).await?),
             (None, None) => None,
         };
-        let stat_cache_path = self.config.cache_dir.join(STAT_CACHE_FILE);
+        let stat_cache_path = self.shared.stat_cache_path();
         let mut background = Background::default();
         if let Some(metrics_listener) = metrics_listener {
             tracing::info!(addr = ?metrics_listener.local_addr().ok(), "serving metrics at /metrics");
@@ -163,7 +128,7 @@ impl Daemon {
         }
         background.spawn(self.engine.clone().watch());
         background.spawn(save_stat_cache_every(
-            self.shared.stat_cache.clone(),
+            self.shared.stat_cache().clone(),
             stat_cache_path.clone(),
         ));
         background.spawn(report_builds_in_flight(self.builds.clone()));
@@ -172,7 +137,8 @@ impl Daemon {
 
         let (abort_tx, abort_rx) = watch::channel(false);
         let service = Service::new(
-            &self.config_for(&path),
+            &self.config,
+            (&path, socket_gid),
             self.shared.clone(),
             self.builds.clone(),
             abort_rx,
@@ -194,24 +160,9 @@ impl Daemon {
         let result = router.serve_with_incoming_shutdown(incoming, drained).await;
 
         drop(background);
-        save_stat_cache(self.shared.stat_cache.clone(), stat_cache_path).await;
+        save_stat_cache(self.shared.stat_cache().clone(), stat_cache_path).await;
         drop(guard);
         result.map_err(ServeError::from)
-    }
-
-    /// The config the service sees: the socket actually served, and, for a socket systemd
-    /// made (`SocketGroup=`) with no group configured, the socket's group, whose members may
-    /// then use the daemon.
-    fn config_for(&self, socket: &Path) -> Config {
-        let mut config = self.config.clone();
-        config.socket = socket.to_owned();
-        if config.socket_gid.is_none() {
-            config.socket_gid = std::fs::metadata(socket)
-                .ok()
-                .map(|m| m.gid())
-                .filter(|g| *g != 0);
-        }
-        config
     }
 }
 

@@ -1,6 +1,6 @@
 //! The gRPC service: the only code that handles `tonic::Request`s and response streams.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -51,9 +51,11 @@ pub struct Service {
 }
 
 impl Service {
-    /// The service for `config`.
+    /// The service for `config`, serving on `socket` (its path, and the group whose members
+    /// may call: `--socket-group`, or the socket file's own group).
     pub fn new(
         config: &Config,
+        socket: (&Path, Option<u32>),
         shared: Arc<Shared>,
         builds: Arc<Builds>,
         abort: watch::Receiver<bool>,
@@ -61,10 +63,10 @@ impl Service {
         Service {
             shared,
             builds,
-            socket: config.socket.clone(),
+            socket: socket.0.to_owned(),
             cache_dir: config.cache_dir.clone(),
             abort,
-            policy: config.policy(),
+            policy: access::Policy::new(&config.allow_uids, &config.allow_gids, socket.1),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             stall_timeout: config.client_stall_timeout,
         }
@@ -239,11 +241,15 @@ impl ImageBuilder for Service {
             .into_status()
         })?;
         let (uid, pid) = (peer.uid, peer.pid);
-        let plan = plan_as(&peer, request.into_inner(), self.shared.base_mirror.clone())
-            .await
-            .inspect_err(|err| {
-                tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
-            })?;
+        let plan = plan_as(
+            &peer,
+            request.into_inner(),
+            self.shared.base_mirror().map(str::to_owned),
+        )
+        .await
+        .inspect_err(|err| {
+            tracing::info!(?uid, ?pid, code = err.code_name(), error = %err, "build rejected");
+        })?;
         let key = Key {
             tag: plan.tag.as_str().to_owned(),
             definition: definition_key(&plan, &peer),
@@ -337,7 +343,12 @@ impl ImageBuilder for Service {
         request: Request<proto::BuildRequest>,
     ) -> Result<Response<proto::BuildPlan>, Status> {
         let peer = self.authorize(&request, "Resolve")?;
-        let plan = plan_as(&peer, request.into_inner(), self.shared.base_mirror.clone()).await;
+        let plan = plan_as(
+            &peer,
+            request.into_inner(),
+            self.shared.base_mirror().map(str::to_owned),
+        )
+        .await;
         tracing::info!(
             uid = peer.uid,
             tag = plan.as_ref().map(|p| p.tag.as_str()).unwrap_or(""),
@@ -373,7 +384,7 @@ impl ImageBuilder for Service {
             // A build in flight may be reading an extracted layer.
             keep_layers: self.builds.in_flight() > 0,
         };
-        let report = prune::prune(&self.shared.engine, &self.cache_dir, policy).await?;
+        let report = prune::prune(self.shared.engine(), &self.cache_dir, policy).await?;
         tracing::info!(
             uid = peer.uid,
             images = report.images.len(),
@@ -394,7 +405,7 @@ impl ImageBuilder for Service {
         request: Request<proto::GetInfoRequest>,
     ) -> Result<Response<proto::GetInfoResponse>, Status> {
         self.authorize(&request, "GetInfo")?;
-        let engine = &self.shared.engine;
+        let engine = self.shared.engine();
         let mut engine_info = proto::EngineInfo {
             host: engine.host().to_owned(),
             ..Default::default()
@@ -422,8 +433,8 @@ impl ImageBuilder for Service {
         }
         let mut rie = Vec::new();
         for arch in [Arch::X86_64, Arch::Arm64] {
-            let path = pipeline::rie_path(&self.shared.rie_dir, arch);
-            let cache = self.shared.stat_cache.clone();
+            let path = self.shared.rie_path(arch);
+            let cache = self.shared.stat_cache().clone();
             let probe = path.clone();
             let digest = tokio::task::spawn_blocking(move || cache.file_digest(&probe))
                 .await
@@ -440,7 +451,7 @@ impl ImageBuilder for Service {
         let cache_bytes = tokio::task::spawn_blocking(move || prune::dir_size(&cache_dir))
             .await
             .unwrap_or(0);
-        let limits = &self.shared.limits;
+        let limits = self.shared.limits();
         Ok(Response::new(proto::GetInfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             engine: Some(engine_info),
@@ -464,7 +475,7 @@ impl ImageBuilder for Service {
                 ("max_layer_bytes", limits.max_bytes.to_string()),
                 (
                     "build_timeout_s",
-                    self.shared.build_timeout.as_secs().to_string(),
+                    self.shared.build_timeout().as_secs().to_string(),
                 ),
             ]
             .into_iter()
@@ -479,7 +490,7 @@ impl Service {
     fn stats(&self) -> proto::Stats {
         use std::sync::atomic::Ordering::Relaxed;
         let counters = &self.builds.stats;
-        let cache = &self.shared.stat_cache;
+        let cache = self.shared.stat_cache();
         proto::Stats {
             requests: counters.requests.load(Relaxed),
             joined: counters.joined.load(Relaxed),

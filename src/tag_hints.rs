@@ -40,13 +40,9 @@ impl<V: Copy> TagHints<V> {
     }
 
     /// How many tags are remembered.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
-    }
-
-    /// True when no tag is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 
     fn forget_older_half(&self) {
