@@ -1183,18 +1183,21 @@ impl Daemon {
         daemon
     }
 
-    /// Open file descriptors and resident memory (VmRSS, bytes) of the daemon now.
+    /// Open file descriptors and resident memory (VmRSS, bytes) of the daemon now; panics
+    /// when either cannot be read, since a missing figure must not pass for a small one.
     fn fds_and_rss(&self) -> (usize, u64) {
-        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
+        let fd_dir = format!("/proc/{}/fd", self.child.id());
+        let fds = std::fs::read_dir(&fd_dir)
+            .unwrap_or_else(|err| panic!("cannot count the daemon's fds in {fd_dir}: {err}"))
+            .count();
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("cannot read the daemon's RSS from {path}: {err}"));
         let rss = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0);
+            .unwrap_or_else(|| panic!("no VmRSS line with a size in kB in {path}:\n{status}"));
         (fds, rss * 1024)
     }
 }

@@ -151,7 +151,7 @@ impl ZipStore {
         let entry = DigestLock::enter(&self.locks, digest);
         // Declared after `entry`, so dropped before it: the digest's lock is released before
         // its map entry is considered for removal.
-        let _guard = entry.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = crate::sync::lock(&entry.lock);
         if target.is_dir() {
             touch(&target);
             return Ok(target);
@@ -194,9 +194,7 @@ struct DigestLock<'a> {
 
 impl<'a> DigestLock<'a> {
     fn enter(locks: &'a Mutex<HashMap<String, Arc<Mutex<()>>>>, digest: &str) -> DigestLock<'a> {
-        let lock = locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let lock = crate::sync::lock(locks)
             .entry(digest.to_owned())
             .or_default()
             .clone();
@@ -210,7 +208,7 @@ impl<'a> DigestLock<'a> {
 
 impl Drop for DigestLock<'_> {
     fn drop(&mut self) {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locks = crate::sync::lock(self.locks);
         if Arc::strong_count(&self.lock) == 2 {
             locks.remove(&self.digest);
         }

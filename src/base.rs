@@ -70,7 +70,7 @@ impl Freshness {
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         // The map holds plain data; a panic elsewhere cannot leave an entry half-updated.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.entries)
     }
 
     /// A request is about to use the local `base` (at `now`): whether to start a check, and

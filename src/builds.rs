@@ -70,7 +70,7 @@ struct State {
 impl InFlight {
     fn lock(&self) -> MutexGuard<'_, State> {
         // State holds plain data, consistent after any push; a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Clients attached right now.
@@ -488,7 +488,7 @@ impl Builds {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
         };
-        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let mut history = crate::sync::lock(&self.history);
         history.push_front(summary);
         history.truncate(HISTORY);
     }
@@ -507,17 +507,14 @@ impl Builds {
             image_id: String::new(),
             error: String::new(),
         };
-        self.pushes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(summary);
+        crate::sync::lock(&self.pushes).push(summary);
         id
     }
 
     /// The push `id` ended: pushed `Ok(image id)` or failed `Err(why)`; it moves to the history.
     pub fn push_finished(&self, id: &str, outcome: std::result::Result<String, String>) {
         let mut summary = {
-            let mut pushes = self.pushes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pushes = crate::sync::lock(&self.pushes);
             let Some(at) = pushes.iter().position(|s| s.build_id == id) else {
                 return;
             };
@@ -534,7 +531,7 @@ impl Builds {
                 summary.error = error;
             }
         }
-        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let mut history = crate::sync::lock(&self.history);
         history.push_front(summary);
         history.truncate(HISTORY);
     }
@@ -559,21 +556,9 @@ impl Builds {
                 }
             })
             .collect();
-        in_flight.extend(
-            self.pushes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .cloned(),
-        );
+        in_flight.extend(crate::sync::lock(&self.pushes).iter().cloned());
         in_flight.sort_by_key(|s| s.started);
-        let recent = self
-            .history
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let recent = crate::sync::lock(&self.history).iter().cloned().collect();
         (in_flight, recent)
     }
 

@@ -545,7 +545,7 @@ impl Engine {
     /// image that exists; after a build moved a tag, before its event arrives).
     pub async fn inspect_fresh(&self, reference: &str) -> Result<Option<ImageInfo>> {
         let generation = {
-            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+            let mut index = crate::sync::write(&self.index);
             index.images.remove(reference);
             index.generation
         };
@@ -603,7 +603,7 @@ impl Engine {
 
     /// Records `info` for `reference` unless the index was invalidated since `generation`.
     fn remember(&self, reference: &str, info: &ImageInfo, generation: u64) {
-        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut index = crate::sync::write(&self.index);
         if index.live && index.generation == generation {
             index.images.insert(reference.to_owned(), info.clone());
         }
@@ -611,13 +611,13 @@ impl Engine {
 
     fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         // The index holds plain data; a panic elsewhere cannot leave it half-updated.
-        self.index.read().unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.index)
     }
 
     /// Forgets everything (an image changed behind our back); `live` says whether the events
     /// stream is attached so that new entries may be trusted.
     fn invalidate(&self, live: bool) {
-        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut index = crate::sync::write(&self.index);
         index.generation += 1;
         index.live = live;
         index.images.clear();
@@ -630,7 +630,7 @@ impl Engine {
     /// Joining happens before this returns: a request may report it right away.
     pub fn start_pull(self: &Arc<Self>, reference: &ImageRef, platform: &str) -> PullTicket {
         let key = (reference.as_str().to_owned(), platform.to_owned());
-        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pulls = crate::sync::lock(&self.pulls);
         if let Some(pull) = pulls.get(&key) {
             return PullTicket {
                 started: false,
@@ -669,11 +669,7 @@ impl Engine {
             // last sender is dropped with `progress`): a waiter that sees it closed finds
             // the outcome set.
             done_tx.send_replace(Some(outcome));
-            engine
-                .pulls
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+            crate::sync::lock(&engine.pulls).remove(&key);
         });
         PullTicket {
             started: true,

@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::assemble::{DiffId, Item, chain_ids};
+use crate::atomic_file;
+use crate::config::layout;
 use crate::layers::{Entry, Kind};
 
 /// Chains remembered; the set is emptied when it grows past this (a miss costs a resend).
@@ -99,8 +101,8 @@ impl ImageStore {
     /// A store under the daemon's cache dir. Temp files a killed daemon left (`.tmp-*`, never
     /// read) are removed.
     pub fn open(cache_dir: &Path) -> ImageStore {
-        for sub in ["diff-ids", "images"] {
-            remove_temp_files(&cache_dir.join(sub));
+        for sub in [layout::DIFF_IDS, layout::IMAGES] {
+            atomic_file::remove_temp_files(&cache_dir.join(sub), &[]);
         }
         ImageStore {
             dir: cache_dir.to_owned(),
@@ -111,10 +113,10 @@ impl ImageStore {
 
     /// The diff ID recorded for content `key`, if any.
     pub fn diff_id(&self, key: &str) -> Option<DiffId> {
-        if let Some(found) = lock(&self.diff_ids).get(key) {
+        if let Some(found) = crate::sync::lock(&self.diff_ids).get(key) {
             return Some(found.clone());
         }
-        let text = fs::read_to_string(self.dir.join("diff-ids").join(key)).ok()?;
+        let text = fs::read_to_string(self.dir.join(layout::DIFF_IDS).join(key)).ok()?;
         let (digest, size) = text.trim().split_once(' ')?;
         let found = DiffId {
             digest: digest.to_owned(),
@@ -128,11 +130,11 @@ impl ImageStore {
     pub fn record_diff_id(&self, key: &str, diff_id: &DiffId) {
         self.remember_diff_id(key, diff_id);
         let text = format!("{} {}\n", diff_id.digest, diff_id.size);
-        let _ = write_atomic(&self.dir.join("diff-ids"), key, text.as_bytes());
+        let _ = atomic_file::write(&self.dir.join(layout::DIFF_IDS), key, text.as_bytes());
     }
 
     fn remember_diff_id(&self, key: &str, diff_id: &DiffId) {
-        let mut diff_ids = lock(&self.diff_ids);
+        let mut diff_ids = crate::sync::lock(&self.diff_ids);
         if diff_ids.len() >= MAX_DIFF_IDS_IN_MEMORY && !diff_ids.contains_key(key) {
             diff_ids.clear();
         }
@@ -141,7 +143,7 @@ impl ImageStore {
 
     /// Notes that the engine holds every chain of `diff_ids` (an image with them exists).
     pub fn note_chains(&self, diff_ids: &[String]) {
-        let mut chains = lock(&self.chains);
+        let mut chains = crate::sync::lock(&self.chains);
         if chains.len() > MAX_CHAINS {
             chains.clear();
         }
@@ -150,12 +152,12 @@ impl ImageStore {
 
     /// True when the engine is known to hold the chain ending at `chain`.
     pub fn has_chain(&self, chain: &str) -> bool {
-        lock(&self.chains).contains(chain)
+        crate::sync::lock(&self.chains).contains(chain)
     }
 
     /// Forgets every chain: the engine lost one we relied on.
     pub fn forget_chains(&self) {
-        lock(&self.chains).clear();
+        crate::sync::lock(&self.chains).clear();
     }
 
     /// The listing of image `id`, if we made it and kept it.
@@ -168,7 +170,7 @@ impl ImageStore {
     pub fn record_listing(&self, id: &str, listing: &Listing) {
         if let Ok(bytes) = serde_json::to_vec(listing) {
             let name = format!("{}.json", id.trim_start_matches("sha256:"));
-            if let Err(err) = write_atomic(&self.dir.join("images"), &name, &bytes) {
+            if let Err(err) = atomic_file::write(&self.dir.join(layout::IMAGES), &name, &bytes) {
                 tracing::warn!(image = id, error = %err, "could not keep the image's listing");
             }
         }
@@ -178,7 +180,7 @@ impl ImageStore {
 /// `<cache>/images/<image id hex>.json`: where the listing of image `id` is kept.
 fn listing_path(cache_dir: &Path, id: &str) -> PathBuf {
     cache_dir
-        .join("images")
+        .join(layout::IMAGES)
         .join(format!("{}.json", id.trim_start_matches("sha256:")))
 }
 
@@ -191,35 +193,6 @@ pub fn read_listing(cache_dir: &Path, id: &str) -> Option<Listing> {
 /// Removes the listing of image `id` (the image is gone), if there is one.
 pub fn remove_listing(cache_dir: &Path, id: &str) {
     let _ = fs::remove_file(listing_path(cache_dir, id));
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain data; a panic elsewhere cannot leave it half-updated.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Writes `dir/name` atomically: a temp file in `dir`, then a rename. On failure (a full
-/// disk) the temp file is removed, so nothing half-written is left.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    fs::create_dir_all(dir)?;
-    let temp = dir.join(format!(".tmp-{name}-{}", uuid::Uuid::new_v4().simple()));
-    fs::write(&temp, bytes)
-        .and_then(|()| fs::rename(&temp, dir.join(name)))
-        .inspect_err(|_| {
-            let _ = fs::remove_file(&temp);
-        })
-}
-
-/// Removes the `.tmp-*` files in `dir` (leftovers of a write cut short by a crash).
-fn remove_temp_files(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
 }
 
 /// The content key of a Lambda layer's image layer: its tar is a function of its entries,
@@ -363,12 +336,12 @@ mod tests {
             store.remember_diff_id(&format!("key{i}"), &id(i));
         }
         assert_eq!(
-            lock(&store.diff_ids).len(),
+            crate::sync::lock(&store.diff_ids).len(),
             1,
             "emptied at the cap, then the new one"
         );
         store.record_diff_id("on-disk", &id(7));
-        lock(&store.diff_ids).clear();
+        crate::sync::lock(&store.diff_ids).clear();
         assert_eq!(store.diff_id("on-disk"), Some(id(7)));
         assert_eq!(store.diff_id("never-recorded"), None);
     }

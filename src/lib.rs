@@ -21,6 +21,7 @@
 //!   check, assembly, load, after the build.
 //! - `layers`: step 1, walking layer sources into one merged /opt tree; per-layer digests.
 //! - `archive`: zip layers extracted once, safely, into the content-addressed cache.
+//! - `atomic_file`: the one way a cache file is replaced (temp, fsync, rename, fsync dir).
 //! - `stat_cache`: file identity (stat key), content hashing, the persisted stat cache.
 //! - `base`: step 2, the base image: present, pulled (one pull per base), fresh (one
 //!   background registry check per base per TTL, shared).
@@ -36,6 +37,7 @@
 //! - `engine`: the few engine calls we make, over one shared bollard client; image index. The
 //!   only module that talks to the engine.
 //! - `prune`: removing our images and unused layers, least recently used first.
+//! - `sync`: the one poison-recovering `lock()` (and `read`, `write`).
 //! - `tag_hints`: bounded per-tag hints that only save work.
 //! - [`server`]: serve on a listener with health and reflection until shutdown.
 //! - [`metrics`]: Prometheus series and the opt-in `/metrics` HTTP listener.
@@ -48,6 +50,7 @@ pub(crate) mod access;
 pub(crate) mod archive;
 pub(crate) mod assemble;
 pub(crate) mod assembly;
+pub(crate) mod atomic_file;
 pub(crate) mod base;
 pub(crate) mod builds;
 pub mod client;
@@ -70,4 +73,5 @@ pub(crate) mod resolve;
 pub mod server;
 pub(crate) mod service;
 pub(crate) mod stat_cache;
+pub(crate) mod sync;
 pub(crate) mod tag_hints;

@@ -144,7 +144,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = lock(&self.open);
+        let mut open = crate::sync::lock(&self.open);
         if let Some(count) = open.get_mut(&self.uid) {
             *count -= 1;
             if *count == 0 {
@@ -152,11 +152,6 @@ impl Drop for Slot {
             }
         }
     }
-}
-
-fn lock(open: &Mutex<HashMap<u32, usize>>) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
-    // Plain counters, each changed in one statement: a panic cannot leave one half-updated.
-    open.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The server's connections from `listener`: never ends and never yields an error (the
@@ -221,7 +216,7 @@ async fn next_connection(
                 continue;
             }
         };
-        let mut counts = lock(open);
+        let mut counts = crate::sync::lock(open);
         let count = counts.entry(uid).or_insert(0);
         if *count >= max_per_uid {
             drop(counts);
@@ -336,6 +331,6 @@ mod tests {
         drop((first, a));
         let _fourth = UnixStream::connect(&path).await.unwrap();
         let d = incoming.next().await.unwrap().unwrap();
-        assert_eq!(lock(&d._slot.open).get(&d._slot.uid), Some(&2));
+        assert_eq!(crate::sync::lock(&d._slot.open).get(&d._slot.uid), Some(&2));
     }
 }

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 use crate::assemble::chain_ids;
+use crate::config::layout;
 use crate::engine::{Engine, LabelledImage};
 use crate::error::Result;
 use crate::fingerprint::FINGERPRINT_LABEL;
@@ -56,13 +57,13 @@ pub fn record_use(cache_dir: &Path, tag: &str) {
     {
         return;
     }
-    let _ = fs::create_dir_all(cache_dir.join("used")).and_then(|()| fs::write(&path, tag));
+    let _ = fs::create_dir_all(cache_dir.join(layout::USED)).and_then(|()| fs::write(&path, tag));
 }
 
 /// `<cache>/used/<sha256(tag)>`: the record of `tag`'s last use (its mtime).
 fn use_record(cache_dir: &Path, tag: &str) -> PathBuf {
     cache_dir
-        .join("used")
+        .join(layout::USED)
         .join(hex::encode(Sha256::digest(tag.as_bytes())))
 }
 
@@ -203,7 +204,7 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
         });
     }
     let mut layer_bytes = 0;
-    let layers_dir = cache_dir.join("layers");
+    let layers_dir = cache_dir.join(layout::LAYERS);
     if let Ok(entries) = fs::read_dir(&layers_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+use crate::atomic_file;
 use crate::error::{Error, Result};
 
 /// The (device, inode, size, mtime, ctime) key of git's index.
@@ -161,40 +162,27 @@ impl StatCache {
         };
         let bytes = serde_json::to_vec(&persisted)
             .map_err(|err| Error::Internal(format!("serialising the stat cache: {err}")))?;
-        let temp = path.with_extension(format!("tmp-{}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut file = File::create(&temp)?;
-            io::Write::write_all(&mut file, &bytes)?;
-            file.sync_all()?;
-            fs::rename(&temp, path)?;
-            if let Some(parent) = path.parent() {
-                File::open(parent)?.sync_all()?;
-            }
-            Ok(())
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(Error::Internal(format!(
+                "stat cache path {} has no directory and name",
+                path.display()
+            )));
         };
-        write().map_err(|err| {
-            let _ = fs::remove_file(&temp);
+        atomic_file::write(dir, &name.to_string_lossy(), &bytes).map_err(|err| {
             self.dirty.store(true, Ordering::Relaxed);
             Error::io("saving the stat cache", path, &err)
         })
     }
 }
 
-/// Removes the temp files of `path` a killed daemon left (`<stem>.tmp-<pid>`, see
-/// [`StatCache::save_if_dirty`]); they are never read.
+/// Removes the temp files of `path` a killed daemon left (see [`atomic_file`]; and
+/// `<stem>.tmp-<pid>`, the name daemons before it used); they are never read.
 fn remove_temp_files(path: &Path) {
     let (Some(parent), Some(stem)) = (path.parent(), path.file_stem()) else {
         return;
     };
-    let prefix = format!("{}.tmp-", stem.to_string_lossy());
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
+    let legacy = format!("{}.tmp-", stem.to_string_lossy());
+    atomic_file::remove_temp_files(parent, &[&legacy]);
 }
 
 impl StatCache {
@@ -220,9 +208,7 @@ impl StatCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (StatKey, [u8; 32])>> {
         // A panic while holding this lock leaves a plain map behind; it is still consistent.
-        self.files
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.files)
     }
 }
 
