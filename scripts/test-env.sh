@@ -457,7 +457,7 @@ write_rootfs() {
 }
 
 ensure_base() {
-	local have tmp id want=() ref repo tag
+	local have tmp
 	have=$(dk image inspect -f "{{index .Config.Labels \"$BASE_LABEL\"}}" "$BASE_IMAGE" 2>/dev/null || true)
 	if [ "$have" != "$BASE_RECIPE" ]; then
 		note "creating $BASE_IMAGE (recipe $BASE_RECIPE)"
@@ -477,23 +477,162 @@ ensure_base() {
 		fi
 		rm -rf "$tmp"
 	fi
-	id=$(dk image inspect -f '{{.Id}}' "$BASE_IMAGE")
+	tag_bases "$SOCK"
+}
+
+# Tags the stand-in base in the engine on socket file $1 as every public.ecr.aws/lambda ref.
+tag_bases() {
+	local sock=$1 id want=() ref rid repo tag
+	id=$(docker -H "unix://$sock" image inspect -f '{{.Id}}' "$BASE_IMAGE")
 	# Tag whatever is missing or points elsewhere, via the API directly (one curl per tag is
 	# ~20x cheaper than one docker CLI process per tag).
 	declare -A cur=()
 	while read -r ref rid; do
 		cur[$ref]=$rid
-	done < <(dk image ls --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}' 'public.ecr.aws/lambda/*')
+	done < <(docker -H "unix://$sock" image ls --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}' 'public.ecr.aws/lambda/*')
 	while read -r ref; do
 		[ "${cur[$ref]:-}" = "$id" ] || want+=("$ref")
 	done < <(all_refs)
 	for ref in "${want[@]}"; do
 		repo=${ref%:*}
 		tag=${ref##*:}
-		curl -fsS --unix-socket "$SOCK" -X POST \
+		curl -fsS --unix-socket "$sock" -X POST \
 			"http://localhost/images/$id/tag?repo=$repo&tag=$tag" >/dev/null ||
-			die "tagging $BASE_IMAGE as $ref failed"
+			die "tagging $BASE_IMAGE as $ref failed ($sock)"
 	done
+}
+
+# ---------------------------------------------------------------- today's engines (issue 22)
+# Docker 26 and 28 beside Debian's 20.10, as private engines: Debian trixie's docker.io 26.1.5
+# (+ containerd 1.7) on the containerd image store, and sid's docker.io 28.x (+ containerd 2.x)
+# on the containerd store and on the classic one. Their debs are fetched with apt-get from the
+# Debian mirror this machine's own apt sources name (a private sources file, lists and cache
+# under $D/engines: the system's apt state is not touched) and unpacked with dpkg-deb; nothing
+# is installed. Each engine: $D/<name>/{docker.sock,data,exec,dockerd.pid,dockerd.log}, its
+# own bridge (never --bridge=none: it deletes docker0), --iptables=false. sid moves: the
+# version fetched is recorded in $D/<name>/version and printed; a missing engine fails here.
+# name suite store
+NEW_ENGINES=(
+	"docker26-containerd trixie containerd"
+	"docker28-containerd sid containerd"
+	"docker28-classic sid classic"
+)
+
+# The Debian mirror of this machine's apt sources (deb822 or one-line format).
+debian_mirror() {
+	local uri
+	uri=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+	[ -n "$uri" ] || uri=$(awk '$1 == "deb" && $0 ~ /debian/ { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }' \
+		/etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)
+	[ -n "$uri" ] || die "no Debian mirror in /etc/apt/sources.list*: cannot fetch the newer engines"
+	echo "$uri"
+}
+
+# Unpacks suite $1's docker.io and containerd into $D/engines/$1/root (once).
+ensure_engine_debs() {
+	local suite=$1 dir="$D/engines/$1" apt f
+	[ -x "$dir/root/usr/sbin/dockerd" ] && [ -x "$dir/root/usr/bin/containerd" ] && return 0
+	rm -rf "$dir"
+	mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/debs" "$dir/root"
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $(debian_mirror) $suite main" >"$dir/sources.list"
+	apt=(apt-get -q -o "Dir::Etc::sourcelist=$dir/sources.list" -o Dir::Etc::sourceparts=-
+		-o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o APT::Sandbox::User=root)
+	quiet "${apt[@]}" update
+	(cd "$dir/debs" && quiet "${apt[@]}" download docker.io containerd)
+	for f in "$dir"/debs/*.deb; do
+		quiet dpkg-deb -x "$f" "$dir/root"
+	done
+	[ -x "$dir/root/usr/sbin/dockerd" ] || die "no dockerd in $suite's docker.io"
+}
+
+# Starts engine $1 (suite $2, store $3) if it does not answer; prints nothing.
+start_new_engine() {
+	local name=$1 suite=$2 store=$3 dir="$D/$1" sock pid bridge cidr i
+	sock="$dir/docker.sock"
+	if [ -S "$sock" ] && timeout 10 docker -H "unix://$sock" version >/dev/null 2>&1; then
+		return 0
+	fi
+	ensure_engine_debs "$suite"
+	mkdir -p "$dir/data" "$dir/exec"
+	pid=$(our_pid "$dir/dockerd.pid")
+	[ -z "$pid" ] || end_dockerd "$pid"
+	rm -f "$sock" "$dir/dockerd.pid"
+	bridge="limg-${D_HASH:0:4}-${name:6:2}${store:0:2}"
+	if ! ip link show "$bridge" >/dev/null 2>&1; then
+		echo "$bridge" >"$dir/bridge.created"
+		quiet ip link add "$bridge" type bridge
+		cidr=$(free_cidr)
+		quiet ip addr add "$cidr" dev "$bridge"
+	fi
+	quiet ip link set "$bridge" up
+	if [ "$store" = containerd ]; then
+		echo '{"features": {"containerd-snapshotter": true}}' >"$dir/daemon.json"
+	else
+		echo '{"features": {"containerd-snapshotter": false}}' >"$dir/daemon.json"
+	fi
+	# dockerd starts its own containerd (and shims) from PATH: the suite's first.
+	PATH="$D/engines/$suite/root/usr/bin:$D/engines/$suite/root/usr/sbin:$PATH" \
+		nohup setsid -w dockerd --host "unix://$sock" --data-root "$dir/data" --exec-root "$dir/exec" \
+		--pidfile "$dir/dockerd.pid" --config-file "$dir/daemon.json" --bridge "$bridge" \
+		--iptables=false --ip6tables=false >>"$dir/dockerd.log" 2>&1 </dev/null 9>&- &
+	pid=$!
+	for ((i = 0; i < DOCKER_WAIT_SECS * 4; i++)); do
+		if timeout 10 docker -H "unix://$sock" version >/dev/null 2>&1; then
+			docker -H "unix://$sock" version -f '{{.Server.Version}}' >"$dir/version"
+			return 0
+		fi
+		if ! running "$pid"; then
+			tail -n 30 "$dir/dockerd.log" >&2 || true
+			die "$name (dockerd from $suite) exited during start-up"
+		fi
+		sleep 0.25
+	done
+	tail -n 30 "$dir/dockerd.log" >&2 || true
+	die "$name (dockerd from $suite) did not answer on $sock within ${DOCKER_WAIT_SECS}s"
+}
+
+# Every new engine up, with the stand-in bases (copied from our engine: docker save | load).
+ensure_new_engines() {
+	local spec name suite store sock id
+	for spec in "${NEW_ENGINES[@]}"; do
+		read -r name suite store <<<"$spec"
+		start_new_engine "$name" "$suite" "$store"
+		sock="unix://$D/$name/docker.sock"
+		id=$(docker -H "$sock" image inspect -f "{{index .Config.Labels \"$BASE_LABEL\"}}" "$BASE_IMAGE" 2>/dev/null || true)
+		if [ "$id" != "$BASE_RECIPE" ]; then
+			dk save "$BASE_IMAGE" | docker -H "$sock" load >/dev/null ||
+				die "loading $BASE_IMAGE into $name failed"
+		fi
+		tag_bases "$D/$name/docker.sock"
+	done
+}
+
+stop_new_engines() {
+	local spec name dir pid bridge
+	for spec in "${NEW_ENGINES[@]}"; do
+		read -r name _ _ <<<"$spec"
+		dir="$D/$name"
+		pid=$(our_pid "$dir/dockerd.pid")
+		[ -z "$pid" ] || end_dockerd "$pid"
+		rm -f "$dir/dockerd.pid"
+		if [ -f "$dir/bridge.created" ]; then
+			bridge=$(cat "$dir/bridge.created")
+			if ip link show "$bridge" >/dev/null 2>&1; then
+				quiet ip link delete "$bridge" type bridge
+			fi
+			rm -f "$dir/bridge.created"
+		fi
+	done
+}
+
+# The export lines of the new engines: LAMBDA_IMAGED_TEST_ENGINES="name=unix://sock=version ...".
+new_engines_env() {
+	local spec name list=""
+	for spec in "${NEW_ENGINES[@]}"; do
+		read -r name _ _ <<<"$spec"
+		list+="${list:+ }$name=unix://$D/$name/docker.sock=$(cat "$D/$name/version" 2>/dev/null || echo unknown)"
+	done
+	echo "export LAMBDA_IMAGED_TEST_ENGINES=\"$list\""
 }
 
 # ---------------------------------------------------------------- smoke check
@@ -527,6 +666,7 @@ write_env() {
 		export LAMBDA_IMAGED_RIE_DIR=$RIE_DIR
 		export LAMBDA_IMAGED_TEST_REGISTRY=$REGISTRY
 	EOF
+	[ "$1" != tests ] || new_engines_env >>"$tmp"
 	chmod 0644 "$tmp"
 	mv -f "$tmp" "$f"
 	cat "$f"
@@ -560,10 +700,12 @@ main() {
 		if [ -n "$started" ] || [ -n "${LAMBDA_IMAGED_TEST_VERIFY:-}" ]; then
 			verify_containers
 		fi
-		write_env
+		[ "$profile" != tests ] || ensure_new_engines
+		write_env "$profile"
 		;;
 	stop)
 		stop_registry
+		stop_new_engines
 		stop_second_engine
 		stop_daemon
 		;;

@@ -799,11 +799,18 @@ impl Engine {
     /// Loads a `docker save`-style archive (`POST /images/load`), streamed as it is produced.
     /// The client's request timeout is raised to the build timeout: bollard's covers the whole
     /// upload. Engine errors come back as FAILED_PRECONDITION with the engine's text.
+    ///
+    /// Returns what the engine says it loaded (the last `Loaded image ID: <id>`, `Loaded
+    /// image: <ref>` or `Loaded image(s): <id>` line, see [`loaded_image`]), `None` when it
+    /// said nothing of the kind. That is the name to tag: an image's ID is the config digest
+    /// on Docker's classic store and Podman, but the manifest (or index) digest on Docker's
+    /// containerd image store (Docker 26+ with `containerd-snapshotter`, the default of
+    /// Docker 29), where the config digest names nothing.
     pub async fn load(
         &self,
         body: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
         mut progress: impl FnMut(&BuildInfo),
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let client = self
             .client()
             .await?
@@ -813,11 +820,15 @@ impl Engine {
             ..Default::default()
         };
         let mut stream = std::pin::pin!(client.import_image_stream(options, body, None));
+        let mut loaded = None;
         while let Some(item) = stream.next().await {
             let item = item.map_err(|err| self.map_error(err))?;
+            if let Some(name) = item.stream.as_deref().and_then(loaded_image) {
+                loaded = Some(name.to_owned());
+            }
             progress(&item);
         }
-        Ok(())
+        Ok(loaded)
     }
 
     /// Tags image `id` as `reference` (moving the tag if another image has it).
@@ -1007,9 +1018,38 @@ impl Engine {
     }
 }
 
+/// The image a load answer line names: `Loaded image ID: sha256:<hex>` (Docker, an untagged
+/// image: the classic store's config digest, the containerd store's manifest digest),
+/// `Loaded image: <ref>` (Docker, a named image; Podman 4.3 for an untagged one, with its ID),
+/// `Loaded image(s): <id>` (Podman's older wording). Text as moby's `image/tarexport/load.go`
+/// and `daemon/containerd/image_import.go` and Podman's compat handler print it.
+pub fn loaded_image(line: &str) -> Option<&str> {
+    let line = line.trim();
+    ["Loaded image ID: ", "Loaded image(s): ", "Loaded image: "]
+        .iter()
+        .find_map(|prefix| line.strip_prefix(prefix))
+        .map(|rest| rest.split(',').next().unwrap_or(rest).trim())
+        .filter(|name| !name.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The load answers of Docker's two stores and Podman, as they print them.
+    #[test]
+    fn the_loaded_image_is_read_from_the_answer() {
+        let id = "sha256:4e8bae2f23276f5cc76dc7674eebcb3df62cc9369a2e6b8aa2550a4229a0c824";
+        assert_eq!(loaded_image(&format!("Loaded image ID: {id}\n")), Some(id));
+        assert_eq!(loaded_image(&format!("Loaded image: {id}\n")), Some(id));
+        assert_eq!(loaded_image(&format!("Loaded image(s): {id}")), Some(id));
+        assert_eq!(
+            loaded_image("Loaded image: samcli/lambda-python:3.12-x86_64-abc\n"),
+            Some("samcli/lambda-python:3.12-x86_64-abc")
+        );
+        assert_eq!(loaded_image("Loading layer 1/2"), None);
+        assert_eq!(loaded_image("Loaded image ID: "), None);
+    }
 
     /// The native architecture, plus enabled 64-bit ELF binfmt_misc entries told by their
     /// e_machine (names do not matter), only for a local engine and while binfmt_misc is on.

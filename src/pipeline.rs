@@ -498,9 +498,9 @@ async fn load(
     reporter.metrics().bytes_sent(sent.load(Ordering::Relaxed));
     // The producer's own error is the real cause when the upload broke off, unless it only
     // saw the engine stop reading (UNAVAILABLE): then the engine's error says why.
-    let assembled = match (producer_result, engine_result) {
+    let (assembled, loaded) = match (producer_result, engine_result) {
         (Some(Err(err)), Err(_)) if !matches!(err, Error::Unavailable(_)) => return Err(err),
-        (Some(Err(err)), Ok(())) => return Err(err),
+        (Some(Err(err)), Ok(_)) => return Err(err),
         (_, Err(err)) => {
             return Err(match err {
                 Error::NotFound(message) => {
@@ -509,12 +509,21 @@ async fn load(
                 other => other,
             });
         }
-        (Some(Ok(assembled)), Ok(())) => assembled,
-        (None, Ok(())) => {
+        (Some(Ok(assembled)), Ok(loaded)) => (assembled, loaded),
+        (None, Ok(_)) => {
             return Err(Error::Internal("the image writer never finished".into()));
         }
     };
-    shared.engine.tag(&assembled.image_id, &plan.tag).await?;
+    // The image as the engine names it: the containerd image store's IDs are manifest
+    // digests, the config digest we wrote names nothing there (engine.rs, `load`).
+    let image_id = engine_image_id(loaded, &assembled.image_id);
+    if let Err(err) = shared.engine.tag(&image_id, &plan.tag).await {
+        // Nothing else names the image just loaded: an untagged image must not stay behind.
+        if let Err(removal) = shared.engine.remove_image(&image_id, false).await {
+            tracing::warn!(image = %image_id, error = %removal, "could not remove an untagged image");
+        }
+        return Err(err);
+    }
     for (key, diff_id) in assembly.keys.iter().zip(&assembled.layers) {
         if let Some(key) = key {
             shared.images.record_diff_id(key, diff_id);
@@ -527,17 +536,29 @@ async fn load(
     if assembled.layers.iter().all(|layer| layer.size > 0) {
         listing.layer_bytes = assembled.layers.iter().map(|layer| layer.size).collect();
     }
-    shared.images.record_listing(&assembled.image_id, &listing);
+    shared.images.record_listing(&image_id, &listing);
     reporter.emit(Event::Log {
         kind: LogKind::Status,
         text: format!(
             "loaded {} ({} of layers sent)",
-            short_id(&assembled.image_id),
+            short_id(&image_id),
             bytesize::ByteSize::b(assembled.layer_bytes_sent)
         ),
         step: u32::try_from(total).unwrap_or(u32::MAX),
     });
-    Ok(assembled.image_id)
+    Ok(image_id)
+}
+
+/// The ID to tag after a load: the one the engine answered (`Engine::load`) when it is an
+/// image ID (`sha256:` and 64 hex digits), else the config digest we wrote (`written`): the
+/// ID on Docker's classic store and on Podman, which may answer with a name instead.
+fn engine_image_id(loaded: Option<String>, written: &str) -> String {
+    loaded
+        .filter(|id| {
+            id.strip_prefix("sha256:")
+                .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .unwrap_or_else(|| written.to_owned())
 }
 
 /// Step 5: the built image as the engine now has it under the tag; then, in the background,
@@ -627,6 +648,21 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine's answer names the image when it is an ID (the containerd store's manifest
+    /// digest); a name, or no answer, leaves the config digest we wrote.
+    #[test]
+    fn the_tagged_id_is_the_engines() {
+        let written = format!("sha256:{}", "8".repeat(64));
+        let manifest = format!("sha256:{}", "4e".repeat(32));
+        assert_eq!(engine_image_id(Some(manifest.clone()), &written), manifest);
+        assert_eq!(engine_image_id(None, &written), written);
+        assert_eq!(engine_image_id(Some("lambda:x".into()), &written), written);
+        assert_eq!(
+            engine_image_id(Some("sha256:4e8b".into()), &written),
+            written
+        );
+    }
 
     /// A read refused while acting for a peer names the peer's uid and the path, once.
     #[test]

@@ -179,19 +179,29 @@ pub fn spawn_build(
 
 /// Runs the docker CLI against the test engine.
 pub fn docker(args: &[&str]) -> Output {
+    docker_on(&engine_host(), args)
+}
+
+/// Runs the docker CLI against the engine at `host` (a `DOCKER_HOST` value).
+pub fn docker_on(host: &str, args: &[&str]) -> Output {
     Command::new("docker")
         .args(args)
-        .env("DOCKER_HOST", engine_host())
+        .env("DOCKER_HOST", host)
         .output()
         .expect("the docker CLI runs (installed by scripts/test-env.sh)")
 }
 
 /// Runs the docker CLI and returns stdout; panics with stderr on failure.
 pub fn docker_ok(args: &[&str]) -> String {
-    let output = docker(args);
+    docker_ok_on(&engine_host(), args)
+}
+
+/// [`docker_ok`] against the engine at `host`.
+pub fn docker_ok_on(host: &str, args: &[&str]) -> String {
+    let output = docker_on(host, args);
     assert!(
         output.status.success(),
-        "docker {args:?} failed: {}",
+        "docker {args:?} on {host} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -363,6 +373,13 @@ pub async fn invoke_through_rie(tag: &str) -> String {
 /// Like [`invoke_through_rie`], with the RIE running `command` as the runtime (as SAM runs an
 /// IMAGE function: the RIE, then the image's ENTRYPOINT and CMD).
 pub async fn invoke_through_rie_running(tag: &str, command: &[&str]) -> String {
+    invoke_through_rie_on(&engine_host(), tag, command).await
+}
+
+/// [`invoke_through_rie_running`] on the engine at `host`.
+pub async fn invoke_through_rie_on(host: &str, tag: &str, command: &[&str]) -> String {
+    let docker_ok = |args: &[&str]| docker_ok_on(host, args);
+    let docker = |args: &[&str]| docker_on(host, args);
     let output = docker_ok(&["network", "inspect", "bridge", "--format", "{{.Name}}"]);
     assert_eq!(
         output.trim(),

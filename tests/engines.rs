@@ -1,0 +1,150 @@
+//! Today's engines (issue 22): Docker 26.1 (Debian trixie) on the containerd image store, and
+//! Docker 28.5 (Debian sid) on the containerd store and on the classic one, each a private
+//! engine that `scripts/test-env.sh` starts (`LAMBDA_IMAGED_TEST_ENGINES`). On each: a cold
+//! build, a hit, a one-file edit, the image's `/opt` as the layer holds it, an invoke through
+//! the real RIE, and no untagged image left behind. A missing engine fails the test.
+
+mod support;
+
+use std::path::Path;
+
+use lambda_imaged::client::proto;
+use support::*;
+
+/// The engine named `name` in `LAMBDA_IMAGED_TEST_ENGINES` ("name=host=version ..."): its
+/// `DOCKER_HOST` and the version test-env.sh recorded.
+fn engine(name: &str) -> (String, String) {
+    let list = std::env::var("LAMBDA_IMAGED_TEST_ENGINES").unwrap_or_else(|_| {
+        panic!("LAMBDA_IMAGED_TEST_ENGINES is not set: run `eval \"$(scripts/test-env.sh)\"` first")
+    });
+    list.split_whitespace()
+        .find_map(|entry| {
+            let mut parts = entry.splitn(3, '=');
+            (parts.next() == Some(name)).then(|| {
+                let host = parts.next().unwrap_or_default().to_owned();
+                let version = parts.next().unwrap_or("unknown").to_owned();
+                (host, version)
+            })
+        })
+        .unwrap_or_else(|| panic!("engine {name} is not in LAMBDA_IMAGED_TEST_ENGINES={list:?}"))
+}
+
+/// Image IDs of the engine's untagged images.
+fn dangling(host: &str) -> Vec<String> {
+    docker_ok_on(
+        host,
+        &[
+            "images",
+            "--quiet",
+            "--no-trunc",
+            "--filter",
+            "dangling=true",
+        ],
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+fn request(layer: &Path) -> proto::BuildRequest {
+    zip_request(&[("fn", layer)])
+}
+
+/// Cold build, hit, one-file edit, `/opt` checked in the image, invoke through the RIE, and
+/// no untagged image left (the superseded one is removed) on engine `name`.
+async fn builds_hits_and_edits_on(name: &str, store: &str) {
+    let (host, version) = engine(name);
+    eprintln!("{name}: Docker {version} at {host}");
+    let info = docker_ok_on(&host, &["info", "--format", "{{json .DriverStatus}}"]);
+    assert_eq!(
+        info.contains("containerd.snapshotter"),
+        store == "containerd",
+        "{name} should use the {store} image store: {info}"
+    );
+    let before = dangling(&host);
+    let engine_host = host.clone();
+    let daemon = TestDaemon::start_with(move |config| config.engine_host = engine_host).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join(unique("engines"));
+    write_file(&layer.join("bootstrap"), &bootstrap_fixture(), 0o755);
+    write_file(&layer.join("message.txt"), "first\n", 0o644);
+
+    let cold = build(&daemon.socket, request(&layer)).await;
+    let cold = cold.completed().clone();
+    assert!(!cold.cached, "{name}: the first build is cold");
+    let hit = build(&daemon.socket, request(&layer)).await;
+    assert!(hit.completed().cached, "{name}: the second is a hit");
+    assert_eq!(hit.completed().image_id, cold.image_id);
+
+    write_file(&layer.join("message.txt"), "second\n", 0o644);
+    let edit = build(&daemon.socket, request(&layer)).await;
+    let edit = edit.completed().clone();
+    assert!(!edit.cached, "{name}: an edit rebuilds");
+    assert_eq!(
+        proto::reason_name(edit.reason),
+        "layer_changed",
+        "{name}: {edit:?}"
+    );
+    assert_ne!(edit.image_id, cold.image_id);
+    let tagged = docker_ok_on(&host, &["image", "inspect", "-f", "{{.Id}}", &edit.tag]);
+    assert_eq!(
+        tagged.trim(),
+        edit.image_id,
+        "{name}: the tag names the image we reported"
+    );
+    let opt = docker_ok_on(
+        &host,
+        &[
+            "run",
+            "--rm",
+            "--entrypoint",
+            "/bin/sh",
+            &edit.tag,
+            "-c",
+            "cat /opt/message.txt; stat -c '%a %n' /opt/bootstrap /var/rapid/aws-lambda-rie",
+        ],
+    );
+    assert_eq!(
+        opt, "second\n755 /opt/bootstrap\n755 /var/rapid/aws-lambda-rie\n",
+        "{name}: the image's files"
+    );
+    let answer = invoke_through_rie_on(&host, &edit.tag, &["/opt/bootstrap"]).await;
+    assert!(
+        answer.contains("second"),
+        "{name}: the function answered {answer}"
+    );
+
+    daemon.stop().await;
+    // The superseded image is removed in the background after the edit: bounded poll.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left: Vec<String> = dangling(&host)
+            .into_iter()
+            .filter(|id| !before.contains(id))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: untagged images left behind: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    docker_ok_on(&host, &["rmi", &edit.tag]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker26_containerd_store_builds_hits_and_edits() {
+    builds_hits_and_edits_on("docker26-containerd", "containerd").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker28_containerd_store_builds_hits_and_edits() {
+    builds_hits_and_edits_on("docker28-containerd", "containerd").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker28_classic_store_builds_hits_and_edits() {
+    builds_hits_and_edits_on("docker28-classic", "classic").await;
+}
