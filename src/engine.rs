@@ -310,6 +310,8 @@ pub struct Engine {
     /// (whatever their tags) and a freshness check's update share one pull. A std Mutex: held
     /// only to look up, insert or remove an entry, never across an `.await`.
     pulls: std::sync::Mutex<HashMap<(String, String), Arc<InFlightPull>>>,
+    /// Where the engine keeps images, once learned ([`Engine::image_store`]).
+    store: tokio::sync::OnceCell<ImageStoreKind>,
 }
 
 /// Progress items one pull keeps for followers that fall behind; a slower one skips items
@@ -379,6 +381,7 @@ impl Engine {
             index: RwLock::new(Index::default()),
             healthy,
             pulls: std::sync::Mutex::new(HashMap::new()),
+            store: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -844,19 +847,51 @@ impl Engine {
             .map_err(|err| self.map_error(err))
     }
 
+    /// Where the engine keeps images (see [`ImageStoreKind`]), asked once per daemon and
+    /// logged when first learned: Podman by `/version`'s component name, Docker's containerd
+    /// image store by `docker info`'s driver status (`driver-type:
+    /// io.containerd.snapshotter.v1`), else Docker's classic store.
+    pub async fn image_store(&self) -> Result<ImageStoreKind> {
+        self.store
+            .get_or_try_init(|| async {
+                let version = self.version().await?;
+                let kind = if version.name.to_lowercase().contains("podman") {
+                    ImageStoreKind::Podman
+                } else {
+                    let client = self.client().await?;
+                    let info = client.info().await.map_err(|err| self.map_error(err))?;
+                    let containerd = info
+                        .driver_status
+                        .unwrap_or_default()
+                        .iter()
+                        .flatten()
+                        .any(|value| value.contains("containerd.snapshotter"));
+                    if containerd {
+                        ImageStoreKind::Containerd
+                    } else {
+                        ImageStoreKind::Classic
+                    }
+                };
+                tracing::info!(
+                    engine = %self.host, name = %version.name, version = %version.version,
+                    image_store = kind.as_str(), "engine image store"
+                );
+                Ok(kind)
+            })
+            .await
+            .copied()
+    }
+
+    /// The image store when already learned ([`Engine::image_store`]), without asking.
+    pub fn known_image_store(&self) -> Option<ImageStoreKind> {
+        self.store.get().copied()
+    }
+
     /// True when the engine stores images in containerd (Docker's containerd image store, the
     /// default on fresh Docker 29 installs): its loader imports every listed layer file, so
-    /// every layer must be sent. Read from `docker info`'s driver status
-    /// (`driver-type: io.containerd.snapshotter.v1`).
+    /// every layer of ours is sent (see [`Engine::image_store`]).
     pub async fn loads_need_every_layer(&self) -> Result<bool> {
-        let client = self.client().await?;
-        let info = client.info().await.map_err(|err| self.map_error(err))?;
-        Ok(info
-            .driver_status
-            .unwrap_or_default()
-            .iter()
-            .flatten()
-            .any(|value| value.contains("containerd.snapshotter")))
+        Ok(self.image_store().await? == ImageStoreKind::Containerd)
     }
 
     /// Removes an image we superseded, unless a container uses it (the engine refuses then,
@@ -1014,6 +1049,30 @@ impl Engine {
                 // Ended at once (a proxy, an engine quirk): do not spin.
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// Where an engine keeps its images; it decides what an image ID is and what a load may leave
+/// out. Docker's classic store (graph drivers, e.g. overlay2): ID = config digest; a layer whose
+/// chain it holds is sent as a zero-size entry. Docker's containerd image store (Docker 26+
+/// with `containerd-snapshotter`, the default of Docker 29 and Docker Desktop): ID = manifest
+/// (or index) digest; its docker-archive importer reads every listed file, so our layers are
+/// all sent. Podman: ID = config digest, as the classic store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageStoreKind {
+    Classic,
+    Containerd,
+    Podman,
+}
+
+impl ImageStoreKind {
+    /// The name `GetInfo` and the log use: `classic`, `containerd`, `podman`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageStoreKind::Classic => "classic",
+            ImageStoreKind::Containerd => "containerd",
+            ImageStoreKind::Podman => "podman",
         }
     }
 }

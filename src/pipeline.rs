@@ -18,7 +18,7 @@ use crate::assembly::{self, Assembly, short_id};
 use crate::base::{self, Freshness};
 use crate::builds::Reporter;
 use crate::config::{Config, TestHooks, layout};
-use crate::engine::{Engine, ImageInfo};
+use crate::engine::{Engine, ImageInfo, ImageStoreKind};
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, FINGERPRINT_LABEL, Parts, decide};
 use crate::image_store::{self, ImageStore};
@@ -57,8 +57,6 @@ pub struct Shared {
     walks: Semaphore,
     /// Diff IDs, chains the engine holds, image listings (for sending only what it lacks).
     images: ImageStore,
-    /// Whether the engine's loader needs every layer (containerd image store); asked once.
-    every_layer: tokio::sync::OnceCell<bool>,
     /// Base image freshness checks, shared by every request (`--base-check-ttl`).
     freshness: Arc<Freshness>,
     /// `--base-image-mirror`: ZIP bases come from `<prefix>/<name:tag>` (see `resolve`).
@@ -89,7 +87,6 @@ impl Shared {
             walks: Semaphore::new(config.max_parallel_builds.max(2)),
             walk_sizes: TagHints::new(MAX_TAG_HINTS),
             images: ImageStore::open(cache_dir),
-            every_layer: tokio::sync::OnceCell::new(),
             freshness: Arc::new(Freshness::new(config.base_check_ttl)),
             base_mirror: config.base_image_mirror.clone(),
             registry_cache: config.registry_cache.as_deref().and_then(|repository| {
@@ -196,7 +193,7 @@ pub async fn run(
         let layers = (plan.layers.clone(), inputs.tree.clone());
         let image_id = build(&shared, &plan, &parts, inputs, images, peer, &reporter).await?;
         let built = after_build(&shared, &plan, &image_id, existing).await?;
-        if let Some(cache) = &shared.registry_cache {
+        if let Some(cache) = shared.registry_cache.as_ref().filter(|_| pushable(&shared)) {
             registry_cache::push_in_background(
                 shared.engine.clone(),
                 reporter.builds().clone(),
@@ -217,6 +214,24 @@ pub async fn run(
         duration_ms: elapsed_ms(started),
         config,
     })
+}
+
+/// True when images built here may be pushed to the registry cache. Not on Docker's
+/// containerd image store: there the base's layers are referenced as zero-size entries of the
+/// archive, which that store records as empty blobs under the image's manifest (it runs, since
+/// the snapshots exist, but a push would publish empty base layers). Said once in the log.
+fn pushable(shared: &Shared) -> bool {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let containerd = shared.engine.known_image_store() == Some(ImageStoreKind::Containerd);
+    if containerd {
+        SAID.call_once(|| {
+            tracing::warn!(
+                "registry cache: not pushing from Docker's containerd image store (its images \
+                 of ours hold placeholder base-layer blobs); lookups and pulls still work"
+            );
+        });
+    }
+    !containerd
 }
 
 /// Before a cold build, with `--registry-cache`: the image another daemon built for
@@ -381,10 +396,7 @@ async fn build(
     let _slot = reporter.slot().await?;
     pass_gate(shared.hooks.before_build.as_ref()).await;
     let work = async {
-        let every = *shared
-            .every_layer
-            .get_or_try_init(|| shared.engine.loads_need_every_layer())
-            .await?;
+        let every = shared.engine.loads_need_every_layer().await?;
         // Both exist now (inspected for this request): the engine holds their chains.
         shared.images.note_chains(&base.diff_ids);
         if let Some(existing) = existing {

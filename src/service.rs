@@ -427,6 +427,9 @@ impl ImageBuilder for Service {
                 .await
                 .unwrap_or_default();
                 engine_info.architectures = archs.iter().map(|a| a.as_str().to_owned()).collect();
+                if let Ok(store) = engine.image_store().await {
+                    engine_info.image_store = store.as_str().to_owned();
+                }
             }
             Ok(Err(err)) => engine_info.error = err.to_string(),
             Err(_) => engine_info.error = "the engine did not answer within 5 s".into(),

@@ -789,7 +789,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
             "cache_bytes": "*", "cache_dir": cache_dir.display().to_string(),
             "capabilities": ["build", "resolve", "list_builds", "dedup", "fingerprint", "streamed_context"],
             "engine": {"api_version": "*", "architectures": architectures, "distribution_api": "*", "error": "",
-                       "host": support::engine_host(),
+                       "host": support::engine_host(), "image_store": "classic",
                        "name": "*", "reachable": true, "version": "*"},
             "limits": "*",
             "rie": [
@@ -808,7 +808,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     let pattern = Regex::new(&format!(
-        "^lambda-imaged \\S+\nengine:  \\S+ \\S+ \\(API \\S+\\) at {}\nruns:    {}\nsocket:  {}\ncache:   {} \\(\\d+ bytes\\)\nrie:     x86_64 \\S+ [0-9a-f]{{64}}\nrie:     arm64 \\S+ [0-9a-f]{{64}}\n(limit:   \\w+ = \\d+\n)+$",
+        "^lambda-imaged \\S+\nengine:  \\S+ \\S+ \\(API \\S+\\) at {}\nstore:   classic\nruns:    {}\nsocket:  {}\ncache:   {} \\(\\d+ bytes\\)\nrie:     x86_64 \\S+ [0-9a-f]{{64}}\nrie:     arm64 \\S+ [0-9a-f]{{64}}\n(limit:   \\w+ = \\d+\n)+$",
         regex::escape(&support::engine_host()),
         runs,
         regex::escape(&daemon.socket.display().to_string()),

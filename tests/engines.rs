@@ -64,6 +64,14 @@ async fn builds_hits_and_edits_on(name: &str, store: &str) {
     let before = dangling(&host);
     let engine_host = host.clone();
     let daemon = TestDaemon::start_with(move |config| config.engine_host = engine_host).await;
+    let info = lambda_imaged::client::Client::connect(&daemon.socket)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap();
+    let reported = info.engine.unwrap_or_default().image_store;
+    assert_eq!(reported, store, "{name}: GetInfo names the image store");
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join(unique("engines"));
     write_file(&layer.join("bootstrap"), &bootstrap_fixture(), 0o755);

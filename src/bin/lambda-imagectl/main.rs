@@ -370,6 +370,7 @@ async fn info(mut client: Client, json: bool) -> Result<ExitCode, Failure> {
             "engine:  {} {} (API {}) at {}",
             engine.name, engine.version, engine.api_version, engine.host
         );
+        println!("store:   {}", engine.image_store);
         println!("runs:    {}", engine.architectures.join(" "));
     } else {
         println!("engine:  unreachable at {}: {}", engine.host, engine.error);

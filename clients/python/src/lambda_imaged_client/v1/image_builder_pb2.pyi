@@ -293,7 +293,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineInfo(_message.Message):
-    __slots__ = ("host", "reachable", "name", "version", "api_version", "distribution_api", "error", "architectures")
+    __slots__ = ("host", "reachable", "name", "version", "api_version", "distribution_api", "error", "architectures", "image_store")
     HOST_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +302,7 @@ class EngineInfo(_message.Message):
     DISTRIBUTION_API_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_STORE_FIELD_NUMBER: _ClassVar[int]
     host: str
     reachable: bool
     name: str
@@ -310,7 +311,8 @@ class EngineInfo(_message.Message):
     distribution_api: bool
     error: str
     architectures: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, host: _Optional[str] = ..., reachable: _Optional[bool] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api_version: _Optional[str] = ..., distribution_api: _Optional[bool] = ..., error: _Optional[str] = ..., architectures: _Optional[_Iterable[str]] = ...) -> None: ...
+    image_store: str
+    def __init__(self, host: _Optional[str] = ..., reachable: _Optional[bool] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api_version: _Optional[str] = ..., distribution_api: _Optional[bool] = ..., error: _Optional[str] = ..., architectures: _Optional[_Iterable[str]] = ..., image_store: _Optional[str] = ...) -> None: ...
 
 class RieInfo(_message.Message):
     __slots__ = ("architecture", "path", "sha256", "present")
