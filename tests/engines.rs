@@ -85,8 +85,22 @@ async fn builds_hits_and_edits_on(name: &str, store: &str) {
     assert_eq!(hit.completed().image_id, cold.image_id);
 
     write_file(&layer.join("message.txt"), "second\n", 0o644);
-    let edit = build(&daemon.socket, request(&layer)).await;
-    let edit = edit.completed().clone();
+    let edited = build(&daemon.socket, request(&layer)).await;
+    let edit = edited.completed().clone();
+    // The classic store gets a delta (the changed file); the containerd store every layer of
+    // ours, the RIE's 8.8 MiB included (README, "How images are made").
+    let sent = bytes_sent(&edited.events);
+    if store == "classic" {
+        assert!(
+            sent < 1 << 20,
+            "{name}: a one-file edit is a delta: {sent} bytes sent"
+        );
+    } else {
+        assert!(
+            sent > 4 << 20,
+            "{name}: every layer is sent: {sent} bytes sent"
+        );
+    }
     assert!(!edit.cached, "{name}: an edit rebuilds");
     assert_eq!(
         proto::reason_name(edit.reason),
