@@ -232,6 +232,7 @@ async fn check_now(
 /// (the next request after an update rebuilds with `base_changed`); a base served while its
 /// check is overdue or failed gets a `base_unverified` warning.
 pub async fn base_image(
+    tasks: &crate::tasks::Tasks,
     engine: &Arc<Engine>,
     freshness: &Arc<Freshness>,
     build_timeout: Duration,
@@ -254,14 +255,18 @@ pub async fn base_image(
         if existed {
             let status = freshness.status(name, Instant::now());
             if status.start_check {
-                tokio::spawn(check(
-                    engine.clone(),
-                    freshness.clone(),
-                    plan.base.clone(),
-                    plan.arch.platform(),
-                    base.repo_digests.clone(),
-                    build_timeout,
-                ));
+                let name = format!("freshness check of {}", plan.base);
+                tasks.spawn(
+                    name,
+                    check(
+                        engine.clone(),
+                        freshness.clone(),
+                        plan.base.clone(),
+                        plan.arch.platform(),
+                        base.repo_digests.clone(),
+                        build_timeout,
+                    ),
+                );
             }
             if let Some(message) = status.unverified {
                 reporter.emit(Event::Warning {

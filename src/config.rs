@@ -73,6 +73,9 @@ pub struct TestHooks {
     pub before_build: Option<Arc<Semaphore>>,
     /// After the engine finished building, before the outcome is published.
     pub after_build: Option<Arc<Semaphore>>,
+    /// Before each background task runs (registry push, superseded-image removal, prune,
+    /// last-use record, base check): see `tasks.rs`.
+    pub background: Option<Arc<Semaphore>>,
 }
 
 /// The cache directory's layout: every name under `--cache-dir`, in one place.

@@ -38,6 +38,8 @@
 //!   only module that talks to the engine.
 //! - `prune`: removing our images and unused layers, least recently used first.
 //! - `sync`: the one poison-recovering `lock()` (and `read`, `write`).
+//! - [`tasks`]: the daemon's background work, named, awaited at shutdown (none is dropped
+//!   silently).
 //! - `tag_hints`: bounded per-tag hints that only save work.
 //! - [`server`]: serve on a listener with health and reflection until shutdown.
 //! - [`metrics`]: Prometheus series and the opt-in `/metrics` HTTP listener.
@@ -75,3 +77,4 @@ pub(crate) mod service;
 pub(crate) mod stat_cache;
 pub(crate) mod sync;
 pub(crate) mod tag_hints;
+pub mod tasks;

@@ -29,6 +29,7 @@ use crate::registry_cache::{self, RegistryCache};
 use crate::resolve::{Arch, Plan};
 use crate::stat_cache::StatCache;
 use crate::tag_hints::{MAX_TAG_HINTS, TagHints};
+use crate::tasks::Tasks;
 
 /// Layers with at most this many entries at their last walk are walked inline.
 const INLINE_WALK_ENTRIES: usize = 64;
@@ -63,6 +64,8 @@ pub struct Shared {
     base_mirror: Option<String>,
     /// `--registry-cache`: images are looked up before cold builds and pushed after builds.
     registry_cache: Option<RegistryCache>,
+    /// Background work, awaited at shutdown (see `tasks.rs`).
+    tasks: Tasks,
 }
 
 impl Shared {
@@ -97,7 +100,13 @@ impl Shared {
                     })
                     .ok()
             }),
+            tasks: Tasks::new(config.hooks.background.clone()),
         }
+    }
+
+    /// The daemon's background tasks (the drain at shutdown waits for them).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     /// The engine every build talks to.
@@ -162,6 +171,7 @@ pub async fn run(
     }
     let inputs = walk_inputs(&shared, &plan, &peer, &reporter).await?;
     let base = base::base_image(
+        &shared.tasks,
         &shared.engine,
         &shared.freshness,
         shared.build_timeout,
@@ -195,6 +205,7 @@ pub async fn run(
         let built = after_build(&shared, &plan, &image_id, existing).await?;
         if let Some(cache) = shared.registry_cache.as_ref().filter(|_| pushable(&shared)) {
             registry_cache::push_in_background(
+                &shared.tasks,
                 shared.engine.clone(),
                 reporter.builds().clone(),
                 cache.clone(),
@@ -598,7 +609,8 @@ async fn after_build(
         // The tag moved: remove the superseded image if nothing uses it (SAM does the same),
         // and its listing with it (the new image's listing is what the next delta needs).
         let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
-        tokio::spawn(async move {
+        let name = format!("removal of superseded image {}", short_id(&old.id));
+        shared.tasks.spawn(name, async move {
             if engine.remove_unused(&old.id).await {
                 image_store::remove_listing(&cache_dir, &old.id);
             }
@@ -607,7 +619,7 @@ async fn after_build(
     record_use(shared, plan.tag.as_str());
     if let Some(cap) = shared.max_cache_bytes {
         let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
-        tokio::spawn(async move {
+        shared.tasks.spawn("prune to --max-cache-size", async move {
             // Images only: a build in flight may be reading an extracted layer.
             let policy = prune::Policy {
                 keep_bytes: Some(cap),
@@ -635,7 +647,10 @@ fn record_use(shared: &Shared, tag: &str) {
     }
     shared.last_recorded.set(tag, (), now);
     let (cache_dir, tag) = (shared.cache_dir.clone(), tag.to_owned());
-    tokio::task::spawn_blocking(move || prune::record_use(&cache_dir, &tag));
+    let name = format!("last-use record of {tag}");
+    shared
+        .tasks
+        .spawn_blocking(name, move || prune::record_use(&cache_dir, &tag));
 }
 
 /// Test hook: waits for (and consumes) one permit when the gate is set.

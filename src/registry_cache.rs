@@ -273,6 +273,7 @@ async fn adopt(
 /// Unless `--registry-cache-share-private`, an image with a layer file others cannot read is
 /// not pushed (see [`shareable`]); the log says which file.
 pub fn push_in_background(
+    tasks: &crate::tasks::Tasks,
     engine: Arc<Engine>,
     builds: Arc<Builds>,
     cache: RegistryCache,
@@ -280,7 +281,7 @@ pub fn push_in_background(
     fingerprint: String,
     layers: (Vec<LayerSpec>, Option<Arc<Tree>>),
 ) {
-    tokio::spawn(async move {
+    tasks.spawn(format!("registry-cache push of {image_id}"), async move {
         let reference = match cache.reference(&fingerprint) {
             Ok(reference) => reference,
             Err(err) => {

@@ -6,6 +6,8 @@
 pub use crate::builds::{Builds, MAX_EVENTS, MAX_LOG_BYTES, Summary as BuildSummary};
 /// The events and phases of a build, as [`Builds`] reports them.
 pub use crate::outcome::{Event as BuildLogEvent, Phase};
+/// The daemon's background work, awaited at shutdown (`Daemon::tasks`).
+pub use crate::tasks::Tasks;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,6 +81,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's background tasks: what runs, and what the drain at shutdown cut off.
+    pub fn tasks(&self) -> Tasks {
+        self.shared.tasks().clone()
+    }
+
     /// Binds `--metrics-listen` now (else [`Daemon::serve`] does), returning the address
     /// actually bound (`None` when metrics are off): with port 0 the caller learns the port.
     pub async fn bind_metrics(
@@ -147,6 +154,7 @@ impl Daemon {
         let drained = drain(
             shutdown,
             self.builds.clone(),
+            self.shared.tasks().clone(),
             self.config.shutdown_timeout,
             abort_tx,
         );
@@ -213,6 +221,7 @@ fn routes(service: Service, health: HealthServer<impl Health>) -> Result<Router,
 async fn drain(
     shutdown: impl Future<Output = ()>,
     builds: Arc<Builds>,
+    tasks: Tasks,
     timeout: Duration,
     abort: watch::Sender<bool>,
 ) {
@@ -222,7 +231,20 @@ async fn drain(
         in_flight = builds.in_flight(),
         "shutting down: waiting for builds in flight"
     );
+    let deadline = tokio::time::Instant::now() + timeout;
     let left = builds.drain(timeout).await;
+    // Then the background work the builds started (pushes, removals, records), within the
+    // same --shutdown-timeout; what is cut off is logged by name (tasks.rs).
+    let running = tasks.running();
+    if !running.is_empty() {
+        tracing::info!(
+            tasks = running.len(),
+            "shutting down: waiting for background tasks"
+        );
+    }
+    tasks
+        .drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
     if left > 0 {
         tracing::warn!(
             left,

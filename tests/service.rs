@@ -1266,3 +1266,61 @@ fn joined_group() -> u32 {
     }
     panic!("could not create the group {JOINED_GROUP} with {USER} in it: {last}");
 }
+
+/// A build whose background work (its last-use record) is held at a gate when the daemon is
+/// told to stop: with the gate opened, the drain waits for it and the record is on disk once
+/// the daemon has stopped; with the gate shut, the drain gives up at --shutdown-timeout and
+/// names the task it cut off (tasks.rs). The shutdown is the one the binary runs on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_waits_for_background_work_or_names_what_it_cut_off() {
+    for opened in [true, false] {
+        let gate = Arc::new(Semaphore::new(0));
+        let hooked = gate.clone();
+        // The cache outlives the daemon's own temp dir, which goes with it.
+        let cache = tempfile::tempdir().unwrap();
+        let cache_dir = cache.path().join("cache");
+        let configured = cache_dir.clone();
+        let daemon = TestDaemon::start_with(move |config| {
+            config.cache_dir = configured;
+            config.hooks.background = Some(hooked);
+            config.shutdown_timeout = Duration::from_secs(if opened { 120 } else { 2 });
+        })
+        .await;
+        let layer = daemon.dir.path().join("layer");
+        write_file(&layer.join("message.txt"), &unique("drain"), 0o644);
+        let mut request = zip_request(&[("drain", &layer)]);
+        request.skip_pull_image = true;
+        let built = build(&daemon.socket, request).await;
+        let tag = built.completed().tag.clone();
+        let record = format!("last-use record of {tag}");
+        assert!(
+            daemon.tasks.running().contains(&record),
+            "held at the gate: {:?}",
+            daemon.tasks.running()
+        );
+        let used = cache_dir.join("used");
+        let records = |dir: &Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+        assert_eq!(records(&used), 0, "not written while held");
+        let tasks = daemon.tasks.clone();
+        let stopping = tokio::spawn(daemon.stop());
+        if opened {
+            gate.add_permits(1000);
+        }
+        stopping.await.unwrap();
+        if opened {
+            assert!(tasks.cut_off().is_empty(), "{:?}", tasks.cut_off());
+            assert_eq!(
+                records(&used),
+                1,
+                "the record was written before the daemon stopped"
+            );
+        } else {
+            assert!(
+                tasks.cut_off().contains(&record),
+                "named as cut off: {:?}",
+                tasks.cut_off()
+            );
+        }
+        docker(&["rmi", "-f", "--no-prune", &tag]);
+    }
+}

@@ -50,6 +50,8 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     pub dir: tempfile::TempDir,
     pub builds: Arc<Builds>,
+    /// Its background tasks (what runs, what the shutdown drain cut off).
+    pub tasks: lambda_imaged::server::Tasks,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -71,6 +73,7 @@ impl TestDaemon {
         let listener = Listener::open(&config.socket, None).await.unwrap();
         let daemon = Daemon::new(config);
         let builds = daemon.builds.clone();
+        let tasks = daemon.tasks();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             daemon
@@ -84,6 +87,7 @@ impl TestDaemon {
             socket,
             dir,
             builds,
+            tasks,
             shutdown: Some(tx),
             task: Some(task),
         }
