@@ -357,15 +357,12 @@ fn pull_failure(name: &str, err: Error) -> Error {
                 "base image {name} is neither in the engine nor pullable: {message}"
             ))
         }
-        err => {
-            let message = format!("pulling base image {name} failed: {err}");
-            match err.code() {
-                tonic::Code::PermissionDenied => Error::PermissionDenied(message),
-                tonic::Code::ResourceExhausted => Error::ResourceExhausted(message),
-                tonic::Code::Internal => Error::Internal(message),
-                _ => Error::FailedPrecondition(message),
-            }
-        }
+        // A refusal, a limit or a bug of ours keep their kind, with the base named.
+        err @ (Error::PermissionDenied(_)
+        | Error::ReadDenied { .. }
+        | Error::ResourceExhausted(_)
+        | Error::Internal(_)) => err.context(&format!("pulling base image {name} failed")),
+        err => Error::FailedPrecondition(format!("pulling base image {name} failed: {err}")),
     }
 }
 

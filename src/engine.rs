@@ -825,7 +825,13 @@ impl Engine {
         let mut stream = std::pin::pin!(client.import_image_stream(options, body, None));
         let mut loaded = None;
         while let Some(item) = stream.next().await {
-            let item = item.map_err(|err| self.map_error(err))?;
+            // A 404 here is the load refused (a layer it lacks), not a missing request object.
+            let item = item.map_err(|err| match self.map_error(err) {
+                Error::NotFound(message) => {
+                    Error::FailedPrecondition(format!("the engine failed the load: {message}"))
+                }
+                other => other,
+            })?;
             if let Some(name) = item.stream.as_deref().and_then(loaded_image) {
                 loaded = Some(name.to_owned());
             }

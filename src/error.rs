@@ -68,6 +68,28 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// The one mapping from our errors to gRPC codes.
+    /// The same error with `prefix` before its message ("<prefix>: <message>"), keeping its
+    /// variant, and so its status: context never turns a cause into another kind of error.
+    /// A refused read keeps its path; a changed file its own message.
+    pub fn context(self, prefix: &str) -> Error {
+        let with = |message: String| format!("{prefix}: {message}");
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(with(m)),
+            Error::NotFound(m) => Error::NotFound(with(m)),
+            Error::PermissionDenied(m) => Error::PermissionDenied(with(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(with(m)),
+            Error::Unavailable(m) => Error::Unavailable(with(m)),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(with(m)),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(with(m)),
+            Error::Internal(m) => Error::Internal(with(m)),
+            Error::ReadDenied { what, path } => Error::ReadDenied {
+                what: with(what),
+                path,
+            },
+            changed @ Error::FileChanged(_) => changed,
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
@@ -172,6 +194,26 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    /// Context adds words, never changes the kind of error.
+    #[test]
+    fn context_keeps_the_variant() {
+        let err = Error::ResourceExhausted("disk full".into()).context("pulling base image b");
+        assert_eq!(
+            err,
+            Error::ResourceExhausted("pulling base image b: disk full".into())
+        );
+        let denied = Error::ReadDenied {
+            what: "reading".into(),
+            path: "/x".into(),
+        }
+        .context("layer a");
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert_eq!(
+            denied.to_string(),
+            "layer a: reading /x: permission denied for the daemon"
+        );
+    }
 
     /// Every status made from an error carries the origin trailer, so clients can tell it from
     /// a transport failure with the same code.

@@ -524,14 +524,7 @@ async fn load(
     let (assembled, loaded) = match (producer_result, engine_result) {
         (Some(Err(err)), Err(_)) if !matches!(err, Error::Unavailable(_)) => return Err(err),
         (Some(Err(err)), Ok(_)) => return Err(err),
-        (_, Err(err)) => {
-            return Err(match err {
-                Error::NotFound(message) => {
-                    Error::FailedPrecondition(format!("the engine failed the load: {message}"))
-                }
-                other => other,
-            });
-        }
+        (_, Err(err)) => return Err(err),
         (Some(Ok(assembled)), Ok(loaded)) => (assembled, loaded),
         (None, Ok(_)) => {
             return Err(Error::Internal("the image writer never finished".into()));
