@@ -1083,6 +1083,18 @@ impl ImageStoreKind {
     }
 }
 
+/// The ID to tag after a load: the one the engine answered ([`Engine::load`]) when it is an
+/// image ID (`sha256:` and 64 hex digits), else the config digest we wrote (`written`): the
+/// ID on Docker's classic store and on Podman, which may answer with a name instead.
+pub fn tagged_id(loaded: Option<String>, written: &str) -> String {
+    loaded
+        .filter(|id| {
+            id.strip_prefix("sha256:")
+                .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .unwrap_or_else(|| written.to_owned())
+}
+
 /// The image a load answer line names: `Loaded image ID: sha256:<hex>` (Docker, an untagged
 /// image: the classic store's config digest, the containerd store's manifest digest),
 /// `Loaded image: <ref>` (Docker, a named image; Podman 4.3 for an untagged one, with its ID),
@@ -1100,6 +1112,18 @@ pub fn loaded_image(line: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine's answer names the image when it is an ID (the containerd store's manifest
+    /// digest); a name, or no answer, leaves the config digest we wrote.
+    #[test]
+    fn the_tagged_id_is_the_engines() {
+        let written = format!("sha256:{}", "8".repeat(64));
+        let manifest = format!("sha256:{}", "4e".repeat(32));
+        assert_eq!(tagged_id(Some(manifest.clone()), &written), manifest);
+        assert_eq!(tagged_id(None, &written), written);
+        assert_eq!(tagged_id(Some("lambda:x".into()), &written), written);
+        assert_eq!(tagged_id(Some("sha256:4e8b".into()), &written), written);
+    }
 
     /// The load answers of Docker's two stores and Podman, as they print them.
     #[test]

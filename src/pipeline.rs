@@ -12,143 +12,26 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::access::{self, Peer};
-use crate::archive::ZipStore;
 use crate::assemble;
 use crate::assembly::{self, Assembly, short_id};
-use crate::base::{self, Freshness};
+use crate::base;
 use crate::builds::Reporter;
-use crate::config::{Config, TestHooks, layout};
-use crate::engine::{Engine, ImageInfo, ImageStoreKind};
+use crate::engine::{ImageInfo, ImageStoreKind};
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, FINGERPRINT_LABEL, Parts, decide};
-use crate::image_store::{self, ImageStore};
-use crate::layers::{self, Limits};
+use crate::image_store;
+use crate::layers;
 use crate::outcome::{Completed, Event, LogKind, Reason};
 use crate::prune;
-use crate::registry_cache::{self, RegistryCache};
-use crate::resolve::{Arch, Plan};
-use crate::stat_cache::StatCache;
-use crate::tag_hints::{MAX_TAG_HINTS, TagHints};
-use crate::tasks::Tasks;
+use crate::registry_cache;
+use crate::resolve::Plan;
+
+mod shared;
+
+pub use shared::{Shared, rie_path};
 
 /// Layers with at most this many entries at their last walk are walked inline.
 const INLINE_WALK_ENTRIES: usize = 64;
-
-/// What every build shares, built from the config by [`Shared::new`]; the service reads
-/// the few parts it needs through accessors.
-pub struct Shared {
-    engine: Arc<Engine>,
-    stat_cache: Arc<StatCache>,
-    zips: Arc<ZipStore>,
-    rie_dir: PathBuf,
-    limits: Limits,
-    build_timeout: Duration,
-    /// The cache directory (last-use records live under it).
-    cache_dir: PathBuf,
-    /// When each tag's use was last written to disk (bounded, see [`TagHints`]).
-    last_recorded: TagHints<()>,
-    /// Prune our images down to this many bytes after each build (`--max-cache-size`).
-    max_cache_bytes: Option<u64>,
-    /// Test hooks (see `config::TestHooks`).
-    hooks: TestHooks,
-    /// Entries each tag's layers had at its last walk (decides inline vs blocking pool;
-    /// bounded, see [`TagHints`]).
-    walk_sizes: TagHints<usize>,
-    /// Bounds concurrent layer walks (hashing), one per CPU and at least two.
-    walks: Semaphore,
-    /// Diff IDs, chains the engine holds, image listings (for sending only what it lacks).
-    images: ImageStore,
-    /// Base image freshness checks, shared by every request (`--base-check-ttl`).
-    freshness: Arc<Freshness>,
-    /// `--base-image-mirror`: ZIP bases come from `<prefix>/<name:tag>` (see `resolve`).
-    base_mirror: Option<String>,
-    /// `--registry-cache`: images are looked up before cold builds and pushed after builds.
-    registry_cache: Option<RegistryCache>,
-    /// Background work, awaited at shutdown (see `tasks.rs`).
-    tasks: Tasks,
-}
-
-impl Shared {
-    /// The shared build state for `config`, over `engine`. Reads the persisted stat cache and
-    /// cleans the image store's temp files (see [`ImageStore::open`]); no engine I/O.
-    pub fn new(config: &Config, engine: Arc<Engine>) -> Shared {
-        let cache_dir = &config.cache_dir;
-        Shared {
-            engine,
-            stat_cache: Arc::new(StatCache::load(&cache_dir.join(layout::STAT_CACHE_FILE))),
-            zips: Arc::new(ZipStore::open(
-                cache_dir.join(layout::LAYERS),
-                config.zip_limits,
-            )),
-            rie_dir: config.rie_dir.clone(),
-            limits: config.limits,
-            build_timeout: config.build_timeout,
-            cache_dir: cache_dir.clone(),
-            max_cache_bytes: config.max_cache_bytes,
-            last_recorded: TagHints::new(MAX_TAG_HINTS),
-            hooks: config.hooks.clone(),
-            walks: Semaphore::new(config.max_parallel_builds.max(2)),
-            walk_sizes: TagHints::new(MAX_TAG_HINTS),
-            images: ImageStore::open(cache_dir),
-            freshness: Arc::new(Freshness::new(config.base_check_ttl)),
-            base_mirror: config.base_image_mirror.clone(),
-            registry_cache: config.registry_cache.as_deref().and_then(|repository| {
-                // `into_config` validated flag and file; a Config built in code may not be.
-                RegistryCache::new(repository, config.registry_cache_share_private)
-                    .map_err(|why| {
-                        tracing::error!(repository, "registry cache disabled: {why}");
-                    })
-                    .ok()
-            }),
-            tasks: Tasks::new(config.hooks.background.clone()),
-        }
-    }
-
-    /// The daemon's background tasks (the drain at shutdown waits for them).
-    pub fn tasks(&self) -> &Tasks {
-        &self.tasks
-    }
-
-    /// The engine every build talks to.
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
-    /// The stat cache (its counters are in `GetInfo`'s stats).
-    pub fn stat_cache(&self) -> &Arc<StatCache> {
-        &self.stat_cache
-    }
-
-    /// `--base-image-mirror`, for resolving requests.
-    pub fn base_mirror(&self) -> Option<&str> {
-        self.base_mirror.as_deref()
-    }
-
-    /// Where the RIE for `arch` is read from.
-    pub fn rie_path(&self, arch: Arch) -> PathBuf {
-        rie_path(&self.rie_dir, arch)
-    }
-
-    /// The layer walk's limits (`--max-layer-entries`, `--max-layer-bytes`).
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    /// `--build-timeout`.
-    pub fn build_timeout(&self) -> Duration {
-        self.build_timeout
-    }
-
-    /// Where the stat cache is saved.
-    pub fn stat_cache_path(&self) -> PathBuf {
-        self.cache_dir.join(layout::STAT_CACHE_FILE)
-    }
-}
-
-/// Where the RIE for `arch` is read from.
-pub fn rie_path(rie_dir: &std::path::Path, arch: Arch) -> PathBuf {
-    rie_dir.join(format!("aws-lambda-rie-{}", arch.as_str()))
-}
 
 /// Runs one build (or cache check) to its outcome.
 /// Layer files are read with `peer`'s rights (see `access.rs`).
@@ -471,6 +354,61 @@ async fn load(
         layers: assembly.layers,
         peer,
     };
+    let (producer_result, engine_result) = stream_into_engine(shared, spec, reporter).await;
+    // The producer's own error is the real cause when the upload broke off, unless it only
+    // saw the engine stop reading (UNAVAILABLE): then the engine's error says why.
+    let (assembled, loaded) = match (producer_result, engine_result) {
+        (Some(Err(err)), Err(_)) if !matches!(err, Error::Unavailable(_)) => return Err(err),
+        (Some(Err(err)), Ok(_)) => return Err(err),
+        (_, Err(err)) => return Err(err),
+        (Some(Ok(assembled)), Ok(loaded)) => (assembled, loaded),
+        (None, Ok(_)) => {
+            return Err(Error::Internal("the image writer never finished".into()));
+        }
+    };
+    // The image as the engine names it: the containerd image store's IDs are manifest
+    // digests, the config digest we wrote names nothing there (engine.rs, `load`).
+    let image_id = crate::engine::tagged_id(loaded, &assembled.image_id);
+    if let Err(err) = shared.engine.tag(&image_id, &plan.tag).await {
+        // Nothing else names the image just loaded: an untagged image must not stay behind.
+        if let Err(removal) = shared.engine.remove_image(&image_id, false).await {
+            tracing::warn!(image = %image_id, error = %removal, "could not remove an untagged image");
+        }
+        return Err(err);
+    }
+    for (key, diff_id) in assembly.keys.iter().zip(&assembled.layers) {
+        if let Some(key) = key {
+            shared.images.record_diff_id(key, diff_id);
+        }
+    }
+    shared.images.note_chains(&assembled.diff_ids);
+    // Every layer tar has at least its end-of-archive blocks, so a size of 0 is one not known
+    // (a kept layer of an image whose listing had no sizes): then none are recorded, and prune
+    // counts the image whole.
+    if assembled.layers.iter().all(|layer| layer.size > 0) {
+        listing.layer_bytes = assembled.layers.iter().map(|layer| layer.size).collect();
+    }
+    shared.images.record_listing(&image_id, &listing);
+    reporter.emit(Event::Log {
+        kind: LogKind::Status,
+        text: format!(
+            "loaded {} ({} of layers sent)",
+            short_id(&image_id),
+            bytesize::ByteSize::b(assembled.layer_bytes_sent)
+        ),
+        step: u32::try_from(total).unwrap_or(u32::MAX),
+    });
+    Ok(image_id)
+}
+
+/// Streams the archive of `spec` into the engine's loader while it is written, reporting the
+/// engine's output and the bytes sent (every 250 ms, and once at the end). Returns the
+/// writer's result (`None` if it never finished) and the engine's (what it says it loaded).
+async fn stream_into_engine(
+    shared: &Shared,
+    spec: assemble::Spec,
+    reporter: &Reporter,
+) -> (Option<Result<assemble::Assembled>>, Result<Option<String>>) {
     let sent = Arc::new(AtomicU64::new(0));
     let producer = assemble::produce(spec, sent.clone());
     let mut done = Some(producer.done);
@@ -519,62 +457,7 @@ async fn load(
         );
     }
     reporter.metrics().bytes_sent(sent.load(Ordering::Relaxed));
-    // The producer's own error is the real cause when the upload broke off, unless it only
-    // saw the engine stop reading (UNAVAILABLE): then the engine's error says why.
-    let (assembled, loaded) = match (producer_result, engine_result) {
-        (Some(Err(err)), Err(_)) if !matches!(err, Error::Unavailable(_)) => return Err(err),
-        (Some(Err(err)), Ok(_)) => return Err(err),
-        (_, Err(err)) => return Err(err),
-        (Some(Ok(assembled)), Ok(loaded)) => (assembled, loaded),
-        (None, Ok(_)) => {
-            return Err(Error::Internal("the image writer never finished".into()));
-        }
-    };
-    // The image as the engine names it: the containerd image store's IDs are manifest
-    // digests, the config digest we wrote names nothing there (engine.rs, `load`).
-    let image_id = engine_image_id(loaded, &assembled.image_id);
-    if let Err(err) = shared.engine.tag(&image_id, &plan.tag).await {
-        // Nothing else names the image just loaded: an untagged image must not stay behind.
-        if let Err(removal) = shared.engine.remove_image(&image_id, false).await {
-            tracing::warn!(image = %image_id, error = %removal, "could not remove an untagged image");
-        }
-        return Err(err);
-    }
-    for (key, diff_id) in assembly.keys.iter().zip(&assembled.layers) {
-        if let Some(key) = key {
-            shared.images.record_diff_id(key, diff_id);
-        }
-    }
-    shared.images.note_chains(&assembled.diff_ids);
-    // Every layer tar has at least its end-of-archive blocks, so a size of 0 is one not known
-    // (a kept layer of an image whose listing had no sizes): then none are recorded, and prune
-    // counts the image whole.
-    if assembled.layers.iter().all(|layer| layer.size > 0) {
-        listing.layer_bytes = assembled.layers.iter().map(|layer| layer.size).collect();
-    }
-    shared.images.record_listing(&image_id, &listing);
-    reporter.emit(Event::Log {
-        kind: LogKind::Status,
-        text: format!(
-            "loaded {} ({} of layers sent)",
-            short_id(&image_id),
-            bytesize::ByteSize::b(assembled.layer_bytes_sent)
-        ),
-        step: u32::try_from(total).unwrap_or(u32::MAX),
-    });
-    Ok(image_id)
-}
-
-/// The ID to tag after a load: the one the engine answered (`Engine::load`) when it is an
-/// image ID (`sha256:` and 64 hex digits), else the config digest we wrote (`written`): the
-/// ID on Docker's classic store and on Podman, which may answer with a name instead.
-fn engine_image_id(loaded: Option<String>, written: &str) -> String {
-    loaded
-        .filter(|id| {
-            id.strip_prefix("sha256:")
-                .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        })
-        .unwrap_or_else(|| written.to_owned())
+    (producer_result, engine_result)
 }
 
 /// Step 5: the built image as the engine now has it under the tag; then, in the background,
@@ -668,21 +551,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The engine's answer names the image when it is an ID (the containerd store's manifest
-    /// digest); a name, or no answer, leaves the config digest we wrote.
-    #[test]
-    fn the_tagged_id_is_the_engines() {
-        let written = format!("sha256:{}", "8".repeat(64));
-        let manifest = format!("sha256:{}", "4e".repeat(32));
-        assert_eq!(engine_image_id(Some(manifest.clone()), &written), manifest);
-        assert_eq!(engine_image_id(None, &written), written);
-        assert_eq!(engine_image_id(Some("lambda:x".into()), &written), written);
-        assert_eq!(
-            engine_image_id(Some("sha256:4e8b".into()), &written),
-            written
-        );
-    }
 
     /// A read refused while acting for a peer names the peer's uid and the path, once.
     #[test]

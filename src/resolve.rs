@@ -253,7 +253,6 @@ fn check_layers(layers: &[LayerSpec]) -> Result<()> {
 /// The tag stays SAM's (`public.ecr.aws/lambda/...`), so emulators still find the image; an
 /// invoke image is used as given.
 pub fn resolve_with(request: &Request, mirror: Option<&str>) -> Result<Plan> {
-    let arch = request.arch;
     let mut invoke_images = Vec::with_capacity(request.invoke_images.len());
     for (index, entry) in request.invoke_images.iter().enumerate() {
         let field = format!("invoke_images[{index}].image");
@@ -277,97 +276,110 @@ pub fn resolve_with(request: &Request, mirror: Option<&str>) -> Result<Plan> {
         .map(|(_, image)| image.clone());
 
     match request.package_type {
-        PackageType::Zip => {
-            let runtime = request.runtime.as_str();
-            if runtime.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "runtime: required for package type ZIP; one of: {}",
-                    RUNTIMES.join(", ")
-                )));
-            }
-            if !RUNTIMES.contains(&runtime) {
-                return Err(Error::InvalidArgument(format!(
-                    "runtime: {runtime:?} is not a runtime SAM supports; one of: {}",
-                    RUNTIMES.join(", ")
-                )));
-            }
-            if arch == Arch::Arm64 && SINGLE_ARCH_RUNTIMES.contains(&runtime) {
-                return Err(Error::InvalidArgument(format!(
-                    "architecture: runtime {runtime} has images for x86_64 only; use \
-                     architecture x86_64 or a runtime such as provided.al2023"
-                )));
-            }
-            check_layers(&request.layers)?;
-            let name_tag = runtime_image_name_tag(runtime, arch);
-            let (base, tag_repo, prefix, invoke_image_used) = match invoke_image {
-                Some(image) => {
-                    let repo = image.repository().to_owned();
-                    (image, repo, String::new(), true)
-                }
-                None => {
-                    let sam_base =
-                        parse_reference("runtime", &format!("{LAMBDA_REPO_PREFIX}/{name_tag}"))?;
-                    let base = match mirror {
-                        Some(mirror) => {
-                            parse_reference("base_image_mirror", &format!("{mirror}/{name_tag}"))?
-                        }
-                        None => sam_base.clone(),
-                    };
-                    // SAM: the second field of `name:tag` split on ':' or '-'.
-                    let version = name_tag.split([':', '-']).nth(1).unwrap_or_default();
-                    let repo = sam_base.repository().to_owned();
-                    (base, repo, format!("{version}-"), false)
-                }
-            };
-            let tag = if request.layers.is_empty() {
-                format!("{tag_repo}:{prefix}rapid-{}", arch.as_str())
-            } else {
-                layered_tag(&name_tag, &request.layers)
-            };
-            Ok(Plan {
-                tag: parse_reference("tag", &tag)?,
-                dockerfile: dockerfile(&base, !request.layers.is_empty()),
-                base,
-                arch,
-                package_type: PackageType::Zip,
-                runtime: Some(runtime.to_owned()),
-                layers: request.layers.clone(),
-                ignored_layers: Vec::new(),
-                invoke_image_used,
-                skip_pull_image: request.skip_pull_image,
-                force_image_build: request.force_image_build,
-            })
-        }
-        PackageType::Image => {
-            if request.image.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "image: required for package type IMAGE (an image reference such as \
-                     myrepo/fn:v1)"
-                        .to_owned(),
-                ));
-            }
-            let base = parse_reference("image", &request.image)?;
-            // An invoke image renames the tag's repository only; FROM stays the function's image.
-            let tag_repo = invoke_image
-                .as_ref()
-                .unwrap_or(&base)
-                .repository()
-                .to_owned();
-            Ok(Plan {
-                tag: parse_reference("tag", &format!("{tag_repo}:rapid-{}", arch.as_str()))?,
-                dockerfile: dockerfile(&base, false),
-                base,
-                arch,
-                package_type: PackageType::Image,
-                runtime: None,
-                layers: Vec::new(),
-                ignored_layers: request.layers.clone(),
-                invoke_image_used: invoke_image.is_some(),
-                skip_pull_image: request.skip_pull_image,
-                force_image_build: request.force_image_build,
-            })
-        }
+        PackageType::Zip => zip_plan(request, mirror, invoke_image),
+        PackageType::Image => image_plan(request, invoke_image),
     }
+}
+
+/// A ZIP function's plan: SAM's runtime base (or the invoke image), its tag with or without
+/// layers (`LambdaImage.build`).
+fn zip_plan(
+    request: &Request,
+    mirror: Option<&str>,
+    invoke_image: Option<ImageRef>,
+) -> Result<Plan> {
+    let arch = request.arch;
+    let runtime = request.runtime.as_str();
+    if runtime.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "runtime: required for package type ZIP; one of: {}",
+            RUNTIMES.join(", ")
+        )));
+    }
+    if !RUNTIMES.contains(&runtime) {
+        return Err(Error::InvalidArgument(format!(
+            "runtime: {runtime:?} is not a runtime SAM supports; one of: {}",
+            RUNTIMES.join(", ")
+        )));
+    }
+    if arch == Arch::Arm64 && SINGLE_ARCH_RUNTIMES.contains(&runtime) {
+        return Err(Error::InvalidArgument(format!(
+            "architecture: runtime {runtime} has images for x86_64 only; use \
+             architecture x86_64 or a runtime such as provided.al2023"
+        )));
+    }
+    check_layers(&request.layers)?;
+    let name_tag = runtime_image_name_tag(runtime, arch);
+    let (base, tag_repo, prefix, invoke_image_used) = match invoke_image {
+        Some(image) => {
+            let repo = image.repository().to_owned();
+            (image, repo, String::new(), true)
+        }
+        None => {
+            let sam_base = parse_reference("runtime", &format!("{LAMBDA_REPO_PREFIX}/{name_tag}"))?;
+            let base = match mirror {
+                Some(mirror) => {
+                    parse_reference("base_image_mirror", &format!("{mirror}/{name_tag}"))?
+                }
+                None => sam_base.clone(),
+            };
+            // SAM: the second field of `name:tag` split on ':' or '-'.
+            let version = name_tag.split([':', '-']).nth(1).unwrap_or_default();
+            let repo = sam_base.repository().to_owned();
+            (base, repo, format!("{version}-"), false)
+        }
+    };
+    let tag = if request.layers.is_empty() {
+        format!("{tag_repo}:{prefix}rapid-{}", arch.as_str())
+    } else {
+        layered_tag(&name_tag, &request.layers)
+    };
+    Ok(Plan {
+        tag: parse_reference("tag", &tag)?,
+        dockerfile: dockerfile(&base, !request.layers.is_empty()),
+        base,
+        arch,
+        package_type: PackageType::Zip,
+        runtime: Some(runtime.to_owned()),
+        layers: request.layers.clone(),
+        ignored_layers: Vec::new(),
+        invoke_image_used,
+        skip_pull_image: request.skip_pull_image,
+        force_image_build: request.force_image_build,
+    })
+}
+
+/// An IMAGE function's plan: FROM its image, tagged `<repo>:rapid-<arch>` (an invoke image
+/// renames the repository only); its layers are ignored, as SAM does.
+fn image_plan(request: &Request, invoke_image: Option<ImageRef>) -> Result<Plan> {
+    let arch = request.arch;
+    if request.image.is_empty() {
+        return Err(Error::InvalidArgument(
+            "image: required for package type IMAGE (an image reference such as \
+             myrepo/fn:v1)"
+                .to_owned(),
+        ));
+    }
+    let base = parse_reference("image", &request.image)?;
+    // An invoke image renames the tag's repository only; FROM stays the function's image.
+    let tag_repo = invoke_image
+        .as_ref()
+        .unwrap_or(&base)
+        .repository()
+        .to_owned();
+    Ok(Plan {
+        tag: parse_reference("tag", &format!("{tag_repo}:rapid-{}", arch.as_str()))?,
+        dockerfile: dockerfile(&base, false),
+        base,
+        arch,
+        package_type: PackageType::Image,
+        runtime: None,
+        layers: Vec::new(),
+        ignored_layers: request.layers.clone(),
+        invoke_image_used: invoke_image.is_some(),
+        skip_pull_image: request.skip_pull_image,
+        force_image_build: request.force_image_build,
+    })
 }
 
 #[cfg(test)]
