@@ -326,26 +326,7 @@ fn extract(
     temp: &Path,
     limits: ZipLimits,
 ) -> Result<()> {
-    let mut zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(|err| {
-        Error::InvalidArgument(format!(
-            "layer {name:?}: {} is not a readable zip: {err}",
-            archive.display()
-        ))
-    })?;
-    // The zip crate keys entries by name, so duplicates would be merged silently.
-    if zip.has_duplicate_names() {
-        return Err(Error::InvalidArgument(format!(
-            "layer {name:?}: zip {} rejected: it holds duplicate entry names",
-            archive.display()
-        )));
-    }
-    if zip.len() > limits.max_entries {
-        return Err(Error::InvalidArgument(format!(
-            "layer {name:?}: the zip has {} entries, more than max_zip_entries = {}",
-            zip.len(),
-            limits.max_entries
-        )));
-    }
+    let mut zip = open_zip(name, archive, file, limits)?;
     fs::create_dir(temp).map_err(|err| {
         Error::io(
             &format!("layer {name:?}: creating the directory to extract into"),
@@ -404,87 +385,14 @@ fn extract(
         let mtime = entry_mtime(&entry);
         let size = entry.size();
         total = total.saturating_add(size);
-        if total > limits.max_bytes {
-            return Err(bad(
-                name,
-                &raw,
-                &format!(
-                    "the archive extracts to more than max_zip_bytes = {}",
-                    limits.max_bytes
-                ),
-            ));
-        }
-        let compressed = entry.compressed_size().max(1);
-        if size > (1 << 20) && size / compressed > limits.max_ratio {
-            return Err(bad(
-                name,
-                &raw,
-                &format!(
-                    "compression ratio {}:1 exceeds max_zip_ratio = {}",
-                    size / compressed,
-                    limits.max_ratio
-                ),
-            ));
-        }
+        check_size(name, &raw, (size, entry.compressed_size()), total, limits)?;
         if is_link {
-            if size > MAX_LINK_TARGET {
-                return Err(bad(
-                    name,
-                    &raw,
-                    &format!(
-                        "it is a symbolic link whose target is {size} bytes, longer than the \
-                         {MAX_LINK_TARGET} a link can hold (a file stored as a link by a broken \
-                         packer?); repack the layer"
-                    ),
-                ));
-            }
-            let mut target = Vec::new();
-            entry
-                .by_ref()
-                .take(MAX_LINK_TARGET + 1)
-                .read_to_end(&mut target)
-                .map_err(|err| bad(name, &raw, &format!("cannot decompress: {err}")))?;
-            if target.is_empty() || target.contains(&0) {
-                return Err(bad(
-                    name,
-                    &raw,
-                    "it is a symbolic link with an empty target or a NUL in it; repack the layer",
-                ));
-            }
-            let target = PathBuf::from(std::ffi::OsString::from_vec(target));
+            let target = link_target(&mut entry, name, &raw, size)?;
             links.push((rel.clone(), target, raw, mtime));
             link_paths.insert(rel);
             continue;
         }
-        // create_new + O_NOFOLLOW: never write through anything already there.
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(&dest)
-            .map_err(|err| write_failed(name, &raw, &err))?;
-        // Never trust the declared size: read at most one byte more than it says.
-        // An error with an errno is the system's (a full cache, on writing); the decompressor's
-        // own errors carry none and are the archive's fault.
-        let written = io::copy(&mut entry.by_ref().take(size + 1), &mut out).map_err(|err| {
-            if err.raw_os_error().is_some() {
-                write_failed(name, &raw, &err)
-            } else {
-                bad(name, &raw, &format!("cannot decompress: {err}"))
-            }
-        })?;
-        if written != size {
-            return Err(bad(name, &raw, "its data does not match its declared size"));
-        }
-        out.flush()
-            .and_then(|()| out.set_modified(mtime))
-            .map_err(|err| write_failed(name, &raw, &err))?;
-        // No Unix permission bits at all: made on Windows; assume executable (SAM #1014).
-        let executable = mode.is_none_or(|m| m & 0o777 == 0 || m & 0o111 != 0);
-        let perm = if executable { 0o755 } else { 0o644 };
-        out.set_permissions(fs::Permissions::from_mode(perm))
-            .map_err(|err| write_failed(name, &raw, &err))?;
+        write_entry(&mut entry, &dest, (name, &raw), (size, mtime, mode))?;
     }
     // Links last, so nothing is ever written through one. They are kept as they are, wherever
     // they point (Lambda does the same); nothing on the host ever follows them.
@@ -500,6 +408,140 @@ fn extract(
     sync_dir(temp);
     tracing::info!(layer = name, archive = %archive.display(), digest, bytes = total, "extracted zip layer");
     Ok(())
+}
+
+/// The zip at `archive`, refused when unreadable, with duplicate names (the zip crate keys
+/// entries by name, so they would be merged silently) or more than `max_zip_entries` entries.
+fn open_zip(
+    name: &str,
+    archive: &Path,
+    file: File,
+    limits: ZipLimits,
+) -> Result<zip::ZipArchive<io::BufReader<File>>> {
+    let zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(|err| {
+        Error::InvalidArgument(format!(
+            "layer {name:?}: {} is not a readable zip: {err}",
+            archive.display()
+        ))
+    })?;
+    if zip.has_duplicate_names() {
+        return Err(Error::InvalidArgument(format!(
+            "layer {name:?}: zip {} rejected: it holds duplicate entry names",
+            archive.display()
+        )));
+    }
+    if zip.len() > limits.max_entries {
+        return Err(Error::InvalidArgument(format!(
+            "layer {name:?}: the zip has {} entries, more than max_zip_entries = {}",
+            zip.len(),
+            limits.max_entries
+        )));
+    }
+    Ok(zip)
+}
+
+/// Refuses entry `raw` when the archive's extracted bytes so far (`total`, this entry's
+/// included) pass `max_zip_bytes`, or when the entry (`size`, `compressed` bytes; over 1 MiB)
+/// is compressed more than `max_zip_ratio` to 1 (a zip bomb).
+fn check_size(
+    name: &str,
+    raw: &str,
+    (size, compressed): (u64, u64),
+    total: u64,
+    limits: ZipLimits,
+) -> Result<()> {
+    if total > limits.max_bytes {
+        return Err(bad(
+            name,
+            raw,
+            &format!(
+                "the archive extracts to more than max_zip_bytes = {}",
+                limits.max_bytes
+            ),
+        ));
+    }
+    let compressed = compressed.max(1);
+    if size > (1 << 20) && size / compressed > limits.max_ratio {
+        return Err(bad(
+            name,
+            raw,
+            &format!(
+                "compression ratio {}:1 exceeds max_zip_ratio = {}",
+                size / compressed,
+                limits.max_ratio
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The target of link entry `raw` (`size` bytes declared): at most [`MAX_LINK_TARGET`] bytes,
+/// never empty, no NUL.
+fn link_target(entry: &mut impl Read, name: &str, raw: &str, size: u64) -> Result<PathBuf> {
+    if size > MAX_LINK_TARGET {
+        return Err(bad(
+            name,
+            raw,
+            &format!(
+                "it is a symbolic link whose target is {size} bytes, longer than the \
+                 {MAX_LINK_TARGET} a link can hold (a file stored as a link by a broken \
+                 packer?); repack the layer"
+            ),
+        ));
+    }
+    let mut target = Vec::new();
+    entry
+        .take(MAX_LINK_TARGET + 1)
+        .read_to_end(&mut target)
+        .map_err(|err| bad(name, raw, &format!("cannot decompress: {err}")))?;
+    if target.is_empty() || target.contains(&0) {
+        return Err(bad(
+            name,
+            raw,
+            "it is a symbolic link with an empty target or a NUL in it; repack the layer",
+        ));
+    }
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(target)))
+}
+
+/// Writes file entry `raw` of layer `name` to `dest` (a new file: never through anything
+/// already there), checking its data against its declared `size`, with its `mtime` and a mode
+/// of 0755 or 0644 from its Unix `mode` (none: made on Windows, taken as executable).
+fn write_entry(
+    entry: &mut impl Read,
+    dest: &Path,
+    (name, raw): (&str, &str),
+    (size, mtime, mode): (u64, SystemTime, Option<u32>),
+) -> Result<()> {
+    // create_new + O_NOFOLLOW: never write through anything already there.
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(dest)
+        .map_err(|err| write_failed(name, raw, &err))?;
+    // Never trust the declared size: read at most one byte more than it says.
+    // An error with an errno is the system's (a full cache, on writing); the decompressor's
+    // own errors carry none and are the archive's fault.
+    let written = io::copy(&mut entry.take(size + 1), &mut out).map_err(|err| {
+        if err.raw_os_error().is_some() {
+            write_failed(name, raw, &err)
+        } else {
+            bad(name, raw, &format!("cannot decompress: {err}"))
+        }
+    })?;
+    if written != size {
+        return Err(bad(name, raw, "its data does not match its declared size"));
+    }
+    out.flush()
+        .and_then(|()| out.set_modified(mtime))
+        .map_err(|err| write_failed(name, raw, &err))?;
+    // No Unix permission bits at all: made on Windows; assume executable (SAM #1014).
+    let executable = mode.is_none_or(|m| m & 0o777 == 0 || m & 0o111 != 0);
+    let perm = if executable { 0o755 } else { 0o644 };
+    out.set_permissions(fs::Permissions::from_mode(perm))
+        .map_err(|err| write_failed(name, raw, &err))
 }
 
 fn set_dir_modes(dir: &Path) -> Result<()> {

@@ -408,37 +408,6 @@ impl Settings {
 
     /// Validates everything once; the error names the setting and what is expected.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let duration = |name: &'static str,
-                        text: &Option<String>,
-                        default: Duration|
-         -> Result<Duration, ConfigError> {
-            match text {
-                None => Ok(default),
-                Some(text) => text
-                    .parse::<u64>()
-                    .map(Duration::from_secs)
-                    .or_else(|_| humantime::parse_duration(text))
-                    .map_err(|source| ConfigError::Duration {
-                        name,
-                        value: text.clone(),
-                        source,
-                    }),
-            }
-        };
-        let size =
-            |name: &'static str, text: &Option<String>| -> Result<Option<u64>, ConfigError> {
-                text.as_ref()
-                    .map(|text| {
-                        text.parse::<bytesize::ByteSize>()
-                            .map(|s| s.as_u64())
-                            .map_err(|reason| ConfigError::Size {
-                                name,
-                                value: text.clone(),
-                                reason,
-                            })
-                    })
-                    .transpose()
-            };
         let socket = self
             .socket
             .clone()
@@ -526,6 +495,25 @@ impl Settings {
             }
             config.max_connections_per_uid = max;
         }
+        self.apply_size_limits(&mut config)?;
+        if let Some(group) = &self.socket_group {
+            config.socket_gid = Some(group_id(group)?);
+        }
+        config.allow_uids = self.allow_uid.clone();
+        config.allow_gids = self.allow_gid.clone();
+        match self.log_format.as_deref() {
+            None | Some("text" | "json") => {}
+            Some(other) => {
+                return Err(ConfigError::LogFormat(other.to_owned()));
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl Settings {
+    /// The cache and layer size limits (`max_cache_size`, `max_layer_*`, `max_zip_*`).
+    fn apply_size_limits(&self, config: &mut Config) -> Result<(), ConfigError> {
         config.max_cache_bytes = size("max_cache_size", &self.max_cache_size)?;
         if let Some(bytes) = size("max_layer_bytes", &self.max_layer_bytes)? {
             config.limits.max_bytes = bytes;
@@ -542,19 +530,43 @@ impl Settings {
         if let Some(ratio) = self.max_zip_ratio {
             config.zip_limits.max_ratio = ratio;
         }
-        if let Some(group) = &self.socket_group {
-            config.socket_gid = Some(group_id(group)?);
-        }
-        config.allow_uids = self.allow_uid.clone();
-        config.allow_gids = self.allow_gid.clone();
-        match self.log_format.as_deref() {
-            None | Some("text" | "json") => {}
-            Some(other) => {
-                return Err(ConfigError::LogFormat(other.to_owned()));
-            }
-        }
-        Ok(config)
+        Ok(())
     }
+}
+
+/// Setting `name`'s duration: whole seconds (`30`) or humantime (`10m`); `default` when unset.
+fn duration(
+    name: &'static str,
+    text: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match text {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .or_else(|_| humantime::parse_duration(text))
+            .map_err(|source| ConfigError::Duration {
+                name,
+                value: text.clone(),
+                source,
+            }),
+    }
+}
+
+/// Setting `name`'s size in bytes (`2GiB`, `500MB`, `1024`); `None` when unset.
+fn size(name: &'static str, text: &Option<String>) -> Result<Option<u64>, ConfigError> {
+    text.as_ref()
+        .map(|text| {
+            text.parse::<bytesize::ByteSize>()
+                .map(|s| s.as_u64())
+                .map_err(|reason| ConfigError::Size {
+                    name,
+                    value: text.clone(),
+                    reason,
+                })
+        })
+        .transpose()
 }
 
 /// A group name or number to its gid.
