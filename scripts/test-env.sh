@@ -556,7 +556,8 @@ start_new_engine() {
 	mkdir -p "$dir/data" "$dir/exec"
 	pid=$(our_pid "$dir/dockerd.pid")
 	[ -z "$pid" ] || end_dockerd "$pid"
-	rm -f "$sock" "$dir/dockerd.pid"
+	# (a containerd pidfile left by a killed engine would make the new one wait for it)
+	rm -f "$sock" "$dir/dockerd.pid" "$dir/exec/containerd/containerd.pid"
 	bridge="limg-${D_HASH:0:4}-${name:6:2}${store:0:2}"
 	if ! ip link show "$bridge" >/dev/null 2>&1; then
 		echo "$bridge" >"$dir/bridge.created"
