@@ -28,6 +28,9 @@ esac
 }
 
 W=$(mktemp -d /tmp/lambda-imaged-fresh.XXXXXX)
+# World-traversable like /tmp/lambda-imaged-test (mkdir's default): one test runs a client as
+# another user, with the state dir's venv.
+chmod 0755 "$W"
 echo "fresh-check: working in $W (HEAD $(git -C "$ROOT" rev-parse --short HEAD))"
 git clone --quiet "$ROOT" "$W/repo"
 mkdir "$W/cargo-home"
