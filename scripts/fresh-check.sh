@@ -60,6 +60,10 @@ if [ "$what" = ci ]; then
 fi
 
 if [ "$rc" -eq 0 ] && [ -z "${LAMBDA_IMAGED_KEEP_FRESH:-}" ]; then
+	# A stopped dockerd can leave its data root mounted on itself: unmount what is under W.
+	awk -v w="$W/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+		umount -l "$m" || true
+	done
 	rm -rf "$W"
 	echo "fresh-check: OK (removed $W)"
 else
