@@ -411,7 +411,10 @@ async fn two_hundred_streams_twenty_tags() {
     for client in clients {
         let outcome = client.await.unwrap();
         let done = outcome.completed();
-        resent.insert(done.tag.clone(), warnings_with_code(&outcome, "layers_resent"));
+        resent.insert(
+            done.tag.clone(),
+            warnings_with_code(&outcome, "layers_resent"),
+        );
         ids.entry(done.tag.clone())
             .or_default()
             .push(done.image_id.clone());
