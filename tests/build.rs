@@ -14,18 +14,6 @@ use support::*;
 use tokio::sync::Semaphore;
 use tonic::Code;
 
-/// Polls `check` until it holds (bounded: 60 s), for what the daemon does after answering.
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !check() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after 60 s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Two layers, the later one winning, with a bootstrap and a setuid file.
 fn two_layers(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let a = dir.join("a");
@@ -144,11 +132,15 @@ async fn build_contents_cache_and_invalidation() {
         "from layer B"
     );
     // The superseded image is removed (no container used it), on a task after the answer.
-    until("the superseded image to be removed", || {
-        !docker(&["image", "inspect", &done.image_id])
-            .status
-            .success()
-    })
+    until(
+        "the superseded image to be removed",
+        Duration::from_secs(60),
+        || {
+            !docker(&["image", "inspect", &done.image_id])
+                .status
+                .success()
+        },
+    )
     .await;
 
     // Removed behind the daemon's back: the very next request rebuilds. A "cached" answer

@@ -89,13 +89,10 @@ fn spawn_daemon(socket: &Path, dir: &Path) -> Child {
 }
 
 fn wait_for_socket(socket: &Path) {
-    for _ in 0..300 {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the daemon did not start listening on {}", socket.display());
+    let what = format!("the daemon to listen on {}", socket.display());
+    support::until_blocking(&what, Duration::from_secs(15), || {
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    });
 }
 
 fn ctl(socket: &Path, args: &[&str]) -> Output {

@@ -14,17 +14,6 @@ use support::*;
 use tokio::sync::Semaphore;
 use tonic::Code;
 
-/// Polls `check` until it holds (bounded: 60 s), for states the daemon reaches on its own.
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..1200 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 fn subscribers(builds: &Builds) -> u32 {
     builds.list().0.iter().map(|s| s.subscribers).sum()
 }
@@ -68,9 +57,11 @@ async fn concurrent_identical_requests_share_one_build() {
     for _ in 0..8 {
         clients.push(spawn_build(&daemon.socket, request.clone()));
     }
-    until("8 subscribers on one build", || {
-        daemon.builds.in_flight() == 1 && subscribers(&daemon.builds) == 8
-    })
+    until(
+        "8 subscribers on one build",
+        Duration::from_secs(60),
+        || daemon.builds.in_flight() == 1 && subscribers(&daemon.builds) == 8,
+    )
     .await;
     before.add_permits(1);
     after.add_permits(1);
@@ -100,7 +91,10 @@ async fn concurrent_identical_requests_share_one_build() {
         1,
         "exactly one engine build"
     );
-    until("an empty table", || daemon.builds.in_flight() == 0).await;
+    until("an empty table", Duration::from_secs(60), || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
     docker(&["rmi", "-f", "--no-prune", &first.tag]);
     daemon.stop().await;
 }
@@ -118,7 +112,7 @@ async fn late_joiner_gets_the_events_it_missed() {
     before.add_permits(1);
     // The engine has finished (the build is parked at the after-build gate) once its log
     // holds "loaded <image>": everything before that is history for the late joiner.
-    until("the engine build to finish", || {
+    until("the engine build to finish", Duration::from_secs(60), || {
         let tag = daemon.builds.list().0.first().map(|s| s.tag.clone()).unwrap_or_default();
         daemon.builds.events_of(&tag).is_some_and(|events| {
             events.iter().any(|e| matches!(e, lambda_imaged::server::BuildLogEvent::Log { text, .. } if text.starts_with("loaded ")))
@@ -126,7 +120,10 @@ async fn late_joiner_gets_the_events_it_missed() {
     })
     .await;
     let late = spawn_build(&daemon.socket, request.clone());
-    until("two subscribers", || subscribers(&daemon.builds) == 2).await;
+    until("two subscribers", Duration::from_secs(60), || {
+        subscribers(&daemon.builds) == 2
+    })
+    .await;
     after.add_permits(1);
     let (early, late) = (early.await.unwrap(), late.await.unwrap());
     assert!(matches!(&late.events[0].event, Some(Event::Accepted(a)) if a.joined));
@@ -153,9 +150,15 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
     let request = zip_request(&[(&name, &path)]);
     let leaver = spawn_build(&daemon.socket, request.clone());
     let stayer = spawn_build(&daemon.socket, request.clone());
-    until("two subscribers", || subscribers(&daemon.builds) == 2).await;
+    until("two subscribers", Duration::from_secs(60), || {
+        subscribers(&daemon.builds) == 2
+    })
+    .await;
     leaver.abort();
-    until("the leaver to be gone", || subscribers(&daemon.builds) == 1).await;
+    until("the leaver to be gone", Duration::from_secs(60), || {
+        subscribers(&daemon.builds) == 1
+    })
+    .await;
     before.add_permits(1);
     after.add_permits(1);
     let done = stayer.await.unwrap().completed().clone();
@@ -164,13 +167,22 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
 
     // Everyone leaves: the build still runs to its end.
     let only = spawn_build(&daemon.socket, request.clone());
-    until("one subscriber", || subscribers(&daemon.builds) == 1).await;
+    until("one subscriber", Duration::from_secs(60), || {
+        subscribers(&daemon.builds) == 1
+    })
+    .await;
     only.abort();
-    until("no subscriber", || subscribers(&daemon.builds) == 0).await;
+    until("no subscriber", Duration::from_secs(60), || {
+        subscribers(&daemon.builds) == 0
+    })
+    .await;
     assert_eq!(daemon.builds.in_flight(), 1, "the build is still in flight");
     before.add_permits(1);
     after.add_permits(1);
-    until("the build to end", || daemon.builds.in_flight() == 0).await;
+    until("the build to end", Duration::from_secs(60), || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
     let recent = daemon.builds.list().1;
     assert_eq!(recent[0].phase, Phase::Succeeded, "{:?}", recent[0]);
     let next = build(&daemon.socket, request).await;
@@ -194,7 +206,10 @@ async fn same_tag_different_inputs_build_separately() {
     let two = layer(dir.path(), "two", "content two");
     let name = unique("same");
     let first = spawn_build(&daemon.socket, zip_request(&[(&name, &one)]));
-    until("the first build", || subscribers(&daemon.builds) == 1).await;
+    until("the first build", Duration::from_secs(60), || {
+        subscribers(&daemon.builds) == 1
+    })
+    .await;
     let second = spawn_build(&daemon.socket, zip_request(&[(&name, &two)]));
     before.add_permits(1);
     after.add_permits(1);
@@ -202,10 +217,14 @@ async fn same_tag_different_inputs_build_separately() {
     let first_id = first.events[0].build_id.clone();
     let first = first.completed().clone();
     // The second builds on its own and parks at the gate: check the first image meanwhile.
-    until("the second build at the gate", || {
-        let (flying, _) = daemon.builds.list();
-        flying.len() == 1 && flying[0].build_id != first_id && flying[0].phase == Phase::Running
-    })
+    until(
+        "the second build at the gate",
+        Duration::from_secs(60),
+        || {
+            let (flying, _) = daemon.builds.list();
+            flying.len() == 1 && flying[0].build_id != first_id && flying[0].phase == Phase::Running
+        },
+    )
     .await;
     assert_eq!(
         run_in_image(&first.image_id, "cat /opt/message.txt"),
@@ -249,15 +268,19 @@ async fn a_failure_reaches_every_subscriber_and_the_next_request_retries() {
     for _ in 0..3 {
         clients.push(spawn_build(&daemon.socket, request.clone()));
     }
-    until("three subscribers at the gate", || {
-        subscribers(&daemon.builds) == 3
-            && daemon
-                .builds
-                .list()
-                .0
-                .first()
-                .is_some_and(|s| s.phase == Phase::Running)
-    })
+    until(
+        "three subscribers at the gate",
+        Duration::from_secs(60),
+        || {
+            subscribers(&daemon.builds) == 3
+                && daemon
+                    .builds
+                    .list()
+                    .0
+                    .first()
+                    .is_some_and(|s| s.phase == Phase::Running)
+        },
+    )
     .await;
     // The layer vanishes after it was walked, before the context is sent.
     std::fs::remove_file(path.join("message.txt")).unwrap();
@@ -273,7 +296,10 @@ async fn a_failure_reaches_every_subscriber_and_the_next_request_retries() {
     assert!(statuses.iter().all(|s| *s == statuses[0]), "{statuses:?}");
     assert_eq!(statuses[0].0, Code::NotFound, "{statuses:?}");
     assert!(statuses[0].1.contains("message.txt"), "{statuses:?}");
-    until("an empty table", || daemon.builds.in_flight() == 0).await;
+    until("an empty table", Duration::from_secs(60), || {
+        daemon.builds.in_flight() == 0
+    })
+    .await;
 
     write_file(&path.join("message.txt"), "back", 0o644);
     before.add_permits(1);
@@ -298,11 +324,13 @@ async fn builds_beyond_the_limit_are_queued() {
         clients.push(tokio::spawn(async move {
             build(&socket, zip_request(&[(&name, &path)])).await
         }));
-        until("the build to be registered", || {
-            daemon.builds.in_flight() == index + 1
-        })
+        until(
+            "the build to be registered",
+            Duration::from_secs(60),
+            || daemon.builds.in_flight() == index + 1,
+        )
         .await;
-        until("the build to run or queue", || {
+        until("the build to run or queue", Duration::from_secs(60), || {
             daemon
                 .builds
                 .list()
@@ -344,7 +372,7 @@ async fn a_forced_request_joins_a_running_build_of_the_same_inputs() {
     let request = zip_request(&[(&name, &path)]);
     let since = now_stamp();
     let first = spawn_build(&daemon.socket, request.clone());
-    until("the build to hold a slot", || {
+    until("the build to hold a slot", Duration::from_secs(60), || {
         daemon
             .builds
             .list()
@@ -356,7 +384,10 @@ async fn a_forced_request_joins_a_running_build_of_the_same_inputs() {
     let mut forced_request = request.clone();
     forced_request.force_image_build = true;
     let forced = spawn_build(&daemon.socket, forced_request);
-    until("two subscribers", || subscribers(&daemon.builds) == 2).await;
+    until("two subscribers", Duration::from_secs(60), || {
+        subscribers(&daemon.builds) == 2
+    })
+    .await;
     before.add_permits(1);
     after.add_permits(1);
     let (first, forced) = (first.await.unwrap(), forced.await.unwrap());
@@ -377,14 +408,18 @@ async fn a_file_swapped_after_fingerprinting_fails_the_build() {
     let path = layer(dir.path(), "l", "version 1");
     let request = zip_request(&[(&unique("swap"), &path)]);
     let client = spawn_build(&daemon.socket, request.clone());
-    until("the build to wait at the gate", || {
-        daemon
-            .builds
-            .list()
-            .0
-            .first()
-            .is_some_and(|s| s.phase == Phase::Running)
-    })
+    until(
+        "the build to wait at the gate",
+        Duration::from_secs(60),
+        || {
+            daemon
+                .builds
+                .list()
+                .0
+                .first()
+                .is_some_and(|s| s.phase == Phase::Running)
+        },
+    )
     .await;
     write_file(&path.join("message.txt"), "version 2", 0o644);
     before.add_permits(1);

@@ -137,22 +137,12 @@ async fn builds_hits_and_edits_on(name: &str, store: &str) {
     );
 
     daemon.stop().await;
-    // The superseded image is removed in the background after the edit: bounded poll.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let left: Vec<String> = dangling(&host)
-            .into_iter()
-            .filter(|id| !before.contains(id))
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name}: untagged images left behind: {left:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    // The superseded image is removed in the background after the edit.
+    let what = format!("{name}: no untagged image of ours left");
+    until(&what, std::time::Duration::from_secs(60), || {
+        dangling(&host).iter().all(|id| before.contains(id))
+    })
+    .await;
     docker_ok_on(&host, &["rmi", &edit.tag]);
 }
 

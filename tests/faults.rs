@@ -23,15 +23,6 @@ const LOAD: &str = "/images/load";
 /// Generous bound for states the daemon reaches on its own on a busy 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// Polls `check` every 50 ms until it holds; panics after [`DEADLINE`].
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn subscribers(builds: &Builds) -> u32 {
     builds.list().0.iter().map(|s| s.subscribers).sum()
 }
@@ -164,7 +155,7 @@ async fn three_fail_on_http_500(
 
 /// After a fault: the slot is free, a retry builds, the daemon still answers GetInfo.
 async fn assert_recovers(daemon: &TestDaemon, request: proto::BuildRequest) {
-    until("an empty in-flight table", || {
+    until("an empty in-flight table", DEADLINE, || {
         daemon.builds.in_flight() == 0
     })
     .await;
@@ -246,7 +237,7 @@ async fn engine_500_on_the_base_pull_reaches_every_request_then_a_retry_pulls() 
             "the status names the base: {message}"
         );
     }
-    until("an empty in-flight table", || {
+    until("an empty in-flight table", DEADLINE, || {
         daemon.builds.in_flight() == 0
     })
     .await;
@@ -349,7 +340,7 @@ async fn engine_restart_mid_build() {
         started,
         DEADLINE,
     );
-    until("an empty in-flight table", || {
+    until("an empty in-flight table", DEADLINE, || {
         daemon.builds.in_flight() == 0
     })
     .await;
@@ -386,7 +377,7 @@ async fn two_hundred_streams_twenty_tags() {
     // Warm up: the RIE layer and the engine connection pool exist before the baseline.
     let warm = build(&daemon.socket, new_request(dir.path(), "fwarm")).await;
     docker(&["rmi", "-f", "--no-prune", &warm.completed().tag]);
-    until("an empty in-flight table", || {
+    until("an empty in-flight table", DEADLINE, || {
         daemon.builds.in_flight() == 0
     })
     .await;
@@ -444,7 +435,7 @@ async fn two_hundred_streams_twenty_tags() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(builds - builds_before, 20, "exactly 20 engine builds");
 
-    until("file descriptors back to the baseline", || {
+    until("file descriptors back to the baseline", DEADLINE, || {
         adjusted() <= baseline
     })
     .await;
@@ -477,10 +468,16 @@ async fn leaving_subscribers_cancel_nothing() {
         streams.push(open_stream(&daemon.socket, request.clone()).await);
     }
     proxy.wait_for(LOAD, 1, DEADLINE).await;
-    until("5 subscribers", || subscribers(&daemon.builds) == 5).await;
+    until("5 subscribers", DEADLINE, || {
+        subscribers(&daemon.builds) == 5
+    })
+    .await;
     let mut last = streams.pop().unwrap();
     drop(streams);
-    until("4 subscribers gone", || subscribers(&daemon.builds) == 1).await;
+    until("4 subscribers gone", DEADLINE, || {
+        subscribers(&daemon.builds) == 1
+    })
+    .await;
     proxy.clear();
     let (_, done) = finish_stream(&mut last).await;
     let done = done.unwrap_or_else(|s| panic!("the 5th failed: {s:?}"));
@@ -499,10 +496,16 @@ async fn leaving_subscribers_cancel_nothing() {
     }
     proxy.wait_for(LOAD, 2, DEADLINE).await;
     drop(streams);
-    until("every subscriber gone", || subscribers(&daemon.builds) == 0).await;
+    until("every subscriber gone", DEADLINE, || {
+        subscribers(&daemon.builds) == 0
+    })
+    .await;
     assert_eq!(daemon.builds.in_flight(), 1, "the build is still in flight");
     let joiner = spawn_build(&daemon.socket, request.clone());
-    until("the joiner attached", || subscribers(&daemon.builds) == 1).await;
+    until("the joiner attached", DEADLINE, || {
+        subscribers(&daemon.builds) == 1
+    })
+    .await;
     proxy.clear();
     let joined = joiner.await.unwrap();
     assert!(
@@ -510,7 +513,7 @@ async fn leaving_subscribers_cancel_nothing() {
         "the next request joined the abandoned build"
     );
     assert!(!joined.completed().cached);
-    until("an empty in-flight table", || {
+    until("an empty in-flight table", DEADLINE, || {
         daemon.builds.in_flight() == 0
     })
     .await;
@@ -569,7 +572,7 @@ async fn slow_reader_is_dropped_and_memory_stays_bounded() {
         assert!(image.get_or_insert(done.image_id.clone()) == &done.image_id);
         tag = done.tag;
     }
-    until("the stalled client to be let go", || {
+    until("the stalled client to be let go", DEADLINE, || {
         daemon
             .builds
             .stats
@@ -610,11 +613,12 @@ async fn slow_reader_is_dropped_and_memory_stays_bounded() {
 
 /// Polls the daemon's health until it is `want`.
 async fn health_becomes(watcher: &mut Client, want: ServingStatus) {
-    let deadline = Instant::now() + DEADLINE;
-    while watcher.health().await.unwrap() != want {
-        assert!(Instant::now() < deadline, "health never became {want:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("health {want:?}");
+    until_async(&what, DEADLINE, || {
+        let mut watcher = watcher.clone();
+        async move { watcher.health().await.unwrap() == want }
+    })
+    .await;
 }
 
 /// A real engine restart, not a model of one: the second private dockerd
@@ -664,7 +668,7 @@ async fn a_real_engine_killed_mid_load_then_restarted() {
     // SAFETY: kill(2) with the pid from the second engine's own pidfile.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let killed = Instant::now();
-    until("the killed engine's process to end", || {
+    until("the killed engine's process to end", DEADLINE, || {
         support::dockerd::has_ended(pid)
     })
     .await;
@@ -678,7 +682,7 @@ async fn a_real_engine_killed_mid_load_then_restarted() {
         status.message()
     );
     assert!(killed.elapsed() < DEADLINE, "the status came late");
-    until("an empty in-flight table", || {
+    until("an empty in-flight table", DEADLINE, || {
         daemon.builds.in_flight() == 0
     })
     .await;

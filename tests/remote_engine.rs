@@ -136,8 +136,8 @@ fn acceptor(ca: &Ca, (cert, key): &(String, String)) -> TlsAcceptor {
 /// Polls the daemon's health until it is SERVING (bounded: 60 s): the engine answered a ping
 /// and the image index is following its `/events` stream.
 async fn until_serving(socket: &Path) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
+    let deadline = std::time::Duration::from_secs(60);
+    until_async("the daemon to report SERVING", deadline, || async {
         let channel = lambda_imaged::client::channel(socket).await.unwrap();
         let status = HealthClient::new(channel)
             .check(HealthCheckRequest {
@@ -147,15 +147,9 @@ async fn until_serving(socket: &Path) {
             .unwrap()
             .into_inner()
             .status;
-        if status == ServingStatus::Serving as i32 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon did not report SERVING within 60 s (status {status})"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        status == ServingStatus::Serving as i32
+    })
+    .await;
 }
 
 /// A request with one fresh layer (its own content, so its own image).

@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::future::Future;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -43,22 +42,6 @@ const SERVICE: &str = "lambda_imaged.v1.ImageBuilder";
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Polls `check` until it holds (bounded by WAIT), for states the system reaches on its own.
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out after {WAIT:?} waiting for {what}");
-}
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -433,7 +416,7 @@ async fn health(socket: &Path, service: &str) -> ServingStatus {
 
 /// Polls until both the overall and the ImageBuilder health are `want`.
 async fn until_health(socket: &Path, want: ServingStatus) {
-    until(&format!("health {}", want.as_str_name()), || async {
+    until_async(&format!("health {}", want.as_str_name()), WAIT, || async {
         health(socket, "").await == want && health(socket, SERVICE).await == want
     })
     .await;
@@ -682,8 +665,9 @@ async fn shutdown_refuses_new_builds_and_finishes_those_in_flight() {
         .map(|_| spawn_build(&daemon.socket, request.clone()))
         .collect();
     let (socket, builds) = (daemon.socket.clone(), daemon.builds.clone());
-    until(
+    until_async(
         "the build to be held at the gate with every client",
+        WAIT,
         || async {
             held_at_gate(&builds)
                 && builds.list().0[0].subscribers == u32::try_from(CLIENTS).unwrap()
@@ -696,16 +680,20 @@ async fn shutdown_refuses_new_builds_and_finishes_those_in_flight() {
     let serving = tokio::spawn(daemon.stop());
     // A probe that fails before it needs a build slot: INVALID_ARGUMENT until the drain starts.
     let probe = dangling_layer(dir.path());
-    until("new builds to be refused with UNAVAILABLE", || async {
-        let outcome = build(&socket, zip_request(&[(&unique("probe"), &probe)])).await;
-        let code = outcome.status().code();
-        assert!(
-            matches!(code, Code::InvalidArgument | Code::Unavailable),
-            "{:?}",
-            outcome.status()
-        );
-        code == Code::Unavailable
-    })
+    until_async(
+        "new builds to be refused with UNAVAILABLE",
+        WAIT,
+        || async {
+            let outcome = build(&socket, zip_request(&[(&unique("probe"), &probe)])).await;
+            let code = outcome.status().code();
+            assert!(
+                matches!(code, Code::InvalidArgument | Code::Unavailable),
+                "{:?}",
+                outcome.status()
+            );
+            code == Code::Unavailable
+        },
+    )
     .await;
     let refused = build(
         &socket,
@@ -772,7 +760,7 @@ async fn shutdown_timeout_ends_waiting_streams_with_unavailable() {
     let request = zip_request(&[(&unique("timeout"), &layer(dir.path(), "l", "timeout"))]);
     let in_flight = spawn_build(&daemon.socket, request);
     let builds = daemon.builds.clone();
-    until("the build to be held at the gate", || async {
+    until_async("the build to be held at the gate", WAIT, || async {
         held_at_gate(&builds)
     })
     .await;
@@ -851,34 +839,42 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
         })
         .collect();
     let socket = daemon.socket.clone();
-    until("the engine build to be held with every client", || async {
-        let output = run(ctl(&socket).args(["ls", "--json"])).await;
-        let list: Value = serde_json::from_slice(&output.stdout).unwrap();
-        proxy.held() == 1 && list["in_flight"][0]["subscribers"] == CLIENTS
-    })
+    until_async(
+        "the engine build to be held with every client",
+        WAIT,
+        || async {
+            let output = run(ctl(&socket).args(["ls", "--json"])).await;
+            let list: Value = serde_json::from_slice(&output.stdout).unwrap();
+            proxy.held() == 1 && list["in_flight"][0]["subscribers"] == CLIENTS
+        },
+    )
     .await;
 
     daemon.terminate();
     // A probe that fails before it needs a build slot: INVALID_ARGUMENT until the drain starts.
     let probe = dangling_layer(dir.path());
-    until("new builds to be refused with UNAVAILABLE", || async {
-        let spec = format!("{}={}", unique("probe"), probe.display());
-        let output = run(ctl(&socket).args([
-            "build",
-            "--runtime",
-            "python3.12",
-            "--skip-pull-image",
-            "--layer",
-            &spec,
-        ]))
-        .await;
-        let (code, _, stderr) = parts(&output);
-        assert!(
-            stderr.contains("INVALID_ARGUMENT") || stderr.contains("UNAVAILABLE"),
-            "exit {code:?}: {stderr}"
-        );
-        code == Some(1) && stderr.contains("UNAVAILABLE")
-    })
+    until_async(
+        "new builds to be refused with UNAVAILABLE",
+        WAIT,
+        || async {
+            let spec = format!("{}={}", unique("probe"), probe.display());
+            let output = run(ctl(&socket).args([
+                "build",
+                "--runtime",
+                "python3.12",
+                "--skip-pull-image",
+                "--layer",
+                &spec,
+            ]))
+            .await;
+            let (code, _, stderr) = parts(&output);
+            assert!(
+                stderr.contains("INVALID_ARGUMENT") || stderr.contains("UNAVAILABLE"),
+                "exit {code:?}: {stderr}"
+            );
+            code == Some(1) && stderr.contains("UNAVAILABLE")
+        },
+    )
     .await;
     assert!(
         daemon.child.try_wait().unwrap().is_none(),

@@ -525,3 +525,38 @@ pub fn in_own_process(name: &str) -> bool {
     );
     false
 }
+
+/// The one poll of the tests: checks `check` every 50 ms until it holds; panics naming `what`
+/// once `deadline` has passed. For states the daemon or an engine reaches on its own (a
+/// subscriber count, a health status, a file), never as a sleep standing in for an event.
+pub async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    until_async(what, deadline, || std::future::ready(check())).await;
+}
+
+/// [`until`] for a check that awaits (an RPC, a health probe).
+pub async fn until_async<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`until`] outside an async runtime (blocking the calling thread between checks).
+pub fn until_blocking(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
