@@ -130,7 +130,13 @@ impl ImageStore {
     pub fn record_diff_id(&self, key: &str, diff_id: &DiffId) {
         self.remember_diff_id(key, diff_id);
         let text = format!("{} {}\n", diff_id.digest, diff_id.size);
-        let _ = atomic_file::write(&self.dir.join(layout::DIFF_IDS), key, text.as_bytes());
+        let _ = atomic_file::write(
+            &self.dir.join(layout::DIFF_IDS),
+            key,
+            text.as_bytes(),
+            // (an optimisation written on the build path: no fsync, as before)
+            atomic_file::Durability::Renamed,
+        );
     }
 
     fn remember_diff_id(&self, key: &str, diff_id: &DiffId) {
@@ -170,7 +176,12 @@ impl ImageStore {
     pub fn record_listing(&self, id: &str, listing: &Listing) {
         if let Ok(bytes) = serde_json::to_vec(listing) {
             let name = format!("{}.json", id.trim_start_matches("sha256:"));
-            if let Err(err) = atomic_file::write(&self.dir.join(layout::IMAGES), &name, &bytes) {
+            if let Err(err) = atomic_file::write(
+                &self.dir.join(layout::IMAGES),
+                &name,
+                &bytes,
+                atomic_file::Durability::Renamed,
+            ) {
                 tracing::warn!(image = id, error = %err, "could not keep the image's listing");
             }
         }

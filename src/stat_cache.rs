@@ -168,7 +168,13 @@ impl StatCache {
                 path.display()
             )));
         };
-        atomic_file::write(dir, &name.to_string_lossy(), &bytes).map_err(|err| {
+        atomic_file::write(
+            dir,
+            &name.to_string_lossy(),
+            &bytes,
+            atomic_file::Durability::Synced,
+        )
+        .map_err(|err| {
             self.dirty.store(true, Ordering::Relaxed);
             Error::io("saving the stat cache", path, &err)
         })
