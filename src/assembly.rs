@@ -321,7 +321,7 @@ pub async fn remember_pulled(
     let mut listing = full_listing(parts, Some(&tree));
     let rie = rie.to_owned();
     // Writes every layer over a counting sink (zeros for contents): off the async workers.
-    let sizes = tokio::task::spawn_blocking(move || {
+    let sizes = crate::sync::blocking(move || {
         std::iter::once(rie_items(&rie))
             .chain(
                 tree.layers
@@ -331,9 +331,8 @@ pub async fn remember_pulled(
             .map(|items| assemble::layer_size(&items?))
             .collect::<Result<Vec<u64>>>()
     })
-    .await
-    .map_err(|err| Error::Internal(format!("worker thread failed: {err}")));
-    match sizes.and_then(|sizes| sizes) {
+    .await;
+    match sizes {
         Ok(sizes) => listing.layer_bytes = sizes,
         Err(err) => {
             tracing::warn!(image = %pulled.id, error = %err, "could not size the pulled image's layers")

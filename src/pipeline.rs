@@ -230,7 +230,7 @@ async fn walk_inputs(
     let (rie_digest, tree) = if small {
         work()?
     } else {
-        blocking(work).await?
+        crate::sync::blocking(work).await?
     };
     // Zip layers never go inline: a changed archive may need a long extraction.
     let entries = tree.as_ref().map_or(0, |t| {
@@ -540,12 +540,6 @@ async fn pass_gate(gate: Option<&Arc<Semaphore>>) {
 
 fn elapsed_ms(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|err| Error::Internal(format!("worker thread failed: {err}")))?
 }
 
 #[cfg(test)]

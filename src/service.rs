@@ -150,12 +150,11 @@ async fn plan_as(
         return plan_of(request, mirror.as_deref());
     }
     let peer = peer.clone();
-    tokio::task::spawn_blocking(move || {
+    crate::sync::blocking(move || {
         access::as_peer(&peer, || plan_of(request, mirror.as_deref()))
             .map_err(|err| access::denied_for(&peer, err))
     })
     .await
-    .map_err(|err| Error::Internal(format!("worker thread failed: {err}")))?
 }
 
 /// Identifies a request's inputs: requests with the same key may share one build.

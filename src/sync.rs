@@ -1,8 +1,10 @@
-//! Locks that recover from poisoning: every mutex and rwlock of the daemon guards plain data
+//! The blocking-pool hand-off ([`blocking`]), and locks that recover from poisoning: every mutex and rwlock of the daemon guards plain data
 //! that a panicking holder cannot leave half-updated (each update is one insert, remove or
 //! assignment), so a panic on one request must not make every later request panic too.
 
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::error::{Error, Result};
 
 /// Locks `mutex`, taking the data of a poisoned one as it is.
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -14,6 +16,16 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Read-locks `lock`, as [`lock`] does.
 pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `f` on the blocking pool (file I/O, hashing, credential switches: never on an async
+/// worker) and returns its result; a panic in `f` is INTERNAL.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|err| Error::Internal(format!("worker thread failed: {err}")))?
 }
 
 /// Write-locks `lock`, as [`lock`] does.
