@@ -19,11 +19,9 @@ pub struct Tasks {
 }
 
 struct Inner {
-    /// Running tasks by id: their names.
-    running: Mutex<BTreeMap<u64, String>>,
+    /// Running tasks by id: their names; the drain waits for it to be empty.
+    running: watch::Sender<BTreeMap<u64, String>>,
     next: AtomicU64,
-    /// How many run; the drain waits for 0.
-    count: watch::Sender<usize>,
     /// Test hook (`TestHooks::background`): each task takes one permit before it runs.
     gate: Option<Arc<Semaphore>>,
     /// What the last drain cut off.
@@ -35,9 +33,8 @@ impl Tasks {
     pub fn new(gate: Option<Arc<Semaphore>>) -> Tasks {
         Tasks {
             inner: Arc::new(Inner {
-                running: Mutex::new(BTreeMap::new()),
+                running: watch::channel(BTreeMap::new()).0,
                 next: AtomicU64::new(0),
-                count: watch::channel(0).0,
                 gate,
                 cut_off: Mutex::new(Vec::new()),
             }),
@@ -47,8 +44,10 @@ impl Tasks {
     /// Runs `work` in the background under `name` (e.g. "registry-cache push of <tag>").
     pub fn spawn(&self, name: impl Into<String>, work: impl Future<Output = ()> + Send + 'static) {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        crate::sync::lock(&self.inner.running).insert(id, name.into());
-        self.inner.count.send_modify(|n| *n += 1);
+        let name = name.into();
+        self.inner.running.send_modify(|running| {
+            running.insert(id, name);
+        });
         let inner = self.inner.clone();
         tokio::spawn(async move {
             if let Some(gate) = &inner.gate
@@ -57,8 +56,9 @@ impl Tasks {
                 permit.forget();
             }
             work.await;
-            crate::sync::lock(&inner.running).remove(&id);
-            inner.count.send_modify(|n| *n -= 1);
+            inner.running.send_modify(|running| {
+                running.remove(&id);
+            });
         });
     }
 
@@ -71,18 +71,15 @@ impl Tasks {
 
     /// The names of the tasks running now.
     pub fn running(&self) -> Vec<String> {
-        crate::sync::lock(&self.inner.running)
-            .values()
-            .cloned()
-            .collect()
+        self.inner.running.borrow().values().cloned().collect()
     }
 
     /// Waits up to `timeout` for every task to end; logs each one still running then by name
     /// and returns their names (also kept for [`Tasks::cut_off`]). Tasks keep running after a
     /// cut-off until the runtime stops.
     pub async fn drain(&self, timeout: Duration) -> Vec<String> {
-        let mut count = self.inner.count.subscribe();
-        let ended = tokio::time::timeout(timeout, count.wait_for(|n| *n == 0)).await;
+        let mut running = self.inner.running.subscribe();
+        let ended = tokio::time::timeout(timeout, running.wait_for(BTreeMap::is_empty)).await;
         let cut = if ended.is_ok() {
             Vec::new()
         } else {
