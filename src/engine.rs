@@ -861,7 +861,7 @@ impl Engine {
         self.store
             .get_or_try_init(|| async {
                 let version = self.version().await?;
-                let kind = if version.name.to_lowercase().contains("podman") {
+                let kind = if is_podman(&version.name) {
                     ImageStoreKind::Podman
                 } else {
                     let client = self.client().await?;
@@ -1081,6 +1081,11 @@ impl ImageStoreKind {
             ImageStoreKind::Podman => "podman",
         }
     }
+}
+
+/// True when `/version`'s product name is Podman's ("Podman Engine"): how Podman is told.
+pub fn is_podman(product_name: &str) -> bool {
+    product_name.to_lowercase().contains("podman")
 }
 
 /// The ID to tag after a load: the one the engine answered ([`Engine::load`]) when it is an

@@ -412,7 +412,7 @@ impl ImageBuilder for Service {
         match tokio::time::timeout(Duration::from_secs(5), engine.version()).await {
             Ok(Ok(version)) => {
                 engine_info.reachable = true;
-                engine_info.distribution_api = !version.name.to_lowercase().contains("podman");
+                engine_info.distribution_api = !crate::engine::is_podman(&version.name);
                 engine_info.name = version.name;
                 engine_info.version = version.version;
                 engine_info.api_version = version.api_version;
