@@ -39,6 +39,8 @@ use crate::access::{self, Peer};
 use crate::error::{Error, Result};
 use crate::stat_cache::{StatKey, changed_under_us, open_regular};
 
+mod oci_layout;
+
 const CHUNK: usize = 64 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 8;
 
@@ -105,12 +107,30 @@ pub struct Spec {
     pub layers: Vec<Layer>,
     /// Whose rights layer files are read with (`None`: the daemon's own).
     pub peer: Peer,
+    /// The archive's format, by the engine's image store.
+    pub format: Format,
+}
+
+/// How the archive is laid out, and so how a layer is left out of it.
+#[derive(Debug, Clone)]
+pub enum Format {
+    /// `docker save` layout (`manifest.json`, `<n>/layer.tar`): Docker's classic store and
+    /// Podman; a layer whose chain the engine holds is a zero-size entry, base layers always.
+    DockerArchive,
+    /// OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/<hex>`): Docker's containerd
+    /// store, which imports every file a docker archive lists but loads a manifest naming blobs
+    /// its content store holds ([`oci_layout`]). `base_layers`: the base's layer descriptors,
+    /// as its own manifest names them (from the engine's export of it).
+    OciLayout {
+        base_layers: Arc<Vec<oci_spec::image::Descriptor>>,
+    },
 }
 
 /// What was assembled.
 #[derive(Debug, Clone)]
 pub struct Assembled {
-    /// `sha256:<hex>` of the config: the image ID the engine will give it.
+    /// The image ID the engine will give it: `sha256:<hex>` of the config (docker archive) or
+    /// of the manifest (OCI layout, the containerd store's ID).
     pub image_id: String,
     /// Every layer's diff ID, base first.
     pub diff_ids: Vec<String>,
@@ -181,6 +201,13 @@ pub fn chain_id(below: Option<&str>, diff_id: &str) -> String {
 }
 
 fn write_archive(spec: &Spec, out: &mut ChanWriter) -> Result<Assembled> {
+    match &spec.format {
+        Format::DockerArchive => write_docker_archive(spec, out),
+        Format::OciLayout { base_layers } => oci_layout::write(spec, base_layers, out),
+    }
+}
+
+fn write_docker_archive(spec: &Spec, out: &mut ChanWriter) -> Result<Assembled> {
     let base = spec.base_diff_ids.len();
     let mut manifest_layers = Vec::new();
     let mut diff_ids = spec.base_diff_ids.clone();
@@ -235,8 +262,7 @@ fn write_archive(spec: &Spec, out: &mut ChanWriter) -> Result<Assembled> {
     let manifest_bytes = serde_json::to_vec(&manifest)
         .map_err(|err| Error::Internal(format!("encoding the manifest: {err}")))?;
     outer_file(out, "manifest.json", &manifest_bytes)?;
-    // End of archive: two zero blocks.
-    out.write_all(&[0; 1024]).map_err(send_error)?;
+    end_of_archive(out)?;
     Ok(Assembled {
         image_id: format!("sha256:{config_digest}"),
         diff_ids,
@@ -388,6 +414,11 @@ fn outer_file(out: &mut ChanWriter, name: &str, bytes: &[u8]) -> Result<()> {
     outer_header(out, name, bytes.len() as u64)?;
     out.write_all(bytes).map_err(send_error)?;
     pad(out, bytes.len() as u64)
+}
+
+/// The end of the outer archive: two zero blocks.
+fn end_of_archive(out: &mut ChanWriter) -> Result<()> {
+    out.write_all(&[0; 1024]).map_err(send_error)
 }
 
 /// Pads an entry of `size` bytes to the 512-byte block.

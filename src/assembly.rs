@@ -47,10 +47,39 @@ pub fn delta_allowed(full_bytes: u64, delta_bytes: u64) -> bool {
     delta_bytes <= (full_bytes / MAX_DELTA_SHARE).max(DELTA_ALLOWANCE)
 }
 
+/// What a load may leave out of the archive: decided by the engine's image store (engine.rs,
+/// `ImageStoreKind`; engine-facts.md, "Loading images" and "Today's engines").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// A layer whose chain the engine holds (Docker's classic store, Podman: the docker
+    /// archive's zero-size entries).
+    Chains,
+    /// A layer whose chain the engine holds and whose uncompressed blob its content store is
+    /// known to hold ([`ImageStore::note_blobs`]): Docker's containerd store, OCI layout. A
+    /// chain alone is not enough there: a pulled image holds the chain under compressed blobs,
+    /// and a manifest naming a blob the store lacks loads but cannot be pushed or saved.
+    ChainsAndBlobs,
+    /// Nothing: every layer of ours is sent.
+    Nothing,
+}
+
+impl Reuse {
+    /// True when a layer with diff ID `known` over the chain `chain` may be left out.
+    fn held(self, images: &ImageStore, chain: &str, known: &assemble::DiffId) -> bool {
+        match self {
+            Reuse::Chains => images.has_chain(chain),
+            Reuse::ChainsAndBlobs => {
+                images.has_chain(chain) && images.blob_size(&known.digest) == Some(known.size)
+            }
+            Reuse::Nothing => false,
+        }
+    }
+}
+
 /// The assembly of the image for `parts` over `base`: a delta (or squash) over `existing`,
 /// the image the tag names now, when one can be made, else a full assembly. `rie` is the RIE
-/// file, `tree` the merged `/opt` (none without layers); `every`: the engine's loader needs
-/// every layer sent (nothing is referenced). Errors: the RIE cannot be `stat`ed.
+/// file, `tree` the merged `/opt` (none without layers); `reuse`: what the engine's loader may
+/// be spared. Errors: the RIE cannot be `stat`ed.
 pub fn plan(
     images: &ImageStore,
     parts: &Parts,
@@ -58,10 +87,10 @@ pub fn plan(
     tree: Option<&Tree>,
     base: &ImageInfo,
     existing: Option<&ImageInfo>,
-    every: bool,
+    reuse: Reuse,
 ) -> Result<Assembly> {
-    delta(images, parts, tree, base, existing, every)
-        .map_or_else(|| full(images, parts, rie, tree, base, every), Ok)
+    delta(images, parts, tree, base, existing, reuse)
+        .map_or_else(|| full(images, parts, rie, tree, base, reuse), Ok)
 }
 
 /// The layers of one image above its base, and what to remember once it is loaded.
@@ -121,15 +150,14 @@ fn layer_label(name: &str) -> String {
 }
 
 /// A full assembly: the RIE layer and one layer per Lambda layer. A prefix of layers whose
-/// diff IDs are known and whose chains the engine holds is referenced, not sent (`every`:
-/// the engine needs every layer).
+/// diff IDs are known and that the engine holds (`reuse`) is referenced, not sent.
 pub fn full(
     images: &ImageStore,
     parts: &Parts,
     rie: &Path,
     tree: Option<&Tree>,
     base: &ImageInfo,
-    every: bool,
+    reuse: Reuse,
 ) -> Result<Assembly> {
     let mut planned = vec![(
         RIE_LABEL.to_owned(),
@@ -153,7 +181,7 @@ pub fn full(
     // The chain under the next layer; extended one layer at a time while every layer so far is
     // known (a layer after an unknown one is never skipped).
     let mut chain = assemble::chain_ids(&base.diff_ids).pop();
-    let mut all_held = !every;
+    let mut all_held = true;
     let mut assembly = Assembly {
         layers: Vec::new(),
         keys: Vec::new(),
@@ -163,7 +191,7 @@ pub fn full(
         let known = images.diff_id(&key);
         if let Some(known) = &known {
             let next = assemble::chain_id(chain.as_deref(), &known.digest);
-            all_held &= images.has_chain(&next);
+            all_held &= reuse.held(images, &next, known);
             chain = Some(next);
         } else {
             all_held = false;
@@ -191,10 +219,10 @@ fn delta(
     tree: Option<&Tree>,
     base: &ImageInfo,
     existing: Option<&ImageInfo>,
-    every: bool,
+    reuse: Reuse,
 ) -> Option<Assembly> {
     let (existing, tree) = (existing?, tree?);
-    if every || !existing.diff_ids.starts_with(&base.diff_ids) {
+    if reuse == Reuse::Nothing || !existing.diff_ids.starts_with(&base.diff_ids) {
         return None;
     }
     let previous = images.listing(&existing.id)?;
@@ -251,12 +279,17 @@ fn delta(
             .get(index)
             .cloned()
             .unwrap_or_else(|| "layer of the previous image".into());
+        // On the containerd store a kept layer is named by its blob, which must be there.
+        let size = match reuse {
+            Reuse::ChainsAndBlobs => images.blob_size(diff_id)?,
+            _ => sizes.map_or(0, |sizes| sizes[index]),
+        };
         assembly.layers.push(assemble::Layer {
             label,
             items: Arc::new(Vec::new()),
             known: Some(assemble::DiffId {
                 digest: diff_id.clone(),
-                size: sizes.map_or(0, |sizes| sizes[index]),
+                size,
             }),
             skip: true,
         });
@@ -450,7 +483,7 @@ mod tests {
             Some(&edited),
             &base,
             Some(&existing),
-            false,
+            Reuse::Chains,
         )
         .expect("a 4 MiB change of a 16 MiB tree is a delta");
         let skipped: Vec<bool> = made.layers.iter().map(|l| l.skip).collect();
@@ -476,7 +509,7 @@ mod tests {
                 Some(&rewritten),
                 &base,
                 Some(&existing),
-                false
+                Reuse::Chains
             )
             .is_none(),
             "12 MiB of 16 is past a quarter: a full assembly"
@@ -488,11 +521,53 @@ mod tests {
                 Some(&edited),
                 &base,
                 Some(&existing),
-                true
+                Reuse::Nothing
             )
             .is_none(),
             "an engine that needs every layer gets no delta"
         );
+    }
+
+    /// On Docker's containerd store a kept layer is named by its uncompressed blob: a delta
+    /// needs every kept layer's blob known to the content store (its size comes from there),
+    /// and the same chain held through a pulled image's compressed blobs is not enough.
+    #[test]
+    fn on_the_containerd_store_a_delta_needs_the_kept_layers_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = ImageStore::open(dir.path());
+        let base = image("sha256:base", &["sha256:b1"]);
+        let existing = image("sha256:prev", &["sha256:b1", "sha256:rie", "sha256:deps"]);
+        let before = tree(&[file("a", 12 * MIB, 1), file("b", 4 * MIB, 2)]);
+        remember(&images, &existing, &before, &before, 0);
+        images.note_chains(&existing.diff_ids);
+        let edited = tree(&[file("a", 12 * MIB, 1), file("b", 4 * MIB, 3)]);
+        let delta_now = || {
+            delta(
+                &images,
+                &parts(),
+                Some(&edited),
+                &base,
+                Some(&existing),
+                Reuse::ChainsAndBlobs,
+            )
+        };
+        assert!(delta_now().is_none(), "no blob known: a full assembly");
+        let rie = assemble::DiffId {
+            digest: "sha256:rie".into(),
+            size: 3072,
+        };
+        images.note_blobs(std::slice::from_ref(&rie));
+        assert!(delta_now().is_none(), "one kept blob of two known");
+        let deps = assemble::DiffId {
+            digest: "sha256:deps".into(),
+            size: 16 * MIB + 10240,
+        };
+        images.note_blobs(std::slice::from_ref(&deps));
+        let made = delta_now().expect("both blobs known: a delta");
+        let kept: Vec<_> = made.layers[..2].iter().map(|l| l.known.clone()).collect();
+        assert_eq!(kept, [Some(rie), Some(deps)], "named by their blobs' sizes");
+        images.forget_chains();
+        assert!(delta_now().is_none(), "forgotten with the chains");
     }
 
     /// At depth 8 the next image keeps only the last full assembly's layers and carries one
@@ -519,7 +594,7 @@ mod tests {
             Some(&next),
             &base,
             Some(&existing),
-            false,
+            Reuse::Chains,
         )
         .expect("a squash");
         let kept: Vec<_> = squash

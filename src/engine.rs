@@ -39,6 +39,8 @@ use crate::error::{Error, Result};
 use crate::reference::ImageRef;
 use crate::resolve::Arch;
 
+mod content;
+
 /// How long a connect + version negotiation may take before the engine counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Ordinary engine calls (inspect, remove, version).
@@ -312,6 +314,8 @@ pub struct Engine {
     pulls: std::sync::Mutex<HashMap<(String, String), Arc<InFlightPull>>>,
     /// Where the engine keeps images, once learned ([`Engine::image_store`]).
     store: tokio::sync::OnceCell<ImageStoreKind>,
+    /// Layer descriptors of images' manifests, by image ID ([`Engine::layer_descriptors`]).
+    descriptors: std::sync::Mutex<HashMap<String, Arc<Vec<oci_spec::image::Descriptor>>>>,
 }
 
 /// Progress items one pull keeps for followers that fall behind; a slower one skips items
@@ -382,6 +386,7 @@ impl Engine {
             healthy,
             pulls: std::sync::Mutex::new(HashMap::new()),
             store: tokio::sync::OnceCell::new(),
+            descriptors: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -823,21 +828,43 @@ impl Engine {
             ..Default::default()
         };
         let mut stream = std::pin::pin!(client.import_image_stream(options, body, None));
-        let mut loaded = None;
+        let mut loaded: Option<String> = None;
+        let mut failed = None;
         while let Some(item) = stream.next().await {
-            // A 404 here is the load refused (a layer it lacks), not a missing request object.
-            let item = item.map_err(|err| match self.map_error(err) {
-                Error::NotFound(message) => {
-                    Error::FailedPrecondition(format!("the engine failed the load: {message}"))
+            let item = match item {
+                Ok(item) => item,
+                Err(err) => {
+                    // A 404 here is the load refused (a layer it lacks), not a missing object.
+                    failed = Some(match self.map_error(err) {
+                        Error::NotFound(message) => Error::FailedPrecondition(format!(
+                            "the engine failed the load: {message}"
+                        )),
+                        other => other,
+                    });
+                    break;
                 }
-                other => other,
-            })?;
-            if let Some(name) = item.stream.as_deref().and_then(loaded_image) {
+            };
+            let text = item.stream.as_deref().unwrap_or_default();
+            if let Some(name) = loaded_image(text) {
                 loaded = Some(name.to_owned());
+            }
+            if let Some(message) = unpack_failure(text) {
+                failed = Some(Error::FailedPrecondition(format!(
+                    "the engine failed the load: {message}"
+                )));
             }
             progress(&item);
         }
-        Ok(loaded)
+        let Some(err) = failed else {
+            return Ok(loaded);
+        };
+        // Docker 28's containerd store keeps an image it could not unpack: remove it.
+        if let Some(id) = loaded.filter(|name| name.starts_with("sha256:"))
+            && let Err(removal) = self.remove_image(&id, false).await
+        {
+            tracing::debug!(image = %id, error = %removal, "no image left from the failed load");
+        }
+        Err(err)
     }
 
     /// Tags image `id` as `reference` (moving the tag if another image has it).
@@ -891,13 +918,6 @@ impl Engine {
     /// The image store when already learned ([`Engine::image_store`]), without asking.
     pub fn known_image_store(&self) -> Option<ImageStoreKind> {
         self.store.get().copied()
-    }
-
-    /// True when the engine stores images in containerd (Docker's containerd image store, the
-    /// default on fresh Docker 29 installs): its loader imports every listed layer file, so
-    /// every layer of ours is sent (see [`Engine::image_store`]).
-    pub async fn loads_need_every_layer(&self) -> Result<bool> {
-        Ok(self.image_store().await? == ImageStoreKind::Containerd)
     }
 
     /// Removes an image we superseded, unless a container uses it (the engine refuses then,
@@ -1100,6 +1120,15 @@ pub fn tagged_id(loaded: Option<String>, written: &str) -> String {
         .unwrap_or_else(|| written.to_owned())
 }
 
+/// The engine's reason when a load answer line says the loaded image could not be unpacked.
+/// Docker 28's containerd store answers `Loaded image ID: <id>` and then, in the same stream
+/// and with a 200, `Error unpacking image <id>: <why>` (a layer blob neither in the archive nor
+/// in its content store); Docker 26 sends an `errorDetail` instead (measured, engine-facts.md).
+pub fn unpack_failure(line: &str) -> Option<&str> {
+    let line = line.trim();
+    line.starts_with("Error unpacking image").then_some(line)
+}
+
 /// The image a load answer line names: `Loaded image ID: sha256:<hex>` (Docker, an untagged
 /// image: the classic store's config digest, the containerd store's manifest digest),
 /// `Loaded image: <ref>` (Docker, a named image; Podman 4.3 for an untagged one, with its ID),
@@ -1142,6 +1171,9 @@ mod tests {
             Some("samcli/lambda-python:3.12-x86_64-abc")
         );
         assert_eq!(loaded_image("Loading layer 1/2"), None);
+        let unpack = format!("Error unpacking image {id}: apply layer error: not found\n");
+        assert_eq!(unpack_failure(&unpack), Some(unpack.trim()));
+        assert_eq!(unpack_failure(&format!("Loaded image ID: {id}")), None);
         assert_eq!(loaded_image("Loaded image ID: "), None);
     }
 

@@ -95,6 +95,11 @@ pub struct ImageStore {
     dir: PathBuf,
     diff_ids: Mutex<HashMap<String, DiffId>>,
     chains: Mutex<HashSet<String>>,
+    /// Uncompressed layer blobs of ours that Docker's containerd content store holds, by
+    /// digest (= diff ID), with their size in bytes: what an OCI-layout load may leave out
+    /// there (`assembly.rs`, `Reuse::ChainsAndBlobs`). In memory only:
+    /// after a restart each tag's first build there sends its layers once.
+    blobs: Mutex<HashMap<String, u64>>,
 }
 
 impl ImageStore {
@@ -108,6 +113,7 @@ impl ImageStore {
             dir: cache_dir.to_owned(),
             diff_ids: Mutex::default(),
             chains: Mutex::default(),
+            blobs: Mutex::default(),
         }
     }
 
@@ -161,9 +167,26 @@ impl ImageStore {
         crate::sync::lock(&self.chains).contains(chain)
     }
 
-    /// Forgets every chain: the engine lost one we relied on.
+    /// Forgets every chain and blob: the engine lost one we relied on.
     pub fn forget_chains(&self) {
         crate::sync::lock(&self.chains).clear();
+        crate::sync::lock(&self.blobs).clear();
+    }
+
+    /// Notes that the containerd content store holds these uncompressed layer blobs of ours
+    /// (an image we loaded with them exists).
+    pub fn note_blobs(&self, layers: &[DiffId]) {
+        let mut blobs = crate::sync::lock(&self.blobs);
+        if blobs.len() > MAX_CHAINS {
+            blobs.clear();
+        }
+        blobs.extend(layers.iter().map(|l| (l.digest.clone(), l.size)));
+    }
+
+    /// The size of the uncompressed layer blob `digest` when the content store is known to
+    /// hold it ([`ImageStore::note_blobs`]).
+    pub fn blob_size(&self, digest: &str) -> Option<u64> {
+        crate::sync::lock(&self.blobs).get(digest).copied()
     }
 
     /// The listing of image `id`, if we made it and kept it.

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::access::{self, Peer};
 use crate::assemble;
-use crate::assembly::{self, Assembly, short_id};
+use crate::assembly::{self, Assembly, Reuse, short_id};
 use crate::base;
 use crate::builds::Reporter;
 use crate::engine::{ImageInfo, ImageStoreKind};
@@ -84,9 +84,10 @@ pub async fn run(
     } else {
         let images = (&base, existing.as_ref());
         let layers = (plan.layers.clone(), inputs.tree.clone());
-        let image_id = build(&shared, &plan, &parts, inputs, images, peer, &reporter).await?;
+        let (image_id, pushable) =
+            build(&shared, &plan, &parts, inputs, images, peer, &reporter).await?;
         let built = after_build(&shared, &plan, &image_id, existing).await?;
-        if let Some(cache) = shared.registry_cache.as_ref().filter(|_| pushable(&shared)) {
+        if let Some(cache) = shared.registry_cache.as_ref().filter(|_| pushable) {
             registry_cache::push_in_background(
                 &shared.tasks,
                 shared.engine.clone(),
@@ -108,24 +109,6 @@ pub async fn run(
         duration_ms: elapsed_ms(started),
         config,
     })
-}
-
-/// True when images built here may be pushed to the registry cache. Not on Docker's
-/// containerd image store: there the base's layers are referenced as zero-size entries of the
-/// archive, which that store records as empty blobs under the image's manifest (it runs, since
-/// the snapshots exist, but a push would publish empty base layers). Said once in the log.
-fn pushable(shared: &Shared) -> bool {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    let containerd = shared.engine.known_image_store() == Some(ImageStoreKind::Containerd);
-    if containerd {
-        SAID.call_once(|| {
-            tracing::warn!(
-                "registry cache: not pushing from Docker's containerd image store (its images \
-                 of ours hold placeholder base-layer blobs); lookups and pulls still work"
-            );
-        });
-    }
-    !containerd
 }
 
 /// Before a cold build, with `--registry-cache`: the image another daemon built for
@@ -276,7 +259,9 @@ fn parts_of(plan: &Plan, base: &ImageInfo, inputs: &Inputs) -> Parts {
 /// `--build-timeout`, holding a build slot: a delta over the previous image when one can be
 /// made, else a full assembly; layers the engine holds are referenced, not sent. If the engine
 /// lost a layer we relied on (removed behind our back), every layer is sent again: a build
-/// never fails for that. Returns the image id.
+/// never fails for that. Returns the image id and whether it may be pushed to the registry
+/// cache: not when Docker's containerd store got a docker archive (its base layers are
+/// zero-size entries there, which that store records as empty blobs).
 async fn build(
     shared: &Shared,
     plan: &Plan,
@@ -285,21 +270,25 @@ async fn build(
     images: (&ImageInfo, Option<&ImageInfo>),
     peer: Peer,
     reporter: &Reporter,
-) -> Result<String> {
+) -> Result<(String, bool)> {
     let (base, existing) = images;
     let _slot = reporter.slot().await?;
     pass_gate(shared.hooks.before_build.as_ref()).await;
     let work = async {
-        let every = shared.engine.loads_need_every_layer().await?;
+        let (reuse, format) = archive_format(shared, base).await?;
         // Both exist now (inspected for this request): the engine holds their chains.
         shared.images.note_chains(&base.diff_ids);
         if let Some(existing) = existing {
             shared.images.note_chains(&existing.diff_ids);
         }
         let (rie, tree) = (inputs.rie.as_path(), inputs.tree.as_deref());
-        let assembly = assembly::plan(&shared.images, parts, rie, tree, base, existing, every)?;
+        let assembly = assembly::plan(&shared.images, parts, rie, tree, base, existing, reuse)?;
         let reused = assembly.layers.iter().any(|l| l.skip);
-        match load(shared, plan, parts, base, assembly, peer.clone(), reporter).await {
+        let pushable = matches!(format, assemble::Format::OciLayout { .. })
+            || shared.engine.known_image_store() != Some(ImageStoreKind::Containerd);
+        let image = (base, format.clone());
+        let loaded = match load(shared, plan, parts, image, assembly, peer.clone(), reporter).await
+        {
             Err(err) if reused && !matches!(err, Error::DeadlineExceeded(_)) => {
                 reporter.emit(Event::Warning {
                     code: "layers_resent".into(),
@@ -309,11 +298,21 @@ async fn build(
                     ),
                 });
                 shared.images.forget_chains();
-                let full = assembly::full(&shared.images, parts, rie, tree, base, true)?;
-                load(shared, plan, parts, base, full, peer.clone(), reporter).await
+                let full = assembly::full(&shared.images, parts, rie, tree, base, Reuse::Nothing)?;
+                load(
+                    shared,
+                    plan,
+                    parts,
+                    (base, format),
+                    full,
+                    peer.clone(),
+                    reporter,
+                )
+                .await
             }
             other => other,
-        }
+        };
+        loaded.map(|id| (id, pushable))
     };
     match tokio::time::timeout(shared.build_timeout, work).await {
         Ok(result) => result.map_err(|err| access::denied_for(&peer, err)),
@@ -325,17 +324,53 @@ async fn build(
     }
 }
 
-/// Streams `assembly` into the engine's loader, tags the image, and remembers its diff IDs,
-/// chains and listing. Reports each layer (referenced or sent) and the bytes sent.
+/// What the engine's loader may be spared, and the archive format that spares it: a docker
+/// archive with zero-size entries for held chains on Docker's classic store and Podman; an OCI
+/// layout naming held blobs on Docker's containerd store, over the base's own layer
+/// descriptors (read from the engine once per base). If those cannot be read, a docker archive
+/// with every layer of ours, as that store's importer needs (logged).
+async fn archive_format(shared: &Shared, base: &ImageInfo) -> Result<(Reuse, assemble::Format)> {
+    if shared.engine.image_store().await? != ImageStoreKind::Containerd {
+        return Ok((Reuse::Chains, assemble::Format::DockerArchive));
+    }
+    let architecture = base.config.architecture.as_str();
+    match shared
+        .engine
+        .layer_descriptors(&base.id, architecture)
+        .await
+    {
+        Ok(base_layers) if base_layers.len() == base.diff_ids.len() => Ok((
+            Reuse::ChainsAndBlobs,
+            assemble::Format::OciLayout { base_layers },
+        )),
+        other => {
+            let why = match other {
+                Err(err) => err.to_string(),
+                Ok(layers) => format!(
+                    "{} layers for {} diff IDs",
+                    layers.len(),
+                    base.diff_ids.len()
+                ),
+            };
+            tracing::warn!(base = %base.id, error = %why, "base layer descriptors unknown: sending every layer");
+            Ok((Reuse::Nothing, assemble::Format::DockerArchive))
+        }
+    }
+}
+
+/// Streams `assembly` into the engine's loader in `format` over `base`, tags the image, and
+/// remembers its diff IDs, chains, blobs and listing. Reports each layer (referenced or sent)
+/// and the bytes sent.
 async fn load(
     shared: &Shared,
     plan: &Plan,
     parts: &Parts,
-    base: &ImageInfo,
+    (base, format): (&ImageInfo, assemble::Format),
     assembly: Assembly,
     peer: Peer,
     reporter: &Reporter,
 ) -> Result<String> {
+    let oci = matches!(format, assemble::Format::OciLayout { .. });
     let total = assembly.layers.len();
     let mut listing = assembly.listing;
     listing.labels = assembly.layers.iter().map(|l| l.label.clone()).collect();
@@ -353,6 +388,7 @@ async fn load(
         labels: fingerprint::labels(parts),
         layers: assembly.layers,
         peer,
+        format,
     };
     let (producer_result, engine_result) = stream_into_engine(shared, spec, reporter).await;
     // The producer's own error is the real cause when the upload broke off, unless it only
@@ -382,6 +418,10 @@ async fn load(
         }
     }
     shared.images.note_chains(&assembled.diff_ids);
+    if oci {
+        // Our layers went in (or were named) uncompressed: the content store holds them so.
+        shared.images.note_blobs(&assembled.layers);
+    }
     // Every layer tar has at least its end-of-archive blocks, so a size of 0 is one not known
     // (a kept layer of an image whose listing had no sizes): then none are recorded, and prune
     // counts the image whole.
