@@ -8,7 +8,7 @@ mod support;
 
 use std::path::Path;
 
-use lambda_imaged::client::proto;
+use lambda_imaged::client::{InvokeImageArg, LayerArg, RequestBuilder, proto};
 use support::*;
 
 /// The engine named `name` in `LAMBDA_IMAGED_TEST_ENGINES` ("name=host=version ..."): its
@@ -127,6 +127,9 @@ async fn builds_hits_and_edits_on(name: &str, store: &str) {
         opt, "second\n755 /opt/bootstrap\n755 /var/rapid/aws-lambda-rie\n",
         "{name}: the image's files"
     );
+    if store == "containerd" {
+        assert_complete(&host, &edit.tag);
+    }
     let answer = invoke_through_rie_on(&host, &edit.tag, &["/opt/bootstrap"]).await;
     assert!(
         answer.contains("second"),
@@ -156,4 +159,140 @@ async fn docker28_containerd_store_builds_hits_and_edits() {
 #[tokio::test(flavor = "multi_thread")]
 async fn docker28_classic_store_builds_hits_and_edits() {
     builds_hits_and_edits_on("docker28-classic", "classic").await;
+}
+
+/// `docker save` of `tag` succeeds only when the engine's content store holds every blob the
+/// image's manifest names: on the containerd store, the proof that a load which left blobs out
+/// named only blobs that are there (a manifest naming a missing one loads and runs over the
+/// existing snapshots, but cannot be saved or pushed).
+fn assert_complete(host: &str, tag: &str) {
+    let saved = docker_on(host, &["save", tag]);
+    assert!(
+        saved.status.success(),
+        "{tag}: docker save fails, a blob is missing: {}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+}
+
+/// `/opt/message.txt` of `tag` on `host`.
+fn message_in(host: &str, tag: &str) -> String {
+    let args = [
+        "run",
+        "--rm",
+        "--entrypoint",
+        "/bin/cat",
+        tag,
+        "/opt/message.txt",
+    ];
+    docker_ok_on(host, &args)
+}
+
+/// A base image of its own in the test registry, pushed (gzip) by the classic engine: the
+/// busybox stand-in's files exported from a container and imported as one new layer (its
+/// diff ID is new: a base whose layers the engine under test already unpacked would be pulled
+/// without its layer blobs, which that store then lists as unavailable).
+fn pushed_base() -> String {
+    let base = format!("{}/{}/base:1", registry::registry(), unique("engines-"));
+    let container = docker_ok(&["create", "lambda-base:busybox"]);
+    let container = container.trim();
+    let export = std::process::Command::new("docker")
+        .args(["export", container])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let import = std::process::Command::new("docker")
+        .args(["import", "--change", "WORKDIR /var/task", "-", &base])
+        .stdin(export.stdout.unwrap())
+        .output()
+        .unwrap();
+    assert!(import.status.success(), "docker import: {import:?}");
+    docker_ok(&["rm", container]);
+    docker_ok(&["push", &base]);
+    docker_ok(&["rmi", &base]);
+    base
+}
+
+/// Over a base the daemon pulls from the test registry (gzip blobs: pushed by the classic
+/// engine), on the containerd store: a cold build names the base's gzip blobs, an edit is a
+/// delta, and after `docker rmi` of our image (the blobs we relied on go with it) the next
+/// build still succeeds with every blob present.
+async fn over_a_pulled_base_and_after_rmi_on(name: &str) {
+    let (host, version) = engine(name);
+    eprintln!("{name}: Docker {version} at {host}");
+    let base = pushed_base();
+    let before = dangling(&host);
+    let engine_host = host.clone();
+    let daemon = TestDaemon::start_with(move |config| config.engine_host = engine_host).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join(unique("pulled"));
+    write_file(&layer.join("bootstrap"), &bootstrap_fixture(), 0o755);
+    // A layer name of its own: SAM's tag hashes layer names, and the other test on this
+    // engine builds a layer named "fn".
+    let layer_name = unique("pulled-");
+    let request = || {
+        RequestBuilder::zip("python3.12")
+            .invoke_image(InvokeImageArg {
+                function: None,
+                image: base.clone(),
+            })
+            .layer(LayerArg::new(&layer_name, &layer))
+            .finish()
+            .unwrap()
+    };
+    write_file(&layer.join("message.txt"), "one\n", 0o644);
+    let cold = build(&daemon.socket, request()).await;
+    let tag = cold.completed().tag.clone();
+    assert_complete(&host, &tag);
+    assert_eq!(message_in(&host, &tag), "one\n");
+
+    write_file(&layer.join("message.txt"), "two\n", 0o644);
+    let edited = build(&daemon.socket, request()).await;
+    let sent = bytes_sent(&edited.events);
+    assert!(
+        sent < 1 << 20,
+        "{name}: the edit over a pulled base is a delta: {sent} bytes"
+    );
+    assert_complete(&host, &tag);
+    assert_eq!(message_in(&host, &tag), "two\n");
+
+    // Our image goes behind the daemon's back, and with it our layers' blobs (the superseded
+    // image is removed in the background first).
+    until(
+        "the superseded image removed",
+        std::time::Duration::from_secs(60),
+        || dangling(&host).iter().all(|id| before.contains(id)),
+    )
+    .await;
+    docker_ok_on(&host, &["rmi", &tag]);
+    write_file(&layer.join("message.txt"), "three\n", 0o644);
+    let again = build(&daemon.socket, request()).await;
+    eprintln!(
+        "{name}: after rmi: {} bytes sent, warnings {:?}",
+        bytes_sent(&again.events),
+        warnings_with_code(&again, "layers_resent")
+    );
+    assert_eq!(again.completed().tag, tag);
+    let tagged = docker_ok_on(&host, &["image", "inspect", "-f", "{{.Id}}", &tag]);
+    assert_eq!(tagged.trim(), again.completed().image_id);
+    assert_complete(&host, &tag);
+    assert_eq!(message_in(&host, &tag), "three\n");
+
+    daemon.stop().await;
+    until(
+        "no untagged image of ours left",
+        std::time::Duration::from_secs(60),
+        || dangling(&host).iter().all(|id| before.contains(id)),
+    )
+    .await;
+    docker_ok_on(&host, &["rmi", &tag, &base]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker28_containerd_store_deltas_over_a_pulled_base_and_after_rmi() {
+    over_a_pulled_base_and_after_rmi_on("docker28-containerd").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker26_containerd_store_deltas_over_a_pulled_base_and_after_rmi() {
+    over_a_pulled_base_and_after_rmi_on("docker26-containerd").await;
 }
