@@ -41,6 +41,8 @@ use crate::resolve::Arch;
 
 mod content;
 
+pub use content::ManifestFacts;
+
 /// How long a connect + version negotiation may take before the engine counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Ordinary engine calls (inspect, remove, version).
@@ -314,8 +316,8 @@ pub struct Engine {
     pulls: std::sync::Mutex<HashMap<(String, String), Arc<InFlightPull>>>,
     /// Where the engine keeps images, once learned ([`Engine::image_store`]).
     store: tokio::sync::OnceCell<ImageStoreKind>,
-    /// Layer descriptors of images' manifests, by image ID ([`Engine::layer_descriptors`]).
-    descriptors: std::sync::Mutex<HashMap<String, Arc<Vec<oci_spec::image::Descriptor>>>>,
+    /// Manifest facts of images, by image ID ([`Engine::manifest_facts`]).
+    descriptors: std::sync::Mutex<HashMap<String, Arc<ManifestFacts>>>,
 }
 
 /// Progress items one pull keeps for followers that fall behind; a slower one skips items

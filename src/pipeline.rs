@@ -62,7 +62,7 @@ pub async fn run(
         &reporter,
     )
     .await?;
-    let parts = parts_of(&plan, &base, &inputs);
+    let parts = parts_of(&plan, &base_identity(&shared, &base).await, &inputs);
     // The tag is asked of the engine, never the index: a "cached" answer must name an image
     // that exists, and the index hears of a `docker rmi` only when its event arrives, which
     // can be after the removal has returned and the next request has come in.
@@ -240,10 +240,30 @@ async fn walk_inputs(
     })
 }
 
-/// Step 3: the digests that determine the image (the decision follows in [`decide`]).
-fn parts_of(plan: &Plan, base: &ImageInfo, inputs: &Inputs) -> Parts {
+/// The base's identity in fingerprints: its config digest, the same on every store. Docker's
+/// classic store and Podman name an image by it; Docker's containerd store names it by its
+/// manifest digest, so there it is read from the manifest (once per base). An image pushed to
+/// the registry cache from one store is then found from the other. If the manifest cannot be
+/// read, the containerd store's ID (logged): only cross-store hits are lost.
+async fn base_identity(shared: &Shared, base: &ImageInfo) -> String {
+    if shared.engine.image_store().await.ok() != Some(ImageStoreKind::Containerd) {
+        return base.id.clone();
+    }
+    let architecture = base.config.architecture.as_str();
+    match shared.engine.manifest_facts(&base.id, architecture).await {
+        Ok(facts) => facts.config.clone(),
+        Err(err) => {
+            tracing::warn!(base = %base.id, error = %err, "base config digest unknown: fingerprints name its manifest");
+            base.id.clone()
+        }
+    }
+}
+
+/// Step 3: the digests that determine the image (the decision follows in [`decide`]); `base`
+/// is the base's identity ([`base_identity`]).
+fn parts_of(plan: &Plan, base: &str, inputs: &Inputs) -> Parts {
     Parts {
-        base: base.id.clone(),
+        base: base.to_owned(),
         rie: hex::encode(inputs.rie_digest),
         dockerfile: hex::encode(Sha256::digest(plan.dockerfile.as_bytes())),
         layers: plan
@@ -334,21 +354,19 @@ async fn archive_format(shared: &Shared, base: &ImageInfo) -> Result<(Reuse, ass
         return Ok((Reuse::Chains, assemble::Format::DockerArchive));
     }
     let architecture = base.config.architecture.as_str();
-    match shared
-        .engine
-        .layer_descriptors(&base.id, architecture)
-        .await
-    {
-        Ok(base_layers) if base_layers.len() == base.diff_ids.len() => Ok((
+    match shared.engine.manifest_facts(&base.id, architecture).await {
+        Ok(facts) if facts.layers.len() == base.diff_ids.len() => Ok((
             Reuse::ChainsAndBlobs,
-            assemble::Format::OciLayout { base_layers },
+            assemble::Format::OciLayout {
+                base_layers: Arc::new(facts.layers.clone()),
+            },
         )),
         other => {
             let why = match other {
                 Err(err) => err.to_string(),
-                Ok(layers) => format!(
+                Ok(facts) => format!(
                     "{} layers for {} diff IDs",
-                    layers.len(),
+                    facts.layers.len(),
                     base.diff_ids.len()
                 ),
             };

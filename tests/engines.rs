@@ -296,3 +296,109 @@ async fn docker28_containerd_store_deltas_over_a_pulled_base_and_after_rmi() {
 async fn docker26_containerd_store_deltas_over_a_pulled_base_and_after_rmi() {
     over_a_pulled_base_and_after_rmi_on("docker26-containerd").await;
 }
+
+/// Waits until `daemon` lists the registry-cache push of `reference` as finished, and checks
+/// that it succeeded.
+async fn pushed(daemon: &TestDaemon, reference: &str) {
+    let push_of = || async {
+        let mut client = lambda_imaged::client::Client::connect(&daemon.socket)
+            .await
+            .unwrap();
+        let listed = client
+            .raw()
+            .list_builds(proto::ListBuildsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        listed.recent.into_iter().find(|s| s.tag == reference)
+    };
+    let what = format!("the push of {reference} listed as finished");
+    until_async(&what, std::time::Duration::from_secs(120), || async {
+        push_of().await.is_some()
+    })
+    .await;
+    let push = push_of().await.expect("listed");
+    assert_eq!(
+        push.state,
+        proto::BuildState::Succeeded as i32,
+        "push of {reference} failed: {}",
+        push.error
+    );
+}
+
+/// `<cache>:fp-<fingerprint>`: where the image `tag` on `host` is shared.
+fn cache_reference(host: &str, tag: &str, cache: &str) -> String {
+    let format = "{{index .Config.Labels \"io.lambda-imaged.fingerprint\"}}";
+    let fingerprint = docker_ok_on(host, &["image", "inspect", "--format", format, tag]);
+    format!("{cache}:fp-{}", fingerprint.trim())
+}
+
+/// The registry cache across stores: an image built on Docker 28's containerd store and pushed
+/// is a `REGISTRY_HIT` on its classic store with the same `/opt` (fingerprints name the base
+/// by its config digest on every store); one built there (an edit) is right back on the
+/// containerd store. (Image IDs differ by store: the config digest there, the manifest digest
+/// here.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_registry_cache_is_shared_between_the_containerd_and_classic_stores() {
+    let (containerd, _) = engine("docker28-containerd");
+    let (classic, _) = engine("docker28-classic");
+    let cache = format!("{}/{}", registry::registry(), unique("stores-"));
+    let start = |host: String| {
+        let cache = cache.clone();
+        TestDaemon::start_with(move |config| {
+            config.engine_host = host;
+            config.registry_cache = Some(cache);
+        })
+    };
+    let (a, b) = (
+        start(containerd.clone()).await,
+        start(classic.clone()).await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("layer");
+    write_file(&layer.join("message.txt"), "from containerd\n", 0o644);
+    for path in [dir.path(), &layer] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let request = zip_request(&[(&unique("shared-"), &layer)]);
+
+    let built = build(&a.socket, request.clone()).await.completed().clone();
+    assert_eq!(built.reason, proto::Reason::Missing as i32);
+    pushed(&a, &cache_reference(&containerd, &built.tag, &cache)).await;
+    let hit = build(&b.socket, request.clone()).await.completed().clone();
+    assert_eq!(hit.reason, proto::Reason::RegistryHit as i32, "{hit:?}");
+    assert_eq!(message_in(&classic, &hit.tag), "from containerd\n");
+    assert_eq!(
+        tree::image_tree_at(&classic, &hit.tag, "opt"),
+        tree::image_tree_at(&containerd, &built.tag, "opt"),
+        "the same /opt on both stores"
+    );
+
+    write_file(&layer.join("message.txt"), "from classic\n", 0o644);
+    let rebuilt = build(&b.socket, request.clone()).await.completed().clone();
+    assert_eq!(rebuilt.reason, proto::Reason::LayerChanged as i32);
+    pushed(&b, &cache_reference(&classic, &rebuilt.tag, &cache)).await;
+    // Back on the containerd store the image is right whichever way it came: a hit when the
+    // engine fetches the pushed (gzip) blobs; a local build when it already has those layers
+    // unpacked from our uncompressed blobs, skips the fetch and then lists the pulled image
+    // without its content (containerd's unpacker; README, "Engines tested").
+    let back = build(&a.socket, request).await;
+    let reason = proto::reason_name(back.completed().reason);
+    eprintln!(
+        "classic -> containerd: {reason}, warnings {:?}",
+        warnings_with_code(&back, "registry_cache_unavailable")
+    );
+    let back = back.completed().clone();
+    assert!(
+        ["registry_hit", "layer_changed"].contains(&reason),
+        "{back:?}"
+    );
+    assert_eq!(message_in(&containerd, &back.tag), "from classic\n");
+    assert_complete(&containerd, &back.tag);
+
+    a.stop().await;
+    b.stop().await;
+    docker_ok_on(&containerd, &["rmi", &back.tag]);
+    docker_ok_on(&classic, &["rmi", &rebuilt.tag]);
+}

@@ -29,17 +29,23 @@ const MAX_DOCUMENT: u64 = 1 << 20;
 /// (bases are few; a re-read costs one export).
 const REMEMBERED: usize = 64;
 
+/// What an image's manifest says, as far as we need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestFacts {
+    /// The config's digest (`sha256:<hex>`): the image ID on Docker's classic store and on
+    /// Podman, and the same bytes wherever the image went, so a store-independent identity.
+    pub config: String,
+    /// The layers' descriptors, bottom first.
+    pub layers: Vec<Descriptor>,
+}
+
 impl Engine {
-    /// The layer descriptors of image `id` (bottom first) for `architecture` (an index's
-    /// manifest is chosen by platform: `linux` and this architecture), with Docker media types
-    /// given their OCI names ([`oci_media_type`]). Read once per image from its export and
-    /// remembered. Errors: the engine's (UNAVAILABLE, FAILED_PRECONDITION), or
-    /// FAILED_PRECONDITION when the export holds no manifest for the ID.
-    pub async fn layer_descriptors(
-        &self,
-        id: &str,
-        architecture: &str,
-    ) -> Result<Arc<Vec<Descriptor>>> {
+    /// The manifest facts of image `id` for `architecture` (an index's manifest is chosen by
+    /// platform: `linux` and this architecture): its config digest and its layer descriptors,
+    /// with Docker media types given their OCI names ([`oci_media_type`]). Read once per image
+    /// from its export and remembered. Errors: the engine's (UNAVAILABLE,
+    /// FAILED_PRECONDITION), or FAILED_PRECONDITION when the export holds no manifest for it.
+    pub async fn manifest_facts(&self, id: &str, architecture: &str) -> Result<Arc<ManifestFacts>> {
         if let Some(known) = crate::sync::lock(&self.descriptors).get(id) {
             return Ok(known.clone());
         }
@@ -52,21 +58,21 @@ impl Engine {
             .map_err(|err| std::io::Error::other(err.to_string()));
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
         let (id_owned, arch) = (id.to_owned(), architecture.to_owned());
-        let layers = crate::sync::blocking(move || read_export(reader, &id_owned, &arch)).await?;
-        let layers = Arc::new(layers);
+        let facts = crate::sync::blocking(move || read_export(reader, &id_owned, &arch)).await?;
+        let facts = Arc::new(facts);
         let mut remembered = crate::sync::lock(&self.descriptors);
         if remembered.len() >= REMEMBERED {
             remembered.clear();
         }
-        remembered.insert(id.to_owned(), layers.clone());
-        Ok(layers)
+        remembered.insert(id.to_owned(), facts.clone());
+        Ok(facts)
     }
 }
 
-/// The layers of image `id` from an export (an OCI layout tar): reads `blobs/sha256/*` until
-/// the document named `id` (a manifest, or an index and then its manifest for `linux` /
-/// `architecture`) is found; the rest of the stream is not read.
-fn read_export(reader: impl Read, id: &str, architecture: &str) -> Result<Vec<Descriptor>> {
+/// The manifest facts of image `id` from an export (an OCI layout tar): reads
+/// `blobs/sha256/*` until the document named `id` (a manifest, or an index and then its
+/// manifest for `linux` / `architecture`) is found; the rest of the stream is not read.
+fn read_export(reader: impl Read, id: &str, architecture: &str) -> Result<ManifestFacts> {
     let failed = |what: String| {
         Error::FailedPrecondition(format!(
             "reading the layers of image {id} from its export: {what}"
@@ -102,14 +108,14 @@ fn read_export(reader: impl Read, id: &str, architecture: &str) -> Result<Vec<De
     Err(failed("the export holds no manifest for it".into()))
 }
 
-/// The layers named by document `id` in `documents`: `None` while a document it needs is not
-/// there yet; an error for a document that is not a manifest or an index, or an index with no
-/// manifest for `linux` / `architecture`.
+/// The manifest facts of document `id` in `documents`: `None` while a document it needs is
+/// not there yet; an error for a document that is not a manifest or an index, or an index
+/// with no manifest for `linux` / `architecture`.
 fn layers_of(
     documents: &HashMap<String, Vec<u8>>,
     id: &str,
     architecture: &str,
-) -> Option<std::result::Result<Vec<Descriptor>, String>> {
+) -> Option<std::result::Result<ManifestFacts, String>> {
     let bytes = documents.get(id)?;
     let value: serde_json::Value = match serde_json::from_slice(bytes) {
         Ok(value) => value,
@@ -135,7 +141,10 @@ fn layers_of(
     }
     Some(
         ImageManifest::from_reader(bytes.as_slice())
-            .map(|manifest| manifest.layers().iter().map(with_oci_media_type).collect())
+            .map(|manifest| ManifestFacts {
+                config: manifest.config().digest().to_string(),
+                layers: manifest.layers().iter().map(with_oci_media_type).collect(),
+            })
             .map_err(|err| format!("manifest {id}: {err}")),
     )
 }
@@ -193,7 +202,9 @@ mod tests {
             &manifest(&layer, "application/vnd.docker.image.rootfs.diff.tar"),
         );
         let tar = builder.into_inner().unwrap();
-        let layers = read_export(tar.as_slice(), &id, "amd64").unwrap();
+        let facts = read_export(tar.as_slice(), &id, "amd64").unwrap();
+        assert_eq!(facts.config, format!("sha256:{}", "c".repeat(64)));
+        let layers = facts.layers;
         assert_eq!(layers.len(), 1);
         assert_eq!(layers[0].digest().to_string(), layer);
         assert_eq!(layers[0].size(), 2232320);
@@ -240,7 +251,7 @@ mod tests {
         blob(&mut builder, &arm_manifest);
         blob(&mut builder, &amd_manifest);
         let tar = builder.into_inner().unwrap();
-        let layers = read_export(tar.as_slice(), &id, "arm64").unwrap();
+        let layers = read_export(tar.as_slice(), &id, "arm64").unwrap().layers;
         assert_eq!(layers[0].digest().to_string(), arm);
         assert_eq!(layers[0].media_type(), &MediaType::ImageLayerGzip);
         let none = read_export(tar.as_slice(), &id, "s390x");
