@@ -851,8 +851,9 @@ impl Engine {
                 loaded = Some(name.to_owned());
             }
             if let Some(message) = unpack_failure(text) {
+                // Worded as the engine's other refusals (`map_error`).
                 failed = Some(Error::FailedPrecondition(format!(
-                    "the engine failed the load: {message}"
+                    "the engine failed: {message}"
                 )));
             }
             progress(&item);
