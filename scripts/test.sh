@@ -18,8 +18,10 @@
 #    (nextest runs no doctests); with LAMBDA_IMAGED_TEST_RUNNER=cargo-test,
 #    cargo test --locked --no-fail-fast (unit, integration and doctests in one run).
 # cargo-deny and cargo-nextest are installed, pinned, when missing (CARGO_*_VERSION below).
-# 6. clients/python/run-tests.sh: the Python client and the AWS SAM CLI integration.
-# Stages 0-4 stop the script at their first failure. The test stages (5, 6) all run to their
+# 6. the engine matrix: the engine-dependent suites again on Docker 28.5's and 26.1's
+#    containerd image store (MATRIX_* below).
+# 7. clients/python/run-tests.sh: the Python client and the AWS SAM CLI integration.
+# Stages 0-4 stop the script at their first failure. The test stages (5-7) all run to their
 # end even when one fails; then a table gives each stage's passed and failed counts, read from
 # the runner's own summary (nextest's "Summary" line, the sum of cargo test's per-binary
 # "test result:" lines, pytest's closing line), or says that a stage could not be counted or
@@ -292,6 +294,37 @@ else
 		skip_stage "doctests" "cargo test" "a test filter was given (cargo test then runs no doctests)"
 	fi
 fi
+
+# The engine matrix (issue 22): the engine-dependent suites again on Docker's containerd image
+# store (the default of Docker 29 and Docker Desktop), Docker 28.5 and 26.1 as test-env.sh
+# starts them; tests/engines.rs already ran on every engine in the main stage. Not repeated
+# there: fleet and faults (they start or kill a second 20.10 engine of their own), service,
+# cli and metrics (no engine-specific path), interop and fidelity (20.10 is their reference).
+MATRIX_SUITES=(build assembly dedup image_functions layers bases)
+MATRIX_ENGINES=(docker28-containerd docker26-containerd)
+# The DOCKER_HOST of engine $1 in LAMBDA_IMAGED_TEST_ENGINES ("name=host=version ...").
+engine_host() {
+	local entry
+	for entry in ${LAMBDA_IMAGED_TEST_ENGINES:-}; do
+		[ "${entry%%=*}" = "$1" ] || continue
+		entry=${entry#*=}
+		printf '%s\n' "${entry%%=*}"
+		return 0
+	done
+	return 1
+}
+for name in "${MATRIX_ENGINES[@]}"; do
+	suites=()
+	for suite in "${MATRIX_SUITES[@]}"; do suites+=(--test "$suite"); done
+	if [ -z "$NEXTEST" ] || [ $# -ne 0 ]; then
+		skip_stage "suites on $name" "cargo nextest run ${suites[*]}" \
+			"the matrix runs under nextest and without a test filter"
+		continue
+	fi
+	host=$(engine_host "$name") || fail 1 "engine $name is not in LAMBDA_IMAGED_TEST_ENGINES"
+	test_stage "suites on $name" nextest_counts \
+		env DOCKER_HOST="$host" cargo nextest run --locked --no-fail-fast "${suites[@]}"
+done
 
 # The Python client and the AWS SAM CLI integration (issue 8): pinned SAM in a venv, the real
 # daemon, the private engine.
