@@ -32,10 +32,12 @@
 //! - `assembly`: step 4's plan, what to send the engine: full, delta or squash, from the
 //!   image store. No engine I/O.
 //! - `image_store`: diff IDs by content, chains the engine holds, image listings for deltas.
-//! - `assemble`: the image as a `docker save` archive (layer tars, config, manifest) produced
-//!   while the engine loads it; layers the engine has are sent as zero-size entries.
-//! - `engine`: the few engine calls we make, over one shared bollard client; image index. The
-//!   only module that talks to the engine.
+//! - `assemble`: the image archive (layer tars, config, manifest) produced while the engine
+//!   loads it: a `docker save` archive whose held layers are zero-size entries, or (its
+//!   `oci_layout`, Docker's containerd store) an OCI layout naming the blobs the store holds.
+//! - `engine`: the few engine calls we make, over one shared bollard client; image index; its
+//!   `content`: an image's manifest facts (config digest, layer descriptors) read from its
+//!   export. The only module that talks to the engine.
 //! - `prune`: removing our images and unused layers, least recently used first.
 //! - `sync`: the one poison-recovering `lock()` (and `read`, `write`).
 //! - [`tasks`]: the daemon's background work, named, awaited at shutdown (none is dropped
