@@ -571,6 +571,16 @@ impl Engine {
             }) => {
                 return Ok(None);
             }
+            // A whole answer without the fields of an image: Docker's containerd store lists an
+            // image whose content it lacks so (`RootFS: {}`, no architecture), e.g. one pulled
+            // over layers it had unpacked from other blobs (containerd's unpacker then skips
+            // fetching them).
+            Err(bollard::errors::Error::JsonDataError { message, .. }) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the engine lists image {reference} without its content ({message}); remove \
+                     it and pull or build it again"
+                )));
+            }
             Err(err) => return Err(self.map_error(err)),
         };
         let mut kept = serde_json::Map::new();
