@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod dockerd;
 pub mod fault_proxy;
 pub mod podman;
@@ -355,6 +356,18 @@ pub fn run_in_image(image: &str, script: &str) -> String {
     ])
 }
 
+/// Output bytes as text, for messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A layer directory `dir/name` with one file, `message.txt`, holding `content`.
+pub fn layer(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let path = dir.join(name);
+    write_file(&path.join("message.txt"), content, 0o644);
+    path
+}
+
 /// Writes `content` to `path` with `mode`, creating parents.
 pub fn write_file(path: &Path, content: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
@@ -529,12 +542,16 @@ pub fn in_own_process(name: &str) -> bool {
 /// The one poll of the tests: checks `check` every 50 ms until it holds; panics naming `what`
 /// once `deadline` has passed. For states the daemon or an engine reaches on its own (a
 /// subscriber count, a health status, a file), never as a sleep standing in for an event.
-pub async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+pub async fn until(
+    what: impl std::fmt::Display,
+    deadline: Duration,
+    mut check: impl FnMut() -> bool,
+) {
     until_async(what, deadline, || std::future::ready(check())).await;
 }
 
 /// [`until`] for a check that awaits (an RPC, a health probe).
-pub async fn until_async<F, Fut>(what: &str, deadline: Duration, mut check: F)
+pub async fn until_async<F, Fut>(what: impl std::fmt::Display, deadline: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -550,7 +567,11 @@ where
 }
 
 /// [`until`] outside an async runtime (blocking the calling thread between checks).
-pub fn until_blocking(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+pub fn until_blocking(
+    what: impl std::fmt::Display,
+    deadline: Duration,
+    mut check: impl FnMut() -> bool,
+) {
     let started = std::time::Instant::now();
     while !check() {
         assert!(
