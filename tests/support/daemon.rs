@@ -286,8 +286,8 @@ impl Builder {
     }
 }
 
-/// True once the daemon on `socket` answers GetInfo.
-async fn answers(socket: &Path) -> bool {
+/// True when a daemon on `socket` answers GetInfo on a new connection.
+pub async fn answers(socket: &Path) -> bool {
     match Client::connect(socket).await {
         Ok(mut client) => client.info().await.is_ok(),
         Err(_) => false,
