@@ -1357,9 +1357,7 @@ async fn fleet_daemon(host: &str, cache: &str) -> Daemon {
 /// succeeded, B answered `registry_hit` with no engine build and the same image id.
 async fn fleet(checks: &mut Checks) -> Value {
     let engine_b = support::dockerd::second_engine(&[BASE_IMAGE]);
-    let registry = std::env::var("LAMBDA_IMAGED_TEST_REGISTRY")
-        .expect("run `eval \"$(scripts/test-env.sh)\"` first");
-    let cache = format!("{registry}/{}", unique("bench-fleet-"));
+    let cache = format!("{}/{}", registry(), unique("bench-fleet-"));
     let a = fleet_daemon(&support::engine_host(), &cache).await;
     let b = fleet_daemon(&engine_b.host, &cache).await;
     // Readable by others: only such layers are shared (see the README's security note).
