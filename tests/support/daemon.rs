@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use lambda_imaged::client::{Client, proto};
 
-use super::{engine_host, rie_dir, until_async, until_blocking};
+use super::{Later, engine_host, rie_dir, until_async, until_blocking};
 
 /// The daemon binary cargo built for this test or bench.
 const BINARY: &str = env!("CARGO_BIN_EXE_lambda-imaged");
@@ -437,24 +437,12 @@ impl Daemon {
     }
 
     /// `what`, shown with the log as it is when a wait on it times out.
-    fn waiting<'a>(&self, what: &'a str) -> Waiting<'a> {
-        Waiting {
-            what,
-            log: self.log.clone(),
-        }
-    }
-}
-
-/// What a wait is for, and the log to show when it times out (read at that moment).
-struct Waiting<'a> {
-    what: &'a str,
-    log: PathBuf,
-}
-
-impl fmt::Display for Waiting<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        write!(f, "{}; the daemon's log:\n{log}", self.what)
+    fn waiting(&self, what: &str) -> impl fmt::Display + use<> {
+        let (what, log) = (what.to_owned(), self.log.clone());
+        Later(move || {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            format!("{what}; the daemon's log:\n{log}")
+        })
     }
 }
 

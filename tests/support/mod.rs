@@ -1,5 +1,6 @@
 //! Test support: a daemon on a temp socket backed by the real private engine that
-//! `scripts/test-env.sh` starts (DOCKER_HOST), plus helpers that ask the engine itself.
+//! `scripts/test-env.sh` starts (DOCKER_HOST), in this process ([`TestDaemon`]) or as the real
+//! binary ([`daemon::Daemon`]); the one poll ([`until`]); helpers that ask the engine itself.
 //!
 //! Tests that need the engine fail loudly when it is missing; they are never skipped.
 
@@ -537,6 +538,16 @@ pub fn in_own_process(name: &str) -> bool {
         output.status
     );
     false
+}
+
+/// A message made when it is shown: [`until`] shows it on timeout, so it can say what the
+/// state was then (`Later(|| format!("{} left", count()))`).
+pub struct Later<F>(pub F);
+
+impl<F: Fn() -> String> std::fmt::Display for Later<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&(self.0)())
+    }
 }
 
 /// The one poll of the tests: checks `check` every 50 ms until it holds; panics naming `what`
