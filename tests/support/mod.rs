@@ -423,28 +423,42 @@ pub async fn invoke_through_rie_on(host: &str, tag: &str, command: &[&str]) -> S
     let port = docker_ok(&["port", &container, "8080/tcp"]);
     let address = port.lines().next().unwrap().trim().to_owned();
     let url = format!("http://{address}/2015-03-31/functions/function/invocations");
-    let mut response = String::new();
-    for _ in 0..100 {
-        let out = Command::new("curl")
-            .args(["-s", "-m", "10", "-XPOST", &url, "-d", r#"{"ping":1}"#])
-            .output()
-            .unwrap();
-        response = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() && !response.is_empty() {
-            break;
+    let response = &std::sync::Mutex::new(String::new());
+    let what = Later(|| {
+        let logs = docker(&["logs", &container]);
+        format!(
+            "an answer from the RIE; container log: {}{}",
+            String::from_utf8_lossy(&logs.stdout),
+            String::from_utf8_lossy(&logs.stderr)
+        )
+    });
+    /// Removes the container, also when the wait fails.
+    struct Removed<'a>(&'a str, &'a str);
+    impl Drop for Removed<'_> {
+        fn drop(&mut self) {
+            docker_on(self.0, &["rm", "-f", self.1]);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let logs = docker(&["logs", &container]);
-    docker(&["rm", "-f", &container]);
-    assert!(
-        !response.is_empty(),
-        "no answer from the RIE; container log: {}{}",
-        String::from_utf8_lossy(&logs.stdout),
-        String::from_utf8_lossy(&logs.stderr)
-    );
-    response
+    let _removed = Removed(host, &container);
+    until_async(what, RIE_ANSWER_WITHIN, || {
+        let url = &url;
+        async move {
+            let out = Command::new("curl")
+                .args(["-s", "-m", "10", "-XPOST", url, "-d", r#"{"ping":1}"#])
+                .output()
+                .unwrap();
+            let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+            let done = out.status.success() && !answer.is_empty();
+            *response.lock().unwrap() = answer;
+            done
+        }
+    })
+    .await;
+    response.lock().unwrap().clone()
 }
+
+/// How long the RIE in a fresh container may take to answer its first invocation.
+const RIE_ANSWER_WITHIN: Duration = Duration::from_secs(120);
 
 /// The last ContextProgress of a stream: the bytes sent to the engine.
 pub fn bytes_sent(events: &[proto::BuildEvent]) -> u64 {
