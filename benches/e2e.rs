@@ -17,7 +17,7 @@
 //! it did not reference as already held).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lambda_imaged::client::{Client, LayerArg, RequestBuilder, proto};
@@ -26,6 +26,9 @@ use proto::build_event::Event;
 // The integration tests' helpers (engine events, unique names) serve the benchmarks too.
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+use support::daemon::Daemon;
+use support::registry::registry;
 
 use serde_json::{Value, json};
 use support::{docker_ok, engine_builds_of, now_stamp, run_in_image, unique};
@@ -151,85 +154,13 @@ async fn run(name: &str, checks: &mut Checks) -> Value {
     }
 }
 
-/// The daemon binary on a temp socket, with its own cache dir.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    /// Starts the binary and waits (up to 60 s) until it answers on its socket.
-    async fn start() -> Daemon {
-        Daemon::start_with(&[]).await
-    }
-
-    /// Like [`Daemon::start`], with `extra` flags.
-    async fn start_with(extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("d.sock");
-        let rie = std::env::var("LAMBDA_IMAGED_RIE_DIR")
-            .expect("run `eval \"$(scripts/test-env.sh)\"` first");
-        assert!(
-            std::env::var("DOCKER_HOST").is_ok(),
-            "DOCKER_HOST is not set: run scripts/test-env.sh first"
-        );
-        let child = Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
-            .arg("--rie-dir")
-            .arg(rie)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let daemon = Daemon { child, socket, dir };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        if let Err(err) = Client::connect_waiting(&daemon.socket, deadline).await {
-            panic!("the daemon did not come up: {err}");
-        }
-        daemon
-    }
-
-    /// A new connection to the daemon.
-    async fn client(&self) -> Client {
-        Client::connect(&self.socket).await.unwrap()
-    }
-
-    /// Peak resident set size so far, in bytes (VmHWM); panics when it cannot be read, since a
-    /// missing figure must not pass for a small one.
-    fn peak_rss(&self) -> u64 {
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path)
-            .unwrap_or_else(|err| panic!("cannot read the daemon's peak RSS from {path}: {err}"));
-        let kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no VmHWM line with a size in kB in {path}:\n{status}"));
-        kib * 1024
-    }
-
-    async fn stats(&self) -> proto::Stats {
-        self.client()
-            .await
-            .info()
-            .await
-            .unwrap()
-            .stats
-            .expect("GetInfo carries stats")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The daemon binary on the test engine, logging warnings only, with `extra` flags.
+async fn daemon_with(extra: &[&str]) -> Daemon {
+    Daemon::builder()
+        .env("RUST_LOG", "warn")
+        .args(extra)
+        .start()
+        .await
 }
 
 /// A ZIP python3.12 request with one layer, never pulling.
@@ -409,16 +340,16 @@ struct BigLayer {
 
 impl BigLayer {
     async fn prepare(prefix: &str) -> BigLayer {
-        let daemon = Daemon::start().await;
-        let layer = daemon.dir.path().join("big");
+        let daemon = daemon_with(&[]).await;
+        let layer = daemon.dir().join("big");
         make_layer(&layer, 4000, 200 << 20);
         let name = unique(prefix);
         let request = request(&name, &layer);
-        let first = build(&daemon.socket, request.clone()).await;
+        let first = build(daemon.socket(), request.clone()).await;
         // Let the layer's files age past the stat cache's racy window (git's rule): a wait for
         // a file-time property, not synchronisation.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        build(&daemon.socket, request.clone()).await; // settle the stat cache
+        build(daemon.socket(), request.clone()).await; // settle the stat cache
         BigLayer {
             daemon,
             layer,
@@ -450,8 +381,8 @@ fn rmi(tags: &[String]) {
 /// 2,000 sequential requests for an up-to-date image on one connection: every one is
 /// answered cached, with no engine build.
 async fn warm_hit(checks: &mut Checks) -> Value {
-    let daemon = Daemon::start().await;
-    let layer = daemon.dir.path().join("layer");
+    let daemon = daemon_with(&[]).await;
+    let layer = daemon.dir().join("layer");
     small_layer(&layer);
     let req = request(&unique("warm"), &layer);
     let mut client = daemon.client().await;
@@ -484,12 +415,12 @@ async fn warm_hit(checks: &mut Checks) -> Value {
 /// 64 concurrent identical requests for a new tag: one engine build, one image for all, in
 /// about the time of one build alone.
 async fn dedup(checks: &mut Checks) -> Value {
-    let daemon = Daemon::start().await;
-    let (one, two) = (daemon.dir.path().join("one"), daemon.dir.path().join("two"));
+    let daemon = daemon_with(&[]).await;
+    let (one, two) = (daemon.dir().join("one"), daemon.dir().join("two"));
     make_layer(&one, 200, 20 << 20);
     make_layer(&two, 200, 20 << 20);
     let single_started = Instant::now();
-    let single = build(&daemon.socket, request(&unique("single"), &one)).await;
+    let single = build(daemon.socket(), request(&unique("single"), &one)).await;
     let single_ms = single_started.elapsed().as_secs_f64() * 1000.0;
 
     let req = request(&unique("dedup"), &two);
@@ -497,7 +428,7 @@ async fn dedup(checks: &mut Checks) -> Value {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..64 {
-        let (socket, req) = (daemon.socket.clone(), req.clone());
+        let (socket, req) = (daemon.socket().to_owned(), req.clone());
         tasks.push(tokio::spawn(async move { build(&socket, req).await }));
     }
     let mut ids = Vec::new();
@@ -529,10 +460,10 @@ async fn dedup(checks: &mut Checks) -> Value {
 
 /// 200 concurrent streams over 20 new tags: 20 engine builds, every stream completed.
 async fn fanout(checks: &mut Checks) -> Value {
-    let daemon = Daemon::start().await;
+    let daemon = daemon_with(&[]).await;
     let mut requests = Vec::new();
     for index in 0..20 {
-        let path = daemon.dir.path().join(format!("l{index}"));
+        let path = daemon.dir().join(format!("l{index}"));
         small_layer(&path);
         requests.push(request(&unique("fan"), &path));
     }
@@ -540,7 +471,10 @@ async fn fanout(checks: &mut Checks) -> Value {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client_index in 0..200 {
-        let (socket, req) = (daemon.socket.clone(), requests[client_index % 20].clone());
+        let (socket, req) = (
+            daemon.socket().to_owned(),
+            requests[client_index % 20].clone(),
+        );
         tasks.push(tokio::spawn(async move { build(&socket, req).await }));
     }
     let mut tags = Vec::new();
@@ -566,23 +500,23 @@ async fn fanout(checks: &mut Checks) -> Value {
 /// A 200 MB / 4,000-file layer requested again unchanged: answered cached without re-hashing
 /// a file.
 async fn layer_repeat(checks: &mut Checks) -> Value {
-    let daemon = Daemon::start().await;
-    let layer = daemon.dir.path().join("big");
+    let daemon = daemon_with(&[]).await;
+    let layer = daemon.dir().join("big");
     make_layer(&layer, 4000, 200 << 20);
     let req = request(&unique("big"), &layer);
     let started = Instant::now();
-    let first = build(&daemon.socket, req.clone()).await;
+    let first = build(daemon.socket(), req.clone()).await;
     let first_ms = started.elapsed().as_secs_f64() * 1000.0;
     // Let the layer's files age past the stat cache's racy window (git's rule): a wait for a
     // file-time property, not synchronisation.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    build(&daemon.socket, req.clone()).await;
+    build(daemon.socket(), req.clone()).await;
     let before = daemon.stats().await;
     let mut samples = Vec::new();
     let mut cached = 0;
     for _ in 0..20 {
         let started = Instant::now();
-        let done = build(&daemon.socket, req.clone()).await;
+        let done = build(daemon.socket(), req.clone()).await;
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
         cached += usize::from(done.cached);
     }
@@ -631,7 +565,7 @@ async fn layer_edit(checks: &mut Checks, edit: Edit) -> Value {
         Edit::Touch | Edit::Add => write_random(&host_file, BIG_FILE_BYTES),
         Edit::Delete => std::fs::remove_file(&host_file).unwrap(),
     }
-    let built = build_events(&big.daemon.socket, big.request.clone()).await;
+    let built = build_events(big.daemon.socket(), big.request.clone()).await;
     let after = big.daemon.stats().await;
     let sent = checks.bytes_sent("the rebuild", &built);
     let in_image = image_sha256(&built.done.tag, &format!("/opt/{relative}"));
@@ -664,11 +598,8 @@ async fn layer_edit(checks: &mut Checks, edit: Edit) -> Value {
 /// layer (under `/opt/app`); five code files changed: the rebuild names the code layer,
 /// re-hashes the five files, reuses the dependencies layer and holds the new contents.
 async fn multi_layer(checks: &mut Checks) -> Value {
-    let daemon = Daemon::start().await;
-    let (deps, code) = (
-        daemon.dir.path().join("deps"),
-        daemon.dir.path().join("code"),
-    );
+    let daemon = daemon_with(&[]).await;
+    let (deps, code) = (daemon.dir().join("deps"), daemon.dir().join("code"));
     make_layer(&deps, 4000, 200 << 20);
     make_layer(&code.join("app"), 100, 1 << 20);
     let (deps_name, code_name) = (unique("deps"), unique("code"));
@@ -678,10 +609,10 @@ async fn multi_layer(checks: &mut Checks) -> Value {
         .layer(LayerArg::new(&code_name, &code))
         .finish()
         .expect("the working directory exists");
-    let first = build(&daemon.socket, req.clone()).await;
+    let first = build(daemon.socket(), req.clone()).await;
     // Past the stat cache's racy window, as in layer_repeat.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    build(&daemon.socket, req.clone()).await; // settle the stat cache
+    build(daemon.socket(), req.clone()).await; // settle the stat cache
     let before = daemon.stats().await;
     let changed: Vec<String> = (0..5)
         .map(|i| format!("app/pkg000/file{i:05}.bin"))
@@ -689,7 +620,7 @@ async fn multi_layer(checks: &mut Checks) -> Value {
     for relative in &changed {
         write_random(&code.join(relative), (1 << 20) / 100);
     }
-    let built = build_events(&daemon.socket, req).await;
+    let built = build_events(daemon.socket(), req).await;
     let after = daemon.stats().await;
     let sent = checks.bytes_sent("the rebuild", &built);
     let mut contents_match = 0;
@@ -762,9 +693,9 @@ fn unique_size(image_id: &str) -> u64 {
 /// tag): the shared layer is referenced, not sent, its files are not hashed again, and the
 /// engine stores only the small one.
 async fn shared_prefix(checks: &mut Checks) -> Value {
-    let daemon = Daemon::start().await;
-    let deps = daemon.dir.path().join("deps");
-    let (code_a, code_b) = (daemon.dir.path().join("a"), daemon.dir.path().join("b"));
+    let daemon = daemon_with(&[]).await;
+    let deps = daemon.dir().join("deps");
+    let (code_a, code_b) = (daemon.dir().join("a"), daemon.dir().join("b"));
     make_layer(&deps, 4000, 200 << 20);
     make_layer(&code_a.join("app"), 100, 1 << 20);
     make_layer(&code_b.join("app"), 100, 1 << 20);
@@ -781,7 +712,7 @@ async fn shared_prefix(checks: &mut Checks) -> Value {
     // racy window (a wait for a file-time property, not synchronisation), so the first build
     // remembers their hashes and the second hashes only its own layer.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let first = build(&daemon.socket, function(unique("code-a"), &code_a)).await;
+    let first = build(daemon.socket(), function(unique("code-a"), &code_a)).await;
     let before = daemon.stats().await;
     // Engine disk use is measured two ways. The checked-against-target figure is the second
     // image's unique size from the engine's own accounting (`/system/df`: its layers that no
@@ -789,7 +720,7 @@ async fn shared_prefix(checks: &mut Checks) -> Value {
     // and go in its data directory meanwhile; `du -sb` of that directory is printed too, as
     // the literal (noisy) growth.
     let du_before = data_dir_bytes();
-    let built = build_events(&daemon.socket, function(unique("code-b"), &code_b)).await;
+    let built = build_events(daemon.socket(), function(unique("code-b"), &code_b)).await;
     let du_after = data_dir_bytes();
     let after = daemon.stats().await;
     let sent = checks.bytes_sent("the second build", &built);
@@ -833,7 +764,7 @@ async fn delta_chain(checks: &mut Checks) -> Value {
             &big.layer.join(format!("pkg001/file{:05}.bin", 100 + edit)),
             BIG_FILE_BYTES,
         );
-        let built = build_events(&big.daemon.socket, big.request.clone()).await;
+        let built = build_events(big.daemon.socket(), big.request.clone()).await;
         samples.push(built.ms);
         sent.push(checks.bytes_sent(&format!("build {}", edit + 1), &built));
         changed += usize::from(built.reason() == "layer_changed");
@@ -864,14 +795,14 @@ const COLD_REPETITIONS: usize = 2;
 /// (classic builder) of the same files, alternating which goes first. The daemon's layer is
 /// the build context's `opt/` directory itself, so both read the very same files.
 async fn cold_vs_docker(checks: &mut Checks) -> Value {
-    let daemon = Daemon::start().await;
+    let daemon = daemon_with(&[]).await;
     let rie = PathBuf::from(std::env::var("LAMBDA_IMAGED_RIE_DIR").unwrap())
         .join("aws-lambda-rie-x86_64");
     let mut runs = Vec::new();
     let mut fresh = 0;
     for repetition in 0..COLD_REPETITIONS {
         // Fresh, never-seen content for each repetition, so neither hits the engine's cache.
-        let base = daemon.dir.path().join(format!("rep{repetition}"));
+        let base = daemon.dir().join(format!("rep{repetition}"));
         let context = base.join("ctx");
         let opt = context.join("opt");
         make_layer(&opt, 4000, 200 << 20);
@@ -912,7 +843,7 @@ async fn cold_vs_docker(checks: &mut Checks) -> Value {
                 docker_ms = started.elapsed().as_secs_f64() * 1000.0;
             } else {
                 let started = Instant::now();
-                done = Some(build(&daemon.socket, request(&unique("cold"), &opt)).await);
+                done = Some(build(daemon.socket(), request(&unique("cold"), &opt)).await);
                 daemon_ms = started.elapsed().as_secs_f64() * 1000.0;
             }
         }
@@ -937,12 +868,12 @@ async fn cold_vs_docker(checks: &mut Checks) -> Value {
 
 /// The daemon's peak RSS while it builds a 1 GiB layer (read from /proc; unreadable fails).
 async fn rss_1g(checks: &mut Checks) -> Value {
-    let daemon = Daemon::start().await;
-    let layer = daemon.dir.path().join("huge");
+    let daemon = daemon_with(&[]).await;
+    let layer = daemon.dir().join("huge");
     make_layer(&layer, 64, 1 << 30);
     let baseline = daemon.peak_rss();
     let started = Instant::now();
-    let done = build(&daemon.socket, request(&unique("huge"), &layer)).await;
+    let done = build(daemon.socket(), request(&unique("huge"), &layer)).await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let peak = daemon.peak_rss();
     rmi(&[done.tag]);
@@ -953,12 +884,6 @@ async fn rss_1g(checks: &mut Checks) -> Value {
         "daemon_rss_before_mib": (baseline as f64 / (1 << 20) as f64 * 10.0).round() / 10.0,
         "target_daemon_peak_rss_mib": 64,
     })
-}
-
-/// The local registry's host:port (`scripts/test-env.sh`).
-fn registry() -> String {
-    std::env::var("LAMBDA_IMAGED_TEST_REGISTRY")
-        .expect("LAMBDA_IMAGED_TEST_REGISTRY is not set: run scripts/test-env.sh first")
 }
 
 /// Pushes a python3.12 base to `<registry>/<repo>/python:3.12-x86_64`: the stand-in base, plus
@@ -1012,15 +937,14 @@ async fn base_check(checks: &mut Checks) -> Value {
     let repo = unique("bench-base");
     push_base(&repo, None);
     let mirror = format!("{}/{repo}", registry());
-    let daemon =
-        Daemon::start_with(&["--base-check-ttl", "10ms", "--base-image-mirror", &mirror]).await;
-    let layer = daemon.dir.path().join("layer");
+    let daemon = daemon_with(&["--base-check-ttl", "10ms", "--base-image-mirror", &mirror]).await;
+    let layer = daemon.dir().join("layer");
     small_layer(&layer);
     let name = unique("check");
     let unchecked = request(&name, &layer);
     let mut checked = unchecked.clone();
     checked.skip_pull_image = false;
-    let first = build_events(&daemon.socket, checked.clone()).await; // pulls the base
+    let first = build_events(daemon.socket(), checked.clone()).await; // pulls the base
     let since = now_stamp();
     let mut client = daemon.client().await;
     let (mut cached, mut warned) = (0, 0);
@@ -1089,13 +1013,12 @@ async fn base_changed(checks: &mut Checks) -> Value {
         mirror.starts_with("localhost:"),
         "the bench expects the registry on 127.0.0.1: {mirror}"
     );
-    let daemon =
-        Daemon::start_with(&["--base-check-ttl", "1s", "--base-image-mirror", &mirror]).await;
-    let layer = daemon.dir.path().join("deps");
+    let daemon = daemon_with(&["--base-check-ttl", "1s", "--base-image-mirror", &mirror]).await;
+    let layer = daemon.dir().join("deps");
     make_layer(&layer, 400, 20 << 20);
     let mut req = request(&unique("changed"), &layer);
     req.skip_pull_image = false;
-    let first = build_events(&daemon.socket, req.clone()).await;
+    let first = build_events(daemon.socket(), req.clone()).await;
     let full_bytes = checks.bytes_sent("first build", &first);
     push_base(&repo, Some("second base"));
     let pushed = Instant::now();
@@ -1103,7 +1026,7 @@ async fn base_changed(checks: &mut Checks) -> Value {
     let mut requests = 0;
     let mut first_after_push = None;
     let changed = loop {
-        let built = build_events(&daemon.socket, req.clone()).await;
+        let built = build_events(daemon.socket(), req.clone()).await;
         requests += 1;
         // The first request after the TTL is answered from the local base (the check runs
         // in the background); only a later one rebuilds.
@@ -1151,55 +1074,6 @@ fn soak_duration() -> Duration {
             .expect("LAMBDA_IMAGED_SOAK_SECS takes whole seconds")
     });
     Duration::from_secs(from_arg.or(from_env).unwrap_or(600))
-}
-
-impl Daemon {
-    /// The daemon binary with `engine` as its DOCKER_HOST and its stderr (warnings, panics)
-    /// in `<dir>/daemon.log`.
-    async fn start_with_engine(engine: &str) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("d.sock");
-        let rie = std::env::var("LAMBDA_IMAGED_RIE_DIR")
-            .expect("run `eval \"$(scripts/test-env.sh)\"` first");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
-            .arg("--rie-dir")
-            .arg(rie)
-            .env("DOCKER_HOST", engine)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let daemon = Daemon { child, socket, dir };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        if let Err(err) = Client::connect_waiting(&daemon.socket, deadline).await {
-            panic!("the daemon did not come up: {err}");
-        }
-        daemon
-    }
-
-    /// Open file descriptors and resident memory (VmRSS, bytes) of the daemon now; panics
-    /// when either cannot be read, since a missing figure must not pass for a small one.
-    fn fds_and_rss(&self) -> (usize, u64) {
-        let fd_dir = format!("/proc/{}/fd", self.child.id());
-        let fds = std::fs::read_dir(&fd_dir)
-            .unwrap_or_else(|err| panic!("cannot count the daemon's fds in {fd_dir}: {err}"))
-            .count();
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path)
-            .unwrap_or_else(|err| panic!("cannot read the daemon's RSS from {path}: {err}"));
-        let rss = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no VmRSS line with a size in kB in {path}:\n{status}"));
-        (fds, rss * 1024)
-    }
 }
 
 /// Least-squares slope of `points` (x in minutes), per minute.
@@ -1272,13 +1146,17 @@ async fn soak(checks: &mut Checks) -> Value {
     use support::fault_proxy::{Fault, FaultProxy};
     let duration = soak_duration();
     let proxy = FaultProxy::start().await;
-    let daemon = Daemon::start_with_engine(&proxy.host()).await;
-    let socket = daemon.socket.clone();
+    let mut daemon = Daemon::builder()
+        .engine(&proxy.host())
+        .env("RUST_LOG", "warn")
+        .start()
+        .await;
+    let socket = daemon.socket().to_owned();
     let mut tally = SoakTally::default();
     let mut tags = Vec::new();
     let new_request = || {
         let name = unique("soak");
-        let path = daemon.dir.path().join(&name);
+        let path = daemon.dir().join(&name);
         small_layer(&path);
         request(&name, &path)
     };
@@ -1290,7 +1168,7 @@ async fn soak(checks: &mut Checks) -> Value {
         tags.push(done.tag.clone());
         warm.push((req, done.tag, done.image_id));
     }
-    let (fds_start, rss_start) = daemon.fds_and_rss();
+    let (fds_start, rss_start) = (daemon.fds(), daemon.rss());
     let started = Instant::now();
     let mut samples: Vec<(f64, f64, f64)> = Vec::new();
     let mut hits_ms = Vec::new();
@@ -1420,16 +1298,16 @@ async fn soak(checks: &mut Checks) -> Value {
                 tags.push(tag);
             }
         }
-        let (fds, rss) = daemon.fds_and_rss();
+        let (fds, rss) = (daemon.fds(), daemon.rss());
         samples.push((
             started.elapsed().as_secs_f64() / 60.0,
             fds as f64,
             rss as f64,
         ));
     }
-    let (fds_end, rss_end) = daemon.fds_and_rss();
-    let alive = matches!(Command::new("kill").arg("-0").arg(daemon.child.id().to_string()).status(), Ok(s) if s.success());
-    let log = std::fs::read_to_string(daemon.dir.path().join("daemon.log")).unwrap_or_default();
+    let (fds_end, rss_end) = (daemon.fds(), daemon.rss());
+    let alive = daemon.exited().is_none();
+    let log = daemon.log();
     let panics = log.matches("panicked").count();
     // Slopes after the first minute (or the second half of a shorter run): start-up growth
     // (pools, caches filling) is not a leak.
@@ -1465,30 +1343,12 @@ async fn soak(checks: &mut Checks) -> Value {
 
 /// The daemon binary on the engine at `host`, sharing images through `--registry-cache cache`.
 async fn fleet_daemon(host: &str, cache: &str) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("d.sock");
-    let rie = std::env::var("LAMBDA_IMAGED_RIE_DIR")
-        .expect("run `eval \"$(scripts/test-env.sh)\"` first");
-    let child = Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .arg("--rie-dir")
-        .arg(rie)
-        .args(["--registry-cache", cache])
-        .env("DOCKER_HOST", host)
+    Daemon::builder()
+        .engine(host)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon { child, socket, dir };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    if let Err(err) = Client::connect_waiting(&daemon.socket, deadline).await {
-        panic!("the daemon did not come up: {err}");
-    }
-    daemon
+        .args(["--registry-cache", cache])
+        .start()
+        .await
 }
 
 /// Runner B's first request for an image runner A already built and pushed (a pull from the
@@ -1497,9 +1357,7 @@ async fn fleet_daemon(host: &str, cache: &str) -> Daemon {
 /// succeeded, B answered `registry_hit` with no engine build and the same image id.
 async fn fleet(checks: &mut Checks) -> Value {
     let engine_b = support::dockerd::second_engine(&[BASE_IMAGE]);
-    let registry = std::env::var("LAMBDA_IMAGED_TEST_REGISTRY")
-        .expect("run `eval \"$(scripts/test-env.sh)\"` first");
-    let cache = format!("{registry}/{}", unique("bench-fleet-"));
+    let cache = format!("{}/{}", registry(), unique("bench-fleet-"));
     let a = fleet_daemon(&support::engine_host(), &cache).await;
     let b = fleet_daemon(&engine_b.host, &cache).await;
     // Readable by others: only such layers are shared (see the README's security note).
@@ -1514,7 +1372,7 @@ async fn fleet(checks: &mut Checks) -> Value {
     let request = request(&unique("fleet"), &layer);
 
     let started = Instant::now();
-    let built = build(&a.socket, request.clone()).await;
+    let built = build(a.socket(), request.clone()).await;
     let cold_ms = started.elapsed().as_secs_f64() * 1000.0;
     let fingerprint = docker_ok(&[
         "image",
@@ -1541,7 +1399,7 @@ async fn fleet(checks: &mut Checks) -> Value {
     let pushed = push.is_some_and(|p| p.state == proto::BuildState::Succeeded as i32);
 
     let started = Instant::now();
-    let pulled = build(&b.socket, request).await;
+    let pulled = build(b.socket(), request).await;
     let pull_ms = started.elapsed().as_secs_f64() * 1000.0;
     let b_builds = b.stats().await.engine_builds;
     rmi(std::slice::from_ref(&built.tag));

@@ -14,7 +14,8 @@ use lambda_imaged::client::proto;
 use proto::build_event::Event;
 use support::tree::{Node, assert_same, expected_opt, image_opt, image_tree, set_time};
 use support::{
-    OutcomeExt, TestDaemon, build, bytes_sent, docker, docker_ok, unique, write_file, zip_request,
+    Later, OutcomeExt, TestDaemon, build, bytes_sent, docker, docker_ok, unique, until, write_file,
+    zip_request,
 };
 
 /// Layers of an image, from the engine.
@@ -268,9 +269,8 @@ async fn every_delta_image_equals_a_full_assembly_and_the_source() {
     );
     // Each superseded image went, and its listing with it: only the current one stays.
     let listings = daemon.dir.path().join("cache/images");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let count = fs::read_dir(&listings)
+    let listed = || {
+        fs::read_dir(&listings)
             .unwrap()
             .filter(|e| {
                 !e.as_ref()
@@ -279,17 +279,13 @@ async fn every_delta_image_equals_a_full_assembly_and_the_source() {
                     .to_string_lossy()
                     .starts_with('.')
             })
-            .count();
-        if count == 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{count} listings kept in {}",
-            listings.display()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+            .count()
+    };
+    let what = Later(|| {
+        let kept = listed();
+        format!("one listing, not {kept}, kept in {}", listings.display())
+    });
+    until(what, std::time::Duration::from_secs(60), || listed() == 1).await;
     assert!(
         longest <= base_layers + 2 + 8,
         "{longest} layers: the delta chain is not bounded"

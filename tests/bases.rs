@@ -12,8 +12,9 @@
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use lambda_imaged::client::{LayerArg, RequestBuilder, proto};
 use proto::build_event::Event;
@@ -166,22 +167,29 @@ async fn a_new_base_is_picked_up_after_the_ttl() {
     let setup = Setup::start(Duration::from_secs(1)).await;
     let first = setup.build().await.completed().clone();
     push_base(&setup.repo, Some("second base"));
-    let started = Instant::now();
-    let mut saw_unverified = false;
-    let changed = loop {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "no base_changed rebuild within {DEADLINE:?}"
-        );
-        let outcome = setup.build().await;
-        saw_unverified |= !warnings_with_code(&outcome, "base_unverified").is_empty();
+    let saw_unverified = &AtomicBool::new(false);
+    let changed = &Mutex::new(None);
+    let setup_ref = &setup;
+    until_async("a base_changed rebuild", DEADLINE, || async move {
+        let outcome = setup_ref.build().await;
+        if !warnings_with_code(&outcome, "base_unverified").is_empty() {
+            saw_unverified.store(true, Ordering::SeqCst);
+        }
         let done = outcome.completed().clone();
         if done.reason == proto::Reason::BaseChanged as i32 {
-            break done;
+            *changed.lock().unwrap() = Some(done);
+            return true;
         }
         assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
-        tokio::task::yield_now().await;
-    };
+        false
+    })
+    .await;
+    let saw_unverified = saw_unverified.load(Ordering::SeqCst);
+    let changed = changed
+        .lock()
+        .unwrap()
+        .take()
+        .expect("until returned on it");
     assert!(
         saw_unverified,
         "a request served while the check was due says so"
@@ -199,29 +207,35 @@ async fn an_unreachable_registry_leaves_the_local_base_in_use() {
     let setup = Setup::start(Duration::from_secs(1)).await;
     let first = setup.build().await.completed().clone();
     setup.proxy.refuse.store(true, Ordering::SeqCst);
-    let started = Instant::now();
-    let message = loop {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "no warning naming the failed check within {DEADLINE:?}"
-        );
-        let outcome = setup.build().await;
-        let done = outcome.completed();
-        assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
-        assert_eq!(done.image_id, first.image_id);
-        let unverified = warnings_with_code(&outcome, "base_unverified");
-        assert!(
-            unverified.len() <= 1,
-            "one warning per request: {unverified:?}"
-        );
-        if let Some(message) = unverified
-            .into_iter()
-            .find(|m| m.contains("could not be checked"))
-        {
-            break message;
-        }
-        tokio::task::yield_now().await;
-    };
+    let message = &Mutex::new(None);
+    let (setup_ref, first_ref) = (&setup, &first);
+    until_async(
+        "a warning naming the failed check",
+        DEADLINE,
+        || async move {
+            let outcome = setup_ref.build().await;
+            let done = outcome.completed();
+            assert_eq!(done.reason, proto::Reason::UpToDate as i32, "{done:?}");
+            assert_eq!(done.image_id, first_ref.image_id);
+            let unverified = warnings_with_code(&outcome, "base_unverified");
+            assert!(
+                unverified.len() <= 1,
+                "one warning per request: {unverified:?}"
+            );
+            let found = unverified
+                .into_iter()
+                .find(|m| m.contains("could not be checked"));
+            let done = found.is_some();
+            *message.lock().unwrap() = found;
+            done
+        },
+    )
+    .await;
+    let message = message
+        .lock()
+        .unwrap()
+        .take()
+        .expect("until returned on it");
     assert!(message.contains(&setup.mirrored_base()), "{message}");
     setup.finish(&first.tag).await;
 }
@@ -254,22 +268,15 @@ async fn concurrent_due_requests_share_one_check() {
         );
     }
     // Every request has its answer while the check is still held at the proxy.
-    let started = Instant::now();
-    while setup.proxy.held.load(Ordering::SeqCst) == 0 {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the check never reached the registry"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the check to reach the registry", DEADLINE, || {
+        setup.proxy.held.load(Ordering::SeqCst) > 0
+    })
+    .await;
     setup.proxy.open.send_replace(true);
-    while manifest_requests(&setup.proxy, &setup.repo) == before {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the held check never completed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the held check to complete", DEADLINE, || {
+        manifest_requests(&setup.proxy, &setup.repo) != before
+    })
+    .await;
     // The 20 requests above started exactly one check. (A request after it completes would
     // start the next one: the TTL is 0.)
     assert_eq!(manifest_requests(&setup.proxy, &setup.repo) - before, 1);
@@ -296,19 +303,17 @@ async fn an_engine_without_the_distribution_api_counts_the_base_as_current() {
     let first = first.completed().clone();
     assert_eq!(first.reason, proto::Reason::Missing as i32);
     // The first request found the check due and started it; poll until it has answered.
-    let started = Instant::now();
-    loop {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the base stayed unverified on Podman for {DEADLINE:?}"
-        );
-        let outcome = build(&daemon.socket, request(&name, layer.path())).await;
-        assert_eq!(outcome.completed().image_id, first.image_id);
-        if warnings_with_code(&outcome, "base_unverified").is_empty() {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let (socket, name_ref, path, first_ref) = (&daemon.socket, &name, layer.path(), &first);
+    until_async(
+        "the base to be verified on Podman",
+        DEADLINE,
+        || async move {
+            let outcome = build(socket, request(name_ref, path)).await;
+            assert_eq!(outcome.completed().image_id, first_ref.image_id);
+            warnings_with_code(&outcome, "base_unverified").is_empty()
+        },
+    )
+    .await;
     for _ in 0..3 {
         let outcome = build(&daemon.socket, request(&name, layer.path())).await;
         let done = outcome.completed();

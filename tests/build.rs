@@ -10,6 +10,7 @@ use std::time::Duration;
 use lambda_imaged::client::proto;
 use lambda_imaged::server::Phase;
 use proto::build_event::Event;
+use support::registry::registry;
 use support::*;
 use tokio::sync::Semaphore;
 use tonic::Code;
@@ -371,15 +372,6 @@ async fn a_foreign_image_under_our_tag_is_rebuilt() {
     assert_eq!(run_in_image(&done.tag, "cat /opt/message.txt"), "ours");
     docker(&["rmi", "-f", "--no-prune", &done.tag]);
     daemon.stop().await;
-}
-
-/// The local test registry (`scripts/test-env.sh` starts it on loopback).
-fn registry() -> String {
-    std::env::var("LAMBDA_IMAGED_TEST_REGISTRY").unwrap_or_else(|_| {
-        panic!(
-            "LAMBDA_IMAGED_TEST_REGISTRY is not set: run `eval \"$(scripts/test-env.sh)\"` first"
-        )
-    })
 }
 
 /// A base missing from the engine is pulled before the build (never by the build itself):

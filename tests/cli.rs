@@ -9,90 +9,21 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use regex::Regex;
 use serde_json::{Value, json};
+use support::daemon::Daemon;
+use support::text;
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
+/// How long a daemon may take to exit (refused, or after SIGTERM) on a busy machine.
+const EXIT_WITHIN: Duration = Duration::from_secs(60);
 
-impl Daemon {
-    /// Starts the real binary on a temp socket, with no engine, and waits until it answers.
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("d.sock");
-        let child = spawn_daemon(&socket, dir.path());
-        wait_for_socket(&socket);
-        Daemon {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    /// Starts the real binary on the test engine with the real RIE.
-    fn start_on_engine() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("d.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
-            .arg("--rie-dir")
-            .arg(support::rie_dir())
-            .env_remove("LAMBDA_IMAGED_SOCKET")
-            .env("DOCKER_HOST", support::engine_host())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for_socket(&socket);
-        Daemon {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_daemon(socket: &Path, dir: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
-        .arg("--socket")
-        .arg(socket)
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--rie-dir")
-        .arg(dir.join("no-rie-here"))
-        .env_remove("LAMBDA_IMAGED_SOCKET")
-        .env(
-            "DOCKER_HOST",
-            format!("unix://{}/no-engine.sock", dir.display()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_for_socket(socket: &Path) {
-    let what = format!("the daemon to listen on {}", socket.display());
-    support::until_blocking(&what, Duration::from_secs(15), || {
-        std::os::unix::net::UnixStream::connect(socket).is_ok()
-    });
+/// The real binary with no engine (a socket nobody serves) and no RIE, answering.
+fn no_engine_daemon() -> Daemon {
+    Daemon::builder().no_engine().missing_rie().start_blocking()
 }
 
 fn ctl(socket: &Path, args: &[&str]) -> Output {
@@ -112,14 +43,14 @@ fn stdout_json(output: &Output) -> Value {
 /// `resolve --json` prints SAM's tag, base and our Dockerfile with no engine at all.
 #[test]
 fn resolve_json_without_an_engine() {
-    let daemon = Daemon::start();
+    let daemon = no_engine_daemon();
     let layer = tempfile::tempdir().unwrap();
     let a = layer.path().join("layerA");
     let b = layer.path().join("layerB");
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
     let output = ctl(
-        &daemon.socket,
+        daemon.socket(),
         &[
             "resolve",
             "--runtime",
@@ -156,7 +87,7 @@ fn resolve_json_without_an_engine() {
     assert_eq!(plan["layers"][0]["path"], a.display().to_string());
 
     let output = ctl(
-        &daemon.socket,
+        daemon.socket(),
         &[
             "resolve",
             "--package-type",
@@ -183,7 +114,7 @@ fn resolve_json_without_an_engine() {
         .current_dir(layer.path())
         .args([
             "--socket",
-            daemon.socket.to_str().unwrap(),
+            daemon.socket().to_str().unwrap(),
             "resolve",
             "--runtime",
             "nodejs20.x",
@@ -203,8 +134,8 @@ fn resolve_json_without_an_engine() {
 /// 2 for usage errors, 3 when the socket cannot be reached (message names it).
 #[test]
 fn exit_codes() {
-    let daemon = Daemon::start();
-    let output = ctl(&daemon.socket, &["resolve", "--runtime", "cobol1.0"]);
+    let daemon = no_engine_daemon();
+    let output = ctl(daemon.socket(), &["resolve", "--runtime", "cobol1.0"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -213,13 +144,13 @@ fn exit_codes() {
     );
 
     let output = ctl(
-        &daemon.socket,
+        daemon.socket(),
         &["resolve", "--runtime", "go1.x", "--arch", "arm64"],
     );
     assert_eq!(output.status.code(), Some(1));
 
     let output = ctl(
-        &daemon.socket,
+        daemon.socket(),
         &[
             "resolve",
             "--layer",
@@ -231,19 +162,19 @@ fn exit_codes() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("NOT_FOUND"));
 
-    let output = ctl(&daemon.socket, &["resolve", "--arch", "sparc"]);
+    let output = ctl(daemon.socket(), &["resolve", "--arch", "sparc"]);
     assert_eq!(output.status.code(), Some(2));
-    let output = ctl(&daemon.socket, &["frobnicate"]);
+    let output = ctl(daemon.socket(), &["frobnicate"]);
     assert_eq!(output.status.code(), Some(2));
 
-    let missing = daemon.socket.with_file_name("nobody-here.sock");
+    let missing = daemon.socket().with_file_name("nobody-here.sock");
     let output = ctl(&missing, &["resolve", "--runtime", "python3.12"]);
     assert_eq!(output.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&output.stderr).contains("nobody-here.sock"));
 
     // build --json ends a failure with an error object on stdout.
     let output = ctl(
-        &daemon.socket,
+        daemon.socket(),
         &["build", "--runtime", "python3.12", "--json"],
     );
     assert_eq!(output.status.code(), Some(1));
@@ -274,8 +205,14 @@ fn socket_lifecycle() {
     // A stale socket file: bound, then its owner gone.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     assert!(socket.exists());
-    let mut first = spawn_daemon(&socket, dir.path());
-    wait_for_socket(&socket);
+    let in_dir = || {
+        Daemon::builder()
+            .in_dir(dir.path())
+            .no_engine()
+            .missing_rie()
+    };
+    let mut first = in_dir().start_blocking();
+    assert_eq!(first.socket(), socket);
     assert_eq!(
         ctl(&socket, &["resolve", "--runtime", "python3.12"])
             .status
@@ -283,11 +220,10 @@ fn socket_lifecycle() {
         Some(0)
     );
 
-    let second = spawn_daemon(&socket, dir.path())
-        .wait_with_output()
-        .unwrap();
-    assert!(!second.status.success());
-    let stderr = String::from_utf8_lossy(&second.stderr);
+    let mut second = in_dir().spawn();
+    let refused = second.wait_exit_blocking(EXIT_WITHIN);
+    assert!(!refused.success());
+    let stderr = second.log();
     assert!(stderr.contains("already serving"), "{stderr}");
     // The refused daemon did not take the socket away.
     assert_eq!(
@@ -297,9 +233,8 @@ fn socket_lifecycle() {
         Some(0)
     );
 
-    // SAFETY: sending a signal to our own child.
-    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
-    let status = first.wait().unwrap();
+    first.terminate();
+    let status = first.wait_exit_blocking(EXIT_WITHIN);
     assert_eq!(status.code(), Some(0));
     assert!(!socket.exists(), "socket file removed on exit");
 }
@@ -324,10 +259,6 @@ fn mask(object: &mut Value, key: &str) {
     *slot = json!("*");
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// Asserts the command exited with `code`, showing its output otherwise.
 fn assert_exit(output: &Output, code: i32) {
     assert_eq!(
@@ -342,7 +273,7 @@ fn assert_exit(output: &Output, code: i32) {
 /// `resolve` prints the plan as JSON and as text exactly as before.
 #[test]
 fn resolve_output_is_pinned() {
-    let daemon = Daemon::start();
+    let daemon = no_engine_daemon();
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join("lay.zip");
     std::fs::write(&layer, b"").unwrap();
@@ -358,7 +289,7 @@ fn resolve_output_is_pinned() {
         "--function-name",
         "f",
     ];
-    let output = ctl(&daemon.socket, &args);
+    let output = ctl(daemon.socket(), &args);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     let tag_line = stdout.lines().next().unwrap();
@@ -372,7 +303,7 @@ fn resolve_output_is_pinned() {
         )
     );
 
-    let output = ctl(&daemon.socket, &[&args[..], &["--json"]].concat());
+    let output = ctl(daemon.socket(), &[&args[..], &["--json"]].concat());
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     assert_eq!(stdout.lines().count(), 1);
@@ -392,7 +323,7 @@ fn resolve_output_is_pinned() {
 /// Bad `--layer` arguments are usage errors (exit 2) naming the argument.
 #[test]
 fn layer_argument_errors_are_pinned() {
-    let daemon = Daemon::start();
+    let daemon = no_engine_daemon();
     for (layer, stderr) in [
         (
             "/",
@@ -401,7 +332,7 @@ fn layer_argument_errors_are_pinned() {
         ("x=", "error: --layer \"x=\": the path is empty\n"),
     ] {
         let output = ctl(
-            &daemon.socket,
+            daemon.socket(),
             &["resolve", "--runtime", "python3.12", "--layer", layer],
         );
         assert_exit(&output, 2);
@@ -414,13 +345,13 @@ fn layer_argument_errors_are_pinned() {
 /// engine, and a usage error in `prune` exits 2 naming the flag.
 #[test]
 fn health_info_and_prune_usage_without_an_engine() {
-    let daemon = Daemon::start();
-    let output = ctl(&daemon.socket, &["health"]);
+    let daemon = no_engine_daemon();
+    let output = ctl(daemon.socket(), &["health"]);
     assert_exit(&output, 1);
     assert_eq!(text(&output.stdout), "NOT_SERVING\n");
     assert_eq!(text(&output.stderr), "");
 
-    let output = ctl(&daemon.socket, &["info"]);
+    let output = ctl(daemon.socket(), &["info"]);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     let pattern = Regex::new(
@@ -429,13 +360,13 @@ fn health_info_and_prune_usage_without_an_engine() {
     .unwrap();
     assert!(pattern.is_match(&stdout), "{stdout}");
 
-    let output = ctl(&daemon.socket, &["prune", "--older-than", "soon"]);
+    let output = ctl(daemon.socket(), &["prune", "--older-than", "soon"]);
     assert_exit(&output, 2);
     assert_eq!(
         text(&output.stderr),
         "error: --older-than \"soon\": expected number at 0; e.g. 30m, 12h, 7d\n"
     );
-    let output = ctl(&daemon.socket, &["prune", "--keep-storage", "lots"]);
+    let output = ctl(daemon.socket(), &["prune", "--keep-storage", "lots"]);
     assert_exit(&output, 2);
     let stderr = text(&output.stderr);
     assert!(
@@ -446,7 +377,7 @@ fn health_info_and_prune_usage_without_an_engine() {
 
     // An unreachable daemon under build --json: exit 3, the message on stderr and as the
     // closing error object on stdout.
-    let missing = daemon.socket.with_file_name("nobody-here.sock");
+    let missing = daemon.socket().with_file_name("nobody-here.sock");
     let output = ctl(&missing, &["build", "--runtime", "python3.12", "--json"]);
     assert_exit(&output, 3);
     let stdout = text(&output.stdout);
@@ -472,7 +403,7 @@ fn health_info_and_prune_usage_without_an_engine() {
 /// of a build, and `ls`, `info`, `prune --dry-run` and `health` on a real engine.
 #[test]
 fn build_ls_info_prune_health_output_is_pinned() {
-    let daemon = Daemon::start_on_engine();
+    let daemon = Daemon::builder().start_blocking();
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join("lay");
     std::fs::create_dir_all(&layer).unwrap();
@@ -499,7 +430,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     let mut rmi = Rmi(None);
 
     // A fresh build, as JSON Lines.
-    let output = ctl(&daemon.socket, &[&build[..], &["--json"]].concat());
+    let output = ctl(daemon.socket(), &[&build[..], &["--json"]].concat());
     assert_exit(&output, 0);
     assert_eq!(text(&output.stderr), "");
     let lines: Vec<Value> = text(&output.stdout).lines().map(json_line).collect();
@@ -578,7 +509,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     );
 
     // Cached, as JSON: accepted then completed.
-    let output = ctl(&daemon.socket, &[&build[..], &["--json"]].concat());
+    let output = ctl(daemon.socket(), &[&build[..], &["--json"]].concat());
     assert_exit(&output, 0);
     let lines: Vec<Value> = text(&output.stdout).lines().map(json_line).collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
@@ -587,7 +518,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     let short = &image_id["sha256:".len().."sha256:".len() + 12];
 
     // Cached, human: the outcome on stdout, the rest on stderr.
-    let output = ctl(&daemon.socket, &build);
+    let output = ctl(daemon.socket(), &build);
     assert_exit(&output, 0);
     assert_eq!(
         text(&output.stdout),
@@ -603,7 +534,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
 
     // Forced, human: engine lines indented on stderr, context size in IEC units.
     let output = ctl(
-        &daemon.socket,
+        daemon.socket(),
         &[&build[..], &["--force-image-build"]].concat(),
     );
     assert_exit(&output, 0);
@@ -644,7 +575,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     assert!(label.ends_with("..."));
 
     // Quiet: only the outcome.
-    let output = ctl(&daemon.socket, &[&build[..], &["-q"]].concat());
+    let output = ctl(daemon.socket(), &[&build[..], &["-q"]].concat());
     assert_exit(&output, 0);
     assert_eq!(
         text(&output.stdout),
@@ -654,7 +585,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
 
     // A failed build under --json: the error object closes stdout, exit 1.
     let output = ctl(
-        &daemon.socket,
+        daemon.socket(),
         &[
             "build",
             "--runtime",
@@ -675,7 +606,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     );
 
     // ls: the three builds above (newest first), as JSON and as a table.
-    let output = ctl(&daemon.socket, &["ls", "--json"]);
+    let output = ctl(daemon.socket(), &["ls", "--json"]);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     assert_eq!(stdout.lines().count(), 1);
@@ -706,7 +637,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
                "started_unix_ms": "*", "state": "succeeded", "subscribers": "*", "tag": tag})
     );
     assert_eq!(list["in_flight"], json!([]));
-    let output = ctl(&daemon.socket, &["ls"]);
+    let output = ctl(daemon.socket(), &["ls"]);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     let mut rows = stdout.lines();
@@ -726,7 +657,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     );
 
     // info: JSON with every field, and the text form.
-    let output = ctl(&daemon.socket, &["info", "--json"]);
+    let output = ctl(daemon.socket(), &["info", "--json"]);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     let mut info = json_line(stdout.trim_end());
@@ -754,7 +685,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
         mask(&mut info, key);
     }
     let rie_dir = support::rie_dir();
-    let cache_dir = daemon.socket.with_file_name("cache");
+    let cache_dir = daemon.socket().with_file_name("cache");
     // The engine's own architecture, plus those this kernel's binfmt_misc runs (the engine is
     // local); without binfmt_misc, exactly the native one. The rule is unit-tested in engine.rs.
     let native = match support::docker_ok(&["version", "-f", "{{.Server.Arch}}"]).trim() {
@@ -795,20 +726,20 @@ fn build_ls_info_prune_health_output_is_pinned() {
                 {"architecture": "arm64", "path": rie_dir.join("aws-lambda-rie-arm64").display().to_string(),
                  "present": true, "sha256": "*"},
             ],
-            "socket_path": daemon.socket.display().to_string(),
+            "socket_path": daemon.socket().display().to_string(),
             "stats": {"bytes_hashed": "*", "cache_hits": "*", "engine_builds": "*", "failures": "*",
                       "files_hashed": "*", "joined": "*", "requests": "*"},
             "version": "*",
         })
     );
-    let output = ctl(&daemon.socket, &["info"]);
+    let output = ctl(daemon.socket(), &["info"]);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     let pattern = Regex::new(&format!(
         "^lambda-imaged \\S+\nengine:  \\S+ \\S+ \\(API \\S+\\) at {}\nstore:   classic\nruns:    {}\nsocket:  {}\ncache:   {} \\(\\d+ bytes\\)\nrie:     x86_64 \\S+ [0-9a-f]{{64}}\nrie:     arm64 \\S+ [0-9a-f]{{64}}\n(limit:   \\w+ = \\d+\n)+$",
         regex::escape(&support::engine_host()),
         runs,
-        regex::escape(&daemon.socket.display().to_string()),
+        regex::escape(&daemon.socket().display().to_string()),
         regex::escape(&cache_dir.display().to_string()),
     ))
     .unwrap();
@@ -819,7 +750,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     assert_eq!(limits, sorted, "limits are printed sorted");
 
     // prune --dry-run lists our image (others' may appear too: the engine is shared).
-    let output = ctl(&daemon.socket, &["prune", "--dry-run"]);
+    let output = ctl(daemon.socket(), &["prune", "--dry-run"]);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
     assert!(
@@ -830,7 +761,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     let pattern = Regex::new(r"^((image|layer)  \S+\n)*would free \d+ bytes\n$").unwrap();
     assert!(pattern.is_match(&stdout), "{stdout}");
 
-    let output = ctl(&daemon.socket, &["health"]);
+    let output = ctl(daemon.socket(), &["health"]);
     assert_exit(&output, 0);
     assert_eq!(text(&output.stdout), "SERVING\n");
 }

@@ -10,16 +10,16 @@ mod support;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lambda_imaged::client::{self, Client, proto};
 use proto::build_event::Event;
+use support::daemon::{Daemon, answers};
 use support::tree::{assert_same, expected_opt, image_opt, set_time};
 use support::{
-    OutcomeExt, TestDaemon, build, docker, docker_ok, engine_host, noise, rie_dir, unique,
+    OutcomeExt, TestDaemon, build, docker, docker_ok, noise, unique, until, until_async,
     zip_request,
 };
 use tokio::sync::mpsc;
@@ -29,103 +29,6 @@ use tonic::Code;
 const DEADLINE: Duration = Duration::from_secs(300);
 /// The fingerprint label the daemon puts on every image it makes.
 const FINGERPRINT_LABEL: &str = "io.lambda-imaged.fingerprint";
-
-/// The real daemon binary as a child process, killed when dropped.
-struct DaemonProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl DaemonProcess {
-    /// Starts `lambda-imaged` on `socket` and `cache` with `args`, logging to `log`, with at
-    /// most `nofile` file descriptors when given, and waits until it answers GetInfo.
-    async fn start(
-        socket: &Path,
-        cache: &Path,
-        log: &Path,
-        args: &[&str],
-        nofile: Option<u64>,
-    ) -> DaemonProcess {
-        let config = cache.with_extension("toml");
-        fs::write(&config, "").unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_lambda-imaged"));
-        command
-            .arg("--config")
-            .arg(&config)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("--rie-dir")
-            .arg(rie_dir())
-            .args(args)
-            .env_remove("LAMBDA_IMAGED_SOCKET")
-            .env("DOCKER_HOST", engine_host())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(log).unwrap());
-        if let Some(limit) = nofile {
-            let rlimit = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            // SAFETY: setrlimit is async-signal-safe and only reads `rlimit`, a copy owned by
-            // the closure; nothing else runs between fork and exec.
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
-        }
-        let mut daemon = DaemonProcess {
-            child: command.spawn().unwrap(),
-            log: log.to_owned(),
-        };
-        let started = Instant::now();
-        while started.elapsed() < DEADLINE {
-            if let Ok(mut client) = client::connect(socket).await
-                && client.get_info(proto::GetInfoRequest {}).await.is_ok()
-            {
-                return daemon;
-            }
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!("the daemon exited with {status}: {}", daemon.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!(
-            "the daemon did not answer on {}: {}",
-            socket.display(),
-            daemon.log_text()
-        );
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill_9(&mut self) {
-        // SAFETY: kill(2) on our own child's pid; it has not been reaped yet.
-        let rc = unsafe { libc::kill(self.pid(), libc::SIGKILL) };
-        assert_eq!(rc, 0, "kill -9 {}", self.pid());
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Removes the images a test made, also when it fails.
 #[derive(Default)]
@@ -223,14 +126,13 @@ async fn kill_then_restart(at: KillAt) {
     for attempt in 1..=3 {
         let dir = tempfile::tempdir().unwrap();
         let layer = big_layer(dir.path(), big);
-        let socket = dir.path().join("d.sock");
-        let cache = dir.path().join("cache");
         let name = unique("killed");
         let request = zip_request(&[(&name, &layer)]);
         let mut cleanup = Cleanup::default();
 
-        let mut daemon =
-            DaemonProcess::start(&socket, &cache, &dir.path().join("first.log"), &[], None).await;
+        // The restart below runs in the same dir: the same socket and cache.
+        let mut daemon = Daemon::builder().in_dir(dir.path()).start().await;
+        let (socket, cache) = (daemon.socket().to_owned(), daemon.cache());
         let tag = client::connect(&socket)
             .await
             .unwrap()
@@ -308,8 +210,7 @@ async fn kill_then_restart(at: KillAt) {
             fs::create_dir_all(cache.join(sub)).unwrap();
             fs::write(cache.join(sub).join(leftover), b"{\"half").unwrap();
         }
-        let log = dir.path().join("second.log");
-        let daemon = DaemonProcess::start(&socket, &cache, &log, &[], None).await;
+        let daemon = Daemon::builder().in_dir(dir.path()).start().await;
         assert_eq!(
             temp_leftovers(&cache),
             Vec::<String>::new(),
@@ -322,7 +223,7 @@ async fn kill_then_restart(at: KillAt) {
                 "the retry after the restart: {:?} {}; log: {}",
                 status.code(),
                 status.message(),
-                daemon.log_text()
+                daemon.log()
             ),
         };
         assert_eq!(retried.tag, tag);
@@ -334,17 +235,8 @@ async fn kill_then_restart(at: KillAt) {
 
         // A clean run: a fresh daemon and cache, the image gone from the engine.
         docker_ok(&["rmi", "-f", &tag]);
-        let clean_dir = tempfile::tempdir().unwrap();
-        let clean_socket = clean_dir.path().join("d.sock");
-        let clean = DaemonProcess::start(
-            &clean_socket,
-            &clean_dir.path().join("cache"),
-            &clean_dir.path().join("clean.log"),
-            &[],
-            None,
-        )
-        .await;
-        let done = build(&clean_socket, request).await;
+        let clean = Daemon::builder().start().await;
+        let done = build(clean.socket(), request).await;
         assert_eq!(done.completed().tag, tag);
         assert_eq!(
             fingerprint_of(&tag),
@@ -505,18 +397,6 @@ async fn a_full_cache_disk_is_resource_exhausted_and_recoverable() {
     drop(disk);
 }
 
-/// Polls `check` every 50 ms until it holds, failing with `what` after [`DEADLINE`].
-async fn eventually<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < DEADLINE, "{what} within {DEADLINE:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A uid's connections beyond `max_connections_per_uid` are closed on accept (the client gets
 /// the connection end); the ones within it keep working, and closing one lets a new one in.
 #[tokio::test(flavor = "multi_thread")]
@@ -551,24 +431,14 @@ async fn connections_per_uid_are_bounded() {
     }
 
     open.pop();
-    let socket = daemon.socket.clone();
-    eventually("a new connection is let in once one closed", || {
-        let socket = socket.clone();
-        async move {
-            match client::connect(&socket).await {
-                Ok(mut client) => client.get_info(proto::GetInfoRequest {}).await.is_ok(),
-                Err(_) => false,
-            }
-        }
-    })
+    until_async(
+        "a new connection to be let in once one closed",
+        DEADLINE,
+        || answers(&daemon.socket),
+    )
     .await;
     drop(open);
     daemon.stop().await;
-}
-
-/// The daemon's open file descriptors.
-fn fds(pid: i32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
 /// CPU time (user + system) the process has used, in clock ticks.
@@ -584,18 +454,14 @@ fn cpu_ticks(pid: i32) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     const NOFILE: u64 = 64;
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("d.sock");
-    let daemon = DaemonProcess::start(
-        &socket,
-        &dir.path().join("cache"),
-        &dir.path().join("daemon.log"),
-        &["--max-connections-per-uid", "1000"],
-        Some(NOFILE),
-    )
-    .await;
+    let mut daemon = Daemon::builder()
+        .args(["--max-connections-per-uid", "1000"])
+        .nofile(NOFILE)
+        .start()
+        .await;
+    let socket = daemon.socket().to_owned();
     let pid = daemon.pid();
-    let baseline = fds(pid);
+    let baseline = daemon.fds();
     assert!(
         baseline < NOFILE as usize - 8,
         "room to accept some connections"
@@ -605,8 +471,8 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     let held: Vec<_> = (0..2 * NOFILE)
         .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
         .collect();
-    eventually("the daemon reaches its descriptor limit", || async move {
-        fds(pid) as u64 >= NOFILE - 1
+    until("the daemon to reach its descriptor limit", DEADLINE, || {
+        daemon.fds() as u64 >= NOFILE - 1
     })
     .await;
 
@@ -625,30 +491,16 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
         (spent as f64 / per_second as f64) < elapsed / 4.0,
         "the daemon used {spent} ticks of CPU in {elapsed:.1}s while out of descriptors \
          (spinning on accept?): {}",
-        daemon.log_text()
+        daemon.log()
     );
-    let mut daemon = daemon;
-    assert!(
-        daemon.child.try_wait().unwrap().is_none(),
-        "the daemon is still running: {}",
-        daemon.log_text()
-    );
+    daemon.assert_running("the window out of descriptors to end");
 
     drop(held);
-    let socket2 = socket.clone();
-    eventually("the daemon answers again", || {
-        let socket = socket2.clone();
-        async move {
-            match client::connect(&socket).await {
-                Ok(mut client) => client.get_info(proto::GetInfoRequest {}).await.is_ok(),
-                Err(_) => false,
-            }
-        }
-    })
-    .await;
-    eventually(
-        "the daemon's descriptors are back near the baseline",
-        || async move { fds(pid) <= baseline + 4 },
+    until_async("the daemon to answer again", DEADLINE, || answers(&socket)).await;
+    until(
+        "the daemon's descriptors to be back near the baseline",
+        DEADLINE,
+        || daemon.fds() <= baseline + 4,
     )
     .await;
 }

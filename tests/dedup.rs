@@ -36,12 +36,6 @@ async fn daemon_with(
     .await
 }
 
-fn layer(dir: &std::path::Path, name: &str, content: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    write_file(&path.join("message.txt"), content, 0o644);
-    path
-}
-
 /// N concurrent identical requests: exactly one engine build; every client receives the same
 /// event sequence and the same image id; the table is empty afterwards.
 #[tokio::test(flavor = "multi_thread")]

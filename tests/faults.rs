@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lambda_imaged::client::{self, Client, proto};
@@ -38,12 +38,6 @@ async fn daemon_behind(
         tweak(config);
     })
     .await
-}
-
-fn layer(dir: &Path, name: &str, content: &str) -> PathBuf {
-    let path = dir.join(name);
-    write_file(&path.join("message.txt"), content, 0o644);
-    path
 }
 
 /// A request for a new tag with one small layer of its own.

@@ -14,12 +14,13 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lambda_imaged::client::{Client, proto};
 use proto::build_event::Event;
+use support::daemon::Daemon;
 use support::dockerd::{SecondEngine, docker_at_ok, second_engine};
-use support::registry::Proxy;
+use support::registry::{Proxy, registry};
 use support::tree::{assert_same, image_opt, image_tree_at};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,14 +32,6 @@ const DEADLINE: Duration = Duration::from_secs(180);
 
 /// The stand-in base every request here uses (`skip_pull_image`), copied into engine B.
 const BASE: &str = "public.ecr.aws/lambda/python:3.12-x86_64";
-
-fn registry() -> String {
-    std::env::var("LAMBDA_IMAGED_TEST_REGISTRY").unwrap_or_else(|_| {
-        panic!(
-            "LAMBDA_IMAGED_TEST_REGISTRY is not set: run `eval \"$(scripts/test-env.sh)\"` first"
-        )
-    })
-}
 
 /// A daemon using `cache` as its registry cache, on the main engine or on `engine`.
 async fn daemon(cache: &str, engine: Option<&SecondEngine>) -> TestDaemon {
@@ -92,30 +85,29 @@ fn cache_reference(host: &str, tag: &str, cache: &str) -> String {
     format!("{cache}:fp-{}", fingerprint.trim())
 }
 
-/// Waits until `daemon` lists the push of `reference` as finished; its summary.
-async fn push_of(daemon: &TestDaemon, reference: &str) -> proto::BuildSummary {
-    let mut client = daemon.client().await;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let listed = client
-            .list_builds(proto::ListBuildsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(push) = listed.recent.into_iter().find(|s| s.tag == reference) {
-            return push;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no finished push of {reference} in ListBuilds within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Waits until the daemon on `socket` lists the push of `reference` as finished; its summary.
+async fn push_of(socket: &Path, reference: &str) -> proto::BuildSummary {
+    let found = &std::sync::Mutex::new(None);
+    let what = format!("a finished push of {reference} in ListBuilds");
+    until_async(what, DEADLINE, || async move {
+        let mut client = Client::connect(socket).await.unwrap();
+        let listed = client.list_builds().await.unwrap();
+        let push = listed.recent.into_iter().find(|s| s.tag == reference);
+        let done = push.is_some();
+        *found.lock().unwrap() = push;
+        done
+    })
+    .await;
+    found
+        .lock()
+        .unwrap()
+        .take()
+        .expect("until returned once it was listed")
 }
 
 /// Waits until `daemon` has pushed `reference`; panics with the error when the push failed.
 async fn pushed(daemon: &TestDaemon, reference: &str) {
-    let push = push_of(daemon, reference).await;
+    let push = push_of(&daemon.socket, reference).await;
     assert_eq!(
         push.state,
         proto::BuildState::Succeeded as i32,
@@ -268,7 +260,7 @@ async fn an_unreachable_registry_leaves_builds_local() {
             warnings(&outcome)
         );
         let reference = cache_reference(&host, &done.tag, &cache);
-        let push = push_of(daemon, &reference).await;
+        let push = push_of(&daemon.socket, &reference).await;
         assert_eq!(push.state, proto::BuildState::Failed as i32);
         assert!(!push.error.is_empty());
         // The lookup failed (neither hit nor miss); the push failure is counted.
@@ -395,37 +387,35 @@ impl AuthRegistry {
             child,
             _dir: dir,
         };
-        let deadline = Instant::now() + DEADLINE;
-        while registry.anonymous_status().await != Some(401) {
+        let what = format!("the auth registry on {} to answer 401", registry.addr);
+        until_async(what, DEADLINE, || {
             if let Ok(Some(status)) = registry.child.try_wait() {
                 let log = std::fs::read_to_string(registry._dir.path().join("log"));
                 panic!("docker-registry exited ({status}): {log:?}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "the auth registry did not answer"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let addr = registry.addr.clone();
+            async move { anonymous_status(&addr).await == Some(401) }
+        })
+        .await;
         registry
     }
+}
 
-    /// The HTTP status of an anonymous `GET /v2/` (None while nothing answers).
-    async fn anonymous_status(&self) -> Option<u16> {
-        let mut stream = TcpStream::connect(&self.addr).await.ok()?;
-        let request = format!(
-            "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.ok()?;
-        String::from_utf8_lossy(&answer)
-            .split(' ')
-            .nth(1)?
-            .parse()
-            .ok()
-    }
+/// The HTTP status of an anonymous `GET /v2/` (None while nothing answers).
+async fn anonymous_status(addr: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(&addr).await.ok()?;
+    let request = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        addr
+    );
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.ok()?;
+    String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 impl Drop for AuthRegistry {
@@ -435,53 +425,15 @@ impl Drop for AuthRegistry {
     }
 }
 
-/// The real daemon binary, run with `--registry-cache` on the engine at `host`, with
-/// `DOCKER_CONFIG` set to `docker_config`; killed on drop.
-struct DaemonProcess {
-    child: std::process::Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl DaemonProcess {
-    fn start(host: &str, cache: &str, docker_config: &Path) -> DaemonProcess {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("d.sock");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
-            .arg("--rie-dir")
-            .arg(rie_dir())
-            .args(["--registry-cache", cache])
-            .env_remove("LAMBDA_IMAGED_SOCKET")
-            .env("DOCKER_HOST", host)
-            .env("DOCKER_CONFIG", docker_config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        DaemonProcess {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        Client::connect_waiting(&self.socket, deadline)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The real daemon binary, run with `--registry-cache cache` on the engine at `host`, with
+/// `DOCKER_CONFIG` set to `docker_config`.
+async fn daemon_process(host: &str, cache: &str, docker_config: &Path) -> Daemon {
+    Daemon::builder()
+        .engine(host)
+        .args(["--registry-cache", cache])
+        .env("DOCKER_CONFIG", docker_config)
+        .start()
+        .await
 }
 
 /// A registry that needs basic auth: a daemon without credentials is refused (it builds
@@ -521,21 +473,12 @@ async fn a_registry_with_basic_auth_takes_credentials_from_the_docker_config() {
     anonymous.stop().await;
 
     let request = zip_request(&[(&unique("deps"), &layer)]);
-    let b = DaemonProcess::start(&engine_b.host, &cache, config_dir.path());
+    let b = daemon_process(&engine_b.host, &cache, config_dir.path()).await;
     let built = b.client().await.build(request.clone()).await;
     let built = built.completed().clone();
     assert_eq!(built.reason, proto::Reason::Missing as i32);
     let reference = cache_reference(&engine_b.host, &built.tag, &cache);
-    let mut client = b.client().await;
-    let deadline = Instant::now() + DEADLINE;
-    let push = loop {
-        let listed = client.list_builds().await.unwrap();
-        if let Some(push) = listed.recent.into_iter().find(|s| s.tag == reference) {
-            break push;
-        }
-        assert!(Instant::now() < deadline, "no push of {reference} listed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let push = push_of(b.socket(), &reference).await;
     assert_eq!(
         push.state,
         proto::BuildState::Succeeded as i32,
@@ -543,7 +486,7 @@ async fn a_registry_with_basic_auth_takes_credentials_from_the_docker_config() {
         push.error
     );
 
-    let a = DaemonProcess::start(&engine_host(), &cache, config_dir.path());
+    let a = daemon_process(&engine_host(), &cache, config_dir.path()).await;
     let mut client = a.client().await;
     let hit = client.build(request).await;
     assert_eq!(

@@ -10,7 +10,7 @@ mod support;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lambda_imaged::client::{self, Client, proto};
@@ -559,66 +559,6 @@ async fn hostile_zips_are_rejected_naming_the_entry_and_leave_nothing() {
     daemon.stop().await;
 }
 
-/// The real daemon binary, killed when dropped.
-struct DaemonProcess {
-    child: Child,
-}
-
-impl DaemonProcess {
-    /// Starts `lambda-imaged` on `socket` and `cache` (logging to `log`) and waits until it
-    /// answers.
-    async fn start(socket: &Path, cache: &Path, log: &Path) -> DaemonProcess {
-        let config = cache.with_extension("toml");
-        fs::write(&config, "").unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lambda-imaged"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("--rie-dir")
-            .arg(rie_dir())
-            .env_remove("LAMBDA_IMAGED_SOCKET")
-            .env("DOCKER_HOST", engine_host())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut daemon = DaemonProcess { child };
-        for _ in 0..400 {
-            if let Ok(mut client) = client::connect(socket).await
-                && client.get_info(proto::GetInfoRequest {}).await.is_ok()
-            {
-                return daemon;
-            }
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!(
-                    "the daemon exited with {status}: {}",
-                    fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the daemon did not answer on {}", socket.display());
-    }
-
-    fn kill_9(&mut self) {
-        // SAFETY: kill(2) on our own child's pid; it has not been reaped yet.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        assert_eq!(rc, 0, "kill -9 {}", self.child.id());
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A Build that may be cut off by the daemon dying: its Completed, or how it ended.
 async fn build_until_cut(
     socket: PathBuf,
@@ -649,12 +589,15 @@ async fn kill_9_during_extraction_leaves_no_partial_layer() {
             .collect();
         make_zip(&archive, Value::Array(spec));
         let digest = sha256_file(&archive);
-        let socket = dir.path().join("d.sock");
-        let cache = dir.path().join("cache");
         let name = unique("big");
         let request = zip_request(&[(&name, &archive)]);
 
-        let mut daemon = DaemonProcess::start(&socket, &cache, &dir.path().join("first.log")).await;
+        // The restart below runs in the same dir: the same socket and cache.
+        let mut daemon = support::daemon::Daemon::builder()
+            .in_dir(dir.path())
+            .start()
+            .await;
+        let (socket, cache) = (daemon.socket().to_owned(), daemon.cache());
         let started = Instant::now();
         let task = tokio::spawn(build_until_cut(socket.clone(), request.clone()));
         let mut seen = None;
@@ -693,8 +636,10 @@ async fn kill_9_during_extraction_leaves_no_partial_layer() {
             "killed mid-extraction: only the temp dir exists"
         );
 
-        let log = dir.path().join("second.log");
-        let daemon = DaemonProcess::start(&socket, &cache, &log).await;
+        let daemon = support::daemon::Daemon::builder()
+            .in_dir(dir.path())
+            .start()
+            .await;
         assert_eq!(
             layer_entries(&cache),
             Vec::<String>::new(),
@@ -711,7 +656,7 @@ async fn kill_9_during_extraction_leaves_no_partial_layer() {
                 "after the restart: {:?} {}; log: {}",
                 status.code(),
                 status.message(),
-                fs::read_to_string(&log).unwrap_or_default()
+                daemon.log()
             ),
         };
         assert_eq!(

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use lambda_imaged::client::{self, proto};
 use lambda_imaged::server::{Builds, Phase};
 use serde_json::Value;
+use support::daemon::Daemon;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -62,10 +63,6 @@ fn open_tempdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     chmod(dir.path(), 0o755);
     dir
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Runs a short system command (id, getent, useradd, groupadd) and returns its output.
@@ -184,80 +181,14 @@ fn image_exists(tag: &str) -> bool {
         .success()
 }
 
-/// The real daemon binary on a socket in a temp dir anyone may traverse; killed on drop.
-struct Bin {
-    child: Child,
-    socket: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Bin {
-    /// Starts the daemon with the test RIE and `extra` flags (the engine is the test engine
-    /// unless `extra` names another) and waits until its socket accepts connections.
-    async fn start(extra: &[&str]) -> Bin {
-        let dir = open_tempdir();
-        let socket = dir.path().join("d.sock");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(DAEMON)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
-            .arg("--rie-dir")
-            .arg(rie_dir())
-            .args(extra)
-            .env("DOCKER_HOST", engine_host())
-            .env("NO_COLOR", "1")
-            .env_remove("LAMBDA_IMAGED_SOCKET")
-            .env_remove("LAMBDA_IMAGED_RIE_DIR")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut bin = Bin { child, socket, dir };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if std::os::unix::net::UnixStream::connect(&bin.socket).is_ok() {
-                return bin;
-            }
-            if let Some(status) = bin.child.try_wait().unwrap() {
-                panic!("the daemon exited with {status}; log:\n{}", bin.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not listen on {} within {WAIT:?}; log:\n{}",
-                bin.socket.display(),
-                bin.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    fn terminate(&self) {
-        let pid = self.child.id().expect("the daemon is running") as i32;
-        // SAFETY: sending a signal to our own child, by its pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-
-    /// Waits (bounded) for the daemon to exit and returns its exit code.
-    async fn exit_code(&mut self) -> Option<i32> {
-        match tokio::time::timeout(WAIT, self.child.wait()).await {
-            Ok(status) => status.unwrap().code(),
-            Err(_) => panic!(
-                "the daemon did not exit within {WAIT:?}; log:\n{}",
-                self.log()
-            ),
-        }
-    }
+/// The real daemon binary with the test RIE and `extra` flags (the engine is the test engine
+/// unless `extra` names another), in a temp dir anyone may traverse, accepting connections.
+async fn bin(extra: &[&str]) -> Daemon {
+    Daemon::builder()
+        .readable_by_all()
+        .args(extra)
+        .start()
+        .await
 }
 
 /// A stand-in for the engine's socket that forwards bytes to the real one. The test can take
@@ -422,13 +353,6 @@ async fn until_health(socket: &Path, want: ServingStatus) {
     .await;
 }
 
-/// A layer directory with one file.
-fn layer(dir: &Path, name: &str, content: &str) -> PathBuf {
-    let path = dir.join(name);
-    write_file(&path.join("message.txt"), content, 0o644);
-    path
-}
-
 /// A layer that resolves (its directory exists) but fails while it is walked, before its build
 /// needs a build slot: a link loop (INVALID_ARGUMENT "link loop" after Accepted; a dangling
 /// link would not do: it is kept as a link, as Lambda keeps it).
@@ -465,11 +389,11 @@ async fn gated_daemon(gate: &Arc<Semaphore>, shutdown_timeout: Duration) -> Test
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_that_is_not_allowed_is_denied_even_on_an_open_socket() {
     let (uid, gid) = test_user();
-    let daemon = Bin::start(&[]).await;
-    chmod(&daemon.socket, 0o666);
+    let daemon = bin(&[]).await;
+    chmod(daemon.socket(), 0o666);
 
     let output =
-        run(ctl_as(uid, gid, &[], &daemon.socket).args(["resolve", "--runtime", "python3.12"]))
+        run(ctl_as(uid, gid, &[], daemon.socket()).args(["resolve", "--runtime", "python3.12"]))
             .await;
     let (code, _, stderr) = parts(&output);
     assert_eq!(code, Some(1), "{stderr}");
@@ -478,7 +402,7 @@ async fn a_peer_that_is_not_allowed_is_denied_even_on_an_open_socket() {
         "{stderr}"
     );
 
-    let output = run(ctl_as(uid, gid, &[], &daemon.socket).args([
+    let output = run(ctl_as(uid, gid, &[], daemon.socket()).args([
         "build",
         "--runtime",
         "python3.12",
@@ -496,7 +420,7 @@ async fn a_peer_that_is_not_allowed_is_denied_even_on_an_open_socket() {
     assert_eq!(last["code"], "PERMISSION_DENIED");
 
     // The daemon itself works: root is always allowed.
-    let output = run(ctl(&daemon.socket).args(["resolve", "--runtime", "python3.12"])).await;
+    let output = run(ctl(daemon.socket()).args(["resolve", "--runtime", "python3.12"])).await;
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
 }
 
@@ -507,9 +431,9 @@ async fn a_peer_that_is_not_allowed_is_denied_even_on_an_open_socket() {
 async fn an_allowed_peer_reads_layers_only_with_its_own_rights() {
     let (uid, gid) = test_user();
     let uid_flag = uid.to_string();
-    let daemon = Bin::start(&["--allow-uid", &uid_flag]).await;
+    let daemon = bin(&["--allow-uid", &uid_flag]).await;
     // The socket file is 0660 root:root; here only the daemon's own check stands in the way.
-    chmod(&daemon.socket, 0o666);
+    chmod(daemon.socket(), 0o666);
     let layers = open_tempdir();
 
     // Root's: 0700, the user cannot even list it.
@@ -532,7 +456,7 @@ async fn an_allowed_peer_reads_layers_only_with_its_own_rights() {
     std::os::unix::fs::chown(private.join("message.txt"), Some(uid), Some(gid)).unwrap();
     std::os::unix::fs::chown(&private, Some(uid), Some(gid)).unwrap();
 
-    let as_user = || ctl_as(uid, gid, &[], &daemon.socket);
+    let as_user = || ctl_as(uid, gid, &[], daemon.socket());
     let output = run(as_user().args(["resolve", "--runtime", "python3.12", "--json"])).await;
     let (code, stdout, stderr) = parts(&output);
     assert_eq!(code, Some(0), "{stderr}\nlog:\n{}", daemon.log());
@@ -621,13 +545,13 @@ async fn an_allowed_peer_reads_layers_only_with_its_own_rights() {
 async fn socket_group_owns_the_socket_and_lets_members_in() {
     let (uid, gid) = test_user();
     let group = test_group();
-    let daemon = Bin::start(&["--socket-group", GROUP]).await;
+    let daemon = bin(&["--socket-group", GROUP]).await;
 
-    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    let meta = std::fs::metadata(daemon.socket()).unwrap();
     assert_eq!(meta.gid(), group, "socket group");
     assert_eq!(meta.mode() & 0o7777, 0o660, "socket mode {:o}", meta.mode());
 
-    let output = run(ctl_as(uid, gid, &[group], &daemon.socket).args([
+    let output = run(ctl_as(uid, gid, &[group], daemon.socket()).args([
         "resolve",
         "--runtime",
         "python3.12",
@@ -637,12 +561,12 @@ async fn socket_group_owns_the_socket_and_lets_members_in() {
     assert_eq!(code, Some(0), "a member may use the daemon: {stderr}");
 
     let output =
-        run(ctl_as(uid, gid, &[], &daemon.socket).args(["resolve", "--runtime", "python3.12"]))
+        run(ctl_as(uid, gid, &[], daemon.socket()).args(["resolve", "--runtime", "python3.12"]))
             .await;
     let (code, _, stderr) = parts(&output);
     assert_eq!(code, Some(3), "a non-member cannot connect: {stderr}");
     assert!(
-        stderr.contains(&daemon.socket.display().to_string()),
+        stderr.contains(&daemon.socket().display().to_string()),
         "{stderr}"
     );
 }
@@ -810,12 +734,12 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
     let mut proxy = EngineProxy::new(true);
     proxy.start();
     let engine = proxy.host();
-    let mut daemon = Bin::start(&["--engine", &engine, "--shutdown-timeout", "60s"]).await;
+    let mut daemon = bin(&["--engine", &engine, "--shutdown-timeout", "60s"]).await;
     let dir = tempfile::tempdir().unwrap();
     let path = layer(dir.path(), "l", "sigterm");
     let spec = format!("{}={}", unique("sigterm"), path.display());
     let request = ["--runtime", "python3.12", "--layer", &spec];
-    let output = run(ctl(&daemon.socket)
+    let output = run(ctl(daemon.socket())
         .arg("resolve")
         .args(request)
         .arg("--json"))
@@ -826,7 +750,7 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
         .to_owned();
     let clients: Vec<Child> = (0..CLIENTS)
         .map(|_| {
-            ctl(&daemon.socket)
+            ctl(daemon.socket())
                 .arg("build")
                 .args(request)
                 .args(["--skip-pull-image", "--json"])
@@ -838,7 +762,7 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
                 .unwrap()
         })
         .collect();
-    let socket = daemon.socket.clone();
+    let socket = daemon.socket().to_owned();
     until_async(
         "the engine build to be held with every client",
         WAIT,
@@ -877,7 +801,7 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
     )
     .await;
     assert!(
-        daemon.child.try_wait().unwrap().is_none(),
+        daemon.exited().is_none(),
         "the daemon waits for the build in flight; log:\n{}",
         daemon.log()
     );
@@ -912,7 +836,7 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
         assert_eq!(completed["cached"], false);
     }
     assert_eq!(
-        daemon.exit_code().await,
+        daemon.wait_exit(WAIT).await.code(),
         Some(0),
         "exit status; log:\n{}",
         daemon.log()
@@ -1182,17 +1106,20 @@ async fn config_file_with_flag_overrides_and_unknown_keys() {
 async fn a_user_outside_the_socket_group_is_told_permission_denied_and_what_to_do() {
     let (uid, gid) = test_user();
     test_group();
-    let daemon = Bin::start(&["--socket-group", GROUP]).await;
+    let daemon = bin(&["--socket-group", GROUP]).await;
     let resolve_as_user = || async {
-        let output =
-            run(ctl_as(uid, gid, &[], &daemon.socket).args(["resolve", "--runtime", "python3.12"]))
-                .await;
+        let output = run(ctl_as(uid, gid, &[], daemon.socket()).args([
+            "resolve",
+            "--runtime",
+            "python3.12",
+        ]))
+        .await;
         let (code, _, stderr) = parts(&output);
         assert_eq!(code, Some(3), "{stderr}");
         assert!(
             stderr.contains(&format!(
                 "cannot reach lambda-imaged at {}: permission denied",
-                daemon.socket.display()
+                daemon.socket().display()
             )),
             "{stderr}"
         );
@@ -1212,7 +1139,7 @@ async fn a_user_outside_the_socket_group_is_told_permission_denied_and_what_to_d
     // The user is listed in the socket's group, but this session does not have it yet (as
     // right after `usermod -aG`): log in again.
     let joined = joined_group();
-    std::os::unix::fs::chown(&daemon.socket, None, Some(joined)).unwrap();
+    std::os::unix::fs::chown(daemon.socket(), None, Some(joined)).unwrap();
     let stderr = resolve_as_user().await;
     for part in [
         format!("is a member of {JOINED_GROUP} but this login session is not yet"),
@@ -1222,7 +1149,7 @@ async fn a_user_outside_the_socket_group_is_told_permission_denied_and_what_to_d
     }
 
     // The socket's group is root's: joining it is not the advice.
-    std::os::unix::fs::chown(&daemon.socket, None, Some(0)).unwrap();
+    std::os::unix::fs::chown(daemon.socket(), None, Some(0)).unwrap();
     let stderr = resolve_as_user().await;
     for part in [
         "owned by root:root with mode 0660",

@@ -7,11 +7,16 @@
 //! not be PID 1. A missing tool fails the test with instructions; nothing is skipped. No engine
 //! is needed: DOCKER_HOST points at a socket nobody serves.
 
+mod support;
+
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use support::daemon::Daemon;
+use support::{text, until_blocking};
 
 /// Longest any single wait in these tests may take (a busy 2-core machine included).
 const WAIT: Duration = Duration::from_secs(30);
@@ -62,79 +67,6 @@ fn output_within(mut cmd: Command, limit: Duration) -> Output {
     }
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A daemon process (possibly started through systemd-socket-activate), killed on drop.
-struct Proc {
-    child: Child,
-    /// Where its stderr goes (shown when an assertion fails).
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-        Proc { child, log }
-    }
-
-    fn pid(&self) -> libc::pid_t {
-        self.child.id() as libc::pid_t
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Panics (with the log) if the process has already exited.
-    fn assert_running(&mut self, what: &str) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "the daemon exited ({status}) while waiting for {what}; its log:\n{}",
-                self.log()
-            );
-        }
-    }
-
-    fn terminate(&self) {
-        // SAFETY: signalling our own child, which has not been reaped.
-        let rc = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM): {}", std::io::Error::last_os_error());
-    }
-
-    /// Waits (bounded) for the process to exit.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not exit within {WAIT:?} of SIGTERM; its log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// `lambda-imagectl --socket <socket> resolve --runtime python3.12 --json`, bounded.
 fn resolve(socket: &Path) -> Output {
     let mut cmd = Command::new(CTL);
@@ -144,7 +76,7 @@ fn resolve(socket: &Path) -> Output {
     output_within(cmd, WAIT)
 }
 
-fn assert_resolves(socket: &Path, daemon: &Proc) {
+fn assert_resolves(socket: &Path, daemon: &Daemon) {
     let output = resolve(socket);
     assert_eq!(
         output.status.code(),
@@ -349,7 +281,6 @@ fn serves_a_socket_passed_by_systemd_socket_activate() {
     let activate = systemd_tool("systemd-socket-activate");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("activated.sock");
-    let decoy = dir.path().join("own.sock");
 
     let mut cmd = Command::new(&activate);
     cmd.arg("--listen")
@@ -357,31 +288,22 @@ fn serves_a_socket_passed_by_systemd_socket_activate() {
         // systemd-socket-activate passes on only TERM, PATH, USER and HOME, plus these.
         .arg(format!("--setenv=DOCKER_HOST={}", dead_engine(dir.path())))
         .arg("--setenv=RUST_LOG=info")
-        .arg("--setenv=NO_COLOR=1")
-        .arg(DAEMON)
-        .arg("--socket")
-        .arg(&decoy)
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .arg("--rie-dir")
-        .arg(dir.path().join("rie"))
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("NOTIFY_SOCKET");
-    let mut daemon = Proc::spawn(cmd, dir.path().join("daemon.log"));
+        .arg("--setenv=NO_COLOR=1");
+    let mut daemon = Daemon::builder()
+        .in_dir(dir.path())
+        .launcher(cmd)
+        .no_engine()
+        .rie(&dir.path().join("rie"))
+        .spawn();
+    // Its own --socket, which it must not bind.
+    let decoy = daemon.socket().to_owned();
 
     // systemd-socket-activate binds first and exec()s the daemon on the first connection.
-    let deadline = Instant::now() + WAIT;
-    while !socket.exists() {
+    let what = format!("{} to appear", socket.display());
+    until_blocking(what, WAIT, || {
         daemon.assert_running("systemd-socket-activate to listen");
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        socket.exists()
+    });
 
     assert_resolves(&socket, &daemon);
     // Same pid, now the daemon (exec); it answers again on the same socket.
@@ -397,7 +319,7 @@ fn serves_a_socket_passed_by_systemd_socket_activate() {
     );
 
     daemon.terminate();
-    let status = daemon.wait_exit();
+    let status = daemon.wait_exit_blocking(WAIT);
     assert_eq!(
         status.code(),
         Some(0),
@@ -414,7 +336,7 @@ fn serves_a_socket_passed_by_systemd_socket_activate() {
 
 /// Reads datagrams from `notify` until one has the line `want`; panics after WAIT or when the
 /// daemon exits first. Returns every line seen.
-fn read_until(notify: &UnixDatagram, daemon: &mut Proc, want: &str, seen: &mut Vec<String>) {
+fn read_until(notify: &UnixDatagram, daemon: &mut Daemon, want: &str, seen: &mut Vec<String>) {
     let deadline = Instant::now() + WAIT;
     let mut buf = vec![0u8; 4096];
     loop {
@@ -471,21 +393,14 @@ fn notifies_ready_and_stopping() {
         .unwrap();
     let socket = dir.path().join("d.sock");
 
-    let mut cmd = Command::new(DAEMON);
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .arg("--shutdown-timeout")
-        .arg("10")
+    let mut daemon = Daemon::builder()
+        .in_dir(dir.path())
+        .no_engine()
+        .missing_rie()
+        .args(["--shutdown-timeout", "10"])
         .env("NOTIFY_SOCKET", &notify_path)
-        .env("DOCKER_HOST", dead_engine(dir.path()))
-        .env("NO_COLOR", "1")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("LAMBDA_IMAGED_SOCKET");
-    let mut daemon = Proc::spawn(cmd, dir.path().join("daemon.log"));
+        .spawn();
+    assert_eq!(daemon.socket(), socket);
 
     let mut seen = Vec::new();
     read_until(&notify, &mut daemon, "READY=1", &mut seen);
@@ -507,7 +422,7 @@ fn notifies_ready_and_stopping() {
 
     daemon.terminate();
     read_until(&notify, &mut daemon, "STOPPING=1", &mut seen);
-    let status = daemon.wait_exit();
+    let status = daemon.wait_exit_blocking(WAIT);
     assert_eq!(
         status.code(),
         Some(0),

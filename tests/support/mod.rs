@@ -1,10 +1,12 @@
 //! Test support: a daemon on a temp socket backed by the real private engine that
-//! `scripts/test-env.sh` starts (DOCKER_HOST), plus helpers that ask the engine itself.
+//! `scripts/test-env.sh` starts (DOCKER_HOST), in this process ([`TestDaemon`]) or as the real
+//! binary ([`daemon::Daemon`]); the one poll ([`until`]); helpers that ask the engine itself.
 //!
 //! Tests that need the engine fail loudly when it is missing; they are never skipped.
 
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod dockerd;
 pub mod fault_proxy;
 pub mod podman;
@@ -355,6 +357,18 @@ pub fn run_in_image(image: &str, script: &str) -> String {
     ])
 }
 
+/// Output bytes as text, for messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A layer directory `dir/name` with one file, `message.txt`, holding `content`.
+pub fn layer(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let path = dir.join(name);
+    write_file(&path.join("message.txt"), content, 0o644);
+    path
+}
+
 /// Writes `content` to `path` with `mode`, creating parents.
 pub fn write_file(path: &Path, content: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
@@ -409,28 +423,42 @@ pub async fn invoke_through_rie_on(host: &str, tag: &str, command: &[&str]) -> S
     let port = docker_ok(&["port", &container, "8080/tcp"]);
     let address = port.lines().next().unwrap().trim().to_owned();
     let url = format!("http://{address}/2015-03-31/functions/function/invocations");
-    let mut response = String::new();
-    for _ in 0..100 {
-        let out = Command::new("curl")
-            .args(["-s", "-m", "10", "-XPOST", &url, "-d", r#"{"ping":1}"#])
-            .output()
-            .unwrap();
-        response = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() && !response.is_empty() {
-            break;
+    let response = &std::sync::Mutex::new(String::new());
+    let what = Later(|| {
+        let logs = docker(&["logs", &container]);
+        format!(
+            "an answer from the RIE; container log: {}{}",
+            String::from_utf8_lossy(&logs.stdout),
+            String::from_utf8_lossy(&logs.stderr)
+        )
+    });
+    /// Removes the container, also when the wait fails.
+    struct Removed<'a>(&'a str, &'a str);
+    impl Drop for Removed<'_> {
+        fn drop(&mut self) {
+            docker_on(self.0, &["rm", "-f", self.1]);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let logs = docker(&["logs", &container]);
-    docker(&["rm", "-f", &container]);
-    assert!(
-        !response.is_empty(),
-        "no answer from the RIE; container log: {}{}",
-        String::from_utf8_lossy(&logs.stdout),
-        String::from_utf8_lossy(&logs.stderr)
-    );
-    response
+    let _removed = Removed(host, &container);
+    until_async(what, RIE_ANSWER_WITHIN, || {
+        let url = &url;
+        async move {
+            let out = Command::new("curl")
+                .args(["-s", "-m", "10", "-XPOST", url, "-d", r#"{"ping":1}"#])
+                .output()
+                .unwrap();
+            let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+            let done = out.status.success() && !answer.is_empty();
+            *response.lock().unwrap() = answer;
+            done
+        }
+    })
+    .await;
+    response.lock().unwrap().clone()
 }
+
+/// How long the RIE in a fresh container may take to answer its first invocation.
+const RIE_ANSWER_WITHIN: Duration = Duration::from_secs(120);
 
 /// The last ContextProgress of a stream: the bytes sent to the engine.
 pub fn bytes_sent(events: &[proto::BuildEvent]) -> u64 {
@@ -526,15 +554,29 @@ pub fn in_own_process(name: &str) -> bool {
     false
 }
 
+/// A message made when it is shown: [`until`] shows it on timeout, so it can say what the
+/// state was then (`Later(|| format!("{} left", count()))`).
+pub struct Later<F>(pub F);
+
+impl<F: Fn() -> String> std::fmt::Display for Later<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&(self.0)())
+    }
+}
+
 /// The one poll of the tests: checks `check` every 50 ms until it holds; panics naming `what`
 /// once `deadline` has passed. For states the daemon or an engine reaches on its own (a
 /// subscriber count, a health status, a file), never as a sleep standing in for an event.
-pub async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+pub async fn until(
+    what: impl std::fmt::Display,
+    deadline: Duration,
+    mut check: impl FnMut() -> bool,
+) {
     until_async(what, deadline, || std::future::ready(check())).await;
 }
 
 /// [`until`] for a check that awaits (an RPC, a health probe).
-pub async fn until_async<F, Fut>(what: &str, deadline: Duration, mut check: F)
+pub async fn until_async<F, Fut>(what: impl std::fmt::Display, deadline: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -550,7 +592,11 @@ where
 }
 
 /// [`until`] outside an async runtime (blocking the calling thread between checks).
-pub fn until_blocking(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+pub fn until_blocking(
+    what: impl std::fmt::Display,
+    deadline: Duration,
+    mut check: impl FnMut() -> bool,
+) {
     let started = std::time::Instant::now();
     while !check() {
         assert!(
