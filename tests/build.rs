@@ -270,21 +270,20 @@ async fn engine_failure_carries_the_engine_message() {
         ..Default::default()
     };
     let pending = spawn_build(&daemon.socket, request);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     // Running: it holds its build slot, so it has inspected the base and is at the gate.
-    while !daemon
-        .builds
-        .list()
-        .0
-        .first()
-        .is_some_and(|b| b.phase == Phase::Running)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the build never reached its slot"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(
+        "the build to reach its slot",
+        Duration::from_secs(60),
+        || {
+            daemon
+                .builds
+                .list()
+                .0
+                .first()
+                .is_some_and(|b| b.phase == Phase::Running)
+        },
+    )
+    .await;
     // The build inspected the base and waits at the gate: take the base away, then let it go.
     docker_ok(&["rmi", "-f", &base]);
     gate.add_permits(2);

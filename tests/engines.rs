@@ -195,16 +195,20 @@ fn pushed_base() -> String {
     let base = format!("{}/{}/base:1", registry::registry(), unique("engines-"));
     let container = docker_ok(&["create", "lambda-base:busybox"]);
     let container = container.trim();
-    let export = std::process::Command::new("docker")
+    let mut export = std::process::Command::new("docker")
         .args(["export", container])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let import = std::process::Command::new("docker")
         .args(["import", "--change", "WORKDIR /var/task", "-", &base])
-        .stdin(export.stdout.unwrap())
+        .stdin(export.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(
+        export.wait().unwrap().success(),
+        "docker export {container}"
+    );
     assert!(import.status.success(), "docker import: {import:?}");
     docker_ok(&["rm", container]);
     docker_ok(&["push", &base]);

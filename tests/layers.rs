@@ -841,19 +841,14 @@ async fn prune_older_than(
 async fn age_record(cache: &Path, tag: &str, when: SystemTime, ours: bool) {
     let path = use_record(cache, tag);
     if ours {
-        let mut written = false;
-        for _ in 0..200 {
-            if fs::read_to_string(&path).is_ok_and(|text| text == tag) {
-                written = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(
-            written,
-            "the daemon recorded the use of {tag} in {}",
+        let what = format!(
+            "the daemon to record the use of {tag} in {}",
             path.display()
         );
+        until(&what, Duration::from_secs(30), || {
+            fs::read_to_string(&path).is_ok_and(|text| text == tag)
+        })
+        .await;
     } else {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, tag).unwrap();
@@ -1103,17 +1098,16 @@ async fn prune_counts_a_delta_images_inherited_layers() {
         bytes_sent(&edited.events) < MIB,
         "the edit was a delta: {edited:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while docker(&["image", "inspect", &first.image_id])
-        .status
-        .success()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the superseded image was not removed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        "the superseded image removed",
+        Duration::from_secs(60),
+        || {
+            !docker(&["image", "inspect", &first.image_id])
+                .status
+                .success()
+        },
+    )
+    .await;
     let ancient = UNIX_EPOCH + Duration::from_secs(365 * 86_400);
     age_record(&cache, &second.tag, ancient, true).await;
     let mut client = daemon.client().await;
