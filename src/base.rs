@@ -12,14 +12,20 @@
 //! and treat an engine without the distribution API (Podman, aws-sam-cli #5019) as "current".
 //! An outdated base is pulled in the background; the next request sees the new base id, so
 //! its fingerprint differs and it rebuilds with reason `base_changed`.
+//!
+//! What the base is on this engine: its [`identity`] in fingerprints (the config digest, the
+//! same on every store) and the [`archive_format`] a build over it is sent in (by the engine's
+//! image store, over the base's own layer descriptors on Docker's containerd store).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::assemble;
+use crate::assembly::Reuse;
 use crate::builds::Reporter;
-use crate::engine::{Engine, ImageInfo, RegistryError};
+use crate::engine::{Engine, ImageInfo, ImageStoreKind, RegistryError};
 use crate::error::{Error, Result};
 use crate::outcome::{Event, LogKind};
 use crate::reference::ImageRef;
@@ -401,6 +407,60 @@ fn arch_mismatch(base: &ImageInfo, arch: Arch) -> Option<String> {
             arch.as_str()
         )
     })
+}
+
+/// The base's identity in fingerprints: its config digest, the same on every store. Docker's
+/// classic store and Podman name an image by it; Docker's containerd store names it by its
+/// manifest digest, so there it is read from the manifest (once per base). An image pushed to
+/// the registry cache from one store is then found from the other. If the manifest cannot be
+/// read, the containerd store's ID (logged): only cross-store hits are lost.
+pub async fn identity(engine: &Engine, base: &ImageInfo) -> String {
+    if engine.image_store().await.ok() != Some(ImageStoreKind::Containerd) {
+        return base.id.clone();
+    }
+    let architecture = base.config.architecture.as_str();
+    match engine.manifest_facts(&base.id, architecture).await {
+        Ok(facts) => facts.config.clone(),
+        Err(err) => {
+            tracing::warn!(base = %base.id, error = %err, "base config digest unknown: fingerprints name its manifest");
+            base.id.clone()
+        }
+    }
+}
+
+/// What the engine's loader may be spared, and the archive format that spares it: a docker
+/// archive with zero-size entries for held chains on Docker's classic store and Podman; an OCI
+/// layout naming held blobs on Docker's containerd store, over the base's own layer
+/// descriptors (read from the engine once per base). If those cannot be read, a docker archive
+/// with every layer of ours, as that store's importer needs (logged).
+pub async fn archive_format(
+    engine: &Engine,
+    base: &ImageInfo,
+) -> Result<(Reuse, assemble::Format)> {
+    if engine.image_store().await? != ImageStoreKind::Containerd {
+        return Ok((Reuse::Chains, assemble::Format::DockerArchive));
+    }
+    let architecture = base.config.architecture.as_str();
+    match engine.manifest_facts(&base.id, architecture).await {
+        Ok(facts) if facts.layers.len() == base.diff_ids.len() => Ok((
+            Reuse::ChainsAndBlobs,
+            assemble::Format::OciLayout {
+                base_layers: Arc::new(facts.layers.clone()),
+            },
+        )),
+        other => {
+            let why = match other {
+                Err(err) => err.to_string(),
+                Ok(facts) => format!(
+                    "{} layers for {} diff IDs",
+                    facts.layers.len(),
+                    base.diff_ids.len()
+                ),
+            };
+            tracing::warn!(base = %base.id, error = %why, "base layer descriptors unknown: sending every layer");
+            Ok((Reuse::Nothing, assemble::Format::DockerArchive))
+        }
+    }
 }
 
 #[cfg(test)]

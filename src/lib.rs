@@ -24,7 +24,8 @@
 //! - `atomic_file`: the one way a cache file is replaced (temp, fsync, rename, fsync dir).
 //! - `stat_cache`: file identity (stat key), content hashing, the persisted stat cache.
 //! - `base`: step 2, the base image: present, pulled (one pull per base), fresh (one
-//!   background registry check per base per TTL, shared).
+//!   background registry check per base per TTL, shared); its identity and the archive format
+//!   over it on this engine.
 //! - `fingerprint`: step 3, the digests that determine an image, its labels, rebuild or not.
 //!   Pure.
 //! - `registry_cache`: the fleet's registry cache: look a fingerprint up and pull it before a

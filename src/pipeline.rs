@@ -62,7 +62,7 @@ pub async fn run(
         &reporter,
     )
     .await?;
-    let parts = parts_of(&plan, &base_identity(&shared, &base).await, &inputs);
+    let parts = parts_of(&plan, &base::identity(&shared.engine, &base).await, &inputs);
     // The tag is asked of the engine, never the index: a "cached" answer must name an image
     // that exists, and the index hears of a `docker rmi` only when its event arrives, which
     // can be after the removal has returned and the next request has come in.
@@ -240,27 +240,8 @@ async fn walk_inputs(
     })
 }
 
-/// The base's identity in fingerprints: its config digest, the same on every store. Docker's
-/// classic store and Podman name an image by it; Docker's containerd store names it by its
-/// manifest digest, so there it is read from the manifest (once per base). An image pushed to
-/// the registry cache from one store is then found from the other. If the manifest cannot be
-/// read, the containerd store's ID (logged): only cross-store hits are lost.
-async fn base_identity(shared: &Shared, base: &ImageInfo) -> String {
-    if shared.engine.image_store().await.ok() != Some(ImageStoreKind::Containerd) {
-        return base.id.clone();
-    }
-    let architecture = base.config.architecture.as_str();
-    match shared.engine.manifest_facts(&base.id, architecture).await {
-        Ok(facts) => facts.config.clone(),
-        Err(err) => {
-            tracing::warn!(base = %base.id, error = %err, "base config digest unknown: fingerprints name its manifest");
-            base.id.clone()
-        }
-    }
-}
-
 /// Step 3: the digests that determine the image (the decision follows in [`decide`]); `base`
-/// is the base's identity ([`base_identity`]).
+/// is the base's identity (`base::identity`).
 fn parts_of(plan: &Plan, base: &str, inputs: &Inputs) -> Parts {
     Parts {
         base: base.to_owned(),
@@ -295,7 +276,7 @@ async fn build(
     let _slot = reporter.slot().await?;
     pass_gate(shared.hooks.before_build.as_ref()).await;
     let work = async {
-        let (reuse, format) = archive_format(shared, base).await?;
+        let (reuse, format) = base::archive_format(&shared.engine, base).await?;
         // Both exist now (inspected for this request): the engine holds their chains.
         shared.images.note_chains(&base.diff_ids);
         if let Some(existing) = existing {
@@ -341,38 +322,6 @@ async fn build(
             plan.tag,
             shared.build_timeout.as_secs()
         ))),
-    }
-}
-
-/// What the engine's loader may be spared, and the archive format that spares it: a docker
-/// archive with zero-size entries for held chains on Docker's classic store and Podman; an OCI
-/// layout naming held blobs on Docker's containerd store, over the base's own layer
-/// descriptors (read from the engine once per base). If those cannot be read, a docker archive
-/// with every layer of ours, as that store's importer needs (logged).
-async fn archive_format(shared: &Shared, base: &ImageInfo) -> Result<(Reuse, assemble::Format)> {
-    if shared.engine.image_store().await? != ImageStoreKind::Containerd {
-        return Ok((Reuse::Chains, assemble::Format::DockerArchive));
-    }
-    let architecture = base.config.architecture.as_str();
-    match shared.engine.manifest_facts(&base.id, architecture).await {
-        Ok(facts) if facts.layers.len() == base.diff_ids.len() => Ok((
-            Reuse::ChainsAndBlobs,
-            assemble::Format::OciLayout {
-                base_layers: Arc::new(facts.layers.clone()),
-            },
-        )),
-        other => {
-            let why = match other {
-                Err(err) => err.to_string(),
-                Ok(facts) => format!(
-                    "{} layers for {} diff IDs",
-                    facts.layers.len(),
-                    base.diff_ids.len()
-                ),
-            };
-            tracing::warn!(base = %base.id, error = %why, "base layer descriptors unknown: sending every layer");
-            Ok((Reuse::Nothing, assemble::Format::DockerArchive))
-        }
     }
 }
 
