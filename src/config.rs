@@ -122,6 +122,17 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 impl Config {
+    /// Who may connect to the socket: everyone when `--allow-uid` or `--allow-gid` name ids
+    /// (they need not be in the socket group; each call is checked against the caller's
+    /// credentials), else root and the socket group.
+    pub fn socket_reach(&self) -> crate::listener::Reach {
+        if self.allow_uids.is_empty() && self.allow_gids.is_empty() {
+            crate::listener::Reach::Group
+        } else {
+            crate::listener::Reach::Everyone
+        }
+    }
+
     /// Defaults for everything, with `socket` and `cache_dir` as given.
     pub fn new(socket: PathBuf, cache_dir: PathBuf) -> Config {
         Config {

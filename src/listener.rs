@@ -53,6 +53,37 @@ pub enum ListenError {
     },
     #[error("systemd passed {0} sockets; lambda-imaged serves exactly one")]
     TooManyFds(usize),
+    /// `--allow-uid` / `--allow-gid` were given, but systemd passed a socket not every local
+    /// user may connect to: the allowed ids outside its group could not even connect.
+    #[error(
+        "--allow-uid/--allow-gid need a socket every local user may connect to (each call is \
+         then checked against the caller's credentials), but systemd passed {path} with mode \
+         {mode:04o}: set SocketMode=0666 in lambda-imaged.socket, or drop the flags and use \
+         the socket group"
+    )]
+    Unreachable { path: PathBuf, mode: u32 },
+}
+
+/// Who may connect to the socket file. Connecting is only the first gate: every call is then
+/// checked against the peer's kernel-given credentials (`SO_PEERCRED`, `access::Policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Mode 0660: root and the socket group (`--socket-group`, systemd's `SocketGroup=`).
+    Group,
+    /// Mode 0666: every local user may connect, and the credential check is the only gate;
+    /// with `--allow-uid` / `--allow-gid`, whose ids need not be in the socket group. Others
+    /// get PERMISSION_DENIED on every call, within the per-uid connection limit.
+    Everyone,
+}
+
+impl Reach {
+    /// The socket file's mode.
+    pub fn mode(self) -> u32 {
+        match self {
+            Reach::Group => 0o660,
+            Reach::Everyone => 0o666,
+        }
+    }
 }
 
 impl Listener {
@@ -67,9 +98,14 @@ impl Listener {
             .filter(|gid| *gid != 0)
     }
 
-    /// Uses the systemd-passed socket if there is one (`LISTEN_PID` checked by `sd-notify`),
-    /// else binds `path` with mode 0660.
-    pub async fn open(path: &Path, group: Option<u32>) -> Result<Listener, ListenError> {
+    /// Uses the systemd-passed socket if there is one (`LISTEN_PID` checked by `sd-notify`;
+    /// refused when `reach` is [`Reach::Everyone`] and its mode lets others not connect), else
+    /// binds `path` with `reach`'s mode and `group`.
+    pub async fn open(
+        path: &Path,
+        group: Option<u32>,
+        reach: Reach,
+    ) -> Result<Listener, ListenError> {
         let io = |source| ListenError::Io {
             path: path.to_owned(),
             source,
@@ -88,6 +124,13 @@ impl Listener {
                     .ok()
                     .and_then(|a| a.as_pathname().map(Path::to_owned))
                     .unwrap_or_else(|| path.to_owned());
+                if reach == Reach::Everyone {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode() & 0o7777;
+                    if mode & 0o006 != 0o006 {
+                        return Err(ListenError::Unreachable { path, mode });
+                    }
+                }
                 return Ok(Listener {
                     listener,
                     path,
@@ -107,7 +150,8 @@ impl Listener {
             std::fs::remove_file(path).map_err(io)?;
         }
         let listener = UnixListener::bind(path).map_err(io)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(reach.mode()))
+            .map_err(io)?;
         if let Some(gid) = group {
             std::os::unix::fs::chown(path, None, Some(gid)).map_err(io)?;
         }

@@ -58,7 +58,9 @@ fn metrics_config(dir: &std::path::Path) -> Config {
 async fn scrape_counts_a_miss_a_hit_and_a_failure() {
     let dir = tempfile::tempdir().unwrap();
     let config = metrics_config(dir.path());
-    let listener = Listener::open(&config.socket, None).await.unwrap();
+    let listener = Listener::open(&config.socket, None, config.socket_reach())
+        .await
+        .unwrap();
     let mut daemon = Daemon::new(config);
     let addr = daemon
         .bind_metrics()
@@ -146,7 +148,9 @@ async fn scrape_counts_a_miss_a_hit_and_a_failure() {
     let taken = tempfile::tempdir().unwrap();
     let mut second = metrics_config(taken.path());
     second.metrics_listen = Some(addr);
-    let second_listener = Listener::open(&second.socket, None).await.unwrap();
+    let second_listener = Listener::open(&second.socket, None, second.socket_reach())
+        .await
+        .unwrap();
     let refused = tokio::time::timeout(
         Duration::from_secs(60),
         Daemon::new(second).serve(second_listener, std::future::pending()),

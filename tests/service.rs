@@ -424,6 +424,42 @@ async fn a_peer_that_is_not_allowed_is_denied_even_on_an_open_socket() {
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
 }
 
+/// The mode bits of `path`.
+fn socket_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// `--allow-uid` alone lets that uid in: the socket is 0666 (0660 without the flag), the
+/// allowed uid in no group at all resolves, and a uid that is neither allowed nor in a group
+/// connects but is PERMISSION_DENIED, named.
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_uid_alone_lets_exactly_that_uid_in() {
+    let (uid, gid) = test_user();
+    let plain = bin(&[]).await;
+    assert_eq!(
+        socket_mode(plain.socket()),
+        0o660,
+        "no flag: root and the socket group"
+    );
+    let daemon = bin(&["--allow-uid", &uid.to_string()]).await;
+    assert_eq!(socket_mode(daemon.socket()), 0o666);
+    let resolve = ["resolve", "--runtime", "python3.12", "--json"];
+    let output = run(ctl_as(uid, gid, &[], daemon.socket()).args(resolve)).await;
+    let (code, stdout, stderr) = parts(&output);
+    assert_eq!(code, Some(0), "{stderr}\nlog:\n{}", daemon.log());
+    assert!(stdout.contains("python:3.12-rapid-x86_64"), "{stdout}");
+    // A uid no account has, in no group.
+    let stranger = 54_321;
+    let output = run(ctl_as(stranger, stranger, &[], daemon.socket()).args(resolve)).await;
+    let (code, _, stderr) = parts(&output);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("PERMISSION_DENIED") && stderr.contains(&format!("uid {stranger}")),
+        "{stderr}"
+    );
+}
+
 /// With `--allow-uid` the user may resolve and build, but layers are read with its own rights:
 /// a root-only layer directory and a link to /etc/shadow are PERMISSION_DENIED naming the path
 /// (and no image gets the tag), while a layer only the user can read is built into the image.
@@ -432,8 +468,8 @@ async fn an_allowed_peer_reads_layers_only_with_its_own_rights() {
     let (uid, gid) = test_user();
     let uid_flag = uid.to_string();
     let daemon = bin(&["--allow-uid", &uid_flag]).await;
-    // The socket file is 0660 root:root; here only the daemon's own check stands in the way.
-    chmod(daemon.socket(), 0o666);
+    // With --allow-uid the socket file is 0666: the daemon's own check is the gate.
+    assert_eq!(socket_mode(daemon.socket()), 0o666);
     let layers = open_tempdir();
 
     // Root's: 0700, the user cannot even list it.

@@ -334,6 +334,65 @@ fn serves_a_socket_passed_by_systemd_socket_activate() {
     assert!(!decoy.exists());
 }
 
+/// `--allow-uid` under socket activation: a passed socket other users cannot connect to
+/// (0660 here) makes the daemon refuse to start, saying to set `SocketMode=0666`; on a 0666
+/// socket the allowed uid, in no group, resolves.
+#[test]
+fn allow_uid_under_socket_activation_needs_a_socket_everyone_may_connect_to() {
+    use std::os::unix::fs::PermissionsExt;
+    let allowed = 54_321u32;
+    let start = |mode: u32| {
+        let activate = systemd_tool("systemd-socket-activate");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("activated.sock");
+        let mut cmd = Command::new(&activate);
+        cmd.arg("--listen")
+            .arg(&socket)
+            .arg(format!("--setenv=DOCKER_HOST={}", dead_engine(dir.path())))
+            .arg("--setenv=NO_COLOR=1");
+        let daemon = Daemon::builder()
+            .in_dir(dir.path())
+            .launcher(cmd)
+            .no_engine()
+            .rie(&dir.path().join("rie"))
+            .args(["--allow-uid", &allowed.to_string()])
+            .spawn();
+        until_blocking(format!("{} to appear", socket.display()), WAIT, || {
+            socket.exists()
+        });
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(mode)).unwrap();
+        (dir, socket, daemon)
+    };
+
+    let (_dir, socket, mut refused) = start(0o660);
+    // The first connection makes systemd-socket-activate exec the daemon, which refuses.
+    let _ = std::os::unix::net::UnixStream::connect(&socket);
+    let status = refused.wait_exit_blocking(WAIT);
+    let log = refused.log();
+    assert!(!status.success(), "started on a 0660 socket:\n{log}");
+    assert!(log.contains("SocketMode=0666"), "{log}");
+
+    let (_dir, socket, daemon) = start(0o666);
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={allowed}"))
+        .arg(format!("--regid={allowed}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(CTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["resolve", "--runtime", "python3.12", "--json"]);
+    let output = output_within(cmd, WAIT);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}\nlog:\n{}",
+        text(&output.stderr),
+        daemon.log()
+    );
+}
+
 /// Reads datagrams from `notify` until one has the line `want`; panics after WAIT or when the
 /// daemon exits first. Returns every line seen.
 fn read_until(notify: &UnixDatagram, daemon: &mut Daemon, want: &str, seen: &mut Vec<String>) {

@@ -65,7 +65,8 @@ fn main() -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = Listener::open(&config.socket, config.socket_gid).await?;
+        let listener =
+            Listener::open(&config.socket, config.socket_gid, config.socket_reach()).await?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let shutdown = async move {

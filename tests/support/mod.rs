@@ -72,7 +72,9 @@ impl TestDaemon {
         config.engine_host = engine_host();
         config.rie_dir = rie_dir();
         tweak(&mut config);
-        let listener = Listener::open(&config.socket, None).await.unwrap();
+        let listener = Listener::open(&config.socket, None, config.socket_reach())
+            .await
+            .unwrap();
         let daemon = Daemon::new(config);
         let builds = daemon.builds.clone();
         let tasks = daemon.tasks();
