@@ -465,27 +465,39 @@ mod tests {
         assert!(delta_allowed(0, 0));
     }
 
-    /// One changed file of a 16 MiB layer: the previous image's layers are referenced and one
-    /// delta layer carries the change; a change past the allowance is a full assembly.
-    #[test]
-    fn an_edit_is_a_delta_over_the_previous_image_until_it_is_too_big() {
+    /// An image store that remembers the previous image of a tag: base `b1`, then the RIE and
+    /// a 16 MiB `deps` layer (files `a`, 12 MiB, and `b`, 4 MiB); the store's dir, the store,
+    /// the base and that image.
+    fn previous_image() -> (tempfile::TempDir, ImageStore, ImageInfo, ImageInfo) {
         let dir = tempfile::tempdir().unwrap();
         let images = ImageStore::open(dir.path());
         let base = image("sha256:base", &["sha256:b1"]);
         let existing = image("sha256:prev", &["sha256:b1", "sha256:rie", "sha256:deps"]);
         let before = tree(&[file("a", 12 * MIB, 1), file("b", 4 * MIB, 2)]);
         remember(&images, &existing, &before, &before, 0);
+        (dir, images, base, existing)
+    }
+
+    /// The delta (or squash) of `tree` over `existing`, with the test's parts.
+    fn over_previous(
+        images: &ImageStore,
+        tree: &Tree,
+        base: &ImageInfo,
+        existing: &ImageInfo,
+        reuse: Reuse,
+    ) -> Option<Assembly> {
+        delta(images, &parts(), Some(tree), base, Some(existing), reuse)
+    }
+
+    /// One changed file of a 16 MiB layer: the previous image's layers are referenced and one
+    /// delta layer carries the change; a change past the allowance is a full assembly.
+    #[test]
+    fn an_edit_is_a_delta_over_the_previous_image_until_it_is_too_big() {
+        let (_dir, images, base, existing) = previous_image();
 
         let edited = tree(&[file("a", 12 * MIB, 1), file("b", 4 * MIB, 3)]);
-        let made = delta(
-            &images,
-            &parts(),
-            Some(&edited),
-            &base,
-            Some(&existing),
-            Reuse::Chains,
-        )
-        .expect("a 4 MiB change of a 16 MiB tree is a delta");
+        let made = over_previous(&images, &edited, &base, &existing, Reuse::Chains)
+            .expect("a 4 MiB change of a 16 MiB tree is a delta");
         let skipped: Vec<bool> = made.layers.iter().map(|l| l.skip).collect();
         assert_eq!(
             skipped,
@@ -503,27 +515,11 @@ mod tests {
 
         let rewritten = tree(&[file("a", 12 * MIB, 9), file("b", 4 * MIB, 2)]);
         assert!(
-            delta(
-                &images,
-                &parts(),
-                Some(&rewritten),
-                &base,
-                Some(&existing),
-                Reuse::Chains
-            )
-            .is_none(),
+            over_previous(&images, &rewritten, &base, &existing, Reuse::Chains).is_none(),
             "12 MiB of 16 is past a quarter: a full assembly"
         );
         assert!(
-            delta(
-                &images,
-                &parts(),
-                Some(&edited),
-                &base,
-                Some(&existing),
-                Reuse::Nothing
-            )
-            .is_none(),
+            over_previous(&images, &edited, &base, &existing, Reuse::Nothing).is_none(),
             "an engine that needs every layer gets no delta"
         );
     }
@@ -533,24 +529,10 @@ mod tests {
     /// and the same chain held through a pulled image's compressed blobs is not enough.
     #[test]
     fn on_the_containerd_store_a_delta_needs_the_kept_layers_blobs() {
-        let dir = tempfile::tempdir().unwrap();
-        let images = ImageStore::open(dir.path());
-        let base = image("sha256:base", &["sha256:b1"]);
-        let existing = image("sha256:prev", &["sha256:b1", "sha256:rie", "sha256:deps"]);
-        let before = tree(&[file("a", 12 * MIB, 1), file("b", 4 * MIB, 2)]);
-        remember(&images, &existing, &before, &before, 0);
+        let (_dir, images, base, existing) = previous_image();
         images.note_chains(&existing.diff_ids);
         let edited = tree(&[file("a", 12 * MIB, 1), file("b", 4 * MIB, 3)]);
-        let delta_now = || {
-            delta(
-                &images,
-                &parts(),
-                Some(&edited),
-                &base,
-                Some(&existing),
-                Reuse::ChainsAndBlobs,
-            )
-        };
+        let delta_now = || over_previous(&images, &edited, &base, &existing, Reuse::ChainsAndBlobs);
         assert!(delta_now().is_none(), "no blob known: a full assembly");
         let rie = assemble::DiffId {
             digest: "sha256:rie".into(),
@@ -588,15 +570,8 @@ mod tests {
         remember(&images, &existing, &now, &root, MAX_DELTA_DEPTH);
 
         let next = tree(&[file("a", 12 * MIB, 1), file("b", MIB, 6)]);
-        let squash = delta(
-            &images,
-            &parts(),
-            Some(&next),
-            &base,
-            Some(&existing),
-            Reuse::Chains,
-        )
-        .expect("a squash");
+        let squash =
+            over_previous(&images, &next, &base, &existing, Reuse::Chains).expect("a squash");
         let kept: Vec<_> = squash
             .layers
             .iter()

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lambda_imaged::client::proto;
-use lambda_imaged::server::Phase;
 use proto::build_event::Event;
 use support::registry::registry;
 use support::*;
@@ -274,14 +273,7 @@ async fn engine_failure_carries_the_engine_message() {
     until(
         "the build to reach its slot",
         Duration::from_secs(60),
-        || {
-            daemon
-                .builds
-                .list()
-                .0
-                .first()
-                .is_some_and(|b| b.phase == Phase::Running)
-        },
+        || first_build_running(&daemon.builds),
     )
     .await;
     // The build inspected the base and waits at the gate: take the base away, then let it go.

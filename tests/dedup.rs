@@ -265,15 +265,7 @@ async fn a_failure_reaches_every_subscriber_and_the_next_request_retries() {
     until(
         "three subscribers at the gate",
         Duration::from_secs(60),
-        || {
-            subscribers(&daemon.builds) == 3
-                && daemon
-                    .builds
-                    .list()
-                    .0
-                    .first()
-                    .is_some_and(|s| s.phase == Phase::Running)
-        },
+        || subscribers(&daemon.builds) == 3 && first_build_running(&daemon.builds),
     )
     .await;
     // The layer vanishes after it was walked, before the context is sent.
@@ -367,12 +359,7 @@ async fn a_forced_request_joins_a_running_build_of_the_same_inputs() {
     let since = now_stamp();
     let first = spawn_build(&daemon.socket, request.clone());
     until("the build to hold a slot", Duration::from_secs(60), || {
-        daemon
-            .builds
-            .list()
-            .0
-            .first()
-            .is_some_and(|s| s.phase == Phase::Running)
+        first_build_running(&daemon.builds)
     })
     .await;
     let mut forced_request = request.clone();
@@ -405,14 +392,7 @@ async fn a_file_swapped_after_fingerprinting_fails_the_build() {
     until(
         "the build to wait at the gate",
         Duration::from_secs(60),
-        || {
-            daemon
-                .builds
-                .list()
-                .0
-                .first()
-                .is_some_and(|s| s.phase == Phase::Running)
-        },
+        || first_build_running(&daemon.builds),
     )
     .await;
     write_file(&path.join("message.txt"), "version 2", 0o644);

@@ -608,3 +608,12 @@ pub fn until_blocking(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// True when the first build `builds` lists is running (it holds its build slot).
+pub fn first_build_running(builds: &Builds) -> bool {
+    builds
+        .list()
+        .0
+        .first()
+        .is_some_and(|b| b.phase == lambda_imaged::server::Phase::Running)
+}
