@@ -65,13 +65,16 @@ const FORMAT_MARKER: &str = ".format";
 /// The longest link target Linux stores (`PATH_MAX` minus the NUL).
 const MAX_LINK_TARGET: u64 = 4095;
 
-/// True when `path` is a regular file that starts like a zip archive.
-pub fn is_zip(path: &Path) -> bool {
+/// True when the regular file at `path` starts like a zip archive (the local-file or
+/// end-of-central-directory signature, APPNOTE 4.3.7 and 4.3.16).
+///
+/// # Errors
+/// The file cannot be opened by the calling thread (`ReadDenied` when it lacks the right, so a
+/// zip layer the peer may not read is PERMISSION_DENIED naming it, not "not a zip archive").
+pub fn is_zip(path: &Path) -> Result<bool> {
     let mut magic = [0u8; 4];
-    open_regular(path)
-        .ok()
-        .is_some_and(|mut f| f.read_exact(&mut magic).is_ok())
-        && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06")
+    let mut file = open_regular(path)?;
+    Ok(file.read_exact(&mut magic).is_ok() && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06"))
 }
 
 /// The extracted-layer cache.
@@ -601,7 +604,10 @@ mod tests {
                 ("link:lib/alias->data.txt", b"", None),
             ],
         );
-        assert!(is_zip(&archive), "detected by content, not by name");
+        assert!(
+            is_zip(&archive).unwrap(),
+            "detected by content, not by name"
+        );
         let store = store(dir.path());
         let cache = StatCache::default();
         let out = store.extracted("l", &archive, &cache).unwrap();

@@ -143,7 +143,7 @@ pub fn walk(
         let mut from_cache = false;
         let mut meta = fs::metadata(&root)
             .map_err(|err| Error::io(&format!("layer {:?}:", layer.name), &root, &err))?;
-        if meta.is_file() && is_zip(&root) {
+        if meta.is_file() && zip_layer(&layer.name, &root)? {
             root = zips.extracted(&layer.name, &layer.path, cache)?;
             from_cache = true;
             meta = fs::metadata(&root)
@@ -189,6 +189,19 @@ pub fn walk(
         tree.layers.push(entries);
     }
     Ok(tree)
+}
+
+/// True when the layer file at `path` is a zip archive; opened by the calling thread (the
+/// peer), so one the peer may not read is `ReadDenied` naming the layer and the file (aws-sam-cli
+/// #1491: the type check must not swallow the open error).
+fn zip_layer(name: &str, path: &Path) -> Result<bool> {
+    is_zip(path).map_err(|err| match err {
+        Error::ReadDenied { path, .. } => Error::ReadDenied {
+            what: format!("layer {name:?}: reading the zip archive"),
+            path,
+        },
+        other => other,
+    })
 }
 
 /// Inserts `entry`, a later layer's, over what is there: a non-directory replaces a whole
@@ -746,6 +759,33 @@ mod tests {
         };
         let err = walk(&[spec("l", &layer)], tight, &StatCache::default(), &zips()).unwrap_err();
         assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+    }
+
+    /// A zip layer the peer may not read is PERMISSION_DENIED naming the layer, the file and
+    /// the peer's uid, not "neither a directory nor a zip archive" (aws-sam-cli#1491).
+    #[test]
+    fn an_unreadable_zip_layer_is_permission_denied_naming_the_file_and_the_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let archive = dir.path().join("private.zip");
+        write(&archive, "PK\x03\x04 not for others", 0o600);
+        let peer = crate::access::Peer::new(65534, 65534, None);
+        let err = crate::access::as_peer(&peer, || {
+            walk(
+                &[spec("secret", &archive)],
+                Limits::default(),
+                &StatCache::default(),
+                &zips(),
+            )
+        })
+        .map_err(|err| crate::access::denied_for(&peer, err))
+        .unwrap_err();
+        let Error::PermissionDenied(message) = &err else {
+            panic!("not PERMISSION_DENIED: {err:?}");
+        };
+        for part in ["\"secret\"", &archive.display().to_string(), "uid 65534"] {
+            assert!(message.contains(part), "{part} missing: {message}");
+        }
     }
 
     #[test]
