@@ -33,6 +33,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use zip::unstable::read::ZipIterable;
+
 use crate::error::{Error, Result};
 use crate::stat_cache::{StatCache, StatKey, changed_under_us, open_regular};
 
@@ -85,6 +87,23 @@ pub struct ZipStore {
     /// One lock per archive digest being extracted or checked: two requests for the same zip
     /// extract it once. An entry lives only while someone holds it ([`DigestLock`]).
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// What each extracted archive warns about, by digest, so a cache hit warns as the
+    /// extraction did (one build, one set of warnings). Derived data: after a restart, or once
+    /// the map is cleared at [`MAX_REMEMBERED_NOTES`], a hit reads the central directory again.
+    notes: Mutex<HashMap<String, Arc<[Note]>>>,
+}
+
+/// Archives whose warnings are remembered before the memo starts afresh.
+const MAX_REMEMBERED_NOTES: usize = 4096;
+
+/// Something an archive does that Lambda would refuse or handle differently, worth a warning;
+/// without the layer's name (one archive may be several layers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// The warning's stable code (README, "What it does, and where it differs from SAM").
+    pub code: &'static str,
+    /// What was found and what Lambda does, with the rule's source.
+    pub text: String,
 }
 
 impl ZipStore {
@@ -109,6 +128,7 @@ impl ZipStore {
             root,
             limits,
             locks: Mutex::new(HashMap::new()),
+            notes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -118,12 +138,18 @@ impl ZipStore {
         &self.root
     }
 
-    /// The extracted directory for the zip at `archive`, extracting it if needed.
+    /// The extracted directory for the zip at `archive`, extracting it if needed, and what
+    /// the archive warns about (the same on every call, extracted or found in the cache).
     ///
     /// The archive is opened (and hashed) by the calling thread, so with the requesting
     /// peer's rights when called inside `access::as_peer`; the cache is written with the
     /// daemon's own rights.
-    pub fn extracted(&self, name: &str, archive: &Path, cache: &StatCache) -> Result<PathBuf> {
+    pub fn extracted(
+        &self,
+        name: &str,
+        archive: &Path,
+        cache: &StatCache,
+    ) -> Result<(PathBuf, Arc<[Note]>)> {
         let mut file = open_regular(archive)?;
         let before = file
             .metadata()
@@ -149,7 +175,7 @@ impl ZipStore {
         file: File,
         digest: &str,
         unchanged: &dyn Fn() -> bool,
-    ) -> Result<PathBuf> {
+    ) -> Result<(PathBuf, Arc<[Note]>)> {
         let target = self.root.join(digest);
         let entry = DigestLock::enter(&self.locks, digest);
         // Declared after `entry`, so dropped before it: the digest's lock is released before
@@ -157,29 +183,51 @@ impl ZipStore {
         let _guard = crate::sync::lock(&entry.lock);
         if target.is_dir() {
             touch(&target);
-            return Ok(target);
+            let known = crate::sync::lock(&self.notes).get(digest).cloned();
+            let notes = match known {
+                Some(notes) => notes,
+                None => {
+                    let mut zip = open_zip(name, archive, file, self.limits)?;
+                    self.remember(digest, survey(name, &mut zip, self.limits)?.notes)
+                }
+            };
+            return Ok((target, notes));
         }
         fs::create_dir_all(&self.root).map_err(|err| Error::io("creating", &self.root, &err))?;
         let temp = self
             .root
             .join(format!(".tmp-{digest}-{}", uuid::Uuid::new_v4().simple()));
-        let result = extract(name, archive, file, digest, &temp, self.limits).and_then(|()| {
+        let result = extract(name, archive, file, digest, &temp, self.limits).and_then(|notes| {
             if unchanged() {
-                Ok(())
+                Ok(notes)
             } else {
                 Err(changed_under_us(archive))
             }
         });
-        if let Err(err) = result {
-            let _ = fs::remove_dir_all(&temp);
-            return Err(err);
-        }
+        let notes = match result {
+            Ok(notes) => notes,
+            Err(err) => {
+                let _ = fs::remove_dir_all(&temp);
+                return Err(err);
+            }
+        };
         fs::rename(&temp, &target).map_err(|err| {
             let _ = fs::remove_dir_all(&temp);
             Error::io("publishing extracted layer", &target, &err)
         })?;
         sync_dir(&self.root);
-        Ok(target)
+        Ok((target, self.remember(digest, notes)))
+    }
+
+    /// Remembers archive `digest`'s notes (see [`ZipStore::notes`]).
+    fn remember(&self, digest: &str, notes: Vec<Note>) -> Arc<[Note]> {
+        let notes: Arc<[Note]> = notes.into();
+        let mut memo = crate::sync::lock(&self.notes);
+        if memo.len() >= MAX_REMEMBERED_NOTES {
+            memo.clear();
+        }
+        memo.insert(digest.to_owned(), notes.clone());
+        notes
     }
 }
 
@@ -321,44 +369,80 @@ const S_IFREG: u32 = 0o100_000;
 const S_IFDIR: u32 = 0o040_000;
 const S_IFLNK: u32 = 0o120_000;
 
-fn extract(
+/// What one entry of the central directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryKind {
+    Dir,
+    File,
+    Link,
+}
+
+/// One central-directory entry, judged before anything is written.
+#[derive(Debug)]
+struct Planned {
+    /// The entry's name as decoded (for messages).
+    shown: String,
+    /// Where it goes below the layer root.
+    rel: PathBuf,
+    kind: EntryKind,
+    /// Its Unix `st_mode`, when the archive was made on Unix.
+    mode: Option<u32>,
+    /// Declared uncompressed size.
+    size: u64,
+    /// Declared CRC-32 of the data (a link's: of its target).
+    crc: u32,
+    /// False when a later entry of the same path replaces it: it is not extracted.
+    wins: bool,
+}
+
+/// The plan of a whole archive: every entry in central-directory order, and its notes.
+#[derive(Debug)]
+struct Survey {
+    entries: Vec<Planned>,
+    notes: Vec<Note>,
+}
+
+/// Names listed in a warning; the rest are counted.
+const SHOWN_ENTRIES: usize = 5;
+
+/// `names` (the first [`SHOWN_ENTRIES`] of `count`) as a list for a warning.
+fn listed(names: &[String], count: usize) -> String {
+    let mut text = names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if count > names.len() {
+        text.push_str(&format!(" and {} more", count - names.len()));
+    }
+    text
+}
+
+/// Reads the central directory and decides every entry before anything is written: names
+/// checked (zip-slip), kinds (no devices), which entry of a repeated name wins, sizes against
+/// the limits, nothing below a link entry; and what the archive warns about.
+///
+/// Repeated names follow Python's `zipfile` and Info-ZIP `unzip -o`, which Lambda and SAM's
+/// extractor agree with (serverless#12890): entries are extracted in order, so the later entry
+/// of a path replaces the earlier. A directory and a file or link under one path cannot both
+/// be had and stay a refusal.
+fn survey<R: Read + io::Seek>(
     name: &str,
-    archive: &Path,
-    file: File,
-    digest: &str,
-    temp: &Path,
+    zip: &mut ZipIterable<R>,
     limits: ZipLimits,
-) -> Result<()> {
-    let mut zip = open_zip(name, archive, file, limits)?;
-    fs::create_dir(temp).map_err(|err| {
-        Error::io(
-            &format!("layer {name:?}: creating the directory to extract into"),
-            temp,
-            &err,
-        )
-    })?;
-    let mut seen = HashSet::new();
-    let mut links: Vec<(PathBuf, PathBuf, String, SystemTime)> = Vec::new();
-    let mut link_paths = HashSet::new();
-    let mut total: u64 = 0;
-    for index in 0..zip.len() {
-        let mut entry = zip.by_index(index).map_err(|err| {
+) -> Result<Survey> {
+    let mut entries: Vec<Planned> = Vec::with_capacity(zip.len().min(limits.max_entries));
+    let mut latest: HashMap<PathBuf, usize> = HashMap::new();
+    let (mut differing, mut differing_count) = (Vec::new(), 0usize);
+    let files = zip.files().map_err(|err| unreadable_zip(name, &err))?;
+    for (index, entry) in files.enumerate() {
+        let entry = entry.map_err(|err| {
             Error::InvalidArgument(format!(
                 "layer {name:?}: zip entry #{index} is unreadable: {err}"
             ))
         })?;
-        let raw = String::from_utf8_lossy(entry.name_raw()).into_owned();
-        let rel = safe_path(name, &raw)?;
-        if !seen.insert(rel.clone()) {
-            return Err(bad(name, &raw, "duplicate name"));
-        }
-        if rel.ancestors().skip(1).any(|a| link_paths.contains(a)) {
-            return Err(bad(
-                name,
-                &raw,
-                "it would be written through a symlink entry",
-            ));
-        }
+        let shown = String::from_utf8_lossy(entry.name_raw()).into_owned();
+        let rel = safe_path(name, &shown)?;
         // Only an archive made on Unix carries Unix modes; for others (Explorer, 7-Zip, Python
         // on Windows: "MS-DOS" entries) the zip crate invents 0o664, which would make a
         // Windows-zipped bootstrap non-executable (SAM #1014). Treat them as mode-less.
@@ -367,72 +451,208 @@ fn extract(
         } else {
             None
         };
-        let kind = mode.map(|m| m & S_IFMT).unwrap_or(0);
-        let is_dir = entry.is_dir() || kind == S_IFDIR;
-        let is_link = kind == S_IFLNK;
-        if kind != 0 && !is_dir && !is_link && kind != S_IFREG {
+        let kind = match mode.map_or(0, |m| m & S_IFMT) {
+            _ if entry.is_dir() => EntryKind::Dir,
+            S_IFDIR => EntryKind::Dir,
+            S_IFLNK => EntryKind::Link,
+            0 | S_IFREG => EntryKind::File,
+            _ => {
+                return Err(bad(
+                    name,
+                    &shown,
+                    "device, fifo or socket entries are not allowed",
+                ));
+            }
+        };
+        check_ratio(
+            name,
+            &shown,
+            (entry.size(), entry.compressed_size()),
+            limits,
+        )?;
+        if let Some(&earlier) = latest.get(&rel) {
+            let before = &mut entries[earlier];
+            if (before.kind == EntryKind::Dir) != (kind == EntryKind::Dir) {
+                return Err(bad(
+                    name,
+                    &shown,
+                    &format!(
+                        "duplicate name: {:?} is also a {}, and a directory and a file or link \
+                         cannot share a path",
+                        before.shown,
+                        if before.kind == EntryKind::Dir {
+                            "directory"
+                        } else {
+                            "file or link"
+                        },
+                    ),
+                ));
+            }
+            // Same kind, size and CRC-32: the same bytes, for a warning's purpose.
+            if kind != EntryKind::Dir
+                && (before.kind, before.size, before.crc) != (kind, entry.size(), entry.crc32())
+            {
+                differing_count += 1;
+                if differing.len() < SHOWN_ENTRIES {
+                    differing.push(shown.clone());
+                }
+            }
+            before.wins = false;
+        }
+        latest.insert(rel.clone(), index);
+        entries.push(Planned {
+            shown,
+            rel,
+            kind,
+            mode,
+            size: entry.size(),
+            crc: entry.crc32(),
+            wins: true,
+        });
+    }
+    let mut total: u64 = 0;
+    for planned in entries.iter().filter(|e| e.wins) {
+        total = total.saturating_add(planned.size);
+        if total > limits.max_bytes {
             return Err(bad(
                 name,
-                &raw,
-                "device, fifo or socket entries are not allowed",
+                &planned.shown,
+                &format!(
+                    "the archive extracts to more than max_zip_bytes = {}",
+                    limits.max_bytes
+                ),
             ));
         }
-        let dest = temp.join(&rel);
-        if is_dir {
-            fs::create_dir_all(&dest).map_err(|err| write_failed(name, &raw, &err))?;
+    }
+    let links: HashSet<&Path> = entries
+        .iter()
+        .filter(|e| e.wins && e.kind == EntryKind::Link)
+        .map(|e| e.rel.as_path())
+        .collect();
+    if !links.is_empty()
+        && let Some(through) = entries
+            .iter()
+            .find(|e| e.wins && e.rel.ancestors().skip(1).any(|a| links.contains(a)))
+    {
+        return Err(bad(
+            name,
+            &through.shown,
+            "it would be written through a symlink entry",
+        ));
+    }
+    let mut notes = Vec::new();
+    if differing_count > 0 {
+        notes.push(Note {
+            code: "duplicate_zip_entry",
+            text: format!(
+                "the zip stores {differing_count} path(s) more than once with different \
+                 contents ({}); the later entry is used, as Lambda does (entries are extracted \
+                 in order, so the later replaces the earlier, as with Python's zipfile and \
+                 Info-ZIP unzip)",
+                listed(&differing, differing_count)
+            ),
+        });
+    }
+    Ok(Survey { entries, notes })
+}
+/// Extracts the zip in `file` into `temp` (a new directory) as [`survey`] planned it; returns
+/// the archive's notes.
+fn extract(
+    name: &str,
+    archive: &Path,
+    file: File,
+    digest: &str,
+    temp: &Path,
+    limits: ZipLimits,
+) -> Result<Vec<Note>> {
+    let mut zip = open_zip(name, archive, file, limits)?;
+    let Survey { entries, notes } = survey(name, &mut zip, limits)?;
+    fs::create_dir(temp).map_err(|err| {
+        Error::io(
+            &format!("layer {name:?}: creating the directory to extract into"),
+            temp,
+            &err,
+        )
+    })?;
+    let mut links: Vec<(&Planned, PathBuf, SystemTime)> = Vec::new();
+    let mut total: u64 = 0;
+    let files = zip.files().map_err(|err| unreadable_zip(name, &err))?;
+    let mut planned = entries.iter();
+    while let Some(entry) = files.next() {
+        let entry = entry.map_err(|err| unreadable_zip(name, &err))?;
+        let Some(plan) = planned.next() else {
+            return Err(changed_under_us(archive));
+        };
+        if !plan.wins {
+            continue;
+        }
+        let shown = plan.shown.as_str();
+        let dest = temp.join(&plan.rel);
+        if plan.kind == EntryKind::Dir {
+            fs::create_dir_all(&dest).map_err(|err| write_failed(name, shown, &err))?;
             continue;
         }
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(|err| write_failed(name, &raw, &err))?;
+            fs::create_dir_all(parent).map_err(|err| write_failed(name, shown, &err))?;
+        }
+        let mut entry = entry
+            .with_reader(files.reader_mut(), zip::read::ZipReadOptions::new())
+            .map_err(|err| bad(name, shown, &format!("cannot be read: {err}")))?;
+        if entry.size() != plan.size {
+            return Err(changed_under_us(archive));
         }
         let mtime = entry_mtime(&entry);
-        let size = entry.size();
-        total = total.saturating_add(size);
-        check_size(name, &raw, (size, entry.compressed_size()), total, limits)?;
-        if is_link {
-            let target = link_target(&mut entry, name, &raw, size)?;
-            links.push((rel.clone(), target, raw, mtime));
-            link_paths.insert(rel);
+        total = total.saturating_add(plan.size);
+        if plan.kind == EntryKind::Link {
+            let target = link_target(&mut entry, name, shown, plan.size)?;
+            links.push((plan, target, mtime));
             continue;
         }
-        write_entry(&mut entry, &dest, (name, &raw), (size, mtime, mode))?;
+        write_entry(
+            &mut entry,
+            &dest,
+            (name, shown),
+            (plan.size, mtime, plan.mode),
+        )?;
     }
     // Links last, so nothing is ever written through one. They are kept as they are, wherever
     // they point (Lambda does the same); nothing on the host ever follows them.
-    for (rel, target, raw, mtime) in links {
-        let dest = temp.join(&rel);
-        std::os::unix::fs::symlink(&target, &dest).map_err(|err| write_failed(name, &raw, &err))?;
+    for (plan, target, mtime) in links {
+        let (dest, shown) = (temp.join(&plan.rel), plan.shown.as_str());
+        std::os::unix::fs::symlink(&target, &dest)
+            .map_err(|err| write_failed(name, shown, &err))?;
         let mtime = filetime::FileTime::from_system_time(mtime);
         filetime::set_symlink_file_times(&dest, mtime, mtime)
-            .map_err(|err| write_failed(name, &raw, &err))?;
+            .map_err(|err| write_failed(name, shown, &err))?;
     }
     // Directories 0755 regardless of the archive.
     set_dir_modes(temp)?;
     sync_dir(temp);
     tracing::info!(layer = name, archive = %archive.display(), digest, bytes = total, "extracted zip layer");
-    Ok(())
+    Ok(notes)
 }
 
-/// The zip at `archive`, refused when unreadable, with duplicate names (the zip crate keys
-/// entries by name, so they would be merged silently) or more than `max_zip_entries` entries.
+/// INVALID_ARGUMENT for an archive whose central directory cannot be read.
+fn unreadable_zip(name: &str, err: &zip::result::ZipError) -> Error {
+    Error::InvalidArgument(format!("layer {name:?}: the zip cannot be read: {err}"))
+}
+
+/// The zip at `archive`, refused when unreadable or with more than `max_zip_entries` entries.
+/// Read entry by entry from the central directory ([`ZipIterable`] keeps every entry of a
+/// repeated name; the crate's `ZipArchive` keys entries by name and merges them).
 fn open_zip(
     name: &str,
     archive: &Path,
     file: File,
     limits: ZipLimits,
-) -> Result<zip::ZipArchive<io::BufReader<File>>> {
-    let zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(|err| {
-        Error::InvalidArgument(format!(
-            "layer {name:?}: {} is not a readable zip: {err}",
-            archive.display()
-        ))
-    })?;
-    if zip.has_duplicate_names() {
-        return Err(Error::InvalidArgument(format!(
-            "layer {name:?}: zip {} rejected: it holds duplicate entry names",
-            archive.display()
-        )));
-    }
+) -> Result<ZipIterable<io::BufReader<File>>> {
+    let zip = ZipIterable::try_new(io::BufReader::new(file), zip::read::Config::default())
+        .map_err(|err| {
+            Error::InvalidArgument(format!(
+                "layer {name:?}: {} is not a readable zip: {err}",
+                archive.display()
+            ))
+        })?;
     if zip.len() > limits.max_entries {
         return Err(Error::InvalidArgument(format!(
             "layer {name:?}: the zip has {} entries, more than max_zip_entries = {}",
@@ -443,26 +663,14 @@ fn open_zip(
     Ok(zip)
 }
 
-/// Refuses entry `raw` when the archive's extracted bytes so far (`total`, this entry's
-/// included) pass `max_zip_bytes`, or when the entry (`size`, `compressed` bytes; over 1 MiB)
-/// is compressed more than `max_zip_ratio` to 1 (a zip bomb).
-fn check_size(
+/// Refuses entry `raw` when it (`size`, `compressed` bytes; over 1 MiB) is compressed more
+/// than `max_zip_ratio` to 1 (a zip bomb).
+fn check_ratio(
     name: &str,
     raw: &str,
     (size, compressed): (u64, u64),
-    total: u64,
     limits: ZipLimits,
 ) -> Result<()> {
-    if total > limits.max_bytes {
-        return Err(bad(
-            name,
-            raw,
-            &format!(
-                "the archive extracts to more than max_zip_bytes = {}",
-                limits.max_bytes
-            ),
-        ));
-    }
     let compressed = compressed.max(1);
     if size > (1 << 20) && size / compressed > limits.max_ratio {
         return Err(bad(
@@ -610,7 +818,7 @@ mod tests {
         );
         let store = store(dir.path());
         let cache = StatCache::default();
-        let out = store.extracted("l", &archive, &cache).unwrap();
+        let out = store.extracted("l", &archive, &cache).unwrap().0;
         let mode = |p: &str| {
             fs::symlink_metadata(out.join(p))
                 .unwrap()
@@ -625,7 +833,7 @@ mod tests {
             fs::read_link(out.join("lib/alias")).unwrap(),
             PathBuf::from("data.txt")
         );
-        let again = store.extracted("l", &archive, &cache).unwrap();
+        let again = store.extracted("l", &archive, &cache).unwrap().0;
         assert_eq!(out, again);
         let left: Vec<String> = fs::read_dir(store.root())
             .unwrap()
@@ -715,7 +923,8 @@ mod tests {
         .unwrap();
         let out = store(dir.path())
             .extracted("plain", &archive, &StatCache::default())
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(fs::read(out.join("bin/run")).unwrap(), b"#!/bin/sh");
         assert_eq!(
             fs::read_link(out.join("bin/alias")).unwrap(),
@@ -742,14 +951,18 @@ mod tests {
                 "'..'",
             ),
             (
-                "duplicate",
-                vec![Raw("a", b"x", FILE), Raw("a", b"y", FILE)],
-                "duplicate entry names",
+                "directory-and-file",
+                vec![Raw("a/", b"", Some(0o040_755)), Raw("a", b"y", FILE)],
+                "duplicate name",
             ),
             (
-                "duplicate-after-normalising",
-                vec![Raw("a/b", b"x", FILE), Raw("a/./b", b"y", FILE)],
-                "duplicate name",
+                "link-replaced-then-written-through",
+                vec![
+                    Raw("d", b"x", FILE),
+                    Raw("d", b"/tmp", LINK),
+                    Raw("d/evil", b"x", FILE),
+                ],
+                "written through a symlink",
             ),
             (
                 "through-link",
@@ -787,6 +1000,59 @@ mod tests {
             .collect();
         beside.sort();
         assert_eq!(beside, ["layers"], "nothing written beside the cache root");
+    }
+
+    /// A path stored twice: the later entry of the same kind wins (also after normalising,
+    /// and a link replacing a file), one `duplicate_zip_entry` note lists the paths whose
+    /// bytes differ, byte-identical repeats are not mentioned, and a cache hit says the same.
+    #[test]
+    fn the_later_of_repeated_names_wins_with_one_note() {
+        const FILE: Option<u32> = Some(0o100_644);
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("dups.zip");
+        fs::write(
+            &archive,
+            hand_zip(&[
+                Raw("a.txt", b"first", FILE),
+                Raw("same.txt", b"same", FILE),
+                Raw("lib/b", b"first", FILE),
+                Raw("a.txt", b"second", FILE),
+                Raw("same.txt", b"same", FILE),
+                Raw("lib/./b", b"second", FILE),
+                Raw("run", b"#!/bin/sh", FILE),
+                Raw("run", b"a.txt", Some(0o120_777)),
+            ]),
+        )
+        .unwrap();
+        let store = store(dir.path());
+        let (out, notes) = store
+            .extracted("dups", &archive, &StatCache::default())
+            .unwrap();
+        assert_eq!(fs::read(out.join("a.txt")).unwrap(), b"second");
+        assert_eq!(fs::read(out.join("lib/b")).unwrap(), b"second");
+        assert_eq!(fs::read(out.join("same.txt")).unwrap(), b"same");
+        assert_eq!(
+            fs::read_link(out.join("run")).unwrap(),
+            PathBuf::from("a.txt")
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(notes[0].code, "duplicate_zip_entry");
+        let text = &notes[0].text;
+        for part in [
+            "3 path(s)",
+            "\"a.txt\"",
+            "\"lib/./b\"",
+            "\"run\"",
+            "later entry",
+        ] {
+            assert!(text.contains(part), "{part} missing: {text}");
+        }
+        assert!(!text.contains("same.txt"), "{text}");
+        let fresh = ZipStore::open(store.root().to_owned(), ZipLimits::default());
+        let (again, hit) = fresh
+            .extracted("dups", &archive, &StatCache::default())
+            .unwrap();
+        assert_eq!((again, &*hit), (out, &*notes), "a cache hit warns the same");
     }
 
     #[test]
@@ -886,7 +1152,8 @@ mod tests {
         let store = store(dir.path());
         let out = store
             .extracted("l", &archive, &StatCache::default())
-            .unwrap();
+            .unwrap()
+            .0;
         // 2021-03-04T05:06:08Z
         let expected = 1_614_834_368;
         let mtime = |p: &str| {
@@ -950,8 +1217,8 @@ mod tests {
         let archive = dir.path().join("layer.zip");
         make_zip(&archive, &[("bootstrap", b"#!/bin/sh", Some(0o755))]);
         let cache = StatCache::default();
-        store.extracted("l", &archive, &cache).unwrap();
-        store.extracted("l", &archive, &cache).unwrap();
+        store.extracted("l", &archive, &cache).unwrap().0;
+        store.extracted("l", &archive, &cache).unwrap().0;
         let bad = dir.path().join("bad.zip");
         make_zip(&bad, &[("../evil", b"x", Some(0o644))]);
         assert!(store.extracted("bad", &bad, &cache).is_err());

@@ -144,7 +144,12 @@ pub fn walk(
         let mut meta = fs::metadata(&root)
             .map_err(|err| Error::io(&format!("layer {:?}:", layer.name), &root, &err))?;
         if meta.is_file() && zip_layer(&layer.name, &root)? {
-            root = zips.extracted(&layer.name, &layer.path, cache)?;
+            let (extracted, notes) = zips.extracted(&layer.name, &layer.path, cache)?;
+            tree.warnings.extend(notes.iter().map(|note| Warning {
+                code: note.code,
+                message: format!("layer {:?}: {}", layer.name, note.text),
+            }));
+            root = extracted;
             from_cache = true;
             meta = fs::metadata(&root)
                 .map_err(|err| Error::io("reading extracted layer", &root, &err))?;

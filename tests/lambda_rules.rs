@@ -1,0 +1,165 @@
+//! Lambda's own rules for layers (issue 25): what Lambda accepts is accepted, in the image as
+//! Lambda would lay it out (compared entry by entry with the same tree given as a directory),
+//! and what Lambda would refuse at deploy or fail at run time still builds, with a warning of
+//! a stable code in the event stream.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+use support::tree::{assert_same, expected_opt, image_opt, set_time};
+use support::{OutcomeExt, TestDaemon, build, docker, unique, warnings_with_code, zip_request};
+
+/// The MS-DOS time every entry of [`py_zip`] carries (2020-01-02T03:04:06, read as UTC).
+const ENTRY_TIME: i64 = 1_577_934_246;
+
+/// Writes the zip `out` with Python's own `zipfile`, entry by entry as `entries` says (a JSON
+/// list). Keys: `name`; `encoding` of the stored name bytes (`ascii` default, `utf-8`, `cp437`);
+/// `utf8_flag` (general purpose bit 11; default: set when the name is not ASCII, as zipfile
+/// does); `unicode_path` (an Info-ZIP 0x7075 field holding the UTF-8 name; `"bad_crc"` for one
+/// whose CRC does not match the stored name); `text` or `zeros` (content); `mode` (Unix
+/// `st_mode`, create_system 3; absent: 0o100644); `deflate`. Duplicate names are written as
+/// given.
+fn py_zip(out: &Path, entries: Value) {
+    const SCRIPT: &str = r#"
+import json, struct, sys, warnings, zipfile, zlib
+spec = json.loads(sys.argv[1])
+warnings.simplefilter("ignore")
+
+class Info(zipfile.ZipInfo):
+    def _encodeFilenameFlags(self):
+        return self.raw_name, self.flag_bits
+
+with zipfile.ZipFile(spec["out"], "w") as archive:
+    for entry in spec["entries"]:
+        info = Info(entry["name"], date_time=(2020, 1, 2, 3, 4, 6))
+        name = entry["name"]
+        info.raw_name = name.encode(entry.get("encoding", "ascii"))
+        if entry.get("utf8_flag", not name.isascii()):
+            info.flag_bits |= 0x800
+        upath = entry.get("unicode_path")
+        if upath:
+            crc = zlib.crc32(info.raw_name) ^ (1 if upath == "bad_crc" else 0)
+            data = b"\x01" + struct.pack("<I", crc) + name.encode("utf-8")
+            info.extra = struct.pack("<HH", 0x7075, len(data)) + data
+        info.create_system = 3
+        info.external_attr = entry.get("mode", 0o100644) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED if entry.get("deflate") else zipfile.ZIP_STORED
+        with archive.open(info, mode="w") as dest:
+            if "zeros" in entry:
+                left = entry["zeros"]
+                while left > 0:
+                    n = min(left, 1 << 20)
+                    dest.write(bytes(n))
+                    left -= n
+            else:
+                dest.write(entry.get("text", "").encode("utf-8"))
+"#;
+    let spec = json!({ "out": out, "entries": entries });
+    let output = Command::new("python3")
+        .args(["-c", SCRIPT, &spec.to_string()])
+        .output()
+        .expect("python3 runs (installed by scripts/test-env.sh)");
+    assert!(
+        output.status.success(),
+        "python3 zipfile failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Writes `files` (path, content) into the directory `root` as a layer: 0644, the entries'
+/// time, so it is the tree the zips of these tests must give.
+fn dir_layer(root: &Path, files: &[(&str, &str)]) {
+    for (path, content) in files {
+        let path = root.join(path);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, content).unwrap();
+        set_time(&path, ENTRY_TIME);
+    }
+}
+
+/// Removes the images a test made.
+#[derive(Default)]
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for tag in &self.0 {
+            docker(&["rmi", "-f", "--no-prune", tag]);
+        }
+    }
+}
+
+/// A zip storing a path twice (Python's zipfile writes it, as serverless and esbuild do) is
+/// accepted: the later entry of the same kind wins, also when the names differ only by `./`,
+/// and one `duplicate_zip_entry` warning names the paths whose bytes differ and says what
+/// Lambda does — on the first build and on a cache hit alike. A directory and a file under
+/// one path stay INVALID_ARGUMENT naming the entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_later_of_repeated_zip_entries_wins_with_a_warning() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let archive = dir.path().join("dups.zip");
+    py_zip(
+        &archive,
+        json!([
+            { "name": "handler.py", "text": "old = 1\n" },
+            { "name": "same.txt", "text": "same\n" },
+            { "name": "lib/util.py", "text": "v = 1\n" },
+            { "name": "handler.py", "text": "new = 2\n", "deflate": true },
+            { "name": "same.txt", "text": "same\n" },
+            { "name": "./lib/util.py", "text": "v = 2\n" },
+        ]),
+    );
+    let expected = dir.path().join("expected");
+    dir_layer(
+        &expected,
+        &[
+            ("handler.py", "new = 2\n"),
+            ("same.txt", "same\n"),
+            ("lib/util.py", "v = 2\n"),
+        ],
+    );
+    let name = unique("dups");
+    for round in ["first build", "cache hit"] {
+        let outcome = build(&daemon.socket, zip_request(&[(&name, &archive)])).await;
+        let tag = outcome.completed().tag.clone();
+        cleanup.0.push(tag.clone());
+        let warnings = warnings_with_code(&outcome, "duplicate_zip_entry");
+        assert_eq!(warnings.len(), 1, "{round}: {warnings:?}");
+        let text = &warnings[0];
+        for part in [
+            &format!("layer {name:?}"),
+            "2 path(s)",
+            "\"handler.py\"",
+            "\"./lib/util.py\"",
+            "later entry is used, as Lambda does",
+        ] {
+            assert!(text.contains(part), "{round}: {part} missing: {text}");
+        }
+        assert!(!text.contains("same.txt"), "{round}: {text}");
+        assert_same(round, &image_opt(&tag), &expected_opt(&[&expected]));
+    }
+
+    let clash = dir.path().join("clash.zip");
+    py_zip(
+        &clash,
+        json!([
+            { "name": "same/", "mode": 0o040_755 },
+            { "name": "same", "text": "a file" },
+        ]),
+    );
+    let outcome = build(&daemon.socket, zip_request(&[(&unique("clash"), &clash)])).await;
+    let status = outcome.status();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("\"same\"") && status.message().contains("duplicate name"),
+        "{}",
+        status.message()
+    );
+    daemon.stop().await;
+}
