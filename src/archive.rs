@@ -60,8 +60,9 @@ impl Default for ZipLimits {
 }
 
 /// The layout of an extracted layer; bumped when extraction changes what it writes (2: entry
-/// times kept, links kept wherever they point).
-pub const FORMAT: &str = "2";
+/// times kept, links kept wherever they point; 3: names decoded as the format says, a
+/// backslash kept as part of a name).
+pub const FORMAT: &str = "3";
 /// The file under the store's root that records the [`FORMAT`] of what is in it.
 const FORMAT_MARKER: &str = ".format";
 /// The longest link target Linux stores (`PATH_MAX` minus the NUL).
@@ -333,17 +334,64 @@ fn entry_mtime(entry: &zip::read::ZipFile<'_, impl Read>) -> SystemTime {
         })
 }
 
-/// Checks an entry name and returns its normalised relative path.
+/// General purpose flag bit 11, "language encoding": the name (and comment) are UTF-8
+/// (APPNOTE 6.3.10 §4.4.4 and appendix D).
+const LANGUAGE_ENCODING: u16 = 1 << 11;
+
+/// An entry's name decoded as the zip format says (APPNOTE 6.3.10 §4.4.4, appendix D):
+/// 1. UTF-8 when the language-encoding flag (bit 11) is set. An Info-ZIP Unicode Path extra
+///    field (0x7075, APPNOTE §4.6.9) whose CRC-32 matches the stored name counts as such: the
+///    zip crate checks the CRC, puts the field's name in `raw` and sets the flag (a field
+///    whose CRC does not match is ignored, as APPNOTE says).
+/// 2. Otherwise, for an entry made on Unix (`made_on_unix`: "version made by" host 3), the
+///    stored bytes when they are UTF-8: Info-ZIP `unzip` takes a Unix-made name's bytes as they
+///    are, and Info-ZIP `zip` on Linux writes UTF-8 names without the flag, so this is what
+///    Lambda gives such a layer (`tests/fidelity.rs`).
+/// 3. Otherwise IBM code page 437, the format's own encoding, as Python's `zipfile`
+///    (`ZipFile._RealGetContents`) and Info-ZIP read names from DOS and Windows tools.
+///
+/// Never lossy: a name flagged UTF-8 that is not is refused, naming its bytes.
+fn decode_name(name: &str, raw: &[u8], flags: u16, made_on_unix: bool) -> Result<String> {
+    if flags & LANGUAGE_ENCODING == 0 {
+        if made_on_unix && let Ok(text) = std::str::from_utf8(raw) {
+            return Ok(text.to_owned());
+        }
+        return Ok(oem_cp::decode_string_complete_table(
+            raw,
+            &oem_cp::code_table::DECODING_TABLE_CP437,
+        ));
+    }
+    String::from_utf8(raw.to_vec()).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "layer {name:?}: zip entry \"{}\" rejected: its flags say its name is UTF-8 \
+             (bit 11) but it is not; repack the layer",
+            raw.escape_ascii()
+        ))
+    })
+}
+
+/// Checks a decoded entry name and returns its normalised relative path.
+///
+/// A name is a name: `/` separates directories, and a backslash is part of a file name, as in
+/// a directory layer and as Python's `zipfile` and Lambda take it on Linux, so a zip and a
+/// directory holding the same tree give the same image. Refused, as hostile: absolute paths,
+/// drive letters, NUL, and `..` as a component, also between backslashes (`..\\..\\x` is a
+/// zip-slip for every tool that takes `\\` as a separator, such as Info-ZIP for archives made on
+/// Windows, and no real layer has such a name).
 fn safe_path(name: &str, raw: &str) -> Result<PathBuf> {
-    let text = raw.replace('\\', "/");
+    let text = raw;
     let bytes = text.as_bytes();
     if text.starts_with('/')
+        || text.starts_with('\\')
         || (bytes.len() >= 2 && bytes[1] == b':' && bytes[0].is_ascii_alphabetic())
     {
         return Err(bad(name, raw, "absolute or drive-letter path"));
     }
     if text.contains('\0') {
         return Err(bad(name, raw, "NUL in the name"));
+    }
+    if text.split(['/', '\\']).any(|part| part == "..") {
+        return Err(bad(name, raw, "'..' would write outside the layer"));
     }
     let mut path = PathBuf::new();
     for component in Path::new(&text).components() {
@@ -441,16 +489,13 @@ fn survey<R: Read + io::Seek>(
                 "layer {name:?}: zip entry #{index} is unreadable: {err}"
             ))
         })?;
-        let shown = String::from_utf8_lossy(entry.name_raw()).into_owned();
+        let unix = entry.system() == zip::System::Unix;
+        let shown = decode_name(name, entry.name_raw(), entry.flags().as_u16(), unix)?;
         let rel = safe_path(name, &shown)?;
         // Only an archive made on Unix carries Unix modes; for others (Explorer, 7-Zip, Python
         // on Windows: "MS-DOS" entries) the zip crate invents 0o664, which would make a
         // Windows-zipped bootstrap non-executable (SAM #1014). Treat them as mode-less.
-        let mode = if entry.system() == zip::System::Unix {
-            entry.unix_mode()
-        } else {
-            None
-        };
+        let mode = if unix { entry.unix_mode() } else { None };
         let kind = match mode.map_or(0, |m| m & S_IFMT) {
             _ if entry.is_dir() => EntryKind::Dir,
             S_IFDIR => EntryKind::Dir,
@@ -1000,6 +1045,53 @@ mod tests {
             .collect();
         beside.sort();
         assert_eq!(beside, ["layers"], "nothing written beside the cache root");
+    }
+
+    /// Names decode as the zip format says: UTF-8 with flag bit 11; without it, a Unix-made
+    /// entry's UTF-8 bytes as they are (Info-ZIP), anything else as IBM code page 437
+    /// (`t\x84glich.txt` from a Windows tool is `täglich.txt`, and a Windows tool's UTF-8
+    /// bytes read as Python's zipfile reads them); never a lossy replacement. A
+    /// backslash is part of a name; `..` between backslashes, a leading backslash and drive
+    /// letters are still refused.
+    #[test]
+    fn names_decode_as_the_format_says_and_hostile_ones_stay_refused() {
+        for unix in [false, true] {
+            assert_eq!(
+                decode_name("l", b"t\x84glich.txt", 0, unix).unwrap(),
+                "täglich.txt"
+            );
+            assert_eq!(decode_name("l", b"\x94\xe1", 0, unix).unwrap(), "öß");
+            assert_eq!(
+                decode_name("l", "täglich.txt".as_bytes(), LANGUAGE_ENCODING, unix).unwrap(),
+                "täglich.txt"
+            );
+        }
+        assert_eq!(decode_name("l", "ä".as_bytes(), 0, false).unwrap(), "├ñ");
+        assert_eq!(decode_name("l", "ä".as_bytes(), 0, true).unwrap(), "ä");
+        let Err(Error::InvalidArgument(message)) =
+            decode_name("l", b"t\x84glich.txt", LANGUAGE_ENCODING, true)
+        else {
+            panic!("a name flagged UTF-8 that is not must be refused");
+        };
+        assert!(
+            message.contains("t\\x84glich.txt") && message.contains("UTF-8"),
+            "{message}"
+        );
+        assert_eq!(
+            safe_path("l", "dir\\file.txt").unwrap(),
+            PathBuf::from("dir\\file.txt")
+        );
+        for hostile in [
+            "..\\evil",
+            "a\\..\\..\\evil",
+            "\\abs",
+            "C:\\x",
+            "c:x",
+            "../x",
+            "/x",
+        ] {
+            assert!(safe_path("l", hostile).is_err(), "{hostile:?} accepted");
+        }
     }
 
     /// A path stored twice: the later entry of the same kind wins (also after normalising,

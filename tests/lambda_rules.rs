@@ -6,6 +6,7 @@
 mod support;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -17,10 +18,12 @@ use support::{OutcomeExt, TestDaemon, build, docker, unique, warnings_with_code,
 const ENTRY_TIME: i64 = 1_577_934_246;
 
 /// Writes the zip `out` with Python's own `zipfile`, entry by entry as `entries` says (a JSON
-/// list). Keys: `name`; `encoding` of the stored name bytes (`ascii` default, `utf-8`, `cp437`);
-/// `utf8_flag` (general purpose bit 11; default: set when the name is not ASCII, as zipfile
-/// does); `unicode_path` (an Info-ZIP 0x7075 field holding the UTF-8 name; `"bad_crc"` for one
-/// whose CRC does not match the stored name); `text` or `zeros` (content); `mode` (Unix
+/// list). Keys: `name`; `stored`, the name the header stores when it is not `name`;
+/// `encoding` of the stored name's bytes (`ascii` default, `utf-8`, `cp437`); `utf8_flag`
+/// (general purpose bit 11; default: set when the stored name is not ASCII, as zipfile does);
+/// `unicode_path` (an Info-ZIP 0x7075 field holding `name` in UTF-8 with the stored name's
+/// CRC-32; `"bad_crc"` for one whose CRC does not match); `create_system` (default 3, Unix;
+/// 0: made on Windows, no Unix mode, extracted 0755); `text` or `zeros` (content); `mode` (Unix
 /// `st_mode`, create_system 3; absent: 0o100644); `deflate`. Duplicate names are written as
 /// given.
 fn py_zip(out: &Path, entries: Value) {
@@ -30,23 +33,27 @@ spec = json.loads(sys.argv[1])
 warnings.simplefilter("ignore")
 
 class Info(zipfile.ZipInfo):
+    # zipfile resets flag_bits when it opens an entry for writing: set bit 11 here.
     def _encodeFilenameFlags(self):
-        return self.raw_name, self.flag_bits
+        return self.raw_name, self.flag_bits | (0x800 if self.utf8 else 0)
 
 with zipfile.ZipFile(spec["out"], "w") as archive:
     for entry in spec["entries"]:
         info = Info(entry["name"], date_time=(2020, 1, 2, 3, 4, 6))
         name = entry["name"]
-        info.raw_name = name.encode(entry.get("encoding", "ascii"))
-        if entry.get("utf8_flag", not name.isascii()):
-            info.flag_bits |= 0x800
+        stored = entry.get("stored", name)
+        info.raw_name = stored.encode(entry.get("encoding", "ascii"))
+        info.utf8 = entry.get("utf8_flag", not stored.isascii())
         upath = entry.get("unicode_path")
         if upath:
             crc = zlib.crc32(info.raw_name) ^ (1 if upath == "bad_crc" else 0)
             data = b"\x01" + struct.pack("<I", crc) + name.encode("utf-8")
             info.extra = struct.pack("<HH", 0x7075, len(data)) + data
-        info.create_system = 3
-        info.external_attr = entry.get("mode", 0o100644) << 16
+        info.create_system = entry.get("create_system", 3)
+        if info.create_system == 3:
+            info.external_attr = entry.get("mode", 0o100644) << 16
+        else:
+            info.external_attr = 0x20  # the "archive" attribute Explorer and 7-Zip write
         info.compress_type = zipfile.ZIP_DEFLATED if entry.get("deflate") else zipfile.ZIP_STORED
         with archive.open(info, mode="w") as dest:
             if "zeros" in entry:
@@ -161,5 +168,71 @@ async fn the_later_of_repeated_zip_entries_wins_with_a_warning() {
         "{}",
         status.message()
     );
+    daemon.stop().await;
+}
+
+/// Entry names are decoded as the zip format says: UTF-8 with flag bit 11, or from an Info-ZIP
+/// Unicode Path field whose CRC matches the stored name (the stored name when it does not);
+/// without either, a Windows tool's name as CP437 (`täglich.txt`, as Python's zipfile reads
+/// it), a Unix-made name's UTF-8 bytes as they are (Info-ZIP), other bytes as CP437 (`ä.txt`
+/// and `ö.txt` stay two files); a backslash is part of a name. The image's `/opt` is the
+/// same tree as the directory holding these names, byte for byte in every name.
+#[tokio::test(flavor = "multi_thread")]
+async fn zip_names_decode_as_the_format_says_like_the_same_directory() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let archive = dir.path().join("names.zip");
+    py_zip(
+        &archive,
+        json!([
+            { "name": "täglich.txt", "encoding": "cp437", "utf8_flag": false, "create_system": 0, "text": "cp437" },
+            { "name": "├ñ-windows.txt", "stored": "ä-windows.txt", "encoding": "utf-8", "utf8_flag": false, "create_system": 0, "text": "w" },
+            { "name": "ü-unix.txt", "encoding": "utf-8", "utf8_flag": false, "text": "u" },
+            { "name": "ä.txt", "encoding": "cp437", "utf8_flag": false, "text": "a" },
+            { "name": "ö.txt", "encoding": "cp437", "utf8_flag": false, "text": "o" },
+            { "name": "größe/daten.txt", "encoding": "utf-8", "text": "utf-8 flag" },
+            { "name": "café.txt", "stored": "caf_.txt", "unicode_path": true, "text": "upath" },
+            { "name": "naïve.txt", "stored": "na_ve.txt", "unicode_path": "bad_crc", "text": "bad" },
+            { "name": "win\\path.txt", "text": "backslash" },
+        ]),
+    );
+    let expected = dir.path().join("expected");
+    dir_layer(
+        &expected,
+        &[
+            ("täglich.txt", "cp437"),
+            ("├ñ-windows.txt", "w"),
+            ("ü-unix.txt", "u"),
+            ("ä.txt", "a"),
+            ("ö.txt", "o"),
+            ("größe/daten.txt", "utf-8 flag"),
+            ("café.txt", "upath"),
+            ("na_ve.txt", "bad"),
+            ("win\\path.txt", "backslash"),
+        ],
+    );
+    // Made on Windows without modes: extracted executable (SAM #1014).
+    for windows in ["täglich.txt", "├ñ-windows.txt"] {
+        fs::set_permissions(expected.join(windows), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let outcome = build(&daemon.socket, zip_request(&[(&unique("names"), &archive)])).await;
+    let tag = outcome.completed().tag.clone();
+    cleanup.0.push(tag.clone());
+    assert_same(
+        "decoded names",
+        &image_opt(&tag),
+        &expected_opt(&[&expected]),
+    );
+
+    let hostile = dir.path().join("hostile.zip");
+    py_zip(
+        &hostile,
+        json!([{ "name": "a\\..\\..\\evil", "text": "x" }]),
+    );
+    let outcome = build(&daemon.socket, zip_request(&[(&unique("bs"), &hostile)])).await;
+    let status = outcome.status();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("'..'"), "{}", status.message());
     daemon.stop().await;
 }
