@@ -38,16 +38,33 @@ use zip::unstable::read::ZipIterable;
 use crate::error::{Error, Result};
 use crate::stat_cache::{StatCache, StatKey, changed_under_us, open_regular};
 
-/// Limits on what one archive may extract to.
+/// Limits on what one archive may extract to: the zip-bomb guard.
+///
+/// The guard is by absolute sizes, checked on the central directory before anything is
+/// written (a bomb is refused in the time it takes to read its directory): the declared
+/// unzipped bytes of the whole archive, the entry count, and, while extracting, each entry's
+/// bytes against its declared size (a bomb lying about its size stops one byte past it). The
+/// defaults are far beyond any layer Lambda accepts (262,144,000 bytes unzipped for a function
+/// and its layers together, Lambda quotas), so no real layer reaches them.
+///
+/// The compression ratio is only a secondary signal, for entries larger than [`RATIO_FROM`]:
+/// real files reach deflate's own limit of about 1030:1 (a pre-allocated SQLite database of
+/// zeros, issue 25), so a ratio alone says nothing about a file Lambda could hold.
 #[derive(Debug, Clone, Copy)]
 pub struct ZipLimits {
-    /// Most bytes an archive may extract to.
+    /// Most bytes an archive may extract to (default 4 GiB, 16 times Lambda's limit).
     pub max_bytes: u64,
-    /// Most entries in an archive.
+    /// Most entries in an archive (default 200,000).
     pub max_entries: usize,
-    /// Largest compression ratio (uncompressed / compressed) for entries over 1 MiB.
+    /// Largest compression ratio (uncompressed / compressed) of an entry larger than
+    /// [`RATIO_FROM`] (default 200).
     pub max_ratio: u64,
 }
+
+/// Entries larger than this (256 MiB: more than Lambda's whole unzipped limit of 262,144,000
+/// bytes, so no layer Lambda accepts holds one) are checked against `max_zip_ratio`; a 1 GiB
+/// file of zeros (ratio about 1030:1) is refused before a byte of it is written.
+pub const RATIO_FROM: u64 = 256 << 20;
 
 impl Default for ZipLimits {
     fn default() -> Self {
@@ -708,8 +725,8 @@ fn open_zip(
     Ok(zip)
 }
 
-/// Refuses entry `raw` when it (`size`, `compressed` bytes; over 1 MiB) is compressed more
-/// than `max_zip_ratio` to 1 (a zip bomb).
+/// Refuses entry `raw` when it (`size`, `compressed` bytes; over [`RATIO_FROM`]) is
+/// compressed more than `max_zip_ratio` to 1 (a zip bomb; see [`ZipLimits`]).
 fn check_ratio(
     name: &str,
     raw: &str,
@@ -717,12 +734,13 @@ fn check_ratio(
     limits: ZipLimits,
 ) -> Result<()> {
     let compressed = compressed.max(1);
-    if size > (1 << 20) && size / compressed > limits.max_ratio {
+    if size > RATIO_FROM && size / compressed > limits.max_ratio {
         return Err(bad(
             name,
             raw,
             &format!(
-                "compression ratio {}:1 exceeds max_zip_ratio = {}",
+                "it declares {size} bytes compressed {}:1, more than max_zip_ratio = {} for an \
+                 entry over {RATIO_FROM} bytes (a zip bomb?)",
                 size / compressed,
                 limits.max_ratio
             ),
@@ -1147,31 +1165,33 @@ mod tests {
         assert_eq!((again, &*hit), (out, &*notes), "a cache hit warns the same");
     }
 
+    /// An 8 MiB pre-allocated database of zeros (1025:1) is extracted with the default
+    /// limits; the ratio counts only for entries over [`RATIO_FROM`]; the declared total is
+    /// refused against `max_zip_bytes` naming the entry.
     #[test]
-    fn bombs_are_rejected() {
+    fn the_bomb_guard_is_by_size_with_the_ratio_far_away() {
         let dir = tempfile::tempdir().unwrap();
-        let archive = dir.path().join("bomb.zip");
+        let archive = dir.path().join("sqlite.zip");
         let zeros = vec![0u8; 8 << 20];
-        make_zip(&archive, &[("zeros", &zeros, Some(0o644))]);
-        let store = ZipStore::open(
-            dir.path().join("layers"),
-            ZipLimits {
-                max_ratio: 100,
-                ..Default::default()
-            },
-        );
-        let err = store
-            .extracted("bomb", &archive, &StatCache::default())
-            .unwrap_err();
+        make_zip(&archive, &[("cache.db", &zeros, Some(0o644))]);
+        let (out, _) = store(dir.path())
+            .extracted("db", &archive, &StatCache::default())
+            .unwrap();
+        assert_eq!(fs::metadata(out.join("cache.db")).unwrap().len(), 8 << 20);
+
+        let limits = ZipLimits::default();
+        assert!(check_ratio("l", "db", (8 << 20, 8 << 10), limits).is_ok());
+        assert!(check_ratio("l", "big", (RATIO_FROM, 1), limits).is_ok());
+        let err = check_ratio("l", "bomb", (1 << 30, 1 << 20), limits).unwrap_err();
         assert!(
-            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_ratio")),
+            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_ratio") && m.contains("\"bomb\"")),
             "{err:?}"
         );
+
         let store = ZipStore::open(
-            dir.path().join("layers"),
+            dir.path().join("small"),
             ZipLimits {
                 max_bytes: 1 << 20,
-                max_ratio: 1 << 20,
                 ..Default::default()
             },
         );
@@ -1179,7 +1199,7 @@ mod tests {
             .extracted("bomb", &archive, &StatCache::default())
             .unwrap_err();
         assert!(
-            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_bytes")),
+            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_bytes") && m.contains("cache.db")),
             "{err:?}"
         );
     }

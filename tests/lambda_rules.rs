@@ -236,3 +236,68 @@ async fn zip_names_decode_as_the_format_says_like_the_same_directory() {
     assert!(status.message().contains("'..'"), "{}", status.message());
     daemon.stop().await;
 }
+
+/// The zip-bomb guard refuses no layer Lambda accepts: an 8 MiB pre-allocated database of
+/// zeros (about 1025:1) is in the image as it is, while a 1 GiB file of zeros (more than
+/// Lambda's whole unzipped limit) is INVALID_ARGUMENT naming the entry and `max_zip_ratio`,
+/// refused from the central directory: nothing of it is extracted into the cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sparse_database_builds_and_a_gigabyte_bomb_is_refused_unextracted() {
+    const MIB: u64 = 1 << 20;
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let archive = dir.path().join("sqlite.zip");
+    py_zip(
+        &archive,
+        json!([{ "name": "data/cache.db", "zeros": 8 * MIB, "deflate": true }]),
+    );
+    let ratio = 8 * MIB / fs::metadata(&archive).unwrap().len();
+    assert!(ratio > 1000, "the archive is compressed {ratio}:1");
+    let expected = dir.path().join("expected");
+    fs::create_dir_all(expected.join("data")).unwrap();
+    fs::write(expected.join("data/cache.db"), vec![0u8; 8 << 20]).unwrap();
+    set_time(&expected.join("data/cache.db"), ENTRY_TIME);
+    let outcome = build(
+        &daemon.socket,
+        zip_request(&[(&unique("sqlite"), &archive)]),
+    )
+    .await;
+    let tag = outcome.completed().tag.clone();
+    cleanup.0.push(tag.clone());
+    assert_same(
+        "sparse database",
+        &image_opt(&tag),
+        &expected_opt(&[&expected]),
+    );
+
+    let bomb = dir.path().join("bomb.zip");
+    py_zip(
+        &bomb,
+        json!([{ "name": "bomb.bin", "zeros": 1024 * MIB, "deflate": true }]),
+    );
+    let outcome = build(&daemon.socket, zip_request(&[(&unique("bomb"), &bomb)])).await;
+    let status = outcome.status();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    for part in ["\"bomb.bin\"", "rejected", "max_zip_ratio"] {
+        assert!(
+            status.message().contains(part),
+            "{part}: {}",
+            status.message()
+        );
+    }
+    let layers = daemon.dir.path().join("cache/layers");
+    let mut left: Vec<String> = fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".format")
+        .collect();
+    left.sort();
+    assert_eq!(
+        left.len(),
+        1,
+        "only the database's layer is extracted: {left:?}"
+    );
+    daemon.stop().await;
+}

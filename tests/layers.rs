@@ -396,7 +396,7 @@ async fn hostile_zips_are_rejected_naming_the_entry_and_leave_nothing() {
         },
         Hostile {
             label: "ratio bomb",
-            entries: json!([ok, { "name": "zeros.bin", "zeros": 200 * MIB, "deflate": true, "mode": S_IFREG | 0o644 }]),
+            entries: json!([ok, { "name": "zeros.bin", "zeros": 300 * MIB, "deflate": true, "mode": S_IFREG | 0o644 }]),
             entry: "zeros.bin".into(),
             words: vec!["max_zip_ratio"],
             outside: vec![],
