@@ -36,6 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use zip::unstable::read::ZipIterable;
 
 use crate::error::{Error, Result};
+use crate::lambda_rules::{self, Found};
 use crate::stat_cache::{StatCache, StatKey, changed_under_us, open_regular};
 
 /// Limits on what one archive may extract to: the zip-bomb guard.
@@ -467,22 +468,6 @@ struct Survey {
     notes: Vec<Note>,
 }
 
-/// Names listed in a warning; the rest are counted.
-const SHOWN_ENTRIES: usize = 5;
-
-/// `names` (the first [`SHOWN_ENTRIES`] of `count`) as a list for a warning.
-fn listed(names: &[String], count: usize) -> String {
-    let mut text = names
-        .iter()
-        .map(|n| format!("{n:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if count > names.len() {
-        text.push_str(&format!(" and {} more", count - names.len()));
-    }
-    text
-}
-
 /// Reads the central directory and decides every entry before anything is written: names
 /// checked (zip-slip), kinds (no devices), which entry of a repeated name wins, sizes against
 /// the limits, nothing below a link entry; and what the archive warns about.
@@ -498,7 +483,7 @@ fn survey<R: Read + io::Seek>(
 ) -> Result<Survey> {
     let mut entries: Vec<Planned> = Vec::with_capacity(zip.len().min(limits.max_entries));
     let mut latest: HashMap<PathBuf, usize> = HashMap::new();
-    let (mut differing, mut differing_count) = (Vec::new(), 0usize);
+    let mut differing = Found::default();
     let files = zip.files().map_err(|err| unreadable_zip(name, &err))?;
     for (index, entry) in files.enumerate() {
         let entry = entry.map_err(|err| {
@@ -554,10 +539,7 @@ fn survey<R: Read + io::Seek>(
             if kind != EntryKind::Dir
                 && (before.kind, before.size, before.crc) != (kind, entry.size(), entry.crc32())
             {
-                differing_count += 1;
-                if differing.len() < SHOWN_ENTRIES {
-                    differing.push(shown.clone());
-                }
+                differing.add(&shown);
             }
             before.wins = false;
         }
@@ -603,16 +585,31 @@ fn survey<R: Read + io::Seek>(
         ));
     }
     let mut notes = Vec::new();
-    if differing_count > 0 {
+    if differing.count() > 0 {
         notes.push(Note {
             code: "duplicate_zip_entry",
             text: format!(
-                "the zip stores {differing_count} path(s) more than once with different \
-                 contents ({}); the later entry is used, as Lambda does (entries are extracted \
-                 in order, so the later replaces the earlier, as with Python's zipfile and \
-                 Info-ZIP unzip)",
-                listed(&differing, differing_count)
+                "the zip stores {} path(s) more than once with different contents ({}); the \
+                 later entry is used, as Lambda does (entries are extracted in order, so the \
+                 later replaces the earlier, as with Python's zipfile and Info-ZIP unzip)",
+                differing.count(),
+                differing.listed()
             ),
+        });
+    }
+    let (mut owner, mut others) = (Found::default(), Found::default());
+    for planned in entries
+        .iter()
+        .filter(|e| e.wins && e.kind == EntryKind::File)
+    {
+        if let Some(mode) = planned.mode {
+            lambda_rules::note_readability(mode, &planned.shown, &mut owner, &mut others);
+        }
+    }
+    if let Some(text) = lambda_rules::unreadable(&owner, &others) {
+        notes.push(Note {
+            code: lambda_rules::UNREADABLE,
+            text: format!("the zip has {text}"),
         });
     }
     Ok(Survey { entries, notes })

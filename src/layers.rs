@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -31,8 +32,9 @@ use sha2::{Digest, Sha256};
 
 use crate::archive::{ZipStore, is_zip};
 use crate::error::{Error, Result};
-use crate::resolve::LayerSpec;
-use crate::stat_cache::{StatCache, StatKey};
+use crate::lambda_rules::{self, Found};
+use crate::resolve::{Arch, LayerSpec};
+use crate::stat_cache::{StatCache, StatKey, open_regular};
 
 /// Limits on what one request may send.
 #[derive(Debug, Clone, Copy)]
@@ -169,6 +171,8 @@ pub fn walk(
             stack: HashSet::new(),
             from_cache,
             skips: 0,
+            owner_denied: Found::default(),
+            others_denied: Found::default(),
             frame: Frame {
                 rel: String::new(),
                 is_layer: true,
@@ -179,6 +183,14 @@ pub fn walk(
             crate::access::as_daemon(|| walker.dir(&root, "", &meta).map(|()| walker.entries))?
         } else {
             walker.dir(&root, "", &meta)?;
+            if let Some(text) =
+                lambda_rules::unreadable(&walker.owner_denied, &walker.others_denied)
+            {
+                walker.warnings.push(Warning {
+                    code: lambda_rules::UNREADABLE,
+                    message: format!("layer {:?}: the directory has {text}", layer.name),
+                });
+            }
             walker.entries
         };
         entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -193,7 +205,94 @@ pub fn walk(
         }
         tree.layers.push(entries);
     }
+    deploy_limits(&mut tree, layers.len());
     Ok(tree)
+}
+
+/// Lambda's deploy limits on the request's layers as warnings: more than five layers, more
+/// than 262,144,000 bytes unzipped (each layer's files counted, as Lambda counts them).
+fn deploy_limits(tree: &mut Tree, layers: usize) {
+    if let Some(message) = lambda_rules::too_many_layers(layers) {
+        tree.warnings.push(Warning {
+            code: "too_many_layers",
+            message,
+        });
+    }
+    let bytes: u64 = tree
+        .layers
+        .iter()
+        .flatten()
+        .map(|entry| match &entry.kind {
+            Kind::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    if let Some(message) = lambda_rules::too_large(bytes) {
+        tree.warnings.push(Warning {
+            code: "layers_too_large",
+            message,
+        });
+    }
+}
+
+/// The `extension_arch_mismatch` warning for the merged tree: `/opt/bootstrap` and the files
+/// directly in `/opt/extensions/` (where Lambda looks for a custom runtime and for
+/// extensions) that are ELF executables for another architecture than `arch`. Files of the
+/// daemon's cache are read with its rights, others with the calling thread's (the peer's).
+pub fn arch_warnings(tree: &Tree, arch: Arch) -> Vec<Warning> {
+    let (ours, machine) = match arch {
+        Arch::X86_64 => ("x86_64", lambda_rules::EM_X86_64),
+        Arch::Arm64 => ("arm64", lambda_rules::EM_AARCH64),
+    };
+    let mut others: BTreeMap<u16, Found> = BTreeMap::new();
+    for entry in tree.entries.values() {
+        let launched = entry.path == "bootstrap"
+            || entry
+                .path
+                .strip_prefix("extensions/")
+                .is_some_and(|name| !name.contains('/'));
+        let Kind::File { source, .. } = &entry.kind else {
+            continue;
+        };
+        if !launched {
+            continue;
+        }
+        let read = || -> Result<Vec<u8>> {
+            let mut header = Vec::with_capacity(20);
+            std::io::Read::take(open_regular(source)?, 20)
+                .read_to_end(&mut header)
+                .map_err(|err| Error::io("reading", source, &err))?;
+            Ok(header)
+        };
+        let header = if entry.from_cache {
+            crate::access::as_daemon(read)
+        } else {
+            read()
+        };
+        if let Some(found) = header.ok().and_then(|h| lambda_rules::elf_machine(&h))
+            && found != machine
+        {
+            others
+                .entry(found)
+                .or_default()
+                .add(&format!("/opt/{}", entry.path));
+        }
+    }
+    others
+        .into_iter()
+        .filter_map(|(found, paths)| {
+            let their = match found {
+                lambda_rules::EM_X86_64 => "x86_64".to_owned(),
+                lambda_rules::EM_AARCH64 => "arm64".to_owned(),
+                other => format!("ELF machine {other}"),
+            };
+            lambda_rules::arch_mismatch(&paths, ours, &their)
+        })
+        .map(|message| Warning {
+            code: "extension_arch_mismatch",
+            message,
+        })
+        .collect()
 }
 
 /// True when the layer file at `path` is a zip archive; opened by the calling thread (the
@@ -263,6 +362,9 @@ struct Walker<'a> {
     from_cache: bool,
     /// Special files skipped so far in this layer.
     skips: usize,
+    /// Files Lambda could not read (`lambda_rules::note_readability`), by rule.
+    owner_denied: Found,
+    others_denied: Found,
     /// The tree links are judged against: the layer itself, or, while walking a directory
     /// reached through a dereferenced link, that directory.
     frame: Frame,
@@ -353,6 +455,12 @@ impl Walker<'_> {
         }
         if file_type.is_file() {
             self.budget.add(meta.len())?;
+            lambda_rules::note_readability(
+                meta.permissions().mode(),
+                &rel,
+                &mut self.owner_denied,
+                &mut self.others_denied,
+            );
             let mode = normalised_mode(meta.permissions().mode(), false);
             let kind = Kind::File {
                 source: path.to_owned(),
@@ -791,6 +899,43 @@ mod tests {
         for part in ["\"secret\"", &archive.display().to_string(), "uid 65534"] {
             assert!(message.contains(part), "{part} missing: {message}");
         }
+    }
+
+    /// The deploy limits count each layer's files (not the merged tree): more than five layers
+    /// and more than 262,144,000 bytes unzipped each warn once.
+    #[test]
+    fn deploy_limits_warn_once_past_lambdas_limits() {
+        let file = |path: &str, size: u64, layer: usize| Entry {
+            path: path.to_owned(),
+            kind: Kind::File {
+                source: PathBuf::from("/nonexistent"),
+                size,
+                key: StatKey::default(),
+                digest: [0; 32],
+            },
+            mode: 0o644,
+            mtime: 0,
+            layer,
+            from_cache: false,
+        };
+        let mut tree = Tree {
+            layers: vec![
+                vec![file("a", 131_072_000, 0)],
+                vec![file("a", 131_072_000, 1)],
+            ],
+            ..Tree::default()
+        };
+        deploy_limits(&mut tree, 5);
+        assert!(tree.warnings.is_empty(), "{:?}", tree.warnings);
+        tree.layers[1][0] = file("a", 131_072_001, 1);
+        deploy_limits(&mut tree, 6);
+        let codes: Vec<&str> = tree.warnings.iter().map(|w| w.code).collect();
+        assert_eq!(codes, ["too_many_layers", "layers_too_large"]);
+        assert!(
+            tree.warnings[1].message.contains("262144001 bytes"),
+            "{:?}",
+            tree.warnings
+        );
     }
 
     #[test]

@@ -196,6 +196,7 @@ async fn walk_inputs(
         shared.limits,
     );
     let zips = shared.zips.clone();
+    let arch = plan.arch;
     let peer_for_walk = peer.clone();
     let work =
         move || {
@@ -213,7 +214,10 @@ async fn walk_inputs(
                 None
             } else {
                 let walked = access::as_peer(&peer_for_walk, || {
-                    layers::walk(&specs, limits, &cache, &zips)
+                    let mut tree = layers::walk(&specs, limits, &cache, &zips)?;
+                    let found = layers::arch_warnings(&tree, arch);
+                    tree.warnings.extend(found);
+                    Ok(tree)
                 });
                 Some(walked.map_err(|err| access::denied_for(&peer_for_walk, err))?)
             };

@@ -22,7 +22,7 @@ const ENTRY_TIME: i64 = 1_577_934_246;
 /// `encoding` of the stored name's bytes (`ascii` default, `utf-8`, `cp437`); `utf8_flag`
 /// (general purpose bit 11; default: set when the stored name is not ASCII, as zipfile does);
 /// `unicode_path` (an Info-ZIP 0x7075 field holding `name` in UTF-8 with the stored name's
-/// CRC-32; `"bad_crc"` for one whose CRC does not match); `create_system` (default 3, Unix;
+/// CRC-32; `"bad_crc"` for one whose CRC does not match); `hex` (content as hex bytes); `create_system` (default 3, Unix;
 /// 0: made on Windows, no Unix mode, extracted 0755); `text` or `zeros` (content); `mode` (Unix
 /// `st_mode`, create_system 3; absent: 0o100644); `deflate`. Duplicate names are written as
 /// given.
@@ -62,6 +62,8 @@ with zipfile.ZipFile(spec["out"], "w") as archive:
                     n = min(left, 1 << 20)
                     dest.write(bytes(n))
                     left -= n
+            elif "hex" in entry:
+                dest.write(bytes.fromhex(entry["hex"]))
             else:
                 dest.write(entry.get("text", "").encode("utf-8"))
 "#;
@@ -299,5 +301,120 @@ async fn a_sparse_database_builds_and_a_gigabyte_bomb_is_refused_unextracted() {
         1,
         "only the database's layer is extracted: {left:?}"
     );
+    daemon.stop().await;
+}
+
+/// The little-endian ELF header of an executable for `machine` (62 x86_64, 183 aarch64), as
+/// far as the daemon reads it, in hex.
+fn elf_for(machine: u16) -> String {
+    let mut header = b"\x7fELF\x02\x01\x01".to_vec();
+    header.resize(18, 0);
+    header.extend_from_slice(&machine.to_le_bytes());
+    header.resize(64, 0);
+    hex::encode(header)
+}
+
+/// What Lambda would refuse at deploy or fail on at run time still builds, with one warning
+/// per kind and layer: files without read permission (in a zip: for the owner, publish
+/// refused, and for others, unreadable at run time; in a directory: for others) as
+/// `unreadable_in_lambda`; six layers as `too_many_layers`; an extension built for arm64 in an
+/// x86_64 function as `extension_arch_mismatch` (an x86_64 bootstrap is fine). The image has
+/// the files readable; a cache hit warns the same again.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_lambda_would_refuse_builds_with_one_warning_per_kind() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let zipped = dir.path().join("rules.zip");
+    py_zip(
+        &zipped,
+        json!([
+            { "name": "private.txt", "text": "owner cannot read", "mode": 0o100_200 },
+            { "name": "group.txt", "text": "others cannot read", "mode": 0o100_640 },
+            { "name": "fine.txt", "text": "fine", "mode": 0o100_644 },
+            { "name": "bootstrap", "hex": elf_for(62), "mode": 0o100_755 },
+            { "name": "extensions/arm-ext", "hex": elf_for(183), "mode": 0o100_755 },
+        ]),
+    );
+    let plain = dir.path().join("plain");
+    dir_layer(&plain, &[("secret.txt", "for the owner only")]);
+    fs::set_permissions(plain.join("secret.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    let mut layers: Vec<(String, std::path::PathBuf)> = (0..4)
+        .map(|index| {
+            let layer = dir.path().join(format!("small-{index}"));
+            dir_layer(&layer, &[(&format!("small-{index}.txt"), "x")]);
+            (unique("small"), layer)
+        })
+        .collect();
+    let (zip_name, dir_name) = (unique("zipped"), unique("plain"));
+    layers.push((dir_name.clone(), plain));
+    layers.push((zip_name.clone(), zipped));
+    let request: Vec<(&str, &Path)> = layers
+        .iter()
+        .map(|(name, path)| (name.as_str(), path.as_path()))
+        .collect();
+    for round in ["first build", "cache hit"] {
+        let outcome = build(&daemon.socket, zip_request(&request)).await;
+        let tag = outcome.completed().tag.clone();
+        cleanup.0.push(tag.clone());
+        let unreadable = warnings_with_code(&outcome, "unreadable_in_lambda");
+        assert_eq!(unreadable.len(), 2, "{round}: {unreadable:?}");
+        let zip_text = unreadable
+            .iter()
+            .find(|w| w.contains(&format!("layer {zip_name:?}")))
+            .unwrap_or_else(|| panic!("{round}: no warning for the zip: {unreadable:?}"));
+        for part in [
+            "1 file(s) without read permission for their owner (\"private.txt\")",
+            "Some files do not have read permissions",
+            "1 file(s) without read permission for others (\"group.txt\")",
+            "aws-sam-cli#2344",
+        ] {
+            assert!(
+                zip_text.contains(part),
+                "{round}: {part} missing: {zip_text}"
+            );
+        }
+        assert!(!zip_text.contains("fine.txt"), "{zip_text}");
+        let dir_text = unreadable
+            .iter()
+            .find(|w| w.contains(&format!("layer {dir_name:?}")))
+            .unwrap_or_else(|| panic!("{round}: no warning for the directory: {unreadable:?}"));
+        assert!(
+            dir_text.contains("for others (\"secret.txt\")"),
+            "{round}: {dir_text}"
+        );
+        let many = warnings_with_code(&outcome, "too_many_layers");
+        assert_eq!(many.len(), 1, "{round}: {many:?}");
+        assert!(
+            many[0].contains("6 layers") && many[0].contains("at most 5"),
+            "{many:?}"
+        );
+        let arch = warnings_with_code(&outcome, "extension_arch_mismatch");
+        assert_eq!(arch.len(), 1, "{round}: {arch:?}");
+        for part in [
+            "\"/opt/extensions/arm-ext\"",
+            "for arm64",
+            "function is x86_64",
+            "Extension.LaunchError",
+        ] {
+            assert!(
+                arch[0].contains(part),
+                "{round}: {part} missing: {}",
+                arch[0]
+            );
+        }
+        assert!(!arch[0].contains("/opt/bootstrap"), "{}", arch[0]);
+        assert!(warnings_with_code(&outcome, "layers_too_large").is_empty());
+
+        let opt = image_opt(&tag);
+        for (path, mode) in [
+            ("private.txt", 0o644),
+            ("group.txt", 0o644),
+            ("secret.txt", 0o644),
+            ("extensions/arm-ext", 0o755),
+        ] {
+            assert_eq!(opt[path].mode, mode, "{round}: /opt/{path}");
+        }
+    }
     daemon.stop().await;
 }
