@@ -6,10 +6,12 @@
 //! start-up and never read). Rejected, naming the entry: absolute, drive-letter and `..`
 //! paths (zip-slip), entries below a symlink entry (writing through a link), a link entry over
 //! a directory other entries are inside, link targets a link cannot hold (longer than 4095
-//! bytes, empty, or with NUL: a file a broken packer stored as a link), duplicate names,
-//! devices/fifos/sockets, and bombs (limits on total bytes, entry count and compression
-//! ratio). Every refusal is INVALID_ARGUMENT naming the layer and the entry, never a path of
-//! the daemon's cache.
+//! bytes, empty, or with NUL: a file a broken packer stored as a link), a directory and a file
+//! under one path, devices/fifos/sockets, and bombs ([`ZipLimits`]: absolute sizes, the ratio
+//! only far away). Every refusal is INVALID_ARGUMENT naming the layer and the entry, never a
+//! path of the daemon's cache. Every entry is judged from the central directory before
+//! anything is written ([`survey`]); a path stored twice is the later entry's, as in Lambda.
+//! Names are decoded as the format says ([`decode_name`]).
 //!
 //! Links are extracted as they are, wherever they point (`bin/php -> /opt/bref/bin/php`,
 //! `lib/x -> ../../lib64/x`): Lambda does the same and they resolve inside the function's
@@ -1326,8 +1328,8 @@ mod tests {
         let archive = dir.path().join("layer.zip");
         make_zip(&archive, &[("bootstrap", b"#!/bin/sh", Some(0o755))]);
         let cache = StatCache::default();
-        store.extracted("l", &archive, &cache).unwrap().0;
-        store.extracted("l", &archive, &cache).unwrap().0;
+        store.extracted("l", &archive, &cache).unwrap();
+        store.extracted("l", &archive, &cache).unwrap();
         let bad = dir.path().join("bad.zip");
         make_zip(&bad, &[("../evil", b"x", Some(0o644))]);
         assert!(store.extracted("bad", &bad, &cache).is_err());

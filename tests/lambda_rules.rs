@@ -79,15 +79,23 @@ with zipfile.ZipFile(spec["out"], "w") as archive:
     );
 }
 
+/// [`py_zip`] into `dir/name`; returns its path.
+fn zip_in(dir: &Path, name: &str, entries: Value) -> std::path::PathBuf {
+    let out = dir.join(name);
+    py_zip(&out, entries);
+    out
+}
+
 /// Writes `files` (path, content) into the directory `root` as a layer: 0644, the entries'
 /// time, so it is the tree the zips of these tests must give.
-fn dir_layer(root: &Path, files: &[(&str, &str)]) {
+fn dir_layer(root: std::path::PathBuf, files: &[(&str, &str)]) -> std::path::PathBuf {
     for (path, content) in files {
         let path = root.join(path);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, content).unwrap();
         set_time(&path, ENTRY_TIME);
     }
+    root
 }
 
 /// Removes the images a test made.
@@ -102,6 +110,49 @@ impl Drop for Cleanup {
     }
 }
 
+impl Cleanup {
+    /// Builds `layers` on `daemon`, keeps the tag for removal, and asserts the image's `/opt`
+    /// is the tree of the directory `expected`.
+    async fn built_like(
+        &mut self,
+        what: &str,
+        daemon: &TestDaemon,
+        layers: &[(&str, &Path)],
+        expected: &Path,
+    ) -> support::Outcome {
+        let outcome = build(&daemon.socket, zip_request(layers)).await;
+        let tag = outcome.completed().tag.clone();
+        self.0.push(tag.clone());
+        assert_same(what, &image_opt(&tag), &expected_opt(&[expected]));
+        outcome
+    }
+}
+
+/// A test's daemon, its temp dir, and what it must remove.
+async fn scene() -> (TestDaemon, tempfile::TempDir, Cleanup) {
+    let daemon = TestDaemon::start().await;
+    (daemon, tempfile::tempdir().unwrap(), Cleanup::default())
+}
+
+/// Asserts `text` holds every one of `parts`.
+fn assert_holds(what: &str, text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "{what}: {part:?} missing: {text}");
+    }
+}
+
+/// Builds the zip `archive` alone and asserts INVALID_ARGUMENT whose message holds `parts`.
+async fn assert_refused(daemon: &TestDaemon, archive: &Path, parts: &[&str]) {
+    let outcome = build(
+        &daemon.socket,
+        zip_request(&[(&unique("refused"), archive)]),
+    )
+    .await;
+    let status = outcome.status();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_holds("refusal", status.message(), parts);
+}
+
 /// A zip storing a path twice (Python's zipfile writes it, as serverless and esbuild do) is
 /// accepted: the later entry of the same kind wins, also when the names differ only by `./`,
 /// and one `duplicate_zip_entry` warning names the paths whose bytes differ and says what
@@ -109,12 +160,10 @@ impl Drop for Cleanup {
 /// one path stay INVALID_ARGUMENT naming the entry.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_later_of_repeated_zip_entries_wins_with_a_warning() {
-    let daemon = TestDaemon::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cleanup = Cleanup::default();
-    let archive = dir.path().join("dups.zip");
-    py_zip(
-        &archive,
+    let (daemon, dir, mut cleanup) = scene().await;
+    let archive = zip_in(
+        dir.path(),
+        "dups.zip",
         json!([
             { "name": "handler.py", "text": "old = 1\n" },
             { "name": "same.txt", "text": "same\n" },
@@ -124,9 +173,8 @@ async fn the_later_of_repeated_zip_entries_wins_with_a_warning() {
             { "name": "./lib/util.py", "text": "v = 2\n" },
         ]),
     );
-    let expected = dir.path().join("expected");
-    dir_layer(
-        &expected,
+    let expected = dir_layer(
+        dir.path().join("expected"),
         &[
             ("handler.py", "new = 2\n"),
             ("same.txt", "same\n"),
@@ -135,41 +183,36 @@ async fn the_later_of_repeated_zip_entries_wins_with_a_warning() {
     );
     let name = unique("dups");
     for round in ["first build", "cache hit"] {
-        let outcome = build(&daemon.socket, zip_request(&[(&name, &archive)])).await;
-        let tag = outcome.completed().tag.clone();
-        cleanup.0.push(tag.clone());
+        let outcome = cleanup
+            .built_like(round, &daemon, &[(&name, &archive)], &expected)
+            .await;
         let warnings = warnings_with_code(&outcome, "duplicate_zip_entry");
         assert_eq!(warnings.len(), 1, "{round}: {warnings:?}");
         let text = &warnings[0];
-        for part in [
-            &format!("layer {name:?}"),
-            "2 path(s)",
-            "\"handler.py\"",
-            "\"./lib/util.py\"",
-            "later entry is used, as Lambda does",
-        ] {
-            assert!(text.contains(part), "{round}: {part} missing: {text}");
-        }
+        let layer = format!("layer {name:?}");
+        assert_holds(
+            round,
+            text,
+            &[
+                &layer,
+                "2 path(s)",
+                "\"handler.py\"",
+                "\"./lib/util.py\"",
+                "later entry is used, as Lambda does",
+            ],
+        );
         assert!(!text.contains("same.txt"), "{round}: {text}");
-        assert_same(round, &image_opt(&tag), &expected_opt(&[&expected]));
     }
 
-    let clash = dir.path().join("clash.zip");
-    py_zip(
-        &clash,
+    let clash = zip_in(
+        dir.path(),
+        "clash.zip",
         json!([
             { "name": "same/", "mode": 0o040_755 },
             { "name": "same", "text": "a file" },
         ]),
     );
-    let outcome = build(&daemon.socket, zip_request(&[(&unique("clash"), &clash)])).await;
-    let status = outcome.status();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(
-        status.message().contains("\"same\"") && status.message().contains("duplicate name"),
-        "{}",
-        status.message()
-    );
+    assert_refused(&daemon, &clash, &["\"same\"", "duplicate name"]).await;
     daemon.stop().await;
 }
 
@@ -181,12 +224,10 @@ async fn the_later_of_repeated_zip_entries_wins_with_a_warning() {
 /// same tree as the directory holding these names, byte for byte in every name.
 #[tokio::test(flavor = "multi_thread")]
 async fn zip_names_decode_as_the_format_says_like_the_same_directory() {
-    let daemon = TestDaemon::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cleanup = Cleanup::default();
-    let archive = dir.path().join("names.zip");
-    py_zip(
-        &archive,
+    let (daemon, dir, mut cleanup) = scene().await;
+    let archive = zip_in(
+        dir.path(),
+        "names.zip",
         json!([
             { "name": "täglich.txt", "encoding": "cp437", "utf8_flag": false, "create_system": 0, "text": "cp437" },
             { "name": "├ñ-windows.txt", "stored": "ä-windows.txt", "encoding": "utf-8", "utf8_flag": false, "create_system": 0, "text": "w" },
@@ -199,9 +240,8 @@ async fn zip_names_decode_as_the_format_says_like_the_same_directory() {
             { "name": "win\\path.txt", "text": "backslash" },
         ]),
     );
-    let expected = dir.path().join("expected");
-    dir_layer(
-        &expected,
+    let expected = dir_layer(
+        dir.path().join("expected"),
         &[
             ("täglich.txt", "cp437"),
             ("├ñ-windows.txt", "w"),
@@ -218,24 +258,21 @@ async fn zip_names_decode_as_the_format_says_like_the_same_directory() {
     for windows in ["täglich.txt", "├ñ-windows.txt"] {
         fs::set_permissions(expected.join(windows), fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let outcome = build(&daemon.socket, zip_request(&[(&unique("names"), &archive)])).await;
-    let tag = outcome.completed().tag.clone();
-    cleanup.0.push(tag.clone());
-    assert_same(
-        "decoded names",
-        &image_opt(&tag),
-        &expected_opt(&[&expected]),
-    );
+    cleanup
+        .built_like(
+            "decoded names",
+            &daemon,
+            &[(&unique("names"), &archive)],
+            &expected,
+        )
+        .await;
 
-    let hostile = dir.path().join("hostile.zip");
-    py_zip(
-        &hostile,
+    let hostile = zip_in(
+        dir.path(),
+        "hostile.zip",
         json!([{ "name": "a\\..\\..\\evil", "text": "x" }]),
     );
-    let outcome = build(&daemon.socket, zip_request(&[(&unique("bs"), &hostile)])).await;
-    let status = outcome.status();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("'..'"), "{}", status.message());
+    assert_refused(&daemon, &hostile, &["'..'"]).await;
     daemon.stop().await;
 }
 
@@ -246,12 +283,10 @@ async fn zip_names_decode_as_the_format_says_like_the_same_directory() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sparse_database_builds_and_a_gigabyte_bomb_is_refused_unextracted() {
     const MIB: u64 = 1 << 20;
-    let daemon = TestDaemon::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cleanup = Cleanup::default();
-    let archive = dir.path().join("sqlite.zip");
-    py_zip(
-        &archive,
+    let (daemon, dir, mut cleanup) = scene().await;
+    let archive = zip_in(
+        dir.path(),
+        "sqlite.zip",
         json!([{ "name": "data/cache.db", "zeros": 8 * MIB, "deflate": true }]),
     );
     let ratio = 8 * MIB / fs::metadata(&archive).unwrap().len();
@@ -260,34 +295,22 @@ async fn a_sparse_database_builds_and_a_gigabyte_bomb_is_refused_unextracted() {
     fs::create_dir_all(expected.join("data")).unwrap();
     fs::write(expected.join("data/cache.db"), vec![0u8; 8 << 20]).unwrap();
     set_time(&expected.join("data/cache.db"), ENTRY_TIME);
-    let outcome = build(
-        &daemon.socket,
-        zip_request(&[(&unique("sqlite"), &archive)]),
-    )
-    .await;
-    let tag = outcome.completed().tag.clone();
-    cleanup.0.push(tag.clone());
-    assert_same(
-        "sparse database",
-        &image_opt(&tag),
-        &expected_opt(&[&expected]),
-    );
+    let name = unique("sqlite");
+    cleanup
+        .built_like("sparse database", &daemon, &[(&name, &archive)], &expected)
+        .await;
 
-    let bomb = dir.path().join("bomb.zip");
-    py_zip(
-        &bomb,
+    let bomb = zip_in(
+        dir.path(),
+        "bomb.zip",
         json!([{ "name": "bomb.bin", "zeros": 1024 * MIB, "deflate": true }]),
     );
-    let outcome = build(&daemon.socket, zip_request(&[(&unique("bomb"), &bomb)])).await;
-    let status = outcome.status();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    for part in ["\"bomb.bin\"", "rejected", "max_zip_ratio"] {
-        assert!(
-            status.message().contains(part),
-            "{part}: {}",
-            status.message()
-        );
-    }
+    assert_refused(
+        &daemon,
+        &bomb,
+        &["\"bomb.bin\"", "rejected", "max_zip_ratio"],
+    )
+    .await;
     let layers = daemon.dir.path().join("cache/layers");
     let mut left: Vec<String> = fs::read_dir(&layers)
         .unwrap()
@@ -322,12 +345,10 @@ fn elf_for(machine: u16) -> String {
 /// the files readable; a cache hit warns the same again.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_lambda_would_refuse_builds_with_one_warning_per_kind() {
-    let daemon = TestDaemon::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cleanup = Cleanup::default();
-    let zipped = dir.path().join("rules.zip");
-    py_zip(
-        &zipped,
+    let (daemon, dir, mut cleanup) = scene().await;
+    let zipped = zip_in(
+        dir.path(),
+        "rules.zip",
         json!([
             { "name": "private.txt", "text": "owner cannot read", "mode": 0o100_200 },
             { "name": "group.txt", "text": "others cannot read", "mode": 0o100_640 },
@@ -336,13 +357,15 @@ async fn what_lambda_would_refuse_builds_with_one_warning_per_kind() {
             { "name": "extensions/arm-ext", "hex": elf_for(183), "mode": 0o100_755 },
         ]),
     );
-    let plain = dir.path().join("plain");
-    dir_layer(&plain, &[("secret.txt", "for the owner only")]);
+    let plain = dir_layer(
+        dir.path().join("plain"),
+        &[("secret.txt", "for the owner only")],
+    );
     fs::set_permissions(plain.join("secret.txt"), fs::Permissions::from_mode(0o600)).unwrap();
     let mut layers: Vec<(String, std::path::PathBuf)> = (0..4)
         .map(|index| {
             let layer = dir.path().join(format!("small-{index}"));
-            dir_layer(&layer, &[(&format!("small-{index}.txt"), "x")]);
+            let layer = dir_layer(layer, &[(&format!("small-{index}.txt"), "x")]);
             (unique("small"), layer)
         })
         .collect();
@@ -363,17 +386,16 @@ async fn what_lambda_would_refuse_builds_with_one_warning_per_kind() {
             .iter()
             .find(|w| w.contains(&format!("layer {zip_name:?}")))
             .unwrap_or_else(|| panic!("{round}: no warning for the zip: {unreadable:?}"));
-        for part in [
-            "1 file(s) without read permission for their owner (\"private.txt\")",
-            "Some files do not have read permissions",
-            "1 file(s) without read permission for others (\"group.txt\")",
-            "aws-sam-cli#2344",
-        ] {
-            assert!(
-                zip_text.contains(part),
-                "{round}: {part} missing: {zip_text}"
-            );
-        }
+        assert_holds(
+            round,
+            zip_text,
+            &[
+                "1 file(s) without read permission for their owner (\"private.txt\")",
+                "Some files do not have read permissions",
+                "1 file(s) without read permission for others (\"group.txt\")",
+                "aws-sam-cli#2344",
+            ],
+        );
         assert!(!zip_text.contains("fine.txt"), "{zip_text}");
         let dir_text = unreadable
             .iter()
@@ -391,18 +413,16 @@ async fn what_lambda_would_refuse_builds_with_one_warning_per_kind() {
         );
         let arch = warnings_with_code(&outcome, "extension_arch_mismatch");
         assert_eq!(arch.len(), 1, "{round}: {arch:?}");
-        for part in [
-            "\"/opt/extensions/arm-ext\"",
-            "for arm64",
-            "function is x86_64",
-            "Extension.LaunchError",
-        ] {
-            assert!(
-                arch[0].contains(part),
-                "{round}: {part} missing: {}",
-                arch[0]
-            );
-        }
+        assert_holds(
+            round,
+            &arch[0],
+            &[
+                "\"/opt/extensions/arm-ext\"",
+                "for arm64",
+                "function is x86_64",
+                "Extension.LaunchError",
+            ],
+        );
         assert!(!arch[0].contains("/opt/bootstrap"), "{}", arch[0]);
         assert!(warnings_with_code(&outcome, "layers_too_large").is_empty());
 
