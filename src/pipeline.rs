@@ -107,6 +107,7 @@ pub async fn run(
         changed_layer,
         duration_ms: elapsed_ms(started),
         config,
+        warnings: Vec::new(),
     })
 }
 

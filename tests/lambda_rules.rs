@@ -10,6 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
+use lambda_imaged::client::proto;
+use proto::build_event::Event;
 use serde_json::{Value, json};
 use support::tree::{assert_same, expected_opt, image_opt, set_time};
 use support::{OutcomeExt, TestDaemon, build, docker, unique, warnings_with_code, zip_request};
@@ -341,8 +343,9 @@ fn elf_for(machine: u16) -> String {
 /// per kind and layer: files without read permission (in a zip: for the owner, publish
 /// refused, and for others, unreadable at run time; in a directory: for others) as
 /// `unreadable_in_lambda`; six layers as `too_many_layers`; an extension built for arm64 in an
-/// x86_64 function as `extension_arch_mismatch` (an x86_64 bootstrap is fine). The image has
-/// the files readable; a cache hit warns the same again.
+/// x86_64 function as `extension_arch_mismatch` (an x86_64 bootstrap is fine). `Completed`
+/// repeats the stream's warnings. The image has the files readable; a cache hit warns the
+/// same again.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_lambda_would_refuse_builds_with_one_warning_per_kind() {
     let (daemon, dir, mut cleanup) = scene().await;
@@ -380,6 +383,19 @@ async fn what_lambda_would_refuse_builds_with_one_warning_per_kind() {
         let outcome = build(&daemon.socket, zip_request(&request)).await;
         let tag = outcome.completed().tag.clone();
         cleanup.0.push(tag.clone());
+        // Completed repeats every warning of the stream, in order.
+        let pair = |w: &proto::Warning| (w.code.clone(), w.message.clone());
+        let streamed: Vec<(String, String)> = outcome
+            .events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Some(Event::Warning(w)) => Some(pair(w)),
+                _ => None,
+            })
+            .collect();
+        let completed: Vec<(String, String)> =
+            outcome.completed().warnings.iter().map(pair).collect();
+        assert_eq!(completed, streamed, "{round}");
         let unreadable = warnings_with_code(&outcome, "unreadable_in_lambda");
         assert_eq!(unreadable.len(), 2, "{round}: {unreadable:?}");
         let zip_text = unreadable
