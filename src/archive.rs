@@ -111,11 +111,22 @@ pub struct ZipStore {
     /// What each extracted archive warns about, by digest, so a cache hit warns as the
     /// extraction did (one build, one set of warnings). Derived data: after a restart, or once
     /// the map is cleared at [`MAX_REMEMBERED_NOTES`], a hit reads the central directory again.
-    notes: Mutex<HashMap<String, Arc<[Note]>>>,
+    notes: Mutex<HashMap<String, Arc<Findings>>>,
 }
 
 /// Archives whose warnings are remembered before the memo starts afresh.
 const MAX_REMEMBERED_NOTES: usize = 4096;
+
+/// What the central directory says beyond the files: the notes, and what a later layer needs
+/// to know.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// Warnings about the archive.
+    pub notes: Vec<Note>,
+    /// Directories the archive ships without write permission for their owner (Lambda refuses
+    /// a later layer that writes into one; `lambda_rules::locked_dirs`).
+    pub locked_dirs: Vec<String>,
+}
 
 /// Something an archive does that Lambda would refuse or handle differently, worth a warning;
 /// without the layer's name (one archive may be several layers).
@@ -170,7 +181,7 @@ impl ZipStore {
         name: &str,
         archive: &Path,
         cache: &StatCache,
-    ) -> Result<(PathBuf, Arc<[Note]>)> {
+    ) -> Result<(PathBuf, Arc<Findings>)> {
         let mut file = open_regular(archive)?;
         let before = file
             .metadata()
@@ -196,7 +207,7 @@ impl ZipStore {
         file: File,
         digest: &str,
         unchanged: &dyn Fn() -> bool,
-    ) -> Result<(PathBuf, Arc<[Note]>)> {
+    ) -> Result<(PathBuf, Arc<Findings>)> {
         let target = self.root.join(digest);
         let entry = DigestLock::enter(&self.locks, digest);
         // Declared after `entry`, so dropped before it: the digest's lock is released before
@@ -209,7 +220,7 @@ impl ZipStore {
                 Some(notes) => notes,
                 None => {
                     let mut zip = open_zip(name, archive, file, self.limits)?;
-                    self.remember(digest, survey(name, &mut zip, self.limits)?.notes)
+                    self.remember(digest, survey(name, &mut zip, self.limits)?.findings)
                 }
             };
             return Ok((target, notes));
@@ -240,9 +251,9 @@ impl ZipStore {
         Ok((target, self.remember(digest, notes)))
     }
 
-    /// Remembers archive `digest`'s notes (see [`ZipStore::notes`]).
-    fn remember(&self, digest: &str, notes: Vec<Note>) -> Arc<[Note]> {
-        let notes: Arc<[Note]> = notes.into();
+    /// Remembers archive `digest`'s findings (see [`ZipStore::notes`]).
+    fn remember(&self, digest: &str, findings: Findings) -> Arc<Findings> {
+        let notes = Arc::new(findings);
         let mut memo = crate::sync::lock(&self.notes);
         if memo.len() >= MAX_REMEMBERED_NOTES {
             memo.clear();
@@ -467,7 +478,7 @@ struct Planned {
 #[derive(Debug)]
 struct Survey {
     entries: Vec<Planned>,
-    notes: Vec<Note>,
+    findings: Findings,
 }
 
 /// Reads the central directory and decides every entry before anything is written: names
@@ -614,7 +625,16 @@ fn survey<R: Read + io::Seek>(
             text: format!("the zip has {text}"),
         });
     }
-    Ok(Survey { entries, notes })
+    let locked_dirs = entries
+        .iter()
+        .filter(|e| e.wins && e.kind == EntryKind::Dir)
+        .filter(|e| e.mode.is_some_and(|mode| mode & 0o200 == 0))
+        .map(|e| e.rel.to_string_lossy().into_owned())
+        .collect();
+    Ok(Survey {
+        entries,
+        findings: Findings { notes, locked_dirs },
+    })
 }
 /// Extracts the zip in `file` into `temp` (a new directory) as [`survey`] planned it; returns
 /// the archive's notes.
@@ -625,9 +645,9 @@ fn extract(
     digest: &str,
     temp: &Path,
     limits: ZipLimits,
-) -> Result<Vec<Note>> {
+) -> Result<Findings> {
     let mut zip = open_zip(name, archive, file, limits)?;
-    let Survey { entries, notes } = survey(name, &mut zip, limits)?;
+    let Survey { entries, findings } = survey(name, &mut zip, limits)?;
     fs::create_dir(temp).map_err(|err| {
         Error::io(
             &format!("layer {name:?}: creating the directory to extract into"),
@@ -690,7 +710,7 @@ fn extract(
     set_dir_modes(temp)?;
     sync_dir(temp);
     tracing::info!(layer = name, archive = %archive.display(), digest, bytes = total, "extracted zip layer");
-    Ok(notes)
+    Ok(findings)
 }
 
 /// INVALID_ARGUMENT for an archive whose central directory cannot be read.
@@ -1134,7 +1154,7 @@ mod tests {
         )
         .unwrap();
         let store = store(dir.path());
-        let (out, notes) = store
+        let (out, found) = store
             .extracted("dups", &archive, &StatCache::default())
             .unwrap();
         assert_eq!(fs::read(out.join("a.txt")).unwrap(), b"second");
@@ -1144,6 +1164,7 @@ mod tests {
             fs::read_link(out.join("run")).unwrap(),
             PathBuf::from("a.txt")
         );
+        let notes = &found.notes;
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert_eq!(notes[0].code, "duplicate_zip_entry");
         let text = &notes[0].text;
@@ -1161,7 +1182,7 @@ mod tests {
         let (again, hit) = fresh
             .extracted("dups", &archive, &StatCache::default())
             .unwrap();
-        assert_eq!((again, &*hit), (out, &*notes), "a cache hit warns the same");
+        assert_eq!((again, &*hit), (out, &*found), "a cache hit warns the same");
     }
 
     /// An 8 MiB pre-allocated database of zeros (1025:1) is extracted with the default

@@ -93,6 +93,27 @@ pub fn unreadable(owner: &Found, others: &Found) -> Option<String> {
     })
 }
 
+/// The [`UNREADABLE`] warning's text (without the layer) when a layer writes `found` into
+/// directories that the earlier layers `owners` ship without write permission for their
+/// owner: Lambda refuses the function ("Some files need to be overridden by layers but don't
+/// have write permissions", its error at deploy, issue 25).
+pub fn writes_into_locked(found: &Found, owners: &[&str]) -> Option<String> {
+    (found.count() > 0).then(|| {
+        format!(
+            "it writes {} into directories that layer(s) {} ship without write permission for \
+             their owner: Lambda refuses such a function (\"Some files need to be overridden by \
+             layers but don't have write permissions\"); the image has the directories 0755, so \
+             this builds locally only; make them writable (chmod u+w) before deploying",
+            found.listed(),
+            owners
+                .iter()
+                .map(|o| format!("{o:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
 /// The `too_many_layers` warning, when a function has more than [`MAX_LAYERS`].
 pub fn too_many_layers(count: usize) -> Option<String> {
     (count > MAX_LAYERS).then(|| {

@@ -135,6 +135,8 @@ pub fn walk(
     zips: &ZipStore,
 ) -> Result<Tree> {
     let mut tree = Tree::default();
+    // Directories earlier layers ship without owner write, and the layer that ships each.
+    let mut locked: BTreeMap<String, String> = BTreeMap::new();
     let mut budget = Budget {
         limits,
         entries: 0,
@@ -145,12 +147,15 @@ pub fn walk(
         let mut from_cache = false;
         let mut meta = fs::metadata(&root)
             .map_err(|err| Error::io(&format!("layer {:?}:", layer.name), &root, &err))?;
+        let mut locked_here = Vec::new();
         if meta.is_file() && zip_layer(&layer.name, &root)? {
-            let (extracted, notes) = zips.extracted(&layer.name, &layer.path, cache)?;
-            tree.warnings.extend(notes.iter().map(|note| Warning {
-                code: note.code,
-                message: format!("layer {:?}: {}", layer.name, note.text),
-            }));
+            let (extracted, findings) = zips.extracted(&layer.name, &layer.path, cache)?;
+            locked_here.clone_from(&findings.locked_dirs);
+            tree.warnings
+                .extend(findings.notes.iter().map(|note| Warning {
+                    code: note.code,
+                    message: format!("layer {:?}: {}", layer.name, note.text),
+                }));
             root = extracted;
             from_cache = true;
             meta = fs::metadata(&root)
@@ -173,6 +178,7 @@ pub fn walk(
             skips: 0,
             owner_denied: Found::default(),
             others_denied: Found::default(),
+            locked_dirs: Vec::new(),
             frame: Frame {
                 rel: String::new(),
                 is_layer: true,
@@ -191,6 +197,7 @@ pub fn walk(
                     message: format!("layer {:?}: the directory has {text}", layer.name),
                 });
             }
+            locked_here = std::mem::take(&mut walker.locked_dirs);
             walker.entries
         };
         entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -200,6 +207,12 @@ pub fn walk(
             layer_digest(&mut entries, cache)?
         };
         tree.layer_digests.push(digest);
+        if let Some(message) = writes_into_locked(&mut locked, &layer.name, &entries, locked_here) {
+            tree.warnings.push(Warning {
+                code: lambda_rules::UNREADABLE,
+                message,
+            });
+        }
         for entry in &entries {
             merge(&mut tree.entries, entry.clone());
         }
@@ -207,6 +220,40 @@ pub fn walk(
     }
     deploy_limits(&mut tree, layers.len());
     Ok(tree)
+}
+
+/// The warning for layer `name` when its `entries` are written into a directory an earlier
+/// layer ships without owner write (`locked`); then `locked` as it is after this layer, which
+/// ships `locked_here` without owner write (a directory it ships writable is no longer locked).
+fn writes_into_locked(
+    locked: &mut BTreeMap<String, String>,
+    name: &str,
+    entries: &[Entry],
+    locked_here: Vec<String>,
+) -> Option<String> {
+    let mut found = Found::default();
+    let mut owners: Vec<&str> = Vec::new();
+    for entry in entries {
+        let parent = entry.path.rsplit_once('/').map_or("", |(dir, _)| dir);
+        if let Some(owner) = locked.get(parent) {
+            found.add(&entry.path);
+            if !owners.contains(&owner.as_str()) {
+                owners.push(owner);
+            }
+        }
+    }
+    let message = lambda_rules::writes_into_locked(&found, &owners)
+        .map(|text| format!("layer {name:?}: {text}"));
+    let here: HashSet<&str> = locked_here.iter().map(String::as_str).collect();
+    for entry in entries.iter().filter(|e| e.kind == Kind::Dir) {
+        if !here.contains(entry.path.as_str()) {
+            locked.remove(&entry.path);
+        }
+    }
+    for dir in locked_here {
+        locked.insert(dir, name.to_owned());
+    }
+    message
 }
 
 /// Lambda's deploy limits on the request's layers as warnings: more than five layers, more
@@ -365,6 +412,8 @@ struct Walker<'a> {
     /// Files Lambda could not read (`lambda_rules::note_readability`), by rule.
     owner_denied: Found,
     others_denied: Found,
+    /// The layer's directories without owner write (see `writes_into_locked`).
+    locked_dirs: Vec<String>,
     /// The tree links are judged against: the layer itself, or, while walking a directory
     /// reached through a dereferenced link, that directory.
     frame: Frame,
@@ -450,6 +499,9 @@ impl Walker<'_> {
         let file_type = meta.file_type();
         if file_type.is_dir() {
             self.budget.add(0)?;
+            if meta.permissions().mode() & 0o200 == 0 {
+                self.locked_dirs.push(rel.clone());
+            }
             self.push(rel.clone(), Kind::Dir, 0o755, 0);
             return self.dir(path, &rel, meta);
         }
@@ -936,6 +988,53 @@ mod tests {
             "{:?}",
             tree.warnings
         );
+    }
+
+    /// A later layer writing into a directory an earlier layer ships without owner write is
+    /// an `unreadable_in_lambda` warning naming the files and the earlier layer (Lambda: "Some
+    /// files need to be overridden by layers but don't have write permissions"); the image's
+    /// directory is 0755; a later layer writing elsewhere says nothing.
+    #[test]
+    fn writing_into_a_directory_an_earlier_layer_locked_warns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        write(&a.join("python/base.py"), "base", 0o644);
+        fs::set_permissions(a.join("python"), fs::Permissions::from_mode(0o555)).unwrap();
+        write(&b.join("python/extra.py"), "extra", 0o644);
+        write(&c.join("other/x"), "x", 0o644);
+        let cache = StatCache::default();
+        let tree = walk(
+            &[
+                spec("locked", &a),
+                spec("writer", &b),
+                spec("elsewhere", &c),
+            ],
+            Limits::default(),
+            &cache,
+            &zips(),
+        )
+        .unwrap();
+        fs::set_permissions(a.join("python"), fs::Permissions::from_mode(0o755)).unwrap();
+        let warnings: Vec<&Warning> = tree
+            .warnings
+            .iter()
+            .filter(|w| w.code == lambda_rules::UNREADABLE)
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let text = &warnings[0].message;
+        for part in [
+            "layer \"writer\"",
+            "\"python/extra.py\"",
+            "\"locked\"",
+            "overridden",
+        ] {
+            assert!(text.contains(part), "{part} missing: {text}");
+        }
+        assert_eq!(tree.entries["python"].mode, 0o755);
     }
 
     #[test]

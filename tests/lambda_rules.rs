@@ -454,3 +454,49 @@ async fn what_lambda_would_refuse_builds_with_one_warning_per_kind() {
     }
     daemon.stop().await;
 }
+
+/// A layer writing into a directory that an earlier zip layer ships without write permission
+/// for its owner still builds, with an `unreadable_in_lambda` warning naming the file and the
+/// earlier layer (Lambda refuses the function: "Some files need to be overridden by layers but
+/// don't have write permissions"); the image's directory is 0755 and holds both files.
+#[tokio::test(flavor = "multi_thread")]
+async fn writing_into_a_directory_an_earlier_zip_locked_warns() {
+    let (daemon, dir, mut cleanup) = scene().await;
+    let locked = zip_in(
+        dir.path(),
+        "locked.zip",
+        json!([
+            { "name": "python/", "mode": 0o040_555 },
+            { "name": "python/base.py", "text": "base" },
+        ]),
+    );
+    let writer = dir_layer(dir.path().join("writer"), &[("python/extra.py", "extra")]);
+    let expected = dir_layer(
+        dir.path().join("expected"),
+        &[("python/base.py", "base"), ("python/extra.py", "extra")],
+    );
+    let (locked_name, writer_name) = (unique("locked"), unique("writer"));
+    let outcome = cleanup
+        .built_like(
+            "locked directory",
+            &daemon,
+            &[(&locked_name, &locked), (&writer_name, &writer)],
+            &expected,
+        )
+        .await;
+    let warnings = warnings_with_code(&outcome, "unreadable_in_lambda");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let (writer_layer, locked_layer) =
+        (format!("layer {writer_name:?}"), format!("{locked_name:?}"));
+    assert_holds(
+        "locked directory",
+        &warnings[0],
+        &[
+            &writer_layer,
+            "\"python/extra.py\"",
+            &locked_layer,
+            "Some files need to be overridden by layers",
+        ],
+    );
+    daemon.stop().await;
+}
