@@ -500,3 +500,53 @@ async fn writing_into_a_directory_an_earlier_zip_locked_warns() {
     );
     daemon.stop().await;
 }
+
+/// A zip layer the client may not read is PERMISSION_DENIED naming the file and the client's
+/// uid (aws-sam-cli#1491), not INVALID_ARGUMENT "neither a directory nor a zip archive": the
+/// CLI run as `nobody` against a daemon that allows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zip_layer_the_client_may_not_read_is_permission_denied() {
+    const NOBODY: u32 = 65534;
+    let daemon = TestDaemon::start_with(|config| config.allow_uids = vec![NOBODY]).await;
+    let open = |path: &Path, mode| fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    open(daemon.dir.path(), 0o755).unwrap();
+    open(&daemon.socket, 0o666).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path(), 0o755).unwrap();
+    let archive = zip_in(
+        dir.path(),
+        "private.zip",
+        json!([{ "name": "a.txt", "text": "a" }]),
+    );
+    open(&archive, 0o600).unwrap();
+    let layer = format!("{}={}", unique("private"), archive.display());
+    let output = tokio::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--",
+            env!("CARGO_BIN_EXE_lambda-imagectl"),
+            "--socket",
+            daemon.socket.to_str().unwrap(),
+            "build",
+            "--runtime",
+            "python3.12",
+            "--skip-pull-image",
+            "--layer",
+            &layer,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let (path, uid) = (archive.display().to_string(), format!("uid {NOBODY}"));
+    assert_holds(
+        "unreadable zip",
+        &stderr,
+        &["PERMISSION_DENIED", &path, &uid, "zip archive"],
+    );
+    daemon.stop().await;
+}
