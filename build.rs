@@ -24,7 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         // No leading dot: a suffix match, so the attribute lands on the `event` field only, not
         // (as the prefix `.lambda_imaged.v1.BuildEvent.event` would) on every oneof variant.
-        .field_attribute("lambda_imaged.v1.BuildEvent.event", "#[serde(flatten)]");
+        .field_attribute("lambda_imaged.v1.BuildEvent.event", "#[serde(flatten)]")
+        // Completed's copy of the build's warnings: the JSON lines already carry each warning
+        // as its own event, so an empty list is left out (the CLI's output stays as it was).
+        .field_attribute(
+            "lambda_imaged.v1.Completed.warnings",
+            r#"#[serde(skip_serializing_if = "Vec::is_empty")]"#,
+        );
     // (message.field, helper in src/proto.rs `json`): enum fields by name, and optional
     // messages the CLI always printed as an object (their defaults when absent).
     for (field, helper) in [

@@ -6,10 +6,12 @@
 //! start-up and never read). Rejected, naming the entry: absolute, drive-letter and `..`
 //! paths (zip-slip), entries below a symlink entry (writing through a link), a link entry over
 //! a directory other entries are inside, link targets a link cannot hold (longer than 4095
-//! bytes, empty, or with NUL: a file a broken packer stored as a link), duplicate names,
-//! devices/fifos/sockets, and bombs (limits on total bytes, entry count and compression
-//! ratio). Every refusal is INVALID_ARGUMENT naming the layer and the entry, never a path of
-//! the daemon's cache.
+//! bytes, empty, or with NUL: a file a broken packer stored as a link), a directory and a file
+//! under one path, devices/fifos/sockets, and bombs ([`ZipLimits`]: absolute sizes, the ratio
+//! only far away). Every refusal is INVALID_ARGUMENT naming the layer and the entry, never a
+//! path of the daemon's cache. Every entry is judged from the central directory before
+//! anything is written ([`survey`]); a path stored twice is the later entry's, as in Lambda.
+//! Names are decoded as the format says ([`decode_name`]).
 //!
 //! Links are extracted as they are, wherever they point (`bin/php -> /opt/bref/bin/php`,
 //! `lib/x -> ../../lib64/x`): Lambda does the same and they resolve inside the function's
@@ -33,19 +35,39 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use zip::unstable::read::ZipIterable;
+
 use crate::error::{Error, Result};
+use crate::lambda_rules::{self, Found};
 use crate::stat_cache::{StatCache, StatKey, changed_under_us, open_regular};
 
-/// Limits on what one archive may extract to.
+/// Limits on what one archive may extract to: the zip-bomb guard.
+///
+/// The guard is by absolute sizes, checked on the central directory before anything is
+/// written (a bomb is refused in the time it takes to read its directory): the declared
+/// unzipped bytes of the whole archive, the entry count, and, while extracting, each entry's
+/// bytes against its declared size (a bomb lying about its size stops one byte past it). The
+/// defaults are far beyond any layer Lambda accepts (262,144,000 bytes unzipped for a function
+/// and its layers together, Lambda quotas), so no real layer reaches them.
+///
+/// The compression ratio is only a secondary signal, for entries larger than [`RATIO_FROM`]:
+/// real files reach deflate's own limit of about 1030:1 (a pre-allocated SQLite database of
+/// zeros, issue 25), so a ratio alone says nothing about a file Lambda could hold.
 #[derive(Debug, Clone, Copy)]
 pub struct ZipLimits {
-    /// Most bytes an archive may extract to.
+    /// Most bytes an archive may extract to (default 4 GiB, 16 times Lambda's limit).
     pub max_bytes: u64,
-    /// Most entries in an archive.
+    /// Most entries in an archive (default 200,000).
     pub max_entries: usize,
-    /// Largest compression ratio (uncompressed / compressed) for entries over 1 MiB.
+    /// Largest compression ratio (uncompressed / compressed) of an entry larger than
+    /// [`RATIO_FROM`] (default 200).
     pub max_ratio: u64,
 }
+
+/// Entries larger than this (256 MiB: more than Lambda's whole unzipped limit of 262,144,000
+/// bytes, so no layer Lambda accepts holds one) are checked against `max_zip_ratio`; a 1 GiB
+/// file of zeros (ratio about 1030:1) is refused before a byte of it is written.
+pub const RATIO_FROM: u64 = 256 << 20;
 
 impl Default for ZipLimits {
     fn default() -> Self {
@@ -58,20 +80,24 @@ impl Default for ZipLimits {
 }
 
 /// The layout of an extracted layer; bumped when extraction changes what it writes (2: entry
-/// times kept, links kept wherever they point).
-pub const FORMAT: &str = "2";
+/// times kept, links kept wherever they point; 3: names decoded as the format says, a
+/// backslash kept as part of a name).
+pub const FORMAT: &str = "3";
 /// The file under the store's root that records the [`FORMAT`] of what is in it.
 const FORMAT_MARKER: &str = ".format";
 /// The longest link target Linux stores (`PATH_MAX` minus the NUL).
 const MAX_LINK_TARGET: u64 = 4095;
 
-/// True when `path` is a regular file that starts like a zip archive.
-pub fn is_zip(path: &Path) -> bool {
+/// True when the regular file at `path` starts like a zip archive (the local-file or
+/// end-of-central-directory signature, APPNOTE 4.3.7 and 4.3.16).
+///
+/// # Errors
+/// The file cannot be opened by the calling thread (`ReadDenied` when it lacks the right, so a
+/// zip layer the peer may not read is PERMISSION_DENIED naming it, not "not a zip archive").
+pub fn is_zip(path: &Path) -> Result<bool> {
     let mut magic = [0u8; 4];
-    open_regular(path)
-        .ok()
-        .is_some_and(|mut f| f.read_exact(&mut magic).is_ok())
-        && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06")
+    let mut file = open_regular(path)?;
+    Ok(file.read_exact(&mut magic).is_ok() && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06"))
 }
 
 /// The extracted-layer cache.
@@ -82,6 +108,34 @@ pub struct ZipStore {
     /// One lock per archive digest being extracted or checked: two requests for the same zip
     /// extract it once. An entry lives only while someone holds it ([`DigestLock`]).
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// What each extracted archive warns about, by digest, so a cache hit warns as the
+    /// extraction did (one build, one set of warnings). Derived data: after a restart, or once
+    /// the map is cleared at [`MAX_REMEMBERED_NOTES`], a hit reads the central directory again.
+    notes: Mutex<HashMap<String, Arc<Findings>>>,
+}
+
+/// Archives whose warnings are remembered before the memo starts afresh.
+const MAX_REMEMBERED_NOTES: usize = 4096;
+
+/// What the central directory says beyond the files: the notes, and what a later layer needs
+/// to know.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// Warnings about the archive.
+    pub notes: Vec<Note>,
+    /// Directories the archive ships without write permission for their owner (Lambda refuses
+    /// a later layer that writes into one; `lambda_rules::locked_dirs`).
+    pub locked_dirs: Vec<String>,
+}
+
+/// Something an archive does that Lambda would refuse or handle differently, worth a warning;
+/// without the layer's name (one archive may be several layers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// The warning's stable code (README, "What it does, and where it differs from SAM").
+    pub code: &'static str,
+    /// What was found and what Lambda does, with the rule's source.
+    pub text: String,
 }
 
 impl ZipStore {
@@ -106,6 +160,7 @@ impl ZipStore {
             root,
             limits,
             locks: Mutex::new(HashMap::new()),
+            notes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -115,12 +170,18 @@ impl ZipStore {
         &self.root
     }
 
-    /// The extracted directory for the zip at `archive`, extracting it if needed.
+    /// The extracted directory for the zip at `archive`, extracting it if needed, and what
+    /// the archive warns about (the same on every call, extracted or found in the cache).
     ///
     /// The archive is opened (and hashed) by the calling thread, so with the requesting
     /// peer's rights when called inside `access::as_peer`; the cache is written with the
     /// daemon's own rights.
-    pub fn extracted(&self, name: &str, archive: &Path, cache: &StatCache) -> Result<PathBuf> {
+    pub fn extracted(
+        &self,
+        name: &str,
+        archive: &Path,
+        cache: &StatCache,
+    ) -> Result<(PathBuf, Arc<Findings>)> {
         let mut file = open_regular(archive)?;
         let before = file
             .metadata()
@@ -146,7 +207,7 @@ impl ZipStore {
         file: File,
         digest: &str,
         unchanged: &dyn Fn() -> bool,
-    ) -> Result<PathBuf> {
+    ) -> Result<(PathBuf, Arc<Findings>)> {
         let target = self.root.join(digest);
         let entry = DigestLock::enter(&self.locks, digest);
         // Declared after `entry`, so dropped before it: the digest's lock is released before
@@ -154,29 +215,51 @@ impl ZipStore {
         let _guard = crate::sync::lock(&entry.lock);
         if target.is_dir() {
             touch(&target);
-            return Ok(target);
+            let known = crate::sync::lock(&self.notes).get(digest).cloned();
+            let notes = match known {
+                Some(notes) => notes,
+                None => {
+                    let mut zip = open_zip(name, archive, file, self.limits)?;
+                    self.remember(digest, survey(name, &mut zip, self.limits)?.findings)
+                }
+            };
+            return Ok((target, notes));
         }
         fs::create_dir_all(&self.root).map_err(|err| Error::io("creating", &self.root, &err))?;
         let temp = self
             .root
             .join(format!(".tmp-{digest}-{}", uuid::Uuid::new_v4().simple()));
-        let result = extract(name, archive, file, digest, &temp, self.limits).and_then(|()| {
+        let result = extract(name, archive, file, digest, &temp, self.limits).and_then(|notes| {
             if unchanged() {
-                Ok(())
+                Ok(notes)
             } else {
                 Err(changed_under_us(archive))
             }
         });
-        if let Err(err) = result {
-            let _ = fs::remove_dir_all(&temp);
-            return Err(err);
-        }
+        let notes = match result {
+            Ok(notes) => notes,
+            Err(err) => {
+                let _ = fs::remove_dir_all(&temp);
+                return Err(err);
+            }
+        };
         fs::rename(&temp, &target).map_err(|err| {
             let _ = fs::remove_dir_all(&temp);
             Error::io("publishing extracted layer", &target, &err)
         })?;
         sync_dir(&self.root);
-        Ok(target)
+        Ok((target, self.remember(digest, notes)))
+    }
+
+    /// Remembers archive `digest`'s findings (see [`ZipStore::notes`]).
+    fn remember(&self, digest: &str, findings: Findings) -> Arc<Findings> {
+        let notes = Arc::new(findings);
+        let mut memo = crate::sync::lock(&self.notes);
+        if memo.len() >= MAX_REMEMBERED_NOTES {
+            memo.clear();
+        }
+        memo.insert(digest.to_owned(), notes.clone());
+        notes
     }
 }
 
@@ -282,17 +365,64 @@ fn entry_mtime(entry: &zip::read::ZipFile<'_, impl Read>) -> SystemTime {
         })
 }
 
-/// Checks an entry name and returns its normalised relative path.
+/// General purpose flag bit 11, "language encoding": the name (and comment) are UTF-8
+/// (APPNOTE 6.3.10 §4.4.4 and appendix D).
+const LANGUAGE_ENCODING: u16 = 1 << 11;
+
+/// An entry's name decoded as the zip format says (APPNOTE 6.3.10 §4.4.4, appendix D):
+/// 1. UTF-8 when the language-encoding flag (bit 11) is set. An Info-ZIP Unicode Path extra
+///    field (0x7075, APPNOTE §4.6.9) whose CRC-32 matches the stored name counts as such: the
+///    zip crate checks the CRC, puts the field's name in `raw` and sets the flag (a field
+///    whose CRC does not match is ignored, as APPNOTE says).
+/// 2. Otherwise, for an entry made on Unix (`made_on_unix`: "version made by" host 3), the
+///    stored bytes when they are UTF-8: Info-ZIP `unzip` takes a Unix-made name's bytes as they
+///    are, and Info-ZIP `zip` on Linux writes UTF-8 names without the flag, so this is what
+///    Lambda gives such a layer (`tests/fidelity.rs`).
+/// 3. Otherwise IBM code page 437, the format's own encoding, as Python's `zipfile`
+///    (`ZipFile._RealGetContents`) and Info-ZIP read names from DOS and Windows tools.
+///
+/// Never lossy: a name flagged UTF-8 that is not is refused, naming its bytes.
+fn decode_name(name: &str, raw: &[u8], flags: u16, made_on_unix: bool) -> Result<String> {
+    if flags & LANGUAGE_ENCODING == 0 {
+        if made_on_unix && let Ok(text) = std::str::from_utf8(raw) {
+            return Ok(text.to_owned());
+        }
+        return Ok(oem_cp::decode_string_complete_table(
+            raw,
+            &oem_cp::code_table::DECODING_TABLE_CP437,
+        ));
+    }
+    String::from_utf8(raw.to_vec()).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "layer {name:?}: zip entry \"{}\" rejected: its flags say its name is UTF-8 \
+             (bit 11) but it is not; repack the layer",
+            raw.escape_ascii()
+        ))
+    })
+}
+
+/// Checks a decoded entry name and returns its normalised relative path.
+///
+/// A name is a name: `/` separates directories, and a backslash is part of a file name, as in
+/// a directory layer and as Python's `zipfile` and Lambda take it on Linux, so a zip and a
+/// directory holding the same tree give the same image. Refused, as hostile: absolute paths,
+/// drive letters, NUL, and `..` as a component, also between backslashes (`..\\..\\x` is a
+/// zip-slip for every tool that takes `\\` as a separator, such as Info-ZIP for archives made on
+/// Windows, and no real layer has such a name).
 fn safe_path(name: &str, raw: &str) -> Result<PathBuf> {
-    let text = raw.replace('\\', "/");
+    let text = raw;
     let bytes = text.as_bytes();
     if text.starts_with('/')
+        || text.starts_with('\\')
         || (bytes.len() >= 2 && bytes[1] == b':' && bytes[0].is_ascii_alphabetic())
     {
         return Err(bad(name, raw, "absolute or drive-letter path"));
     }
     if text.contains('\0') {
         return Err(bad(name, raw, "NUL in the name"));
+    }
+    if text.split(['/', '\\']).any(|part| part == "..") {
+        return Err(bad(name, raw, "'..' would write outside the layer"));
     }
     let mut path = PathBuf::new();
     for component in Path::new(&text).components() {
@@ -318,6 +448,196 @@ const S_IFREG: u32 = 0o100_000;
 const S_IFDIR: u32 = 0o040_000;
 const S_IFLNK: u32 = 0o120_000;
 
+/// What one entry of the central directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryKind {
+    Dir,
+    File,
+    Link,
+}
+
+/// One central-directory entry, judged before anything is written.
+#[derive(Debug)]
+struct Planned {
+    /// The entry's name as decoded (for messages).
+    shown: String,
+    /// Where it goes below the layer root.
+    rel: PathBuf,
+    kind: EntryKind,
+    /// Its Unix `st_mode`, when the archive was made on Unix.
+    mode: Option<u32>,
+    /// Declared uncompressed size.
+    size: u64,
+    /// Declared CRC-32 of the data (a link's: of its target).
+    crc: u32,
+    /// False when a later entry of the same path replaces it: it is not extracted.
+    wins: bool,
+}
+
+/// The plan of a whole archive: every entry in central-directory order, and its notes.
+#[derive(Debug)]
+struct Survey {
+    entries: Vec<Planned>,
+    findings: Findings,
+}
+
+/// Reads the central directory and decides every entry before anything is written: names
+/// checked (zip-slip), kinds (no devices), which entry of a repeated name wins, sizes against
+/// the limits, nothing below a link entry; and what the archive warns about.
+///
+/// Repeated names follow Python's `zipfile` and Info-ZIP `unzip -o`, which Lambda and SAM's
+/// extractor agree with (serverless#12890): entries are extracted in order, so the later entry
+/// of a path replaces the earlier. A directory and a file or link under one path cannot both
+/// be had and stay a refusal.
+fn survey<R: Read + io::Seek>(
+    name: &str,
+    zip: &mut ZipIterable<R>,
+    limits: ZipLimits,
+) -> Result<Survey> {
+    let mut entries: Vec<Planned> = Vec::with_capacity(zip.len().min(limits.max_entries));
+    let mut latest: HashMap<PathBuf, usize> = HashMap::new();
+    let mut differing = Found::default();
+    let files = zip.files().map_err(|err| unreadable_zip(name, &err))?;
+    for (index, entry) in files.enumerate() {
+        let entry = entry.map_err(|err| {
+            Error::InvalidArgument(format!(
+                "layer {name:?}: zip entry #{index} is unreadable: {err}"
+            ))
+        })?;
+        let unix = entry.system() == zip::System::Unix;
+        let shown = decode_name(name, entry.name_raw(), entry.flags().as_u16(), unix)?;
+        let rel = safe_path(name, &shown)?;
+        // Only an archive made on Unix carries Unix modes; for others (Explorer, 7-Zip, Python
+        // on Windows: "MS-DOS" entries) the zip crate invents 0o664, which would make a
+        // Windows-zipped bootstrap non-executable (SAM #1014). Treat them as mode-less.
+        let mode = if unix { entry.unix_mode() } else { None };
+        let kind = match mode.map_or(0, |m| m & S_IFMT) {
+            _ if entry.is_dir() => EntryKind::Dir,
+            S_IFDIR => EntryKind::Dir,
+            S_IFLNK => EntryKind::Link,
+            0 | S_IFREG => EntryKind::File,
+            _ => {
+                return Err(bad(
+                    name,
+                    &shown,
+                    "device, fifo or socket entries are not allowed",
+                ));
+            }
+        };
+        check_ratio(
+            name,
+            &shown,
+            (entry.size(), entry.compressed_size()),
+            limits,
+        )?;
+        if let Some(&earlier) = latest.get(&rel) {
+            let before = &mut entries[earlier];
+            if (before.kind == EntryKind::Dir) != (kind == EntryKind::Dir) {
+                return Err(bad(
+                    name,
+                    &shown,
+                    &format!(
+                        "duplicate name: {:?} is also a {}, and a directory and a file or link \
+                         cannot share a path",
+                        before.shown,
+                        if before.kind == EntryKind::Dir {
+                            "directory"
+                        } else {
+                            "file or link"
+                        },
+                    ),
+                ));
+            }
+            // Same kind, size and CRC-32: the same bytes, for a warning's purpose.
+            if kind != EntryKind::Dir
+                && (before.kind, before.size, before.crc) != (kind, entry.size(), entry.crc32())
+            {
+                differing.add(&shown);
+            }
+            before.wins = false;
+        }
+        latest.insert(rel.clone(), index);
+        entries.push(Planned {
+            shown,
+            rel,
+            kind,
+            mode,
+            size: entry.size(),
+            crc: entry.crc32(),
+            wins: true,
+        });
+    }
+    let mut total: u64 = 0;
+    for planned in entries.iter().filter(|e| e.wins) {
+        total = total.saturating_add(planned.size);
+        if total > limits.max_bytes {
+            return Err(bad(
+                name,
+                &planned.shown,
+                &format!(
+                    "the archive extracts to more than max_zip_bytes = {}",
+                    limits.max_bytes
+                ),
+            ));
+        }
+    }
+    let links: HashSet<&Path> = entries
+        .iter()
+        .filter(|e| e.wins && e.kind == EntryKind::Link)
+        .map(|e| e.rel.as_path())
+        .collect();
+    if !links.is_empty()
+        && let Some(through) = entries
+            .iter()
+            .find(|e| e.wins && e.rel.ancestors().skip(1).any(|a| links.contains(a)))
+    {
+        return Err(bad(
+            name,
+            &through.shown,
+            "it would be written through a symlink entry",
+        ));
+    }
+    let mut notes = Vec::new();
+    if differing.count() > 0 {
+        notes.push(Note {
+            code: "duplicate_zip_entry",
+            text: format!(
+                "the zip stores {} path(s) more than once with different contents ({}); the \
+                 later entry is used, as Lambda does (entries are extracted in order, so the \
+                 later replaces the earlier, as with Python's zipfile and Info-ZIP unzip)",
+                differing.count(),
+                differing.listed()
+            ),
+        });
+    }
+    let (mut owner, mut others) = (Found::default(), Found::default());
+    for planned in entries
+        .iter()
+        .filter(|e| e.wins && e.kind == EntryKind::File)
+    {
+        if let Some(mode) = planned.mode {
+            lambda_rules::note_readability(mode, &planned.shown, &mut owner, &mut others);
+        }
+    }
+    if let Some(text) = lambda_rules::unreadable(&owner, &others) {
+        notes.push(Note {
+            code: lambda_rules::UNREADABLE,
+            text: format!("the zip has {text}"),
+        });
+    }
+    let locked_dirs = entries
+        .iter()
+        .filter(|e| e.wins && e.kind == EntryKind::Dir)
+        .filter(|e| e.mode.is_some_and(|mode| mode & 0o200 == 0))
+        .map(|e| e.rel.to_string_lossy().into_owned())
+        .collect();
+    Ok(Survey {
+        entries,
+        findings: Findings { notes, locked_dirs },
+    })
+}
+/// Extracts the zip in `file` into `temp` (a new directory) as [`survey`] planned it; returns
+/// the archive's notes.
 fn extract(
     name: &str,
     archive: &Path,
@@ -325,8 +645,9 @@ fn extract(
     digest: &str,
     temp: &Path,
     limits: ZipLimits,
-) -> Result<()> {
+) -> Result<Findings> {
     let mut zip = open_zip(name, archive, file, limits)?;
+    let Survey { entries, findings } = survey(name, &mut zip, limits)?;
     fs::create_dir(temp).map_err(|err| {
         Error::io(
             &format!("layer {name:?}: creating the directory to extract into"),
@@ -334,102 +655,85 @@ fn extract(
             &err,
         )
     })?;
-    let mut seen = HashSet::new();
-    let mut links: Vec<(PathBuf, PathBuf, String, SystemTime)> = Vec::new();
-    let mut link_paths = HashSet::new();
+    let mut links: Vec<(&Planned, PathBuf, SystemTime)> = Vec::new();
     let mut total: u64 = 0;
-    for index in 0..zip.len() {
-        let mut entry = zip.by_index(index).map_err(|err| {
-            Error::InvalidArgument(format!(
-                "layer {name:?}: zip entry #{index} is unreadable: {err}"
-            ))
-        })?;
-        let raw = String::from_utf8_lossy(entry.name_raw()).into_owned();
-        let rel = safe_path(name, &raw)?;
-        if !seen.insert(rel.clone()) {
-            return Err(bad(name, &raw, "duplicate name"));
-        }
-        if rel.ancestors().skip(1).any(|a| link_paths.contains(a)) {
-            return Err(bad(
-                name,
-                &raw,
-                "it would be written through a symlink entry",
-            ));
-        }
-        // Only an archive made on Unix carries Unix modes; for others (Explorer, 7-Zip, Python
-        // on Windows: "MS-DOS" entries) the zip crate invents 0o664, which would make a
-        // Windows-zipped bootstrap non-executable (SAM #1014). Treat them as mode-less.
-        let mode = if entry.system() == zip::System::Unix {
-            entry.unix_mode()
-        } else {
-            None
+    let files = zip.files().map_err(|err| unreadable_zip(name, &err))?;
+    let mut planned = entries.iter();
+    while let Some(entry) = files.next() {
+        let entry = entry.map_err(|err| unreadable_zip(name, &err))?;
+        let Some(plan) = planned.next() else {
+            return Err(changed_under_us(archive));
         };
-        let kind = mode.map(|m| m & S_IFMT).unwrap_or(0);
-        let is_dir = entry.is_dir() || kind == S_IFDIR;
-        let is_link = kind == S_IFLNK;
-        if kind != 0 && !is_dir && !is_link && kind != S_IFREG {
-            return Err(bad(
-                name,
-                &raw,
-                "device, fifo or socket entries are not allowed",
-            ));
+        if !plan.wins {
+            continue;
         }
-        let dest = temp.join(&rel);
-        if is_dir {
-            fs::create_dir_all(&dest).map_err(|err| write_failed(name, &raw, &err))?;
+        let shown = plan.shown.as_str();
+        let dest = temp.join(&plan.rel);
+        if plan.kind == EntryKind::Dir {
+            fs::create_dir_all(&dest).map_err(|err| write_failed(name, shown, &err))?;
             continue;
         }
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(|err| write_failed(name, &raw, &err))?;
+            fs::create_dir_all(parent).map_err(|err| write_failed(name, shown, &err))?;
+        }
+        let mut entry = entry
+            .with_reader(files.reader_mut(), zip::read::ZipReadOptions::new())
+            .map_err(|err| bad(name, shown, &format!("cannot be read: {err}")))?;
+        if entry.size() != plan.size {
+            return Err(changed_under_us(archive));
         }
         let mtime = entry_mtime(&entry);
-        let size = entry.size();
-        total = total.saturating_add(size);
-        check_size(name, &raw, (size, entry.compressed_size()), total, limits)?;
-        if is_link {
-            let target = link_target(&mut entry, name, &raw, size)?;
-            links.push((rel.clone(), target, raw, mtime));
-            link_paths.insert(rel);
+        total = total.saturating_add(plan.size);
+        if plan.kind == EntryKind::Link {
+            let target = link_target(&mut entry, name, shown, plan.size)?;
+            links.push((plan, target, mtime));
             continue;
         }
-        write_entry(&mut entry, &dest, (name, &raw), (size, mtime, mode))?;
+        write_entry(
+            &mut entry,
+            &dest,
+            (name, shown),
+            (plan.size, mtime, plan.mode),
+        )?;
     }
     // Links last, so nothing is ever written through one. They are kept as they are, wherever
     // they point (Lambda does the same); nothing on the host ever follows them.
-    for (rel, target, raw, mtime) in links {
-        let dest = temp.join(&rel);
-        std::os::unix::fs::symlink(&target, &dest).map_err(|err| write_failed(name, &raw, &err))?;
+    for (plan, target, mtime) in links {
+        let (dest, shown) = (temp.join(&plan.rel), plan.shown.as_str());
+        std::os::unix::fs::symlink(&target, &dest)
+            .map_err(|err| write_failed(name, shown, &err))?;
         let mtime = filetime::FileTime::from_system_time(mtime);
         filetime::set_symlink_file_times(&dest, mtime, mtime)
-            .map_err(|err| write_failed(name, &raw, &err))?;
+            .map_err(|err| write_failed(name, shown, &err))?;
     }
     // Directories 0755 regardless of the archive.
     set_dir_modes(temp)?;
     sync_dir(temp);
     tracing::info!(layer = name, archive = %archive.display(), digest, bytes = total, "extracted zip layer");
-    Ok(())
+    Ok(findings)
 }
 
-/// The zip at `archive`, refused when unreadable, with duplicate names (the zip crate keys
-/// entries by name, so they would be merged silently) or more than `max_zip_entries` entries.
+/// INVALID_ARGUMENT for an archive whose central directory cannot be read.
+fn unreadable_zip(name: &str, err: &zip::result::ZipError) -> Error {
+    Error::InvalidArgument(format!("layer {name:?}: the zip cannot be read: {err}"))
+}
+
+/// The zip at `archive`, refused when unreadable or with more than `max_zip_entries` entries.
+/// Read entry by entry from the central directory ([`ZipIterable`] keeps every entry of a
+/// repeated name; the crate's `ZipArchive` keys entries by name and merges them).
 fn open_zip(
     name: &str,
     archive: &Path,
     file: File,
     limits: ZipLimits,
-) -> Result<zip::ZipArchive<io::BufReader<File>>> {
-    let zip = zip::ZipArchive::new(io::BufReader::new(file)).map_err(|err| {
-        Error::InvalidArgument(format!(
-            "layer {name:?}: {} is not a readable zip: {err}",
-            archive.display()
-        ))
-    })?;
-    if zip.has_duplicate_names() {
-        return Err(Error::InvalidArgument(format!(
-            "layer {name:?}: zip {} rejected: it holds duplicate entry names",
-            archive.display()
-        )));
-    }
+) -> Result<ZipIterable<io::BufReader<File>>> {
+    let zip = ZipIterable::try_new(io::BufReader::new(file), zip::read::Config::default())
+        .map_err(|err| {
+            Error::InvalidArgument(format!(
+                "layer {name:?}: {} is not a readable zip: {err}",
+                archive.display()
+            ))
+        })?;
     if zip.len() > limits.max_entries {
         return Err(Error::InvalidArgument(format!(
             "layer {name:?}: the zip has {} entries, more than max_zip_entries = {}",
@@ -440,33 +744,22 @@ fn open_zip(
     Ok(zip)
 }
 
-/// Refuses entry `raw` when the archive's extracted bytes so far (`total`, this entry's
-/// included) pass `max_zip_bytes`, or when the entry (`size`, `compressed` bytes; over 1 MiB)
-/// is compressed more than `max_zip_ratio` to 1 (a zip bomb).
-fn check_size(
+/// Refuses entry `raw` when it (`size`, `compressed` bytes; over [`RATIO_FROM`]) is
+/// compressed more than `max_zip_ratio` to 1 (a zip bomb; see [`ZipLimits`]).
+fn check_ratio(
     name: &str,
     raw: &str,
     (size, compressed): (u64, u64),
-    total: u64,
     limits: ZipLimits,
 ) -> Result<()> {
-    if total > limits.max_bytes {
-        return Err(bad(
-            name,
-            raw,
-            &format!(
-                "the archive extracts to more than max_zip_bytes = {}",
-                limits.max_bytes
-            ),
-        ));
-    }
     let compressed = compressed.max(1);
-    if size > (1 << 20) && size / compressed > limits.max_ratio {
+    if size > RATIO_FROM && size / compressed > limits.max_ratio {
         return Err(bad(
             name,
             raw,
             &format!(
-                "compression ratio {}:1 exceeds max_zip_ratio = {}",
+                "it declares {size} bytes compressed {}:1, more than max_zip_ratio = {} for an \
+                 entry over {RATIO_FROM} bytes (a zip bomb?)",
                 size / compressed,
                 limits.max_ratio
             ),
@@ -601,10 +894,13 @@ mod tests {
                 ("link:lib/alias->data.txt", b"", None),
             ],
         );
-        assert!(is_zip(&archive), "detected by content, not by name");
+        assert!(
+            is_zip(&archive).unwrap(),
+            "detected by content, not by name"
+        );
         let store = store(dir.path());
         let cache = StatCache::default();
-        let out = store.extracted("l", &archive, &cache).unwrap();
+        let out = store.extracted("l", &archive, &cache).unwrap().0;
         let mode = |p: &str| {
             fs::symlink_metadata(out.join(p))
                 .unwrap()
@@ -619,7 +915,7 @@ mod tests {
             fs::read_link(out.join("lib/alias")).unwrap(),
             PathBuf::from("data.txt")
         );
-        let again = store.extracted("l", &archive, &cache).unwrap();
+        let again = store.extracted("l", &archive, &cache).unwrap().0;
         assert_eq!(out, again);
         let left: Vec<String> = fs::read_dir(store.root())
             .unwrap()
@@ -709,7 +1005,8 @@ mod tests {
         .unwrap();
         let out = store(dir.path())
             .extracted("plain", &archive, &StatCache::default())
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(fs::read(out.join("bin/run")).unwrap(), b"#!/bin/sh");
         assert_eq!(
             fs::read_link(out.join("bin/alias")).unwrap(),
@@ -736,14 +1033,18 @@ mod tests {
                 "'..'",
             ),
             (
-                "duplicate",
-                vec![Raw("a", b"x", FILE), Raw("a", b"y", FILE)],
-                "duplicate entry names",
+                "directory-and-file",
+                vec![Raw("a/", b"", Some(0o040_755)), Raw("a", b"y", FILE)],
+                "duplicate name",
             ),
             (
-                "duplicate-after-normalising",
-                vec![Raw("a/b", b"x", FILE), Raw("a/./b", b"y", FILE)],
-                "duplicate name",
+                "link-replaced-then-written-through",
+                vec![
+                    Raw("d", b"x", FILE),
+                    Raw("d", b"/tmp", LINK),
+                    Raw("d/evil", b"x", FILE),
+                ],
+                "written through a symlink",
             ),
             (
                 "through-link",
@@ -783,31 +1084,134 @@ mod tests {
         assert_eq!(beside, ["layers"], "nothing written beside the cache root");
     }
 
+    /// Names decode as the zip format says: UTF-8 with flag bit 11; without it, a Unix-made
+    /// entry's UTF-8 bytes as they are (Info-ZIP), anything else as IBM code page 437
+    /// (`t\x84glich.txt` from a Windows tool is `täglich.txt`, and a Windows tool's UTF-8
+    /// bytes read as Python's zipfile reads them); never a lossy replacement. A
+    /// backslash is part of a name; `..` between backslashes, a leading backslash and drive
+    /// letters are still refused.
     #[test]
-    fn bombs_are_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let archive = dir.path().join("bomb.zip");
-        let zeros = vec![0u8; 8 << 20];
-        make_zip(&archive, &[("zeros", &zeros, Some(0o644))]);
-        let store = ZipStore::open(
-            dir.path().join("layers"),
-            ZipLimits {
-                max_ratio: 100,
-                ..Default::default()
-            },
-        );
-        let err = store
-            .extracted("bomb", &archive, &StatCache::default())
-            .unwrap_err();
+    fn names_decode_as_the_format_says_and_hostile_ones_stay_refused() {
+        for unix in [false, true] {
+            assert_eq!(
+                decode_name("l", b"t\x84glich.txt", 0, unix).unwrap(),
+                "täglich.txt"
+            );
+            assert_eq!(decode_name("l", b"\x94\xe1", 0, unix).unwrap(), "öß");
+            assert_eq!(
+                decode_name("l", "täglich.txt".as_bytes(), LANGUAGE_ENCODING, unix).unwrap(),
+                "täglich.txt"
+            );
+        }
+        assert_eq!(decode_name("l", "ä".as_bytes(), 0, false).unwrap(), "├ñ");
+        assert_eq!(decode_name("l", "ä".as_bytes(), 0, true).unwrap(), "ä");
+        let Err(Error::InvalidArgument(message)) =
+            decode_name("l", b"t\x84glich.txt", LANGUAGE_ENCODING, true)
+        else {
+            panic!("a name flagged UTF-8 that is not must be refused");
+        };
         assert!(
-            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_ratio")),
+            message.contains("t\\x84glich.txt") && message.contains("UTF-8"),
+            "{message}"
+        );
+        assert_eq!(
+            safe_path("l", "dir\\file.txt").unwrap(),
+            PathBuf::from("dir\\file.txt")
+        );
+        for hostile in [
+            "..\\evil",
+            "a\\..\\..\\evil",
+            "\\abs",
+            "C:\\x",
+            "c:x",
+            "../x",
+            "/x",
+        ] {
+            assert!(safe_path("l", hostile).is_err(), "{hostile:?} accepted");
+        }
+    }
+
+    /// A path stored twice: the later entry of the same kind wins (also after normalising,
+    /// and a link replacing a file), one `duplicate_zip_entry` note lists the paths whose
+    /// bytes differ, byte-identical repeats are not mentioned, and a cache hit says the same.
+    #[test]
+    fn the_later_of_repeated_names_wins_with_one_note() {
+        const FILE: Option<u32> = Some(0o100_644);
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("dups.zip");
+        fs::write(
+            &archive,
+            hand_zip(&[
+                Raw("a.txt", b"first", FILE),
+                Raw("same.txt", b"same", FILE),
+                Raw("lib/b", b"first", FILE),
+                Raw("a.txt", b"second", FILE),
+                Raw("same.txt", b"same", FILE),
+                Raw("lib/./b", b"second", FILE),
+                Raw("run", b"#!/bin/sh", FILE),
+                Raw("run", b"a.txt", Some(0o120_777)),
+            ]),
+        )
+        .unwrap();
+        let store = store(dir.path());
+        let (out, found) = store
+            .extracted("dups", &archive, &StatCache::default())
+            .unwrap();
+        assert_eq!(fs::read(out.join("a.txt")).unwrap(), b"second");
+        assert_eq!(fs::read(out.join("lib/b")).unwrap(), b"second");
+        assert_eq!(fs::read(out.join("same.txt")).unwrap(), b"same");
+        assert_eq!(
+            fs::read_link(out.join("run")).unwrap(),
+            PathBuf::from("a.txt")
+        );
+        let notes = &found.notes;
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(notes[0].code, "duplicate_zip_entry");
+        let text = &notes[0].text;
+        for part in [
+            "3 path(s)",
+            "\"a.txt\"",
+            "\"lib/./b\"",
+            "\"run\"",
+            "later entry",
+        ] {
+            assert!(text.contains(part), "{part} missing: {text}");
+        }
+        assert!(!text.contains("same.txt"), "{text}");
+        let fresh = ZipStore::open(store.root().to_owned(), ZipLimits::default());
+        let (again, hit) = fresh
+            .extracted("dups", &archive, &StatCache::default())
+            .unwrap();
+        assert_eq!((again, &*hit), (out, &*found), "a cache hit warns the same");
+    }
+
+    /// An 8 MiB pre-allocated database of zeros (1025:1) is extracted with the default
+    /// limits; the ratio counts only for entries over [`RATIO_FROM`]; the declared total is
+    /// refused against `max_zip_bytes` naming the entry.
+    #[test]
+    fn the_bomb_guard_is_by_size_with_the_ratio_far_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("sqlite.zip");
+        let zeros = vec![0u8; 8 << 20];
+        make_zip(&archive, &[("cache.db", &zeros, Some(0o644))]);
+        let (out, _) = store(dir.path())
+            .extracted("db", &archive, &StatCache::default())
+            .unwrap();
+        assert_eq!(fs::metadata(out.join("cache.db")).unwrap().len(), 8 << 20);
+
+        let limits = ZipLimits::default();
+        assert!(check_ratio("l", "db", (8 << 20, 8 << 10), limits).is_ok());
+        assert!(check_ratio("l", "big", (RATIO_FROM, 1), limits).is_ok());
+        let err = check_ratio("l", "bomb", (1 << 30, 1 << 20), limits).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_ratio") && m.contains("\"bomb\"")),
             "{err:?}"
         );
+
         let store = ZipStore::open(
-            dir.path().join("layers"),
+            dir.path().join("small"),
             ZipLimits {
                 max_bytes: 1 << 20,
-                max_ratio: 1 << 20,
                 ..Default::default()
             },
         );
@@ -815,7 +1219,7 @@ mod tests {
             .extracted("bomb", &archive, &StatCache::default())
             .unwrap_err();
         assert!(
-            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_bytes")),
+            matches!(&err, Error::InvalidArgument(m) if m.contains("max_zip_bytes") && m.contains("cache.db")),
             "{err:?}"
         );
     }
@@ -880,7 +1284,8 @@ mod tests {
         let store = store(dir.path());
         let out = store
             .extracted("l", &archive, &StatCache::default())
-            .unwrap();
+            .unwrap()
+            .0;
         // 2021-03-04T05:06:08Z
         let expected = 1_614_834_368;
         let mtime = |p: &str| {

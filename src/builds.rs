@@ -138,7 +138,18 @@ impl InFlight {
             let mut state = self.lock();
             match outcome {
                 Ok(completed) => {
-                    state.events.push(Event::Completed(completed.clone()));
+                    let mut completed = completed.clone();
+                    completed.warnings = state
+                        .events
+                        .iter()
+                        .filter_map(|event| match event {
+                            Event::Warning { code, message } => {
+                                Some((code.clone(), message.clone()))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    state.events.push(Event::Completed(completed));
                     state.phase = Some(Phase::Succeeded);
                 }
                 Err(err) => {

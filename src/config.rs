@@ -323,7 +323,7 @@ pub struct Settings {
     /// Most entries in a zip layer [default: 200000]
     #[arg(long)]
     pub max_zip_entries: Option<usize>,
-    /// Largest compression ratio of a zip entry over 1 MiB [default: 200]
+    /// Largest compression ratio of a zip entry over 256 MiB [default: 200]
     #[arg(long)]
     pub max_zip_ratio: Option<u64>,
     /// Log format: text or json [default: text]

@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -31,8 +32,9 @@ use sha2::{Digest, Sha256};
 
 use crate::archive::{ZipStore, is_zip};
 use crate::error::{Error, Result};
-use crate::resolve::LayerSpec;
-use crate::stat_cache::{StatCache, StatKey};
+use crate::lambda_rules::{self, Found};
+use crate::resolve::{Arch, LayerSpec};
+use crate::stat_cache::{StatCache, StatKey, open_regular};
 
 /// Limits on what one request may send.
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +135,8 @@ pub fn walk(
     zips: &ZipStore,
 ) -> Result<Tree> {
     let mut tree = Tree::default();
+    // Directories earlier layers ship without owner write, and the layer that ships each.
+    let mut locked: BTreeMap<String, String> = BTreeMap::new();
     let mut budget = Budget {
         limits,
         entries: 0,
@@ -143,8 +147,16 @@ pub fn walk(
         let mut from_cache = false;
         let mut meta = fs::metadata(&root)
             .map_err(|err| Error::io(&format!("layer {:?}:", layer.name), &root, &err))?;
-        if meta.is_file() && is_zip(&root) {
-            root = zips.extracted(&layer.name, &layer.path, cache)?;
+        let mut locked_here = Vec::new();
+        if meta.is_file() && zip_layer(&layer.name, &root)? {
+            let (extracted, findings) = zips.extracted(&layer.name, &layer.path, cache)?;
+            locked_here.clone_from(&findings.locked_dirs);
+            tree.warnings
+                .extend(findings.notes.iter().map(|note| Warning {
+                    code: note.code,
+                    message: format!("layer {:?}: {}", layer.name, note.text),
+                }));
+            root = extracted;
             from_cache = true;
             meta = fs::metadata(&root)
                 .map_err(|err| Error::io("reading extracted layer", &root, &err))?;
@@ -164,6 +176,9 @@ pub fn walk(
             stack: HashSet::new(),
             from_cache,
             skips: 0,
+            owner_denied: Found::default(),
+            others_denied: Found::default(),
+            locked_dirs: Vec::new(),
             frame: Frame {
                 rel: String::new(),
                 is_layer: true,
@@ -174,6 +189,15 @@ pub fn walk(
             crate::access::as_daemon(|| walker.dir(&root, "", &meta).map(|()| walker.entries))?
         } else {
             walker.dir(&root, "", &meta)?;
+            if let Some(text) =
+                lambda_rules::unreadable(&walker.owner_denied, &walker.others_denied)
+            {
+                walker.warnings.push(Warning {
+                    code: lambda_rules::UNREADABLE,
+                    message: format!("layer {:?}: the directory has {text}", layer.name),
+                });
+            }
+            locked_here = std::mem::take(&mut walker.locked_dirs);
             walker.entries
         };
         entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -183,12 +207,152 @@ pub fn walk(
             layer_digest(&mut entries, cache)?
         };
         tree.layer_digests.push(digest);
+        if let Some(message) = writes_into_locked(&mut locked, &layer.name, &entries, locked_here) {
+            tree.warnings.push(Warning {
+                code: lambda_rules::UNREADABLE,
+                message,
+            });
+        }
         for entry in &entries {
             merge(&mut tree.entries, entry.clone());
         }
         tree.layers.push(entries);
     }
+    deploy_limits(&mut tree, layers.len());
     Ok(tree)
+}
+
+/// The warning for layer `name` when its `entries` are written into a directory an earlier
+/// layer ships without owner write (`locked`); then `locked` as it is after this layer, which
+/// ships `locked_here` without owner write (a directory it ships writable is no longer locked).
+fn writes_into_locked(
+    locked: &mut BTreeMap<String, String>,
+    name: &str,
+    entries: &[Entry],
+    locked_here: Vec<String>,
+) -> Option<String> {
+    let mut found = Found::default();
+    let mut owners: Vec<&str> = Vec::new();
+    for entry in entries {
+        let parent = entry.path.rsplit_once('/').map_or("", |(dir, _)| dir);
+        if let Some(owner) = locked.get(parent) {
+            found.add(&entry.path);
+            if !owners.contains(&owner.as_str()) {
+                owners.push(owner);
+            }
+        }
+    }
+    let message = lambda_rules::writes_into_locked(&found, &owners)
+        .map(|text| format!("layer {name:?}: {text}"));
+    let here: HashSet<&str> = locked_here.iter().map(String::as_str).collect();
+    for entry in entries.iter().filter(|e| e.kind == Kind::Dir) {
+        if !here.contains(entry.path.as_str()) {
+            locked.remove(&entry.path);
+        }
+    }
+    for dir in locked_here {
+        locked.insert(dir, name.to_owned());
+    }
+    message
+}
+
+/// Lambda's deploy limits on the request's layers as warnings: more than five layers, more
+/// than 262,144,000 bytes unzipped (each layer's files counted, as Lambda counts them).
+fn deploy_limits(tree: &mut Tree, layers: usize) {
+    if let Some(message) = lambda_rules::too_many_layers(layers) {
+        tree.warnings.push(Warning {
+            code: "too_many_layers",
+            message,
+        });
+    }
+    let bytes: u64 = tree
+        .layers
+        .iter()
+        .flatten()
+        .map(|entry| match &entry.kind {
+            Kind::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    if let Some(message) = lambda_rules::too_large(bytes) {
+        tree.warnings.push(Warning {
+            code: "layers_too_large",
+            message,
+        });
+    }
+}
+
+/// The `extension_arch_mismatch` warning for the merged tree: `/opt/bootstrap` and the files
+/// directly in `/opt/extensions/` (where Lambda looks for a custom runtime and for
+/// extensions) that are ELF executables for another architecture than `arch`. Files of the
+/// daemon's cache are read with its rights, others with the calling thread's (the peer's).
+pub fn arch_warnings(tree: &Tree, arch: Arch) -> Vec<Warning> {
+    let (ours, machine) = match arch {
+        Arch::X86_64 => ("x86_64", lambda_rules::EM_X86_64),
+        Arch::Arm64 => ("arm64", lambda_rules::EM_AARCH64),
+    };
+    let mut others: BTreeMap<u16, Found> = BTreeMap::new();
+    for entry in tree.entries.values() {
+        let launched = entry.path == "bootstrap"
+            || entry
+                .path
+                .strip_prefix("extensions/")
+                .is_some_and(|name| !name.contains('/'));
+        let Kind::File { source, .. } = &entry.kind else {
+            continue;
+        };
+        if !launched {
+            continue;
+        }
+        let read = || -> Result<Vec<u8>> {
+            let mut header = Vec::with_capacity(20);
+            std::io::Read::take(open_regular(source)?, 20)
+                .read_to_end(&mut header)
+                .map_err(|err| Error::io("reading", source, &err))?;
+            Ok(header)
+        };
+        let header = if entry.from_cache {
+            crate::access::as_daemon(read)
+        } else {
+            read()
+        };
+        if let Some(found) = header.ok().and_then(|h| lambda_rules::elf_machine(&h))
+            && found != machine
+        {
+            others
+                .entry(found)
+                .or_default()
+                .add(&format!("/opt/{}", entry.path));
+        }
+    }
+    others
+        .into_iter()
+        .filter_map(|(found, paths)| {
+            let their = match found {
+                lambda_rules::EM_X86_64 => "x86_64".to_owned(),
+                lambda_rules::EM_AARCH64 => "arm64".to_owned(),
+                other => format!("ELF machine {other}"),
+            };
+            lambda_rules::arch_mismatch(&paths, ours, &their)
+        })
+        .map(|message| Warning {
+            code: "extension_arch_mismatch",
+            message,
+        })
+        .collect()
+}
+
+/// True when the layer file at `path` is a zip archive; opened by the calling thread (the
+/// peer), so one the peer may not read is `ReadDenied` naming the layer and the file (aws-sam-cli
+/// #1491: the type check must not swallow the open error).
+fn zip_layer(name: &str, path: &Path) -> Result<bool> {
+    is_zip(path).map_err(|err| match err {
+        Error::ReadDenied { path, .. } => Error::ReadDenied {
+            what: format!("layer {name:?}: reading the zip archive"),
+            path,
+        },
+        other => other,
+    })
 }
 
 /// Inserts `entry`, a later layer's, over what is there: a non-directory replaces a whole
@@ -245,6 +409,11 @@ struct Walker<'a> {
     from_cache: bool,
     /// Special files skipped so far in this layer.
     skips: usize,
+    /// Files Lambda could not read (`lambda_rules::note_readability`), by rule.
+    owner_denied: Found,
+    others_denied: Found,
+    /// The layer's directories without owner write (see `writes_into_locked`).
+    locked_dirs: Vec<String>,
     /// The tree links are judged against: the layer itself, or, while walking a directory
     /// reached through a dereferenced link, that directory.
     frame: Frame,
@@ -330,11 +499,20 @@ impl Walker<'_> {
         let file_type = meta.file_type();
         if file_type.is_dir() {
             self.budget.add(0)?;
+            if meta.permissions().mode() & 0o200 == 0 {
+                self.locked_dirs.push(rel.clone());
+            }
             self.push(rel.clone(), Kind::Dir, 0o755, 0);
             return self.dir(path, &rel, meta);
         }
         if file_type.is_file() {
             self.budget.add(meta.len())?;
+            lambda_rules::note_readability(
+                meta.permissions().mode(),
+                &rel,
+                &mut self.owner_denied,
+                &mut self.others_denied,
+            );
             let mode = normalised_mode(meta.permissions().mode(), false);
             let kind = Kind::File {
                 source: path.to_owned(),
@@ -746,6 +924,117 @@ mod tests {
         };
         let err = walk(&[spec("l", &layer)], tight, &StatCache::default(), &zips()).unwrap_err();
         assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+    }
+
+    /// A zip layer the peer may not read is PERMISSION_DENIED naming the layer, the file and
+    /// the peer's uid, not "neither a directory nor a zip archive" (aws-sam-cli#1491).
+    #[test]
+    fn an_unreadable_zip_layer_is_permission_denied_naming_the_file_and_the_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let archive = dir.path().join("private.zip");
+        write(&archive, "PK\x03\x04 not for others", 0o600);
+        let peer = crate::access::Peer::new(65534, 65534, None);
+        let err = crate::access::as_peer(&peer, || {
+            walk(
+                &[spec("secret", &archive)],
+                Limits::default(),
+                &StatCache::default(),
+                &zips(),
+            )
+        })
+        .map_err(|err| crate::access::denied_for(&peer, err))
+        .unwrap_err();
+        let Error::PermissionDenied(message) = &err else {
+            panic!("not PERMISSION_DENIED: {err:?}");
+        };
+        for part in ["\"secret\"", &archive.display().to_string(), "uid 65534"] {
+            assert!(message.contains(part), "{part} missing: {message}");
+        }
+    }
+
+    /// The deploy limits count each layer's files (not the merged tree): more than five layers
+    /// and more than 262,144,000 bytes unzipped each warn once.
+    #[test]
+    fn deploy_limits_warn_once_past_lambdas_limits() {
+        let file = |path: &str, size: u64, layer: usize| Entry {
+            path: path.to_owned(),
+            kind: Kind::File {
+                source: PathBuf::from("/nonexistent"),
+                size,
+                key: StatKey::default(),
+                digest: [0; 32],
+            },
+            mode: 0o644,
+            mtime: 0,
+            layer,
+            from_cache: false,
+        };
+        let mut tree = Tree {
+            layers: vec![
+                vec![file("a", 131_072_000, 0)],
+                vec![file("a", 131_072_000, 1)],
+            ],
+            ..Tree::default()
+        };
+        deploy_limits(&mut tree, 5);
+        assert!(tree.warnings.is_empty(), "{:?}", tree.warnings);
+        tree.layers[1][0] = file("a", 131_072_001, 1);
+        deploy_limits(&mut tree, 6);
+        let codes: Vec<&str> = tree.warnings.iter().map(|w| w.code).collect();
+        assert_eq!(codes, ["too_many_layers", "layers_too_large"]);
+        assert!(
+            tree.warnings[1].message.contains("262144001 bytes"),
+            "{:?}",
+            tree.warnings
+        );
+    }
+
+    /// A later layer writing into a directory an earlier layer ships without owner write is
+    /// an `unreadable_in_lambda` warning naming the files and the earlier layer (Lambda: "Some
+    /// files need to be overridden by layers but don't have write permissions"); the image's
+    /// directory is 0755; a later layer writing elsewhere says nothing.
+    #[test]
+    fn writing_into_a_directory_an_earlier_layer_locked_warns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        write(&a.join("python/base.py"), "base", 0o644);
+        fs::set_permissions(a.join("python"), fs::Permissions::from_mode(0o555)).unwrap();
+        write(&b.join("python/extra.py"), "extra", 0o644);
+        write(&c.join("other/x"), "x", 0o644);
+        let cache = StatCache::default();
+        let tree = walk(
+            &[
+                spec("locked", &a),
+                spec("writer", &b),
+                spec("elsewhere", &c),
+            ],
+            Limits::default(),
+            &cache,
+            &zips(),
+        )
+        .unwrap();
+        fs::set_permissions(a.join("python"), fs::Permissions::from_mode(0o755)).unwrap();
+        let warnings: Vec<&Warning> = tree
+            .warnings
+            .iter()
+            .filter(|w| w.code == lambda_rules::UNREADABLE)
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let text = &warnings[0].message;
+        for part in [
+            "layer \"writer\"",
+            "\"python/extra.py\"",
+            "\"locked\"",
+            "overridden",
+        ] {
+            assert!(text.contains(part), "{part} missing: {text}");
+        }
+        assert_eq!(tree.entries["python"].mode, 0o755);
     }
 
     #[test]

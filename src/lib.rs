@@ -21,6 +21,8 @@
 //!   check, assembly, load, after the build.
 //! - `layers`: step 1, walking layer sources into one merged /opt tree; per-layer digests.
 //! - `archive`: zip layers extracted once, safely, into the content-addressed cache.
+//! - `lambda_rules`: Lambda's rules that warn, never refuse (unreadable files, more than five
+//!   layers, more than 250 MB unzipped, executables of another architecture). Pure.
 //! - `atomic_file`: the one way a cache file is replaced (temp, fsync, rename, fsync dir).
 //! - `stat_cache`: file identity (stat key), content hashing, the persisted stat cache.
 //! - `base`: step 2, the base image: present, pulled (one pull per base), fresh (one
@@ -65,6 +67,7 @@ pub mod error;
 pub(crate) mod fingerprint;
 pub(crate) mod h2_compat;
 pub(crate) mod image_store;
+pub(crate) mod lambda_rules;
 pub(crate) mod layers;
 pub mod listener;
 pub mod metrics;

@@ -298,6 +298,7 @@ mod tests {
             changed_layer: String::new(),
             duration_ms: 1500,
             config: Default::default(),
+            warnings: Vec::new(),
         };
         metrics.request(false);
         metrics.finished(Ok(&completed(false, Reason::Missing)));

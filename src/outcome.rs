@@ -54,6 +54,9 @@ pub struct Completed {
     pub changed_layer: String,
     pub duration_ms: u64,
     pub config: RunConfig,
+    /// `(code, message)` of every `Warning` event of the build, in order: filled in when the
+    /// build finishes (`builds.rs`), so a client that reads only the outcome sees them too.
+    pub warnings: Vec<(String, String)>,
 }
 
 /// One event of a build (the wire's `BuildEvent` minus `Accepted`, which is per client).

@@ -108,6 +108,7 @@ pub async fn run(
         changed_layer,
         duration_ms: elapsed_ms(started),
         config,
+        warnings: Vec::new(),
     })
 }
 
@@ -179,6 +180,7 @@ async fn walk_inputs(
         shared.limits,
     );
     let zips = shared.zips.clone();
+    let arch = plan.arch;
     let peer_for_walk = peer.clone();
     let work =
         move || {
@@ -196,7 +198,10 @@ async fn walk_inputs(
                 None
             } else {
                 let walked = access::as_peer(&peer_for_walk, || {
-                    layers::walk(&specs, limits, &cache, &zips)
+                    let mut tree = layers::walk(&specs, limits, &cache, &zips)?;
+                    let found = layers::arch_warnings(&tree, arch);
+                    tree.warnings.extend(found);
+                    Ok(tree)
                 });
                 Some(walked.map_err(|err| access::denied_for(&peer_for_walk, err))?)
             };

@@ -137,6 +137,14 @@ impl From<&outcome::Completed> for Completed {
                 env: c.config.env.clone(),
                 architecture: c.config.architecture.clone(),
             }),
+            warnings: c
+                .warnings
+                .iter()
+                .map(|(code, message)| Warning {
+                    code: code.clone(),
+                    message: message.clone(),
+                })
+                .collect(),
         }
     }
 }

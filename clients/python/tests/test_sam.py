@@ -5,6 +5,7 @@ tag, and counts the engine's own `tag` events for that tag to know how many buil
 """
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -49,6 +50,20 @@ def test_changed_layer_file_shows_in_the_next_invoke(daemon, sam_project):
     assert response["layer"] == "new-layer!"
     assert engine_tag_events(sam_project.tag, t1, time.time()) == 1, stderr
     assert f"(a layer changed: {sam_project.layer_id})" in stderr
+
+
+def test_lambda_rule_warnings_reach_sams_output(daemon, sam_project):
+    """A layer file Lambda could not read (no read permission for others: the function does not
+    run as its owner) still builds and runs, and SAM's own output carries the daemon's
+    `unreadable_in_lambda` warning (issue 25)."""
+    os.chmod(sam_project.root / "layer" / "message.txt", 0o600)
+    response, stderr = sam_project.invoke({}, socket=daemon.socket)
+    assert response["layer"] == "from-layer"
+    expected = (
+        f'lambda-imaged: layer "{sam_project.layer_id}": the directory has 1 file(s) without read '
+        'permission for others ("message.txt")'
+    )
+    assert expected in stderr, stderr
 
 
 def test_daemon_stopped_sam_falls_back_with_one_warning(daemon, sam_project):

@@ -219,7 +219,7 @@ class ImageConfig(_message.Message):
     def __init__(self, entrypoint: _Optional[_Iterable[str]] = ..., cmd: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., env: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ...) -> None: ...
 
 class Completed(_message.Message):
-    __slots__ = ("tag", "image_id", "cached", "reason", "changed_layer", "duration_ms", "config")
+    __slots__ = ("tag", "image_id", "cached", "reason", "changed_layer", "duration_ms", "config", "warnings")
     TAG_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,7 @@ class Completed(_message.Message):
     CHANGED_LAYER_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     tag: str
     image_id: str
     cached: bool
@@ -234,7 +235,8 @@ class Completed(_message.Message):
     changed_layer: str
     duration_ms: int
     config: ImageConfig
-    def __init__(self, tag: _Optional[str] = ..., image_id: _Optional[str] = ..., cached: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., changed_layer: _Optional[str] = ..., duration_ms: _Optional[int] = ..., config: _Optional[_Union[ImageConfig, _Mapping]] = ...) -> None: ...
+    warnings: _containers.RepeatedCompositeFieldContainer[Warning]
+    def __init__(self, tag: _Optional[str] = ..., image_id: _Optional[str] = ..., cached: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., changed_layer: _Optional[str] = ..., duration_ms: _Optional[int] = ..., config: _Optional[_Union[ImageConfig, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ...) -> None: ...
 
 class ListBuildsRequest(_message.Message):
     __slots__ = ()
