@@ -111,6 +111,22 @@ pub struct Spec {
     pub format: Format,
 }
 
+/// What a load may leave out of the archive: decided by the engine's image store (engine.rs,
+/// `ImageStoreKind`; engine-facts.md, "Loading images" and "Today's engines").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// A layer whose chain the engine holds (Docker's classic store, Podman: the docker
+    /// archive's zero-size entries).
+    Chains,
+    /// A layer whose chain the engine holds and whose uncompressed blob its content store is
+    /// known to hold (`image_store.rs`, `note_blobs`): Docker's containerd store, OCI layout. A
+    /// chain alone is not enough there: a pulled image holds the chain under compressed blobs,
+    /// and a manifest naming a blob the store lacks loads but cannot be pushed or saved.
+    ChainsAndBlobs,
+    /// Nothing: every layer of ours is sent.
+    Nothing,
+}
+
 /// How the archive is laid out, and so how a layer is left out of it.
 #[derive(Debug, Clone)]
 pub enum Format {

@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::assemble;
+use crate::assemble::{self, Reuse};
 use crate::engine::ImageInfo;
 use crate::error::{Error, Result};
 use crate::fingerprint::Parts;
@@ -47,32 +47,15 @@ pub fn delta_allowed(full_bytes: u64, delta_bytes: u64) -> bool {
     delta_bytes <= (full_bytes / MAX_DELTA_SHARE).max(DELTA_ALLOWANCE)
 }
 
-/// What a load may leave out of the archive: decided by the engine's image store (engine.rs,
-/// `ImageStoreKind`; engine-facts.md, "Loading images" and "Today's engines").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reuse {
-    /// A layer whose chain the engine holds (Docker's classic store, Podman: the docker
-    /// archive's zero-size entries).
-    Chains,
-    /// A layer whose chain the engine holds and whose uncompressed blob its content store is
-    /// known to hold ([`ImageStore::note_blobs`]): Docker's containerd store, OCI layout. A
-    /// chain alone is not enough there: a pulled image holds the chain under compressed blobs,
-    /// and a manifest naming a blob the store lacks loads but cannot be pushed or saved.
-    ChainsAndBlobs,
-    /// Nothing: every layer of ours is sent.
-    Nothing,
-}
-
-impl Reuse {
-    /// True when a layer with diff ID `known` over the chain `chain` may be left out.
-    fn held(self, images: &ImageStore, chain: &str, known: &assemble::DiffId) -> bool {
-        match self {
-            Reuse::Chains => images.has_chain(chain),
-            Reuse::ChainsAndBlobs => {
-                images.has_chain(chain) && images.blob_size(&known.digest) == Some(known.size)
-            }
-            Reuse::Nothing => false,
+/// True when a layer with diff ID `known` over the chain `chain` may be left out under
+/// `reuse`.
+fn held(reuse: Reuse, images: &ImageStore, chain: &str, known: &assemble::DiffId) -> bool {
+    match reuse {
+        Reuse::Chains => images.has_chain(chain),
+        Reuse::ChainsAndBlobs => {
+            images.has_chain(chain) && images.blob_size(&known.digest) == Some(known.size)
         }
+        Reuse::Nothing => false,
     }
 }
 
@@ -191,7 +174,7 @@ pub fn full(
         let known = images.diff_id(&key);
         if let Some(known) = &known {
             let next = assemble::chain_id(chain.as_deref(), &known.digest);
-            all_held &= reuse.held(images, &next, known);
+            all_held &= held(reuse, images, &next, known);
             chain = Some(next);
         } else {
             all_held = false;

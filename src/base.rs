@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::assemble;
-use crate::assembly::Reuse;
+use crate::assemble::{self, Reuse};
 use crate::builds::Reporter;
 use crate::engine::{Engine, ImageInfo, ImageStoreKind, RegistryError};
 use crate::error::{Error, Result};

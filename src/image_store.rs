@@ -97,7 +97,7 @@ pub struct ImageStore {
     chains: Mutex<HashSet<String>>,
     /// Uncompressed layer blobs of ours that Docker's containerd content store holds, by
     /// digest (= diff ID), with their size in bytes: what an OCI-layout load may leave out
-    /// there (`assembly.rs`, `Reuse::ChainsAndBlobs`). In memory only:
+    /// there (`assemble.rs`, `Reuse::ChainsAndBlobs`). In memory only:
     /// after a restart each tag's first build there sends its layers once.
     blobs: Mutex<HashMap<String, u64>>,
 }

@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::access::{self, Peer};
-use crate::assemble;
-use crate::assembly::{self, Assembly, Reuse, short_id};
+use crate::assemble::{self, Reuse};
+use crate::assembly::{self, Assembly, short_id};
 use crate::base;
 use crate::builds::Reporter;
 use crate::engine::{ImageInfo, ImageStoreKind};
