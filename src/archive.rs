@@ -567,6 +567,14 @@ fn survey<R: Read + io::Seek>(
             wins: true,
         });
     }
+    check_total(name, &entries, limits)?;
+    check_links(name, &entries)?;
+    let findings = findings(&entries, &differing);
+    Ok(Survey { entries, findings })
+}
+/// The winning entries' sizes together stay within `max_zip_bytes`, or the first entry past it
+/// is named.
+fn check_total(name: &str, entries: &[Planned], limits: ZipLimits) -> Result<()> {
     let mut total: u64 = 0;
     for planned in entries.iter().filter(|e| e.wins) {
         total = total.saturating_add(planned.size);
@@ -581,6 +589,11 @@ fn survey<R: Read + io::Seek>(
             ));
         }
     }
+    Ok(())
+}
+
+/// No winning entry lies below a winning link entry (it would be written through the link).
+fn check_links(name: &str, entries: &[Planned]) -> Result<()> {
     let links: HashSet<&Path> = entries
         .iter()
         .filter(|e| e.wins && e.kind == EntryKind::Link)
@@ -597,6 +610,12 @@ fn survey<R: Read + io::Seek>(
             "it would be written through a symlink entry",
         ));
     }
+    Ok(())
+}
+
+/// What the surveyed archive warns about (differing repeated names, files Lambda cannot read)
+/// and the directories it ships without owner write.
+fn findings(entries: &[Planned], differing: &Found) -> Findings {
     let mut notes = Vec::new();
     if differing.count() > 0 {
         notes.push(Note {
@@ -631,11 +650,9 @@ fn survey<R: Read + io::Seek>(
         .filter(|e| e.mode.is_some_and(|mode| mode & 0o200 == 0))
         .map(|e| e.rel.to_string_lossy().into_owned())
         .collect();
-    Ok(Survey {
-        entries,
-        findings: Findings { notes, locked_dirs },
-    })
+    Findings { notes, locked_dirs }
 }
+
 /// Extracts the zip in `file` into `temp` (a new directory) as [`survey`] planned it; returns
 /// the archive's notes.
 fn extract(
