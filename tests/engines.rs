@@ -301,42 +301,6 @@ async fn docker26_containerd_store_deltas_over_a_pulled_base_and_after_rmi() {
     over_a_pulled_base_and_after_rmi_on("docker26-containerd").await;
 }
 
-/// Waits until `daemon` lists the registry-cache push of `reference` as finished, and checks
-/// that it succeeded.
-async fn pushed(daemon: &TestDaemon, reference: &str) {
-    let push_of = || async {
-        let mut client = lambda_imaged::client::Client::connect(&daemon.socket)
-            .await
-            .unwrap();
-        let listed = client
-            .raw()
-            .list_builds(proto::ListBuildsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        listed.recent.into_iter().find(|s| s.tag == reference)
-    };
-    let what = format!("the push of {reference} listed as finished");
-    until_async(&what, std::time::Duration::from_secs(120), || async {
-        push_of().await.is_some()
-    })
-    .await;
-    let push = push_of().await.expect("listed");
-    assert_eq!(
-        push.state,
-        proto::BuildState::Succeeded as i32,
-        "push of {reference} failed: {}",
-        push.error
-    );
-}
-
-/// `<cache>:fp-<fingerprint>`: where the image `tag` on `host` is shared.
-fn cache_reference(host: &str, tag: &str, cache: &str) -> String {
-    let format = "{{index .Config.Labels \"io.lambda-imaged.fingerprint\"}}";
-    let fingerprint = docker_ok_on(host, &["image", "inspect", "--format", format, tag]);
-    format!("{cache}:fp-{}", fingerprint.trim())
-}
-
 /// The registry cache across stores: an image built on Docker 28's containerd store and pushed
 /// is a `REGISTRY_HIT` on its classic store with the same `/opt` (fingerprints name the base
 /// by its config digest on every store); one built there (an edit) is right back on the
@@ -369,7 +333,11 @@ async fn the_registry_cache_is_shared_between_the_containerd_and_classic_stores(
 
     let built = build(&a.socket, request.clone()).await.completed().clone();
     assert_eq!(built.reason, proto::Reason::Missing as i32);
-    pushed(&a, &cache_reference(&containerd, &built.tag, &cache)).await;
+    registry::pushed(
+        &a.socket,
+        &registry::cache_reference(&containerd, &built.tag, &cache),
+    )
+    .await;
     let hit = build(&b.socket, request.clone()).await.completed().clone();
     assert_eq!(hit.reason, proto::Reason::RegistryHit as i32, "{hit:?}");
     assert_eq!(message_in(&classic, &hit.tag), "from containerd\n");
@@ -382,7 +350,11 @@ async fn the_registry_cache_is_shared_between_the_containerd_and_classic_stores(
     write_file(&layer.join("message.txt"), "from classic\n", 0o644);
     let rebuilt = build(&b.socket, request.clone()).await.completed().clone();
     assert_eq!(rebuilt.reason, proto::Reason::LayerChanged as i32);
-    pushed(&b, &cache_reference(&classic, &rebuilt.tag, &cache)).await;
+    registry::pushed(
+        &b.socket,
+        &registry::cache_reference(&classic, &rebuilt.tag, &cache),
+    )
+    .await;
     // Back on the containerd store the image is right whichever way it came: a hit when the
     // engine fetches the pushed (gzip) blobs; a local build when it already has those layers
     // unpacked from our uncompressed blobs, skips the fetch and then lists the pulled image

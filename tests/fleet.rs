@@ -16,11 +16,11 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lambda_imaged::client::{Client, proto};
+use lambda_imaged::client::proto;
 use proto::build_event::Event;
 use support::daemon::Daemon;
 use support::dockerd::{SecondEngine, docker_at_ok, second_engine};
-use support::registry::{Proxy, registry};
+use support::registry::{Proxy, cache_reference, push_of, pushed, registry};
 use support::tree::{assert_same, image_opt, image_tree_at};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,44 +78,6 @@ fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// Where the image `tag` (in the engine at `host`) is shared: `<cache>:fp-<its fingerprint>`.
-fn cache_reference(host: &str, tag: &str, cache: &str) -> String {
-    let format = "{{index .Config.Labels \"io.lambda-imaged.fingerprint\"}}";
-    let fingerprint = docker_at_ok(host, &["image", "inspect", "--format", format, tag]);
-    format!("{cache}:fp-{}", fingerprint.trim())
-}
-
-/// Waits until the daemon on `socket` lists the push of `reference` as finished; its summary.
-async fn push_of(socket: &Path, reference: &str) -> proto::BuildSummary {
-    let found = &std::sync::Mutex::new(None);
-    let what = format!("a finished push of {reference} in ListBuilds");
-    until_async(what, DEADLINE, || async move {
-        let mut client = Client::connect(socket).await.unwrap();
-        let listed = client.list_builds().await.unwrap();
-        let push = listed.recent.into_iter().find(|s| s.tag == reference);
-        let done = push.is_some();
-        *found.lock().unwrap() = push;
-        done
-    })
-    .await;
-    found
-        .lock()
-        .unwrap()
-        .take()
-        .expect("until returned once it was listed")
-}
-
-/// Waits until `daemon` has pushed `reference`; panics with the error when the push failed.
-async fn pushed(daemon: &TestDaemon, reference: &str) {
-    let push = push_of(&daemon.socket, reference).await;
-    assert_eq!(
-        push.state,
-        proto::BuildState::Succeeded as i32,
-        "push of {reference} failed: {}",
-        push.error
-    );
-}
-
 fn engine_builds(daemon: &TestDaemon) -> u64 {
     daemon
         .builds
@@ -151,7 +113,7 @@ async fn a_fleet_builds_each_image_once() {
     let built = build(&a.socket, request.clone()).await.completed().clone();
     assert_eq!(built.reason, proto::Reason::Missing as i32);
     let reference = cache_reference(&engine_host(), &built.tag, &cache);
-    pushed(&a, &reference).await;
+    pushed(&a.socket, &reference).await;
 
     let hit = build(&b.socket, request.clone()).await;
     let pulled = hit.completed();
@@ -213,7 +175,7 @@ async fn a_fleet_builds_each_image_once() {
         "the edit after a registry hit was not a delta: {edit:?}"
     );
     let reference = cache_reference(&engine_b.host, &rebuilt.tag, &cache);
-    pushed(&b, &reference).await;
+    pushed(&b.socket, &reference).await;
 
     let before = engine_builds(&a);
     let hit = build(&a.socket, request).await.completed().clone();
@@ -287,7 +249,7 @@ async fn concurrent_requests_share_one_lookup_and_one_pull() {
     let request = zip_request(&[(&unique("deps"), &layer)]);
     let built = build(&a.socket, request.clone()).await.completed().clone();
     let reference = cache_reference(&engine_host(), &built.tag, &cache);
-    pushed(&a, &reference).await;
+    pushed(&a.socket, &reference).await;
     let fingerprint_tag = reference.rsplit(':').next().unwrap().to_owned();
     let by_tag = format!(" /v2/{repo}/manifests/{fingerprint_tag} ");
     let config_blob = format!(

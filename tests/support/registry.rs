@@ -3,8 +3,12 @@
 //! can hold them (to keep a pull or check in flight while requests arrive) or refuse
 //! connections (a registry that stopped answering).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lambda_imaged::client::{Client, proto};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +21,48 @@ pub fn registry() -> String {
             "LAMBDA_IMAGED_TEST_REGISTRY is not set: run `eval \"$(scripts/test-env.sh)\"` first"
         )
     })
+}
+
+/// How long a registry-cache push may take to be listed as finished.
+const PUSH_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Where the image `tag` (in the engine at `host`) is shared: `<cache>:fp-<its fingerprint>`.
+pub fn cache_reference(host: &str, tag: &str, cache: &str) -> String {
+    let format = "{{index .Config.Labels \"io.lambda-imaged.fingerprint\"}}";
+    let fingerprint = super::docker_ok_on(host, &["image", "inspect", "--format", format, tag]);
+    format!("{cache}:fp-{}", fingerprint.trim())
+}
+
+/// Waits until the daemon on `socket` lists the push of `reference` as finished; its summary.
+pub async fn push_of(socket: &Path, reference: &str) -> proto::BuildSummary {
+    let found = &std::sync::Mutex::new(None);
+    let what = format!("a finished push of {reference} in ListBuilds");
+    super::until_async(what, PUSH_DEADLINE, || async move {
+        let mut client = Client::connect(socket).await.unwrap();
+        let listed = client.list_builds().await.unwrap();
+        let push = listed.recent.into_iter().find(|s| s.tag == reference);
+        let done = push.is_some();
+        *found.lock().unwrap() = push;
+        done
+    })
+    .await;
+    found
+        .lock()
+        .unwrap()
+        .take()
+        .expect("until returned once it was listed")
+}
+
+/// Waits until the daemon on `socket` has pushed `reference`; panics with the error when the
+/// push failed.
+pub async fn pushed(socket: &Path, reference: &str) {
+    let push = push_of(socket, reference).await;
+    assert_eq!(
+        push.state,
+        proto::BuildState::Succeeded as i32,
+        "push of {reference} failed: {}",
+        push.error
+    );
 }
 
 /// The bytes a client sent on one connection.
