@@ -317,7 +317,7 @@ pub struct Engine {
     /// Where the engine keeps images, once learned ([`Engine::image_store`]).
     store: tokio::sync::OnceCell<ImageStoreKind>,
     /// Manifest facts of images, by image ID ([`Engine::manifest_facts`]).
-    descriptors: std::sync::Mutex<HashMap<String, Arc<ManifestFacts>>>,
+    manifests: std::sync::Mutex<HashMap<String, Arc<ManifestFacts>>>,
 }
 
 /// Progress items one pull keeps for followers that fall behind; a slower one skips items
@@ -388,7 +388,7 @@ impl Engine {
             healthy,
             pulls: std::sync::Mutex::new(HashMap::new()),
             store: tokio::sync::OnceCell::new(),
-            descriptors: std::sync::Mutex::new(HashMap::new()),
+            manifests: std::sync::Mutex::new(HashMap::new()),
         })
     }
 

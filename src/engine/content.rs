@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 /// Manifests and indexes are small JSON documents; a blob larger than this is a layer or a
 /// config and is skipped while reading an export.
 const MAX_DOCUMENT: u64 = 1 << 20;
-/// Images whose descriptors are remembered; the map is emptied when it would grow past this
+/// Images whose manifest facts are remembered; the map is emptied when it would grow past this
 /// (bases are few; a re-read costs one export).
 const REMEMBERED: usize = 64;
 
@@ -46,7 +46,7 @@ impl Engine {
     /// from its export and remembered. Errors: the engine's (UNAVAILABLE,
     /// FAILED_PRECONDITION), or FAILED_PRECONDITION when the export holds no manifest for it.
     pub async fn manifest_facts(&self, id: &str, architecture: &str) -> Result<Arc<ManifestFacts>> {
-        if let Some(known) = crate::sync::lock(&self.descriptors).get(id) {
+        if let Some(known) = crate::sync::lock(&self.manifests).get(id) {
             return Ok(known.clone());
         }
         let client = self
@@ -60,7 +60,7 @@ impl Engine {
         let (id_owned, arch) = (id.to_owned(), architecture.to_owned());
         let facts = crate::sync::blocking(move || read_export(reader, &id_owned, &arch)).await?;
         let facts = Arc::new(facts);
-        let mut remembered = crate::sync::lock(&self.descriptors);
+        let mut remembered = crate::sync::lock(&self.manifests);
         if remembered.len() >= REMEMBERED {
             remembered.clear();
         }
@@ -101,7 +101,7 @@ fn read_export(reader: impl Read, id: &str, architecture: &str) -> Result<Manife
             continue;
         }
         documents.insert(format!("sha256:{hex}"), bytes);
-        if let Some(found) = layers_of(&documents, id, architecture) {
+        if let Some(found) = facts_of(&documents, id, architecture) {
             return found.map_err(failed);
         }
     }
@@ -111,7 +111,7 @@ fn read_export(reader: impl Read, id: &str, architecture: &str) -> Result<Manife
 /// The manifest facts of document `id` in `documents`: `None` while a document it needs is
 /// not there yet; an error for a document that is not a manifest or an index, or an index
 /// with no manifest for `linux` / `architecture`.
-fn layers_of(
+fn facts_of(
     documents: &HashMap<String, Vec<u8>>,
     id: &str,
     architecture: &str,
@@ -133,7 +133,7 @@ fn layers_of(
             })
         });
         return match chosen {
-            Some(manifest) => layers_of(documents, manifest.digest().as_ref(), architecture),
+            Some(manifest) => facts_of(documents, manifest.digest().as_ref(), architecture),
             None => Some(Err(format!(
                 "index {id} has no manifest for linux/{architecture}"
             ))),
