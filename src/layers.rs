@@ -285,25 +285,30 @@ fn deploy_limits(tree: &mut Tree, layers: usize) {
 /// The `extension_arch_mismatch` warning for the merged tree: `/opt/bootstrap` and the files
 /// directly in `/opt/extensions/` (where Lambda looks for a custom runtime and for
 /// extensions) that are ELF executables for another architecture than `arch`. Files of the
-/// daemon's cache are read with its rights, others with the calling thread's (the peer's).
-pub fn arch_warnings(tree: &Tree, arch: Arch) -> Vec<Warning> {
+/// daemon's cache are read with its rights, others with the calling thread's (the peer's);
+/// each content once (`cache`, by its digest).
+pub fn arch_warnings(tree: &Tree, arch: Arch, cache: &StatCache) -> Vec<Warning> {
     let (ours, machine) = match arch {
         Arch::X86_64 => ("x86_64", lambda_rules::EM_X86_64),
         Arch::Arm64 => ("arm64", lambda_rules::EM_AARCH64),
     };
     let mut others: BTreeMap<u16, Found> = BTreeMap::new();
-    for entry in tree.entries.values() {
-        let launched = entry.path == "bootstrap"
-            || entry
-                .path
-                .strip_prefix("extensions/")
-                .is_some_and(|name| !name.contains('/'));
-        let Kind::File { source, .. } = &entry.kind else {
+    let extensions = tree
+        .entries
+        .range::<str, _>((
+            std::ops::Bound::Included("extensions/"),
+            std::ops::Bound::Excluded("extensions0"),
+        ))
+        .filter(|(path, _)| !path["extensions/".len()..].contains('/'));
+    let launched = tree
+        .entries
+        .get_key_value("bootstrap")
+        .into_iter()
+        .chain(extensions);
+    for (path, entry) in launched {
+        let Kind::File { source, digest, .. } = &entry.kind else {
             continue;
         };
-        if !launched {
-            continue;
-        }
         let read = || -> Result<Vec<u8>> {
             let mut header = Vec::with_capacity(20);
             std::io::Read::take(open_regular(source)?, 20)
@@ -311,18 +316,21 @@ pub fn arch_warnings(tree: &Tree, arch: Arch) -> Vec<Warning> {
                 .map_err(|err| Error::io("reading", source, &err))?;
             Ok(header)
         };
-        let header = if entry.from_cache {
-            crate::access::as_daemon(read)
-        } else {
-            read()
-        };
-        if let Some(found) = header.ok().and_then(|h| lambda_rules::elf_machine(&h))
+        let found = cache.elf_machine(digest, || {
+            let header = if entry.from_cache {
+                crate::access::as_daemon(read)
+            } else {
+                read()
+            };
+            header.ok().and_then(|h| lambda_rules::elf_machine(&h))
+        });
+        if let Some(found) = found
             && found != machine
         {
             others
                 .entry(found)
                 .or_default()
-                .add(&format!("/opt/{}", entry.path));
+                .add(&format!("/opt/{path}"));
         }
     }
     others

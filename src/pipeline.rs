@@ -199,7 +199,7 @@ async fn walk_inputs(
             } else {
                 let walked = access::as_peer(&peer_for_walk, || {
                     let mut tree = layers::walk(&specs, limits, &cache, &zips)?;
-                    let found = layers::arch_warnings(&tree, arch);
+                    let found = layers::arch_warnings(&tree, arch, &cache);
                     tree.warnings.extend(found);
                     Ok(tree)
                 });

@@ -57,7 +57,13 @@ pub struct StatCache {
     pub bytes_hashed: AtomicU64,
     /// Entries added since the last save.
     dirty: AtomicBool,
+    /// The ELF machine of contents already looked at, by sha256 (`None`: not an ELF file), so
+    /// a warm request does not read `/opt/bootstrap` and `/opt/extensions/*` again. In memory.
+    elf_machines: Mutex<HashMap<[u8; 32], Option<u16>>>,
 }
+
+/// Contents whose ELF machine is remembered; the map is emptied when it would grow past this.
+const MAX_ELF_MACHINES: usize = 4096;
 
 /// On-disk form of the stat cache. A file of another version, or one that does not parse, is
 /// ignored (and replaced at the next save), never trusted.
@@ -195,6 +201,25 @@ impl StatCache {
     /// The sha256 of `path`'s content, from the cache when its stat key is unchanged. The
     /// file is opened either way (with the calling thread's rights), so a cached digest is
     /// never handed out for a file the caller could not read.
+    /// The ELF machine of the content with sha256 `digest`, from `read` the first time that
+    /// content is seen (same bytes, same answer), remembered after.
+    pub fn elf_machine(
+        &self,
+        digest: &[u8; 32],
+        read: impl FnOnce() -> Option<u16>,
+    ) -> Option<u16> {
+        if let Some(known) = crate::sync::lock(&self.elf_machines).get(digest) {
+            return *known;
+        }
+        let machine = read();
+        let mut known = crate::sync::lock(&self.elf_machines);
+        if known.len() >= MAX_ELF_MACHINES {
+            known.clear();
+        }
+        known.insert(*digest, machine);
+        machine
+    }
+
     pub fn file_digest(&self, path: &Path) -> Result<[u8; 32]> {
         let mut file = open_regular(path)?;
         self.digest_of_open(path, &mut file)
