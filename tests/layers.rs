@@ -818,19 +818,25 @@ async fn prune_older_than(
         .into_inner()
 }
 
-/// Makes `tag` look last used at `when`: waits for the daemon's own record (written off the
-/// request path) or, for an image the daemon never saw, writes one.
+/// Waits for the daemon's own record of `tag`'s use (written off the request path).
+async fn recorded(cache: &Path, tag: &str) {
+    let path = use_record(cache, tag);
+    let what = format!(
+        "the daemon to record the use of {tag} in {}",
+        path.display()
+    );
+    until(&what, Duration::from_secs(30), || {
+        fs::read_to_string(&path).is_ok_and(|text| text == tag)
+    })
+    .await;
+}
+
+/// Makes `tag` look last used at `when`: waits for the daemon's own record ([`recorded`]) or,
+/// for an image the daemon never saw, writes one.
 async fn age_record(cache: &Path, tag: &str, when: SystemTime, ours: bool) {
     let path = use_record(cache, tag);
     if ours {
-        let what = format!(
-            "the daemon to record the use of {tag} in {}",
-            path.display()
-        );
-        until(&what, Duration::from_secs(30), || {
-            fs::read_to_string(&path).is_ok_and(|text| text == tag)
-        })
-        .await;
+        recorded(cache, tag).await;
     } else {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, tag).unwrap();
@@ -926,6 +932,9 @@ async fn prune_removes_only_our_unused_images() {
     age_record(&cache, &busy.tag, ancient, true).await;
     age_record(&cache, &foreign, ancient, false).await;
     age_record(&cache, &sam_like, ancient, false).await;
+    // The recent image's record is written in the background too: without it, prune would
+    // count the image as last used when it was created (the stand-in base's 1970).
+    recorded(&cache, &recent.tag).await;
     // An extracted layer's last use is its directory's mtime.
     fs::File::open(cache.join("layers").join(&free_layer))
         .unwrap()
