@@ -53,6 +53,8 @@ pub struct Config {
     pub client_stall_timeout: Duration,
     /// How often each ZIP base is compared with its registry, for all clients together.
     pub base_check_ttl: Duration,
+    /// How long an image that was an answer is kept after it was superseded (`retire.rs`).
+    pub answer_grace: Duration,
     /// ZIP bases come from `<prefix>/<name:tag>` instead of `public.ecr.aws/lambda/...`.
     pub base_image_mirror: Option<String>,
     /// Most connections one peer uid may have open at once; further ones are closed on
@@ -156,6 +158,7 @@ impl Config {
             hooks: TestHooks::default(),
             client_stall_timeout: CLIENT_STALL_TIMEOUT,
             base_check_ttl: Duration::from_secs(60 * 60),
+            answer_grace: crate::retire::ANSWER_GRACE,
             base_image_mirror: None,
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
             registry_cache: None,
@@ -333,6 +336,10 @@ pub struct Settings {
     /// all clients; requests never wait on it) [default: 1h]
     #[arg(long)]
     pub base_check_ttl: Option<String>,
+    /// How long an image that was an answer is kept once its tag moved to another image (a
+    /// client may still be about to start a container from it) [default: 5m]
+    #[arg(long)]
+    pub answer_grace: Option<String>,
     /// Take ZIP base images from PREFIX/<name:tag> (e.g. 127.0.0.1:5055/lambda) instead of
     /// public.ecr.aws/lambda; the images keep SAM's tags [default: none]
     #[arg(long)]
@@ -403,6 +410,7 @@ impl Settings {
             max_zip_ratio: pick(over.max_zip_ratio, self.max_zip_ratio),
             log_format: pick(over.log_format, self.log_format),
             base_check_ttl: pick(over.base_check_ttl, self.base_check_ttl),
+            answer_grace: pick(over.answer_grace, self.answer_grace),
             base_image_mirror: pick(over.base_image_mirror, self.base_image_mirror),
             max_connections_per_uid: pick(
                 over.max_connections_per_uid,
@@ -462,6 +470,7 @@ impl Settings {
             &self.base_check_ttl,
             config.base_check_ttl,
         )?;
+        config.answer_grace = duration("answer_grace", &self.answer_grace, config.answer_grace)?;
         if let Some(prefix) = &self.base_image_mirror {
             let prefix = prefix.trim_end_matches('/');
             let probe = format!("{prefix}/python:3.12-x86_64");
@@ -623,6 +632,7 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
         max_zip_ratio: Some(config.zip_limits.max_ratio),
         log_format: Some(log_format.to_owned()),
         base_check_ttl: Some(humantime::format_duration(config.base_check_ttl).to_string()),
+        answer_grace: Some(humantime::format_duration(config.answer_grace).to_string()),
         base_image_mirror: config.base_image_mirror.clone(),
         max_connections_per_uid: Some(config.max_connections_per_uid),
         client_stall_timeout: Some(

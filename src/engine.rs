@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::auth::DockerCredentials;
-use bollard::models::{BuildInfo, CreateImageInfo};
+use bollard::models::{BuildInfo, CreateImageInfo, EventMessageTypeEnum};
 use bollard::query_parameters::{
     CreateImageOptions, EventsOptions, ImportImageOptions, ListContainersOptions,
     ListImagesOptions, PushImageOptions, RemoveImageOptions, TagImageOptions,
@@ -70,6 +70,8 @@ pub struct ImageInfo {
     /// Registry digests the engine recorded when the image was pulled or pushed
     /// ("<repository>@sha256:<hex>"); empty for an image that never met a registry.
     pub repo_digests: Vec<String>,
+    /// The names the image has ("repository:tag"; `RepoTags`), empty for an untagged one.
+    pub tags: Vec<String>,
     /// The image config in Docker's JSON form, as an assembled image derived from this one
     /// needs it: `created`, `os`, `architecture`, `variant` and `config` (only the OCI image-config
     /// keys: User, ExposedPorts, Env, Entrypoint, Cmd, Volumes, WorkingDir, Labels,
@@ -310,6 +312,9 @@ pub struct Engine {
     client: Mutex<Option<Docker>>,
     index: RwLock<Index>,
     healthy: watch::Sender<bool>,
+    /// Bumped on each container `destroy` event, and whenever the events stream (re)attaches
+    /// (events may have been missed): what waits for a container to go watches it.
+    containers_gone: watch::Sender<u64>,
     /// Pulls in flight by (reference, platform): concurrent requests for one missing base
     /// (whatever their tags) and a freshness check's update share one pull. A std Mutex: held
     /// only to look up, insert or remove an entry, never across an `.await`.
@@ -379,6 +384,7 @@ impl Engine {
     /// `tcp://`; see [`check_endpoint`]); nothing is contacted yet.
     pub fn new(host: String, tls: Option<EngineTls>, build_timeout: Duration) -> Arc<Engine> {
         let (healthy, _) = watch::channel(false);
+        let (containers_gone, _) = watch::channel(0);
         Arc::new(Engine {
             host,
             tls,
@@ -386,6 +392,7 @@ impl Engine {
             client: Mutex::new(None),
             index: RwLock::new(Index::default()),
             healthy,
+            containers_gone,
             pulls: std::sync::Mutex::new(HashMap::new()),
             store: tokio::sync::OnceCell::new(),
             manifests: std::sync::Mutex::new(HashMap::new()),
@@ -418,6 +425,12 @@ impl Engine {
     /// True while the engine answers; changes are published to [`Engine::health`] watchers.
     pub fn health(&self) -> watch::Receiver<bool> {
         self.healthy.subscribe()
+    }
+
+    /// Changes whenever a container may have gone: on each container `destroy` event, and
+    /// when the events stream (re)attaches after a gap. The value itself means nothing.
+    pub fn containers_gone(&self) -> watch::Receiver<u64> {
+        self.containers_gone.subscribe()
     }
 
     /// The shared client, connecting and negotiating the API version on first use.
@@ -606,6 +619,12 @@ impl Engine {
         let info = ImageInfo {
             diff_ids,
             repo_digests: inspected.repo_digests.unwrap_or_default(),
+            tags: inspected
+                .repo_tags
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| t != "<none>:<none>")
+                .collect(),
             image_config,
             id: inspected.id.unwrap_or_default(),
             labels: config.labels.unwrap_or_default(),
@@ -933,25 +952,48 @@ impl Engine {
         self.store.get().copied()
     }
 
-    /// Removes an image we superseded, unless a container uses it (the engine refuses then,
-    /// and so do we, silently). Returns whether it was removed.
-    pub async fn remove_unused(&self, image_id: &str) -> bool {
-        let Ok(client) = self.client().await else {
-            return false;
-        };
+    /// How many containers (running or not) were created from `image_id` or one of its names.
+    ///
+    /// # Errors
+    /// The engine is unreachable or refuses the listing.
+    pub async fn containers_of(&self, image_id: &str) -> Result<usize> {
+        let client = self.client().await?;
         let filters = HashMap::from([("ancestor".to_owned(), vec![image_id.to_owned()])]);
         let options = ListContainersOptions {
             all: true,
             filters: Some(filters),
             ..Default::default()
         };
-        match client.list_containers(Some(options)).await {
-            Ok(containers) if containers.is_empty() => {}
-            _ => return false,
+        let containers = client
+            .list_containers(Some(options))
+            .await
+            .map_err(|err| self.map_error(err))?;
+        Ok(containers.len())
+    }
+
+    /// Removes the image `image_id` that has the names `tags`: each name first (a name the
+    /// image shares with no other is how an image with several names is removed without
+    /// force), then the image. Untagged parents are pruned only with `prune_parents`. An image
+    /// already gone counts as removed.
+    ///
+    /// # Errors
+    /// The engine refuses (a container uses the image) or is unreachable.
+    pub async fn remove_named(
+        &self,
+        image_id: &str,
+        tags: &[String],
+        prune_parents: bool,
+    ) -> Result<()> {
+        for tag in tags {
+            match self.remove_image(tag, prune_parents).await {
+                Ok(()) | Err(Error::NotFound(_)) => {}
+                Err(err) => return Err(err),
+            }
         }
-        // Keep the untagged parents: they are build cache a concurrent build may be using
-        // right now ("unknown parent image ID" otherwise).
-        self.remove_image(image_id, false).await.is_ok()
+        match self.remove_image(image_id, prune_parents).await {
+            Ok(()) | Err(Error::NotFound(_)) => Ok(()),
+            Err(err) => Err(err),
+        }
     }
 
     /// Images carrying `label` (ours), with their tags, size and creation time.
@@ -1061,7 +1103,11 @@ impl Engine {
                 .saturating_sub(1);
             self.invalidate(true);
             self.healthy.send_replace(true);
-            let filters = HashMap::from([("type".to_owned(), vec!["image".to_owned()])]);
+            self.containers_gone.send_modify(|n| *n = n.wrapping_add(1));
+            let filters = HashMap::from([(
+                "type".to_owned(),
+                vec!["image".to_owned(), "container".to_owned()],
+            )]);
             let options = EventsOptions {
                 since: Some(since.to_string()),
                 filters: Some(filters),
@@ -1073,6 +1119,13 @@ impl Engine {
             let mut events = events_client.events(Some(options));
             while let Some(event) = events.next().await {
                 match event {
+                    // A container gone may free a superseded image (`retire.rs`); other
+                    // container events (create, start, die, ...) change no image.
+                    Ok(event) if event.typ == Some(EventMessageTypeEnum::CONTAINER) => {
+                        if event.action.as_deref() == Some("destroy") {
+                            self.containers_gone.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                    }
                     // Any image event may change what a reference means: forget everything.
                     // They are rare next to requests, and a miss costs one inspect.
                     Ok(_) => self.invalidate(true),

@@ -78,6 +78,7 @@ pub(crate) mod prune;
 pub(crate) mod reference;
 pub(crate) mod registry_cache;
 pub(crate) mod resolve;
+pub mod retire;
 pub mod server;
 pub(crate) mod service;
 pub(crate) mod stat_cache;

@@ -299,6 +299,7 @@ mod tests {
             duration_ms: 1500,
             config: Default::default(),
             warnings: Vec::new(),
+            pinned_tag: String::new(),
         };
         metrics.request(false);
         metrics.finished(Ok(&completed(false, Reason::Missing)));

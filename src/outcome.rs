@@ -57,6 +57,8 @@ pub struct Completed {
     /// `(code, message)` of every `Warning` event of the build, in order: filled in when the
     /// build finishes (`builds.rs`), so a client that reads only the outcome sees them too.
     pub warnings: Vec<(String, String)>,
+    /// With layers: the image's pinned tag (`retire::pin_of`), empty otherwise.
+    pub pinned_tag: String,
 }
 
 /// One event of a build (the wire's `BuildEvent` minus `Accepted`, which is per client).

@@ -19,12 +19,12 @@ use crate::builds::Reporter;
 use crate::engine::{ImageInfo, ImageStoreKind};
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, FINGERPRINT_LABEL, Parts, decide};
-use crate::image_store;
 use crate::layers;
 use crate::outcome::{Completed, Event, LogKind, Reason};
 use crate::prune;
 use crate::registry_cache;
-use crate::resolve::Plan;
+use crate::resolve::{LayerSpec, Plan};
+use crate::retire;
 
 mod shared;
 
@@ -52,6 +52,7 @@ pub async fn run(
             message: ignored_layers_message(&plan.ignored_layers),
         });
     }
+    warn_shared_tag(&shared, &plan, &reporter);
     let inputs = walk_inputs(&shared, &plan, &peer, &reporter).await?;
     let base = base::base_image(
         &shared.tasks,
@@ -69,18 +70,17 @@ pub async fn run(
     let existing = shared.engine.inspect_fresh(plan.tag.as_str()).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
     let fingerprint = parts.fingerprint();
-    let (image_id, config, cached, reason) = if reason == Reason::UpToDate {
+    let (image, cached, reason) = if reason == Reason::UpToDate {
         record_use(&shared, plan.tag.as_str());
         // `decide` only says UpToDate for an existing image.
-        let existing = existing.unwrap_or_default();
-        (existing.id, existing.config, true, reason)
+        (existing.unwrap_or_default(), true, reason)
     } else if let Some(pulled) =
         from_registry(&shared, &plan, &fingerprint, reason, &reporter).await
     {
         let adopted = after_build(&shared, &plan, &pulled, existing).await?;
         let tree = inputs.tree.clone();
         assembly::remember_pulled(&shared.images, &parts, &inputs.rie, tree, &base, &adopted).await;
-        (adopted.id, adopted.config, false, Reason::RegistryHit)
+        (adopted, false, Reason::RegistryHit)
     } else {
         let images = (&base, existing.as_ref());
         let layers = (plan.layers.clone(), inputs.tree.clone());
@@ -98,18 +98,81 @@ pub async fn run(
                 layers,
             );
         }
-        (built.id, built.config, false, reason)
+        (built, false, reason)
     };
+    let pinned_tag = pin(&shared, &plan, &image).await;
+    shared.retire.answered(&image.id);
     Ok(Completed {
         tag: plan.tag.as_str().to_owned(),
-        image_id,
+        image_id: image.id,
         cached,
         reason,
         changed_layer,
         duration_ms: elapsed_ms(started),
-        config,
+        config: image.config,
         warnings: Vec::new(),
+        pinned_tag,
     })
+}
+
+/// With layers, the answer's pinned tag (`retire.rs`), created when the image lacks it: SAM's
+/// tag hashes layer names only, so another request can move `plan.tag` before the client has
+/// used it. Empty without layers (nothing else can ask for such a tag with other inputs), or
+/// when the engine refuses the tag (the answer still holds under `plan.tag`; logged).
+async fn pin(shared: &Shared, plan: &Plan, image: &ImageInfo) -> String {
+    if plan.layers.is_empty() {
+        return String::new();
+    }
+    let Some(pin) = retire::pin_of(&plan.tag, &image.id) else {
+        return String::new();
+    };
+    if !image.tags.iter().any(|tag| tag == pin.as_str())
+        && let Err(err) = shared.engine.tag(&image.id, &pin).await
+    {
+        tracing::warn!(image = %image.id, pin = %pin, error = %err, "could not pin the image");
+        return String::new();
+    }
+    pin.as_str().to_owned()
+}
+
+/// Warns `shared_tag` when `plan.tag` was last asked for with other layers: SAM's tag hashes
+/// the layers' names only (`LambdaImage._generate_docker_image_version`), so two functions
+/// whose layers share names but not sources take turns moving one tag, and every turn is a
+/// rebuild. Both answers stay valid (pinned tags, `retire.rs`); renaming a layer ends it.
+fn warn_shared_tag(shared: &Shared, plan: &Plan, reporter: &Reporter) {
+    if plan.layers.is_empty() {
+        return;
+    }
+    let tag = plan.tag.as_str();
+    if let Some((before, _)) = shared.tag_layers.get(tag)
+        && before != plan.layers
+    {
+        reporter.emit(Event::Warning {
+            code: "shared_tag".into(),
+            message: shared_tag_message(tag, &before, &plan.layers),
+        });
+    }
+    shared
+        .tag_layers
+        .set(tag, plan.layers.clone(), Instant::now());
+}
+
+fn shared_tag_message(tag: &str, before: &[LayerSpec], now: &[LayerSpec]) -> String {
+    let list = |layers: &[LayerSpec]| {
+        layers
+            .iter()
+            .map(|l| format!("{} = {}", l.name, l.path.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "{tag} was last asked for with layers [{}] and now with [{}]: SAM names the image by \
+         the layers' names only, so these functions share one tag and rebuild it in turn (each \
+         answer keeps its own image under its pinned tag); give one of the layers another \
+         logical ID to end this",
+        list(before),
+        list(now)
+    )
 }
 
 /// Before a cold build, with `--registry-cache`: the image another daemon built for
@@ -494,19 +557,14 @@ async fn after_build(
     if let Some(old) =
         existing.filter(|old| old.id != built.id && old.labels.contains_key(FINGERPRINT_LABEL))
     {
-        // The tag moved: remove the superseded image if nothing uses it (SAM does the same),
-        // and its listing with it (the new image's listing is what the next delta needs).
-        let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
-        let name = format!("removal of superseded image {}", short_id(&old.id));
-        shared.tasks.spawn(name, async move {
-            if engine.remove_unused(&old.id).await {
-                image_store::remove_listing(&cache_dir, &old.id);
-            }
-        });
+        // The tag moved: the superseded image goes (SAM removes it too) once no answer can
+        // still need it, and its listing with it (`retire.rs`).
+        shared.retire.supersede(&old.id);
     }
     record_use(shared, plan.tag.as_str());
     if let Some(cap) = shared.max_cache_bytes {
         let (engine, cache_dir) = (engine.clone(), shared.cache_dir.clone());
+        let answered = shared.retire.recent_answers();
         shared.tasks.spawn("prune to --max-cache-size", async move {
             // Images only: a build in flight may be reading an extracted layer.
             let policy = prune::Policy {
@@ -514,7 +572,7 @@ async fn after_build(
                 keep_layers: true,
                 ..Default::default()
             };
-            if let Err(err) = prune::prune(&engine, &cache_dir, policy).await {
+            if let Err(err) = prune::prune(&engine, &cache_dir, policy, &answered).await {
                 tracing::warn!(error = %err, "automatic prune to --max-cache-size failed");
             }
         });

@@ -145,6 +145,7 @@ impl From<&outcome::Completed> for Completed {
                     message: message.clone(),
                 })
                 .collect(),
+            pinned_tag: c.pinned_tag.clone(),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::assemble::chain_ids;
 use crate::config::layout;
@@ -164,8 +164,16 @@ impl Storage {
 /// Applies `policy`; returns what it removed (or would). Bytes are counted by layer chain
 /// ([`footprint`]): a layer several of our images share counts once, and is freed with the
 /// last of them; the base's layers are not counted.
-pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<Report> {
-    let in_use = engine.images_in_use().await?;
+/// Images in `answered` (recent answers, `retire.rs`) are kept like those a container uses: a
+/// client may be about to start one.
+pub async fn prune(
+    engine: &Engine,
+    cache_dir: &Path,
+    policy: Policy,
+    answered: &HashSet<String>,
+) -> Result<Report> {
+    let mut in_use = engine.images_in_use().await?;
+    in_use.extend(answered.iter().cloned());
     let mut candidates = Vec::new();
     let mut storage = Storage::default();
     for image in engine.labelled_images(FINGERPRINT_LABEL).await? {
@@ -188,9 +196,12 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
             .filter_map(|t| last_use(cache_dir, t))
             .max()
             .unwrap_or(created);
+        // Named by its tag, not its pinned tag (`retire.rs`).
         let name = image
             .tags
-            .first()
+            .iter()
+            .find(|tag| !crate::retire::is_pin_of(tag, &image.id))
+            .or(image.tags.first())
             .cloned()
             .unwrap_or_else(|| image.id.clone());
         candidates.push(Candidate {
@@ -249,7 +260,12 @@ pub async fn prune(engine: &Engine, cache_dir: &Path, policy: Policy) -> Result<
         match candidate.kind {
             Kind::Image { id, tags, chains } => {
                 if !policy.dry_run {
-                    if engine.remove_image(&id, !policy.keep_layers).await.is_err() {
+                    // By each name first: an image with a pinned tag has two.
+                    if engine
+                        .remove_named(&id, &tags, !policy.keep_layers)
+                        .await
+                        .is_err()
+                    {
                         continue;
                     }
                     remove_listing(cache_dir, &id);

@@ -86,6 +86,11 @@ impl Daemon {
         self.shared.tasks().clone()
     }
 
+    /// What the daemon answered and the superseded images it has yet to remove (`retire.rs`).
+    pub fn retirements(&self) -> Arc<crate::retire::Retirements> {
+        self.shared.retire().clone()
+    }
+
     /// Binds `--metrics-listen` now (else [`Daemon::serve`] does), returning the address
     /// actually bound (`None` when metrics are off): with port 0 the caller learns the port.
     pub async fn bind_metrics(
@@ -134,6 +139,12 @@ impl Daemon {
             ));
         }
         background.spawn(self.engine.clone().watch());
+        background.spawn(
+            self.shared
+                .retire()
+                .clone()
+                .run(self.engine.clone(), self.shared.cache_dir().to_owned()),
+        );
         background.spawn(save_stat_cache_every(
             self.shared.stat_cache().clone(),
             stat_cache_path.clone(),

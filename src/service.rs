@@ -383,7 +383,8 @@ impl ImageBuilder for Service {
             // A build in flight may be reading an extracted layer.
             keep_layers: self.builds.in_flight() > 0,
         };
-        let report = prune::prune(self.shared.engine(), &self.cache_dir, policy).await?;
+        let answered = self.shared.retire().recent_answers();
+        let report = prune::prune(self.shared.engine(), &self.cache_dir, policy, &answered).await?;
         tracing::info!(
             uid = peer.uid,
             images = report.images.len(),

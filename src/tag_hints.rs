@@ -1,5 +1,6 @@
-//! Small per-tag hints that only save work (when a tag's use was last written, how big its
-//! layers' last walk was), bounded so a daemon that sees ever new tags stays small.
+//! Small per-tag hints (when a tag's use was last written, how big its layers' last walk was,
+//! which layers it was last asked for with), bounded so a daemon that sees ever new tags stays
+//! small.
 
 use std::time::Instant;
 
@@ -8,7 +9,8 @@ pub const MAX_TAG_HINTS: usize = 4096;
 
 /// A per-tag hint and when it was last set, for at most `cap` tags: setting a new tag when the
 /// map is full first forgets the older half (by when each was set). Every hint only saves
-/// work (a blocking-pool hand-off, a small file write), so forgetting one is always safe; a
+/// work (a blocking-pool hand-off, a small file write) or words (a `shared_tag` warning not
+/// given once), so forgetting one is always safe; a
 /// daemon that sees ever new tags keeps at most `cap` of them (plus, briefly, one per
 /// concurrent request racing past the size check).
 pub struct TagHints<V> {
@@ -17,7 +19,7 @@ pub struct TagHints<V> {
     cap: usize,
 }
 
-impl<V: Copy> TagHints<V> {
+impl<V: Clone> TagHints<V> {
     /// An empty map that remembers at most `cap` tags.
     pub fn new(cap: usize) -> TagHints<V> {
         TagHints {
@@ -28,7 +30,7 @@ impl<V: Copy> TagHints<V> {
 
     /// The hint for `tag` and when it was set.
     pub fn get(&self, tag: &str) -> Option<(V, Instant)> {
-        self.map.get(tag).map(|entry| *entry)
+        self.map.get(tag).map(|entry| entry.clone())
     }
 
     /// Sets the hint for `tag`, set at `now`.

@@ -15,7 +15,8 @@ use crate::engine::Engine;
 use crate::image_store::ImageStore;
 use crate::layers::Limits;
 use crate::registry_cache::RegistryCache;
-use crate::resolve::Arch;
+use crate::resolve::{Arch, LayerSpec};
+use crate::retire::Retirements;
 use crate::stat_cache::StatCache;
 use crate::tag_hints::{MAX_TAG_HINTS, TagHints};
 use crate::tasks::Tasks;
@@ -52,6 +53,11 @@ pub struct Shared {
     pub(super) registry_cache: Option<RegistryCache>,
     /// Background work, awaited at shutdown (see `tasks.rs`).
     pub(super) tasks: Tasks,
+    /// What was answered, and the superseded images waiting for removal (`retire.rs`).
+    pub(super) retire: Arc<Retirements>,
+    /// The layer set each tag was last asked for with (for the `shared_tag` warning; bounded,
+    /// see [`TagHints`]).
+    pub(super) tag_layers: TagHints<Vec<LayerSpec>>,
 }
 
 impl Shared {
@@ -87,12 +93,24 @@ impl Shared {
                     .ok()
             }),
             tasks: Tasks::new(config.hooks.background.clone()),
+            retire: Arc::new(Retirements::new(config.answer_grace)),
+            tag_layers: TagHints::new(MAX_TAG_HINTS),
         }
     }
 
     /// The daemon's background tasks (the drain at shutdown waits for them).
     pub fn tasks(&self) -> &Tasks {
         &self.tasks
+    }
+
+    /// What was answered and what waits for removal (its `run` is the daemon's to spawn).
+    pub fn retire(&self) -> &Arc<Retirements> {
+        &self.retire
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> &std::path::Path {
+        &self.cache_dir
     }
 
     /// The engine every build talks to.

@@ -54,6 +54,8 @@ pub struct TestDaemon {
     pub builds: Arc<Builds>,
     /// Its background tasks (what runs, what the shutdown drain cut off).
     pub tasks: lambda_imaged::server::Tasks,
+    /// What it answered and the superseded images it has yet to remove.
+    pub retirements: Arc<lambda_imaged::retire::Retirements>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -71,6 +73,9 @@ impl TestDaemon {
         let mut config = Config::new(socket.clone(), dir.path().join("cache"));
         config.engine_host = engine_host();
         config.rie_dir = rie_dir();
+        // Superseded images go as soon as nothing uses them (the suites that check removal and
+        // prune expect that); tests of the grace itself set their own.
+        config.answer_grace = Duration::ZERO;
         tweak(&mut config);
         let listener = Listener::open(&config.socket, None, config.socket_reach())
             .await
@@ -78,6 +83,7 @@ impl TestDaemon {
         let daemon = Daemon::new(config);
         let builds = daemon.builds.clone();
         let tasks = daemon.tasks();
+        let retirements = daemon.retirements();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             daemon
@@ -92,6 +98,7 @@ impl TestDaemon {
             dir,
             builds,
             tasks,
+            retirements,
             shutdown: Some(tx),
             task: Some(task),
         }

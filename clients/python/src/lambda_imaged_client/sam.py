@@ -20,8 +20,12 @@ decide and build:
   for image functions) and `force_image_build` go into the request;
 - the daemon's events are written to SAM's stream the way SAM writes its own build
   ("Building image..." and a dot per engine message), warnings as lines;
-- the returned tag is checked in SAM's own engine (the daemon must build into the engine SAM
-  runs containers in), so `get_config(tag)` and container creation work unchanged.
+- the answer's pinned tag (`Completed.pinned_tag`: SAM's tag plus 16 hex digits of the image
+  ID, set for images with layers) is returned to SAM instead of SAM's tag, which another
+  function whose layers share names may move at any moment; it starts with SAM's
+  `samcli/lambda` repository, so SAM's container manager uses it without a pull. It is checked
+  in SAM's own engine (the daemon must build into the engine SAM runs containers in), so
+  `get_config` and container creation work unchanged.
 
 Whenever the daemon cannot do it — unreachable, an error status, a different engine — SAM's
 original `build` runs, after one warning that says why. Enabled by `LAMBDA_IMAGED_SOCKET`
@@ -172,7 +176,11 @@ def build_with_daemon(
         if completed.tag != expected:  # the daemon resolved it to this tag a moment ago
             _warn(f"lambda-imaged built {completed.tag}, not {expected}; SAM builds it itself")
             return sam_build()
-        found_id, built_by_daemon = _image_in_sams_engine(self, completed.tag)
+        # The pinned tag names exactly this image: SAM's tag hashes layer names only, so
+        # another function (a nested stack, another template) can move the tag before SAM
+        # creates its container. SAM treats a "samcli/lambda..." name as local (no pull).
+        answer = getattr(completed, "pinned_tag", "") or completed.tag
+        found_id, built_by_daemon = _image_in_sams_engine(self, answer)
     except DaemonUnavailable as err:
         if err.broke:  # it answered, then went away: say so each time, not "not reachable"
             _warn(f"{err.message}; SAM builds {what} itself")
@@ -198,7 +206,7 @@ def build_with_daemon(
         # Daemons before "inspect fresh after a build" could report the image the tag named
         # before the build; a lambda-imaged image under the tag in SAM's engine is good enough.
         LOG.debug("lambda-imaged reported %s, SAM's engine has %s", completed.image_id, found_id)
-    return expected
+    return answer
 
 
 def _request(self, runtime, is_zip, image, downloaded, architecture, function_name):

@@ -219,7 +219,7 @@ class ImageConfig(_message.Message):
     def __init__(self, entrypoint: _Optional[_Iterable[str]] = ..., cmd: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., env: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ...) -> None: ...
 
 class Completed(_message.Message):
-    __slots__ = ("tag", "image_id", "cached", "reason", "changed_layer", "duration_ms", "config", "warnings")
+    __slots__ = ("tag", "image_id", "cached", "reason", "changed_layer", "duration_ms", "config", "warnings", "pinned_tag")
     TAG_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class Completed(_message.Message):
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_TAG_FIELD_NUMBER: _ClassVar[int]
     tag: str
     image_id: str
     cached: bool
@@ -236,7 +237,8 @@ class Completed(_message.Message):
     duration_ms: int
     config: ImageConfig
     warnings: _containers.RepeatedCompositeFieldContainer[Warning]
-    def __init__(self, tag: _Optional[str] = ..., image_id: _Optional[str] = ..., cached: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., changed_layer: _Optional[str] = ..., duration_ms: _Optional[int] = ..., config: _Optional[_Union[ImageConfig, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ...) -> None: ...
+    pinned_tag: str
+    def __init__(self, tag: _Optional[str] = ..., image_id: _Optional[str] = ..., cached: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., changed_layer: _Optional[str] = ..., duration_ms: _Optional[int] = ..., config: _Optional[_Union[ImageConfig, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ..., pinned_tag: _Optional[str] = ...) -> None: ...
 
 class ListBuildsRequest(_message.Message):
     __slots__ = ()
