@@ -59,21 +59,60 @@ fn held(reuse: Reuse, images: &ImageStore, chain: &str, known: &assemble::DiffId
     }
 }
 
-/// The assembly of the image for `parts` over `base`: a delta (or squash) over `existing`,
-/// the image the tag names now, when one can be made, else a full assembly. `rie` is the RIE
-/// file, `tree` the merged `/opt` (none without layers); `reuse`: what the engine's loader may
-/// be spared. Errors: the RIE cannot be `stat`ed.
+/// The images an assembly may go over, all of them present in the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct Over<'a> {
+    /// The base image.
+    pub base: &'a ImageInfo,
+    /// The image the tag names now.
+    pub existing: Option<&'a ImageInfo>,
+    /// Another tag's image whose request started with the same layer contents
+    /// ([`ImageStore::sibling`]): a function whose layer list starts like another's.
+    pub sibling: Option<&'a ImageInfo>,
+}
+
+/// The assembly of the image for `parts`: a delta (or squash) over `over.existing`, the image
+/// the tag names now, when one can be made; else whichever sends fewer bytes of a full
+/// assembly (its held bottom layers referenced) and a delta over `over.sibling` (so a shared
+/// layer that lives in another image as a delta chain after edits is still not resent).
+/// `rie` is the RIE file, `tree` the merged `/opt` (none without layers); `reuse`: what the
+/// engine's loader may be spared. Errors: the RIE cannot be `stat`ed.
 pub fn plan(
     images: &ImageStore,
     parts: &Parts,
     rie: &Path,
     tree: Option<&Tree>,
-    base: &ImageInfo,
-    existing: Option<&ImageInfo>,
+    over: Over<'_>,
     reuse: Reuse,
 ) -> Result<Assembly> {
-    delta(images, parts, tree, base, existing, reuse)
-        .map_or_else(|| full(images, parts, rie, tree, base, reuse), Ok)
+    if let Some(own) = delta(images, parts, tree, over.base, over.existing, reuse) {
+        return Ok(own);
+    }
+    let full = full(images, parts, rie, tree, over.base, reuse)?;
+    let sibling = over
+        .sibling
+        .filter(|sibling| {
+            over.existing
+                .is_none_or(|existing| existing.id != sibling.id)
+        })
+        .and_then(|sibling| delta(images, parts, tree, over.base, Some(sibling), reuse))
+        .filter(|delta| bytes_to_send(delta) < bytes_to_send(&full));
+    Ok(sibling.unwrap_or(full))
+}
+
+/// Roughly what sending `assembly` costs in bytes: each entry of the layers not left out (a
+/// 512-byte tar header) plus its file content.
+fn bytes_to_send(assembly: &Assembly) -> u64 {
+    assembly
+        .layers
+        .iter()
+        .filter(|layer| !layer.skip)
+        .flat_map(|layer| layer.items.iter())
+        .map(|item| match item {
+            assemble::Item::File { size, .. } => 512 + size,
+            _ => 512,
+        })
+        .sum()
 }
 
 /// The layers of one image above its base, and what to remember once it is loaded.
@@ -299,6 +338,7 @@ fn delta(
         });
         assembly.keys.push(None);
     }
+    assembly.listing.labels = assembly.layers.iter().map(|l| l.label.clone()).collect();
     Some(assembly)
 }
 
@@ -572,5 +612,44 @@ mod tests {
             squash.listing.delta_bytes, MIB,
             "the delta is against the full tree"
         );
+    }
+
+    /// A function whose first layer is another tag's (edited since, so its content lives in
+    /// that tag's image as a delta chain) is a delta over that image when that sends fewer
+    /// bytes than a full assembly, and a full assembly when the other image shares too little.
+    #[test]
+    fn a_shared_prefix_is_a_delta_over_the_sibling_when_that_sends_less() {
+        let (dir, images, base, sibling) = previous_image();
+        let rie = dir.path().join("rie");
+        std::fs::write(&rie, b"rie").unwrap();
+        let plan_of = |tree: &Tree| {
+            let over = Over {
+                base: &base,
+                existing: None,
+                sibling: Some(&sibling),
+            };
+            plan(&images, &parts(), &rie, Some(tree), over, Reuse::Chains).unwrap()
+        };
+        // The sibling's deps as they are now plus this function's own 1 MiB file.
+        let shared = tree(&[
+            file("a", 12 * MIB, 1),
+            file("b", 4 * MIB, 2),
+            file("own", MIB, 4),
+        ]);
+        let made = plan_of(&shared);
+        let skipped: Vec<bool> = made.layers.iter().map(|l| l.skip).collect();
+        assert_eq!(
+            skipped,
+            [true, true, false],
+            "the sibling's layers kept: {skipped:?}"
+        );
+        assert!(bytes_to_send(&made) < 2 * MIB);
+        assert_eq!(made.listing.depth, 1);
+        // Nothing in common: a full assembly (RIE and the layer, both unknown, sent).
+        let other = tree(&[file("x", 16 * MIB, 7)]);
+        let full = plan_of(&other);
+        assert_eq!(full.layers.len(), 2);
+        assert!(full.layers.iter().all(|l| !l.skip));
+        assert_eq!(full.listing.depth, 0);
     }
 }

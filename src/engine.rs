@@ -315,6 +315,9 @@ pub struct Engine {
     /// Bumped on each container `destroy` event, and whenever the events stream (re)attaches
     /// (events may have been missed): what waits for a container to go watches it.
     containers_gone: watch::Sender<u64>,
+    /// The ID of each image an `untag` event names (a `docker rmi <tag>` of one of several
+    /// names): an image of ours left with only its pinned tags is superseded (`retire.rs`).
+    untagged: broadcast::Sender<String>,
     /// Pulls in flight by (reference, platform): concurrent requests for one missing base
     /// (whatever their tags) and a freshness check's update share one pull. A std Mutex: held
     /// only to look up, insert or remove an entry, never across an `.await`.
@@ -324,6 +327,9 @@ pub struct Engine {
     /// Manifest facts of images, by image ID ([`Engine::manifest_facts`]).
     manifests: std::sync::Mutex<HashMap<String, Arc<ManifestFacts>>>,
 }
+
+/// Untag events kept for a receiver that falls behind ([`Engine::untagged`]).
+const UNTAGGED_BUFFER: usize = 256;
 
 /// Progress items one pull keeps for followers that fall behind; a slower one skips items
 /// (it lags), it never stalls the pull.
@@ -385,6 +391,7 @@ impl Engine {
     pub fn new(host: String, tls: Option<EngineTls>, build_timeout: Duration) -> Arc<Engine> {
         let (healthy, _) = watch::channel(false);
         let (containers_gone, _) = watch::channel(0);
+        let (untagged, _) = broadcast::channel(UNTAGGED_BUFFER);
         Arc::new(Engine {
             host,
             tls,
@@ -393,6 +400,7 @@ impl Engine {
             index: RwLock::new(Index::default()),
             healthy,
             containers_gone,
+            untagged,
             pulls: std::sync::Mutex::new(HashMap::new()),
             store: tokio::sync::OnceCell::new(),
             manifests: std::sync::Mutex::new(HashMap::new()),
@@ -425,6 +433,12 @@ impl Engine {
     /// True while the engine answers; changes are published to [`Engine::health`] watchers.
     pub fn health(&self) -> watch::Receiver<bool> {
         self.healthy.subscribe()
+    }
+
+    /// The IDs of images that lost a name (`untag` events), as they come; a receiver that falls
+    /// behind misses some (an image missed this way is left to `prune`).
+    pub fn untagged(&self) -> broadcast::Receiver<String> {
+        self.untagged.subscribe()
     }
 
     /// Changes whenever a container may have gone: on each container `destroy` event, and
@@ -1128,7 +1142,14 @@ impl Engine {
                     }
                     // Any image event may change what a reference means: forget everything.
                     // They are rare next to requests, and a miss costs one inspect.
-                    Ok(_) => self.invalidate(true),
+                    Ok(event) => {
+                        self.invalidate(true);
+                        if event.action.as_deref() == Some("untag")
+                            && let Some(id) = event.actor.and_then(|actor| actor.id)
+                        {
+                            let _ = self.untagged.send(id);
+                        }
+                    }
                     Err(err) => {
                         tracing::warn!(engine = %self.host, error = %err, "engine events stream ended");
                         break;

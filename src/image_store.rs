@@ -100,6 +100,23 @@ pub struct ImageStore {
     /// there (`assemble.rs`, `Reuse::ChainsAndBlobs`). In memory only:
     /// after a restart each tag's first build there sends its layers once.
     blobs: Mutex<HashMap<String, u64>>,
+    /// The last image we made for each layer-content prefix ([`prefix_key`]: base, RIE and
+    /// the content digests of the request's first k layers, for every k), by image ID: what a
+    /// function whose layer list starts like another's can be made as a delta over
+    /// (`assembly::plan`). In memory only: after a restart each prefix is learned again from
+    /// the next build that makes it.
+    prefixes: Mutex<HashMap<String, String>>,
+}
+
+/// The key of one layer-content prefix: sha256 over the base, the RIE and the first layers'
+/// content digests (hex).
+fn prefix_key(base: &str, rie: &str, digests: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in [base, rie].into_iter().chain(digests.iter().copied()) {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
 }
 
 impl ImageStore {
@@ -114,7 +131,33 @@ impl ImageStore {
             diff_ids: Mutex::default(),
             chains: Mutex::default(),
             blobs: Mutex::default(),
+            prefixes: Mutex::default(),
         }
+    }
+
+    /// Notes that image `id`, made over `base` with RIE `rie`, holds exactly the layers of
+    /// content `digests` (a request's layers, in order, merged): it becomes the image of every
+    /// prefix of that list.
+    pub fn record_prefixes(&self, base: &str, rie: &str, digests: &[&str], id: &str) {
+        let mut prefixes = crate::sync::lock(&self.prefixes);
+        if prefixes.len() > MAX_CHAINS {
+            prefixes.clear();
+        }
+        for k in 1..=digests.len() {
+            prefixes.insert(prefix_key(base, rie, &digests[..k]), id.to_owned());
+        }
+    }
+
+    /// The image made for the longest prefix of `digests` (over `base` and `rie`) that one
+    /// was recorded for, with the length of that prefix: the image whose `/opt` shares the
+    /// most leading layers with a request of those layers.
+    pub fn sibling(&self, base: &str, rie: &str, digests: &[&str]) -> Option<(String, usize)> {
+        let prefixes = crate::sync::lock(&self.prefixes);
+        (1..=digests.len()).rev().find_map(|k| {
+            prefixes
+                .get(&prefix_key(base, rie, &digests[..k]))
+                .map(|id| (id.clone(), k))
+        })
     }
 
     /// The diff ID recorded for content `key`, if any.

@@ -324,6 +324,29 @@ fn parts_of(plan: &Plan, base: &str, inputs: &Inputs) -> Parts {
     }
 }
 
+/// Another tag's image whose request began with the same layer contents (the longest such
+/// prefix, [`image_store::ImageStore::sibling`]) when it still exists on our base: what a
+/// function whose layer list starts like another's may be a delta over. Its chains are then
+/// known to be held.
+async fn sibling(
+    shared: &Shared,
+    parts: &Parts,
+    base: &ImageInfo,
+    existing: Option<&ImageInfo>,
+) -> Option<ImageInfo> {
+    let digests: Vec<&str> = parts.layers.iter().map(|(_, d)| d.as_str()).collect();
+    let (id, _) = shared.images.sibling(&parts.base, &parts.rie, &digests)?;
+    if existing.is_some_and(|existing| existing.id == id) {
+        return None;
+    }
+    let found = shared.engine.inspect(&id).await.ok().flatten()?;
+    if !found.diff_ids.starts_with(&base.diff_ids) {
+        return None;
+    }
+    shared.images.note_chains(&found.diff_ids);
+    Some(found)
+}
+
 /// Step 4: assembles the image from layers and loads it into the engine, within
 /// `--build-timeout`, holding a build slot: a delta over the previous image when one can be
 /// made, else a full assembly; layers the engine holds are referenced, not sent. If the engine
@@ -351,7 +374,13 @@ async fn build(
             shared.images.note_chains(&existing.diff_ids);
         }
         let (rie, tree) = (inputs.rie.as_path(), inputs.tree.as_deref());
-        let assembly = assembly::plan(&shared.images, parts, rie, tree, base, existing, reuse)?;
+        let sibling = sibling(shared, parts, base, existing).await;
+        let over = assembly::Over {
+            base,
+            existing,
+            sibling: sibling.as_ref(),
+        };
+        let assembly = assembly::plan(&shared.images, parts, rie, tree, over, reuse)?;
         let reused = assembly.layers.iter().any(|l| l.skip);
         let pushable = matches!(format, assemble::Format::OciLayout { .. })
             || shared.engine.known_image_store() != Some(ImageStoreKind::Containerd);
@@ -464,6 +493,10 @@ async fn load(
         listing.layer_bytes = assembled.layers.iter().map(|layer| layer.size).collect();
     }
     shared.images.record_listing(&image_id, &listing);
+    let digests: Vec<&str> = parts.layers.iter().map(|(_, d)| d.as_str()).collect();
+    shared
+        .images
+        .record_prefixes(&parts.base, &parts.rie, &digests, &image_id);
     reporter.emit(Event::Log {
         kind: LogKind::Status,
         text: format!(

@@ -17,6 +17,10 @@
 //!   still uses is retried when a container goes (the engine's `destroy` events, see
 //!   [`Engine::containers_gone`]), not left to `prune`.
 //!
+//! An image of ours that loses its tag behind our back (`docker rmi <tag>` leaves the pinned
+//! tag) is superseded too: the engine's `untag` event names it ([`Engine::untagged`]), and it
+//! goes by the same rules once only pinned tags name it.
+//!
 //! What is pending lives in memory: after a restart the superseded images left are untagged
 //! or pinned-only images with our label, which `prune` removes (least recently used first),
 //! never one answered in the grace.
@@ -29,6 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::engine::Engine;
+use crate::fingerprint::FINGERPRINT_LABEL;
 use crate::image_store;
 use crate::reference::ImageRef;
 use crate::sync::lock;
@@ -192,6 +197,7 @@ impl Retirements {
     /// removed image's listing under `cache_dir` goes with it.
     pub async fn run(self: Arc<Self>, engine: Arc<Engine>, cache_dir: PathBuf) {
         let mut gone = engine.containers_gone();
+        let mut untagged = engine.untagged();
         loop {
             let (due, next) = self.due(Instant::now());
             for id in due {
@@ -218,6 +224,17 @@ impl Retirements {
                     }
                     self.containers_went();
                 }
+                id = untagged.recv() => match id {
+                    // A name removed behind our back (`docker rmi <tag>`): if that leaves one
+                    // of our images with only its pins, it is superseded (checked when due).
+                    Ok(id) => {
+                        if !lock(&self.pending).contains_key(&id) {
+                            self.supersede(&id);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
             }
         }
     }
@@ -242,8 +259,11 @@ impl Retirements {
             }
             Err(_) => return retry,
         };
-        if info.tags.iter().any(|tag| !is_pin_of(tag, id)) {
-            // A tag names it again: it is current, no longer superseded.
+        if !info.labels.contains_key(FINGERPRINT_LABEL)
+            || info.tags.iter().any(|tag| !is_pin_of(tag, id))
+        {
+            // Not ours (an untag event of any image), or a tag names it again: it is current,
+            // no longer superseded.
             return None;
         }
         match engine.containers_of(id).await {

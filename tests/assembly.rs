@@ -12,9 +12,10 @@ use std::path::Path;
 
 use lambda_imaged::client::proto;
 use proto::build_event::Event;
+use support::rmi_all;
 use support::tree::{Node, assert_same, expected_opt, image_opt, image_tree, set_time};
 use support::{
-    Later, OutcomeExt, TestDaemon, build, bytes_sent, docker, docker_ok, unique, until, write_file,
+    Later, OutcomeExt, TestDaemon, build, bytes_sent, docker_ok, unique, until, write_file,
     zip_request,
 };
 
@@ -293,7 +294,7 @@ async fn every_delta_image_equals_a_full_assembly_and_the_source() {
     let mut tags = vec![tag];
     tags.extend(full_tags);
     for tag in &tags {
-        docker(&["rmi", "-f", tag]);
+        rmi_all(tag);
     }
     fresh.stop().await;
     daemon.stop().await;
@@ -313,7 +314,7 @@ async fn a_layer_removed_behind_our_back_is_sent_again() {
     let first = build(&daemon.socket, request.clone()).await;
     let tag = first.completed().tag.clone();
     // Every image holding the layer goes; the daemon still remembers its chain.
-    docker_ok(&["rmi", "-f", &tag]);
+    rmi_all(&tag);
     let again = build(&daemon.socket, request).await;
     let done = again.completed();
     assert!(!done.cached);
@@ -335,7 +336,7 @@ async fn a_layer_removed_behind_our_back_is_sent_again() {
         &image_opt(&done.tag),
         &expected_opt(&[&layer]),
     );
-    docker(&["rmi", "-f", &done.tag]);
+    rmi_all(&done.tag);
     daemon.stop().await;
 }
 
@@ -390,7 +391,95 @@ async fn functions_sharing_a_first_layer_send_it_once() {
         &expected_opt(&[&deps, &code_b]),
     );
     for outcome in [&first, &second] {
-        docker(&["rmi", "-f", &outcome.completed().tag]);
+        rmi_all(&outcome.completed().tag);
+    }
+    daemon.stop().await;
+}
+
+/// The image's layer diff IDs, bottom first.
+fn diff_ids(image: &str) -> Vec<String> {
+    docker_ok(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", image])
+        .trim()
+        .parse::<serde_json::Value>()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A shared first layer survives edits: after three one-file edits of the 20 MB deps layer
+/// (function A's image is then a delta chain over its first build), function B, whose layer
+/// list starts with the same deps, still sends no byte of them: it is a delta over A's image
+/// (all of A's layers, and so no new storage for the deps, plus one layer of its own /opt
+/// differences), and holds exactly its own layers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_first_layer_is_not_resent_after_edits() {
+    let daemon = TestDaemon::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let deps = dir.path().join("deps");
+    let chunk = unique("edited").repeat(1 << 16);
+    for index in 0..20 {
+        write_file(&deps.join(format!("lib/m{index}.bin")), &chunk, 0o644);
+    }
+    let deps_bytes = (chunk.len() * 20) as u64;
+    let (code_a, code_b) = (dir.path().join("a"), dir.path().join("b"));
+    write_file(&code_a.join("handler.py"), "A = 1\n", 0o644);
+    write_file(&code_b.join("handler.py"), "B = 2\n", 0o644);
+    let deps_name = unique("deps");
+    let (na, nb) = (unique("codea"), unique("codeb"));
+    let function_a = zip_request(&[(&deps_name, &deps), (&na, &code_a)]);
+    let mut last_a = build(&daemon.socket, function_a.clone()).await;
+    for edit in 0..3 {
+        write_file(
+            &deps.join(format!("lib/m{edit}.bin")),
+            &unique("edit"),
+            0o644,
+        );
+        last_a = build(&daemon.socket, function_a.clone()).await;
+        let sent = bytes_sent(&last_a.events);
+        assert!(
+            sent < deps_bytes / 10,
+            "edit {edit} of A was a delta: {sent} bytes"
+        );
+    }
+    let a = last_a.completed().clone();
+    let second = build(
+        &daemon.socket,
+        zip_request(&[(&deps_name, &deps), (&nb, &code_b)]),
+    )
+    .await;
+    let b = second.completed().clone();
+    let sent = bytes_sent(&second.events);
+    assert!(
+        sent < deps_bytes / 10,
+        "B sent {sent} bytes for a {deps_bytes}-byte shared layer edited three times: {:?}",
+        status_lines(&second.events)
+    );
+    let (a_layers, b_layers) = (diff_ids(&a.image_id), diff_ids(&b.image_id));
+    assert_eq!(
+        b_layers[..a_layers.len()],
+        a_layers[..],
+        "B keeps every layer of A (no new storage for the deps)"
+    );
+    assert_eq!(
+        b_layers.len(),
+        a_layers.len() + 1,
+        "plus one layer of its own"
+    );
+    assert_same(
+        "B after A's edits",
+        &image_opt(&b.tag),
+        &expected_opt(&[&deps, &code_b]),
+    );
+    assert_same(
+        "A after its edits",
+        &image_opt(&a.tag),
+        &expected_opt(&[&deps, &code_a]),
+    );
+    for done in [&a, &b] {
+        rmi_all(&done.tag);
     }
     daemon.stop().await;
 }

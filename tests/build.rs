@@ -145,7 +145,7 @@ async fn build_contents_cache_and_invalidation() {
 
     // Removed behind the daemon's back: the very next request rebuilds. A "cached" answer
     // would name an image that no longer exists.
-    docker_ok(&["rmi", "-f", "--no-prune", &changed.tag]);
+    rmi_all(&changed.tag);
     let rebuilt = build(&daemon.socket, request.clone()).await;
     let rebuilt = rebuilt.completed();
     assert!(
@@ -154,7 +154,7 @@ async fn build_contents_cache_and_invalidation() {
     );
     assert_eq!(rebuilt.reason, proto::Reason::Missing as i32);
     docker_ok(&["image", "inspect", &rebuilt.tag]);
-    docker_ok(&["rmi", "-f", "--no-prune", &rebuilt.tag]);
+    rmi_all(&rebuilt.tag);
     daemon.stop().await;
 }
 
@@ -174,7 +174,7 @@ async fn end_to_end_invoke_through_the_rie() {
         .clone();
 
     let response = invoke_through_rie(&done.tag).await;
-    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+    rmi_all(&done.tag);
     assert_eq!(
         response,
         r#"{"echo":{"ping":1},"layer":"hello from the layer"}"#
@@ -227,7 +227,7 @@ async fn bad_requests_get_clear_statuses() {
         zip_request(&[(&name, &dir.path().join("l"))]),
     )
     .await;
-    docker(&["rmi", "-f", "--no-prune", &ok.completed().tag]);
+    rmi_all(&ok.completed().tag);
     daemon.stop().await;
 }
 
@@ -361,7 +361,7 @@ async fn a_foreign_image_under_our_tag_is_rebuilt() {
     assert!(!done.cached);
     assert_eq!(done.reason, proto::Reason::Missing as i32);
     assert_eq!(run_in_image(&done.tag, "cat /opt/message.txt"), "ours");
-    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+    rmi_all(&done.tag);
     daemon.stop().await;
 }
 
@@ -397,7 +397,7 @@ async fn a_missing_base_is_pulled_and_an_unpullable_one_is_not_found() {
         format!("{repository}:rapid-x86_64"),
         "registry port kept in the tag"
     );
-    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+    rmi_all(&done.tag);
     docker(&["rmi", "--no-prune", &image]);
 
     let missing = format!("{}/lambda-imaged-test/{}:1", registry(), unique("nowhere"));

@@ -423,7 +423,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     impl Drop for Rmi {
         fn drop(&mut self) {
             if let Some(tag) = &self.0 {
-                support::docker(&["rmi", "-f", "--no-prune", tag]);
+                support::rmi_all(tag);
             }
         }
     }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use lambda_imaged::client::{self, Client, proto};
 use proto::build_event::Event;
 use support::daemon::{Daemon, answers};
+use support::rmi_all;
 use support::tree::{assert_same, expected_opt, image_opt, set_time};
 use support::{
     OutcomeExt, TestDaemon, build, docker, docker_ok, noise, unique, until, until_async,
@@ -37,7 +38,7 @@ struct Cleanup(Vec<String>);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for tag in &self.0 {
-            docker(&["rmi", "-f", tag]);
+            rmi_all(tag);
         }
     }
 }
@@ -234,7 +235,7 @@ async fn kill_then_restart(at: KillAt) {
         drop(daemon);
 
         // A clean run: a fresh daemon and cache, the image gone from the engine.
-        docker_ok(&["rmi", "-f", &tag]);
+        rmi_all(&tag);
         let clean = Daemon::builder().start().await;
         let done = build(clean.socket(), request).await;
         assert_eq!(done.completed().tag, tag);

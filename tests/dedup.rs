@@ -89,7 +89,7 @@ async fn concurrent_identical_requests_share_one_build() {
         daemon.builds.in_flight() == 0
     })
     .await;
-    docker(&["rmi", "-f", "--no-prune", &first.tag]);
+    rmi_all(&first.tag);
     daemon.stop().await;
 }
 
@@ -128,7 +128,7 @@ async fn late_joiner_gets_the_events_it_missed() {
             .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.starts_with("layer 1/")))
     );
     assert_eq!(late.completed().image_id, early.completed().image_id);
-    docker(&["rmi", "-f", "--no-prune", &early.completed().tag]);
+    rmi_all(&early.completed().tag);
     daemon.stop().await;
 }
 
@@ -157,7 +157,7 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
     after.add_permits(1);
     let done = stayer.await.unwrap().completed().clone();
     assert!(!done.cached);
-    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+    rmi_all(&done.tag);
 
     // Everyone leaves: the build still runs to its end.
     let only = spawn_build(&daemon.socket, request.clone());
@@ -184,7 +184,7 @@ async fn disconnecting_clients_do_not_cancel_the_build() {
         next.completed().cached,
         "the abandoned build's image serves the next request"
     );
-    docker(&["rmi", "-f", "--no-prune", &next.completed().tag]);
+    rmi_all(&next.completed().tag);
     daemon.stop().await;
 }
 
@@ -245,7 +245,7 @@ async fn same_tag_different_inputs_build_separately() {
         run_in_image(&second.tag, "cat /opt/message.txt"),
         "content two"
     );
-    docker(&["rmi", "-f", "--no-prune", &second.tag]);
+    rmi_all(&second.tag);
     daemon.stop().await;
 }
 
@@ -292,7 +292,7 @@ async fn a_failure_reaches_every_subscriber_and_the_next_request_retries() {
     after.add_permits(1);
     let retry = build(&daemon.socket, request).await;
     assert!(!retry.completed().cached);
-    docker(&["rmi", "-f", "--no-prune", &retry.completed().tag]);
+    rmi_all(&retry.completed().tag);
     daemon.stop().await;
 }
 
@@ -338,7 +338,7 @@ async fn builds_beyond_the_limit_are_queued() {
             Some(Event::Queued(q)) => Some(q.position),
             _ => None,
         }));
-        docker(&["rmi", "-f", "--no-prune", &outcome.completed().tag]);
+        rmi_all(&outcome.completed().tag);
     }
     queued_positions.sort();
     assert_eq!(queued_positions, [1, 2]);
@@ -375,7 +375,7 @@ async fn a_forced_request_joins_a_running_build_of_the_same_inputs() {
     assert!(matches!(&forced.events[0].event, Some(Event::Accepted(a)) if a.joined));
     assert_eq!(forced.completed().image_id, first.completed().image_id);
     assert_eq!(engine_builds(&first.completed().tag, &since), 1);
-    docker(&["rmi", "-f", "--no-prune", &first.completed().tag]);
+    rmi_all(&first.completed().tag);
     daemon.stop().await;
 }
 

@@ -143,7 +143,7 @@ async fn builds_hits_and_edits_on(name: &str, store: &str) {
         dangling(&host).iter().all(|id| before.contains(id))
     })
     .await;
-    docker_ok_on(&host, &["rmi", &edit.tag]);
+    rmi_all_on(&host, &edit.tag);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -267,7 +267,7 @@ async fn over_a_pulled_base_and_after_rmi_on(name: &str) {
         || dangling(&host).iter().all(|id| before.contains(id)),
     )
     .await;
-    docker_ok_on(&host, &["rmi", &tag]);
+    rmi_all_on(&host, &tag);
     write_file(&layer.join("message.txt"), "three\n", 0o644);
     let again = build(&daemon.socket, request()).await;
     eprintln!(
@@ -288,7 +288,8 @@ async fn over_a_pulled_base_and_after_rmi_on(name: &str) {
         || dangling(&host).iter().all(|id| before.contains(id)),
     )
     .await;
-    docker_ok_on(&host, &["rmi", &tag, &base]);
+    rmi_all_on(&host, &tag);
+    docker_ok_on(&host, &["rmi", &base]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -375,6 +376,6 @@ async fn the_registry_cache_is_shared_between_the_containerd_and_classic_stores(
 
     a.stop().await;
     b.stop().await;
-    docker_ok_on(&containerd, &["rmi", &back.tag]);
-    docker_ok_on(&classic, &["rmi", &rebuilt.tag]);
+    rmi_all_on(&containerd, &back.tag);
+    rmi_all_on(&classic, &rebuilt.tag);
 }

@@ -163,7 +163,7 @@ async fn assert_recovers(daemon: &TestDaemon, request: proto::BuildRequest) {
         .await
         .unwrap();
     assert!(info.engine.unwrap().reachable);
-    docker(&["rmi", "-f", "--no-prune", &done.tag]);
+    rmi_all(&done.tag);
 }
 
 /// HTTP 500 on the load: every subscriber gets FAILED_PRECONDITION with the engine's text and
@@ -248,7 +248,7 @@ async fn engine_500_on_the_base_pull_reaches_every_request_then_a_retry_pulls() 
     );
     docker_ok(&["image", "inspect", &pushed]);
     daemon.stop().await;
-    docker(&["rmi", "-f", &done.tag]);
+    rmi_all(&done.tag);
     docker(&["rmi", "-f", &pushed]);
 }
 
@@ -370,7 +370,7 @@ async fn two_hundred_streams_twenty_tags() {
     let dir = tempfile::tempdir().unwrap();
     // Warm up: the RIE layer and the engine connection pool exist before the baseline.
     let warm = build(&daemon.socket, new_request(dir.path(), "fwarm")).await;
-    docker(&["rmi", "-f", "--no-prune", &warm.completed().tag]);
+    rmi_all(&warm.completed().tag);
     until("an empty in-flight table", DEADLINE, || {
         daemon.builds.in_flight() == 0
     })
@@ -439,7 +439,7 @@ async fn two_hundred_streams_twenty_tags() {
         proxy.open_connections()
     );
     for tag in ids.keys() {
-        docker(&["rmi", "-f", "--no-prune", tag]);
+        rmi_all(tag);
     }
     daemon.stop().await;
 }
@@ -518,8 +518,8 @@ async fn leaving_subscribers_cancel_nothing() {
     );
     assert_eq!(after.completed().image_id, joined.completed().image_id);
     assert_eq!(proxy.count(LOAD), 2, "no further load");
-    docker(&["rmi", "-f", "--no-prune", &after.completed().tag]);
-    docker(&["rmi", "-f", "--no-prune", &first_tag]);
+    rmi_all(&after.completed().tag);
+    rmi_all(&first_tag);
     daemon.stop().await;
 }
 
@@ -601,7 +601,7 @@ async fn slow_reader_is_dropped_and_memory_stays_bounded() {
         peak >> 20,
         rss_before >> 20
     );
-    docker(&["rmi", "-f", "--no-prune", &tag]);
+    rmi_all(&tag);
     daemon.stop().await;
 }
 

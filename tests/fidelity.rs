@@ -15,6 +15,7 @@ use std::process::Command;
 use lambda_imaged::client::proto;
 use proto::build_event::Event;
 use sha2::{Digest, Sha256};
+use support::rmi_all;
 use support::tree::{Node, assert_same, expected_opt, image_opt, link_node, set_time};
 use support::{OutcomeExt, TestDaemon, build, docker, docker_ok, unique, write_file, zip_request};
 
@@ -110,7 +111,7 @@ async fn built_opt(daemon: &TestDaemon, layers: &[(&str, &Path)]) -> BTreeMap<St
     let outcome = build(&daemon.socket, zip_request(layers)).await;
     let tag = outcome.completed().tag.clone();
     let opt = image_opt(&tag);
-    docker(&["rmi", "-f", &tag]);
+    rmi_all(&tag);
     opt
 }
 

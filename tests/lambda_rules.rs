@@ -13,8 +13,9 @@ use std::process::Command;
 use lambda_imaged::client::proto;
 use proto::build_event::Event;
 use serde_json::{Value, json};
+use support::rmi_all;
 use support::tree::{assert_same, expected_opt, image_opt, set_time};
-use support::{OutcomeExt, TestDaemon, build, docker, unique, warnings_with_code, zip_request};
+use support::{OutcomeExt, TestDaemon, build, unique, warnings_with_code, zip_request};
 
 /// The MS-DOS time every entry of [`py_zip`] carries (2020-01-02T03:04:06, read as UTC).
 const ENTRY_TIME: i64 = 1_577_934_246;
@@ -107,7 +108,7 @@ struct Cleanup(Vec<String>);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for tag in &self.0 {
-            docker(&["rmi", "-f", "--no-prune", tag]);
+            rmi_all(tag);
         }
     }
 }

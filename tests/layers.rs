@@ -44,7 +44,7 @@ impl Drop for Cleanup {
             docker(&["rm", "-f", container]);
         }
         for image in &self.images {
-            docker(&["rmi", "-f", "--no-prune", image]);
+            rmi_all(image);
         }
     }
 }
@@ -606,7 +606,7 @@ async fn kill_9_during_extraction_leaves_no_partial_layer() {
                  (left {left:?}, build {cut:?}); growing the archive"
             );
             if let Ok(done) = cut {
-                docker(&["rmi", "-f", "--no-prune", &done.tag]);
+                rmi_all(&done.tag);
             }
             entry_bytes *= 2;
             continue;

@@ -551,7 +551,7 @@ async fn an_allowed_peer_reads_layers_only_with_its_own_rights() {
     let output = build_as_user(spec).await;
     let (code, _, stderr) = parts(&output);
     let baked = image_exists(&tag);
-    docker(&["rmi", "-f", "--no-prune", &tag]);
+    rmi_all(&tag);
     assert!(!baked, "/etc/shadow was baked into {tag}");
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
@@ -571,7 +571,7 @@ async fn an_allowed_peer_reads_layers_only_with_its_own_rights() {
         .unwrap_or_else(|| panic!("no completed event: {stdout}"));
     let tag = completed["tag"].as_str().unwrap().to_owned();
     let content = run_in_image(&tag, "cat /opt/message.txt");
-    docker(&["rmi", "-f", "--no-prune", &tag]);
+    rmi_all(&tag);
     assert_eq!(content, "the user's own");
 }
 
@@ -686,7 +686,7 @@ async fn shutdown_refuses_new_builds_and_finishes_those_in_flight() {
                 .unwrap(),
         );
     }
-    docker(&["rmi", "-f", "--no-prune", &tag]);
+    rmi_all(&tag);
     let failed: Vec<String> = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().err())
@@ -853,7 +853,7 @@ async fn sigterm_during_a_build_lets_it_complete_then_exits_0() {
         );
     }
     let built = image_exists(&tag);
-    docker(&["rmi", "-f", "--no-prune", &tag]);
+    rmi_all(&tag);
     assert!(built, "the engine built {tag}");
     for output in &outputs {
         let (code, stdout, stderr) = parts(output);
@@ -922,7 +922,7 @@ async fn health_follows_the_engine() {
     let request = zip_request(&[(&unique("back"), &layer(dir.path(), "l", "back"))]);
     let outcome = build(&daemon.socket, request).await;
     let completed = outcome.completed().clone();
-    docker(&["rmi", "-f", "--no-prune", &completed.tag]);
+    rmi_all(&completed.tag);
     daemon.stop().await;
 }
 
@@ -1280,6 +1280,6 @@ async fn shutdown_waits_for_background_work_or_names_what_it_cut_off() {
                 tasks.cut_off()
             );
         }
-        docker(&["rmi", "-f", "--no-prune", &tag]);
+        rmi_all(&tag);
     }
 }

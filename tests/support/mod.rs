@@ -192,6 +192,25 @@ pub fn spawn_build(
     tokio::spawn(async move { build(&socket, request).await })
 }
 
+/// Removes the image `reference` names on the engine at `host` with every name it has (our
+/// images with layers also carry a pinned tag, which `docker rmi <tag>` would leave behind),
+/// keeping its untagged parents. Nothing happens when there is no such image.
+pub fn rmi_all_on(host: &str, reference: &str) {
+    let id = docker_on(
+        host,
+        &["image", "inspect", "--format", "{{.Id}}", reference],
+    );
+    if id.status.success() {
+        let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+        docker_on(host, &["rmi", "-f", "--no-prune", &id]);
+    }
+}
+
+/// [`rmi_all_on`] on the test engine.
+pub fn rmi_all(reference: &str) {
+    rmi_all_on(&engine_host(), reference)
+}
+
 /// Runs the docker CLI against the test engine.
 pub fn docker(args: &[&str]) -> Output {
     docker_on(&engine_host(), args)

@@ -15,7 +15,7 @@ import botocore.config
 
 from lambda_imaged_client import connect
 
-from conftest import FINGERPRINT_LABEL, SAM, SAM_TIMEOUT_S, engine_tag_events, free_port, image_label
+from conftest import FINGERPRINT_LABEL, SAM, SAM_TIMEOUT_S, docker, engine_tag_events, free_port, image_label
 
 UNREACHABLE = "lambda-imaged is not reachable at"
 
@@ -168,3 +168,40 @@ def _wait_for_port(port, server, log_path, timeout=90):
                 return
         time.sleep(0.2)
     raise AssertionError(f"start-lambda did not listen on {port} in {timeout} s:\n{log_path.read_text()}")
+
+
+def test_two_projects_sharing_a_layer_id_each_run_their_own_layer(daemon, tmp_path):
+    """Two SAM apps whose template layer has one logical ID but other contents ask for one SAM
+    tag (it hashes layer names only). Invoked at the same time, three rounds: each function
+    answers with its own layer every time (the drop-in hands SAM the answer's pinned tag, which
+    the other app's build cannot move), and SAM's output names the shared tag."""
+    from conftest import SamProject
+
+    first = SamProject(tmp_path / "one", message="layer-of-one")
+    second = SamProject(tmp_path / "two", message="layer-of-two")
+    second.layer_id = first.layer_id
+    second.tag = first.tag
+    (second.root / "template.yaml").write_text((first.root / "template.yaml").read_text())
+    try:
+        warned = 0
+        for round_ in range(3):
+            results = {}
+
+            def run(project, key):
+                results[key] = project.invoke({"round": round_}, socket=daemon.socket)
+
+            threads = [threading.Thread(target=run, args=(p, k)) for p, k in ((first, "one"), (second, "two"))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=SAM_TIMEOUT_S + 30)
+            assert set(results) == {"one", "two"}, f"round {round_}: an invoke did not finish"
+            assert results["one"][0]["layer"] == "layer-of-one", results["one"][1]
+            assert results["two"][0]["layer"] == "layer-of-two", results["two"][1]
+            warned += sum("shared_tag" in stderr or "share one tag" in stderr for _, stderr in results.values())
+        assert warned >= 3, "SAM's output never named the shared tag"
+    finally:
+        first.cleanup()
+        for line in docker("image", "ls", "--format", "{{.Repository}}:{{.Tag}}", check=False).splitlines():
+            if line.startswith(first.tag):
+                docker("image", "rm", "-f", line, check=False)
