@@ -43,6 +43,7 @@ const SCENARIOS: &[&str] = &[
     "layer_add",
     "multi_layer",
     "shared_prefix",
+    "shared_prefix_edited",
     "delta_chain",
     "cold_vs_docker",
     "rss_1g",
@@ -142,7 +143,8 @@ async fn run(name: &str, checks: &mut Checks) -> Value {
         "layer_delete" => layer_edit(checks, Edit::Delete).await,
         "layer_add" => layer_edit(checks, Edit::Add).await,
         "multi_layer" => multi_layer(checks).await,
-        "shared_prefix" => shared_prefix(checks).await,
+        "shared_prefix" => shared_prefix(checks, 0).await,
+        "shared_prefix_edited" => shared_prefix(checks, 3).await,
         "delta_chain" => delta_chain(checks).await,
         "cold_vs_docker" => cold_vs_docker(checks).await,
         "rss_1g" => rss_1g(checks).await,
@@ -692,7 +694,11 @@ fn unique_size(image_id: &str) -> u64 {
 /// as the first's and differs after it (its own 1 MB layer, another name, so another SAM
 /// tag): the shared layer is referenced, not sent, its files are not hashed again, and the
 /// engine stores only the small one.
-async fn shared_prefix(checks: &mut Checks) -> Value {
+/// Two functions whose layer lists start with the same 200 MB layer: the second one's first
+/// build, after `edits` one-file edits of that layer (each rebuilt for the first function, whose
+/// image is then a delta chain), sends only its own layer (issue 24: a shared prefix survives
+/// edits).
+async fn shared_prefix(checks: &mut Checks, edits: usize) -> Value {
     let daemon = daemon_with(&[]).await;
     let deps = daemon.dir().join("deps");
     let (code_a, code_b) = (daemon.dir().join("a"), daemon.dir().join("b"));
@@ -712,7 +718,18 @@ async fn shared_prefix(checks: &mut Checks) -> Value {
     // racy window (a wait for a file-time property, not synchronisation), so the first build
     // remembers their hashes and the second hashes only its own layer.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let first = build(daemon.socket(), function(unique("code-a"), &code_a)).await;
+    let code_a_name = unique("code-a");
+    let mut first = build(daemon.socket(), function(code_a_name.clone(), &code_a)).await;
+    for edit in 0..edits {
+        write_random(
+            &deps.join(format!("pkg000/file{edit:05}.bin")),
+            BIG_FILE_BYTES,
+        );
+        // Past the stat cache's racy window again (as above), so the second function's build
+        // hashes only its own layer.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        first = build(daemon.socket(), function(code_a_name.clone(), &code_a)).await;
+    }
     let before = daemon.stats().await;
     // Engine disk use is measured two ways. The checked-against-target figure is the second
     // image's unique size from the engine's own accounting (`/system/df`: its layers that no
@@ -729,7 +746,8 @@ async fn shared_prefix(checks: &mut Checks) -> Value {
     let distinct = built.done.tag != first.tag;
     rmi(&[first.tag, built.done.tag.clone()]);
     json!({
-        "scenario": "shared_prefix", "shared_mib": 200, "shared_files": 4000, "own_mib": 1,
+        "scenario": if edits == 0 { "shared_prefix" } else { "shared_prefix_edited" },
+        "shared_mib": 200, "shared_files": 4000, "own_mib": 1, "edits_first": edits,
         "build_ms": built.ms.round(), "target_build_ms": 500,
         "bytes_sent": sent, "target_bytes_sent": 2 << 20,
         "engine_disk_growth_bytes": unique_bytes, "target_engine_disk_growth_bytes": 2 << 20,
