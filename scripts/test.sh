@@ -300,7 +300,7 @@ fi
 # starts them; tests/engines.rs already ran on every engine in the main stage. Not repeated
 # there: fleet and faults (they start or kill a second 20.10 engine of their own), service,
 # cli and metrics (no engine-specific path), interop and fidelity (20.10 is their reference).
-MATRIX_SUITES=(build assembly dedup image_functions layers bases)
+MATRIX_SUITES=(build assembly dedup image_functions layers bases shared_tag)
 MATRIX_ENGINES=(docker28-containerd docker26-containerd)
 # The DOCKER_HOST of engine $1 in LAMBDA_IMAGED_TEST_ENGINES ("name=host=version ...").
 engine_host() {
