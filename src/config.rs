@@ -101,6 +101,12 @@ pub mod layout {
 /// daemon's file descriptor limit (systemd's soft default is 1024).
 pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 256;
 
+/// Default of [`Config::answer_grace`] (`--answer-grace`): how long after its last answer an
+/// image is kept once superseded (`retire.rs`). SAM creates its container within a second of
+/// the answer; a `start-api` with warm containers keeps the container, which keeps the image
+/// by itself.
+pub const ANSWER_GRACE: Duration = Duration::from_secs(5 * 60);
+
 /// Default for [`Config::client_stall_timeout`]: a client whose queue stays full this long is
 /// told RESOURCE_EXHAUSTED and let go, so it stops pinning its build's event log.
 pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -158,7 +164,7 @@ impl Config {
             hooks: TestHooks::default(),
             client_stall_timeout: CLIENT_STALL_TIMEOUT,
             base_check_ttl: Duration::from_secs(60 * 60),
-            answer_grace: crate::retire::ANSWER_GRACE,
+            answer_grace: ANSWER_GRACE,
             base_image_mirror: None,
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
             registry_cache: None,

@@ -38,11 +38,6 @@ use crate::image_store;
 use crate::reference::ImageRef;
 use crate::sync::lock;
 
-/// Default of `--answer-grace`: how long after its last answer an image is kept, superseded
-/// or not. SAM creates its container within a second of the answer; a `start-api` with warm
-/// containers keeps the container, which keeps the image by itself.
-pub const ANSWER_GRACE: Duration = Duration::from_secs(5 * 60);
-
 /// Hex digits of the image ID a pinned tag ends with (64 bits: two images of one tag never
 /// share them in practice, and a pinned tag is only created for the image it names).
 const PIN_HEX: usize = 16;

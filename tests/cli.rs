@@ -403,7 +403,10 @@ fn health_info_and_prune_usage_without_an_engine() {
 /// of a build, and `ls`, `info`, `prune --dry-run` and `health` on a real engine.
 #[test]
 fn build_ls_info_prune_health_output_is_pinned() {
-    let daemon = Daemon::builder().start_blocking();
+    // No grace for answers: prune --dry-run below may list the image just built.
+    let daemon = Daemon::builder()
+        .args(["--answer-grace", "0s"])
+        .start_blocking();
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join("lay");
     std::fs::create_dir_all(&layer).unwrap();
@@ -477,7 +480,12 @@ fn build_ls_info_prune_health_output_is_pinned() {
         let mut line = line.clone();
         assert!(line["image_id"].as_str().unwrap().starts_with("sha256:"));
         assert!(line["duration_ms"].is_u64());
-        for key in ["build_id", "image_id", "duration_ms"] {
+        let hex = line["image_id"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        assert_eq!(line["pinned_tag"], format!("{tag}-{}", &hex[..16]).as_str());
+        for key in ["build_id", "image_id", "duration_ms", "pinned_tag"] {
             mask(&mut line, key);
         }
         mask(&mut line["config"], "env");
@@ -487,7 +495,8 @@ fn build_ls_info_prune_health_output_is_pinned() {
                 "build_id": "*", "cached": cached, "changed_layer": "",
                 "config": {"architecture": "amd64", "cmd": [], "entrypoint": ["/lambda-entrypoint.sh"],
                            "env": "*", "working_dir": "/var/task"},
-                "duration_ms": "*", "image_id": "*", "reason": reason, "tag": tag, "type": "completed",
+                "duration_ms": "*", "image_id": "*", "pinned_tag": "*", "reason": reason, "tag": tag,
+                "type": "completed",
             })
         );
     };
