@@ -78,6 +78,27 @@ def engine_tag_events(tag: str, since: float, until: float) -> int:
     return sum(1 for line in out.splitlines() if line.strip() == tag)
 
 
+def engine_image_events(since: float, until: float, *events: str) -> list:
+    """The engine's own image events of these kinds (e.g. "tag", "load") between the two times,
+    as (event, name) pairs: a daemon build ends in a `load` (the image archive) and a `tag`."""
+    args = []
+    for event in events:
+        args += ["--filter", f"event={event}"]
+    out = docker(
+        "events",
+        "--since",
+        f"{since:.6f}",
+        "--until",
+        f"{until:.6f}",
+        "--filter",
+        "type=image",
+        *args,
+        "--format",
+        "{{.Action}} {{.Actor.Attributes.name}}",
+    )
+    return [tuple(line.split(" ", 1)) for line in out.splitlines() if line.strip()]
+
+
 def image_label(tag: str, label: str):
     """The image's label value, None when the image or the label is missing."""
     out = docker("image", "inspect", "-f", "{{json .Config.Labels}}", tag, check=False).strip()
@@ -214,27 +235,47 @@ Resources:
   {layer}:
     Type: AWS::Serverless::LayerVersion
     Properties:
-      ContentUri: layer/
+      ContentUri: {content_uri}
 """
+
+
+def write_zip_layer(path: Path, files: dict) -> None:
+    """A layer archive at `path` holding `files` (name -> text), written whole, then renamed."""
+    import zipfile
+
+    part = path.with_name(path.name + ".part")
+    with zipfile.ZipFile(part, "w") as archive:
+        for name, text in files.items():
+            info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, text)
+    os.replace(part, path)
 
 
 class SamProject:
     """A SAM app: EchoFunction (provided.al2023, the busybox bootstrap) with one template layer
-    whose logical ID is unique per test, so every test starts without an image for its tag."""
+    whose logical ID is unique per test, so every test starts without an image for its tag.
+    The layer is the directory `layer/`, or with `zip_layer` the archive `layer.zip`."""
 
-    def __init__(self, root: Path, message: str = "from-layer"):
+    def __init__(self, root: Path, message: str = "from-layer", *, zip_layer: bool = False):
         self.root = root
+        self.zip_layer = zip_layer
         self.layer_id = "MsgLayer" + os.urandom(6).hex()
         self.tag = sam_layered_tag("provided:al2023-x86_64", [self.layer_id])
         (root / "fn").mkdir(parents=True)
-        (root / "layer").mkdir()
         shutil.copy(BOOTSTRAP, root / "fn" / "bootstrap")
         os.chmod(root / "fn" / "bootstrap", 0o755)
-        (root / "template.yaml").write_text(TEMPLATE.format(layer=self.layer_id))
+        content_uri = "layer.zip" if zip_layer else "layer/"
+        (root / "template.yaml").write_text(TEMPLATE.format(layer=self.layer_id, content_uri=content_uri))
+        if not zip_layer:
+            (root / "layer").mkdir()
         self.set_message(message)
 
     def set_message(self, text: str) -> None:
-        (self.root / "layer" / "message.txt").write_text(text)
+        if self.zip_layer:
+            write_zip_layer(self.root / "layer.zip", {"message.txt": text})
+        else:
+            (self.root / "layer" / "message.txt").write_text(text)
 
     def env(self, socket=None, **extra) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("LAMBDA_IMAGED_SOCKET", "LAMBDA_IMAGED")}

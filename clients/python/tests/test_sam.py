@@ -15,7 +15,16 @@ import botocore.config
 
 from lambda_imaged_client import connect
 
-from conftest import FINGERPRINT_LABEL, SAM, SAM_TIMEOUT_S, engine_tag_events, free_port, image_label
+from conftest import (
+    FINGERPRINT_LABEL,
+    SAM,
+    SAM_TIMEOUT_S,
+    SamProject,
+    engine_image_events,
+    engine_tag_events,
+    free_port,
+    image_label,
+)
 
 UNREACHABLE = "lambda-imaged is not reachable at"
 
@@ -38,6 +47,33 @@ def test_invoke_uses_the_daemon_image_and_repeats_without_a_build(daemon, sam_pr
     assert engine_tag_events(sam_project.tag, t1, t2) == 0
     assert "Building image" not in stderr
     assert f"lambda-imaged: image {sam_project.tag} is up to date" in stderr
+
+
+def test_zip_layer_unchanged_repeat_is_up_to_date(daemon, engine, tmp_path):
+    """A template layer whose ContentUri is a .zip: SAM unarchives it into a new temp directory
+    on every invoke, yet the daemon gets the archive, so an unchanged repeat is up to date with
+    no engine load or tag; a changed archive rebuilds once and the function sees the change."""
+    project = SamProject(tmp_path / "app", zip_layer=True)
+    try:
+        response, stderr = project.invoke({"n": 1}, socket=daemon.socket)
+        assert response == {"echo": {"n": 1}, "layer": "from-layer"}, stderr
+        assert f"lambda-imaged: built {project.tag}" in stderr
+        assert "Decompressing" in stderr  # SAM still unarchives it (for its own builder)
+        for n in (2, 3):
+            t0 = time.time()
+            response, stderr = project.invoke({"n": n}, socket=daemon.socket)
+            t1 = time.time()
+            assert response == {"echo": {"n": n}, "layer": "from-layer"}
+            assert f"lambda-imaged: image {project.tag} is up to date" in stderr, stderr
+            assert engine_image_events(t0, t1, "load", "tag") == []
+        project.set_message("zip-edited")
+        t2 = time.time()
+        response, stderr = project.invoke({}, socket=daemon.socket)
+        assert response["layer"] == "zip-edited"
+        assert f"(a layer changed: {project.layer_id})" in stderr, stderr
+        assert engine_tag_events(project.tag, t2, time.time()) == 1
+    finally:
+        project.cleanup()
 
 
 def test_changed_layer_file_shows_in_the_next_invoke(daemon, sam_project):
