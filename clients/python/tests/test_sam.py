@@ -140,7 +140,8 @@ def test_start_lambda_two_concurrent_invokes_make_one_build(daemon, sam_project)
                 "template.yaml",
             ],
             cwd=sam_project.root,
-            env=sam_project.env(daemon.socket),
+            # Without the background prewarm (tests/test_prewarm.py): two requests, both SAM's.
+            env=sam_project.env(daemon.socket, LAMBDA_IMAGED_PREWARM="0"),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

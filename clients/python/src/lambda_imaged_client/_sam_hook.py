@@ -3,8 +3,9 @@
 It must cost nothing and never fail: when neither `LAMBDA_IMAGED_SOCKET` nor `LAMBDA_IMAGED`
 asks for the daemon it does nothing at all. Otherwise it puts a finder on `sys.meta_path`
 that, when one of SAM's modules in TARGETS is imported, lets the normal loader run the module
-and then wraps a method of one of its classes: `LambdaImage.build` (`sam.patch_lambda_image`)
-and `LambdaRuntime._unarchived_layer` (`sam.patch_lambda_runtime`). Wrapping the method on the
+and then wraps a method of one of its classes: `LambdaImage.build` (`sam.patch_lambda_image`),
+`LambdaRuntime._unarchived_layer` (`sam.patch_lambda_runtime`) and the `__init__` of the
+services of `sam local start-lambda` / `start-api` (`prewarm.patch_service`). Wrapping the method on the
 class reaches every module that imported the class; swapping the module attribute would not.
 The finder removes itself once every target is patched.
 """
@@ -12,10 +13,13 @@ The finder removes itself once every target is patched.
 import os
 import sys
 
-# module -> (class, the function of `sam` that patches it)
+# SAM's module -> (its class, our module and function that patch the class)
 TARGETS = {
-    "samcli.local.docker.lambda_image": ("LambdaImage", "patch_lambda_image"),
-    "samcli.local.lambdafn.runtime": ("LambdaRuntime", "patch_lambda_runtime"),
+    "samcli.local.docker.lambda_image": ("LambdaImage", "sam", "patch_lambda_image"),
+    "samcli.local.lambdafn.runtime": ("LambdaRuntime", "sam", "patch_lambda_runtime"),
+    # Made only by `sam local start-lambda` / `start-api`: they start the background prewarm.
+    "samcli.commands.local.lib.local_lambda_service": ("LocalLambdaService", "prewarm", "patch_service"),
+    "samcli.commands.local.lib.local_api_service": ("LocalApiService", "prewarm", "patch_service"),
 }
 _patched = set()
 
@@ -30,10 +34,10 @@ def _wanted() -> bool:
 def _patch(module) -> None:
     _patched.add(module.__name__)
     try:
-        from . import sam
+        import importlib
 
-        cls, patcher = TARGETS[module.__name__]
-        getattr(sam, patcher)(getattr(module, cls))
+        cls, ours, patcher = TARGETS[module.__name__]
+        getattr(importlib.import_module(f"{__package__}.{ours}"), patcher)(getattr(module, cls))
     except Exception as err:  # noqa: BLE001 - SAM must keep working whatever happens here
         print(f"lambda-imaged: not hooked into SAM CLI ({err!r}); SAM builds images itself", file=sys.stderr)
 
