@@ -78,27 +78,6 @@ def engine_tag_events(tag: str, since: float, until: float) -> int:
     return sum(1 for line in out.splitlines() if line.strip() == tag)
 
 
-def engine_image_events(since: float, until: float, *events: str) -> list:
-    """The engine's own image events of these kinds (e.g. "tag", "load") between the two times,
-    as (event, name) pairs: a daemon build ends in a `load` (the image archive) and a `tag`."""
-    args = []
-    for event in events:
-        args += ["--filter", f"event={event}"]
-    out = docker(
-        "events",
-        "--since",
-        f"{since:.6f}",
-        "--until",
-        f"{until:.6f}",
-        "--filter",
-        "type=image",
-        *args,
-        "--format",
-        "{{.Action}} {{.Actor.Attributes.name}}",
-    )
-    return [tuple(line.split(" ", 1)) for line in out.splitlines() if line.strip()]
-
-
 def image_label(tag: str, label: str):
     """The image's label value, None when the image or the label is missing."""
     out = docker("image", "inspect", "-f", "{{json .Config.Labels}}", tag, check=False).strip()
