@@ -413,9 +413,11 @@ impl Builds {
                     let joinable = flight.key == key.definition
                         && (!key.force || flight.force || flight.phase() != Phase::Checking);
                     if joinable {
-                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                        self.stats.joined.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.request(true);
+                        if !key.background {
+                            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                            self.stats.joined.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.request(true);
+                        }
                         return Ok((Subscription::new(flight), true));
                     }
                     flight
@@ -434,8 +436,11 @@ impl Builds {
                         subscribers: AtomicU32::new(0),
                     });
                     entry.insert(flight.clone());
-                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.request(false);
+                    // A keep-warm rebuild is no client's request (its engine build counts).
+                    if !key.background {
+                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.request(false);
+                    }
                     self.metrics.in_flight.inc();
                     // Subscribe before the driver can emit anything.
                     let subscription = Subscription::new(flight.clone());

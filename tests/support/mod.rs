@@ -71,6 +71,8 @@ impl TestDaemon {
         let mut config = Config::new(socket.clone(), dir.path().join("cache"));
         config.engine_host = engine_host();
         config.rie_dir = rie_dir();
+        // Off unless `tweak` turns it on: background rebuilds would race with counted builds.
+        config.keep_warm = Duration::ZERO;
         tweak(&mut config);
         let listener = Listener::open(&config.socket, None, config.socket_reach())
             .await

@@ -92,10 +92,12 @@ FINGERPRINT_LABEL = "io.lambda-imaged.fingerprint"
 class Daemon:
     """A lambda-imaged process on its own socket and cache dir."""
 
-    def __init__(self, binary: Path, workdir: Path, *, engine: Optional[str] = None):
+    def __init__(self, binary: Path, workdir: Path, *, engine: Optional[str] = None, keep_warm: str = "0"):
         self.binary = binary
         #: `--engine` for the daemon; None: $DOCKER_HOST, the private test engine.
         self.engine = engine
+        #: `--keep-warm`; off by default, so background rebuilds never race with counted builds.
+        self.keep_warm = keep_warm
         self.socket = str(workdir / "d.sock")
         self.cache = workdir / "cache"
         self.log_path = workdir / "daemon.log"
@@ -117,6 +119,8 @@ class Daemon:
                 os.environ["LAMBDA_IMAGED_RIE_DIR"],
                 "--shutdown-timeout",
                 "10",
+                "--keep-warm",
+                self.keep_warm,
                 *engine,
             ],
             stdout=log,
