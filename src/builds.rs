@@ -635,6 +635,7 @@ mod tests {
             tag: "t".into(),
             key: "k".into(),
             force: false,
+            background: false,
             started: SystemTime::now(),
             state: Mutex::new(State::default()),
             grew: watch::channel(0).0,

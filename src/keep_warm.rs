@@ -521,3 +521,50 @@ fn count_dirs(root: &Path) -> usize {
     }
     count
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: EventKind, path: &str) -> notify::Result<notify::Event> {
+        Ok(notify::Event::new(kind).add_path(PathBuf::from(path)))
+    }
+
+    /// An event marks the directory root it lies under, or the zip root it names; opens and
+    /// reads (the daemon's own walk) and other files next to a zip mark nothing.
+    #[test]
+    fn events_mark_their_roots_and_accesses_are_ignored() {
+        use notify::event::{AccessKind, CreateKind, ModifyKind};
+        let changes = Changes::default();
+        {
+            let mut roots = crate::sync::lock(&changes.roots);
+            roots.insert(PathBuf::from("/src/deps"), true);
+            roots.insert(PathBuf::from("/src/layer.zip"), false);
+        }
+        let modify = EventKind::Modify(ModifyKind::Any);
+        changes.handle(event(EventKind::Access(AccessKind::Any), "/src/deps/a.js"));
+        changes.handle(event(modify, "/src/other.zip"));
+        changes.handle(event(modify, "/src/layer.zip.part"));
+        assert!(crate::sync::lock(&changes.changed).is_empty());
+        changes.handle(event(modify, "/src/deps/node_modules/x/index.js"));
+        changes.handle(event(EventKind::Create(CreateKind::File), "/src/layer.zip"));
+        let changed: Vec<PathBuf> = crate::sync::lock(&changes.changed)
+            .iter()
+            .cloned()
+            .collect();
+        assert_eq!(
+            changed,
+            [PathBuf::from("/src/deps"), PathBuf::from("/src/layer.zip")]
+        );
+    }
+
+    /// Directories are counted (each is one inotify watch), links to directories are not.
+    #[test]
+    fn count_dirs_counts_directories_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/file"), "x").unwrap();
+        std::os::unix::fs::symlink("/usr", dir.path().join("link")).unwrap();
+        assert_eq!(count_dirs(dir.path()), 3);
+    }
+}
