@@ -38,6 +38,24 @@ async fn watched(daemon: &TestDaemon, path: &Path) -> Option<proto::WatchedSourc
         .find(|source| source.path == path)
 }
 
+/// Builds `request` and waits until its layer source `path` is watched; returns the tag.
+async fn built_and_watched(
+    daemon: &TestDaemon,
+    request: &proto::BuildRequest,
+    path: &Path,
+) -> String {
+    let tag = build(&daemon.socket, request.clone())
+        .await
+        .completed()
+        .tag
+        .clone();
+    until_async("the layer source watched", DEADLINE, || async {
+        watched(daemon, path).await.is_some()
+    })
+    .await;
+    tag
+}
+
 /// Background rebuilds of `tag` that have finished (ListBuilds' history, marked background).
 fn background_rebuilds(daemon: &TestDaemon, tag: &str) -> usize {
     let (in_flight, recent) = daemon.builds.list();
@@ -61,12 +79,7 @@ async fn an_edit_is_rebuilt_in_the_background_and_the_next_request_is_up_to_date
     write_file(&path.join("lib/other.txt"), "unchanged", 0o644);
     let name = unique("warm");
     let request = zip_request(&[(&name, &path)]);
-    let first = build(&daemon.socket, request.clone()).await;
-    let tag = first.completed().tag.clone();
-    until_async("the layer watched", DEADLINE, || async {
-        watched(&daemon, &path).await.is_some()
-    })
-    .await;
+    let tag = built_and_watched(&daemon, &request, &path).await;
     let source = watched(&daemon, &path).await.unwrap();
     assert_eq!(
         (source.mode.as_str(), source.tags),
@@ -98,15 +111,7 @@ async fn a_burst_of_fifty_saves_is_one_or_two_rebuilds() {
     let path = layer(dir.path(), "l", "save 0");
     let name = unique("burst");
     let request = zip_request(&[(&name, &path)]);
-    let tag = build(&daemon.socket, request.clone())
-        .await
-        .completed()
-        .tag
-        .clone();
-    until_async("the layer watched", DEADLINE, || async {
-        watched(&daemon, &path).await.is_some()
-    })
-    .await;
+    let tag = built_and_watched(&daemon, &request, &path).await;
     for save in 1..=50 {
         write_file(&path.join("message.txt"), &format!("save {save}"), 0o644);
     }
@@ -143,15 +148,7 @@ async fn a_replaced_zip_layer_is_rebuilt_in_the_background() {
     write_zip(&archive, "zip before");
     let name = unique("warmzip");
     let request = zip_request(&[(&name, &archive)]);
-    let tag = build(&daemon.socket, request.clone())
-        .await
-        .completed()
-        .tag
-        .clone();
-    until_async("the archive watched", DEADLINE, || async {
-        watched(&daemon, &archive).await.is_some()
-    })
-    .await;
+    let tag = built_and_watched(&daemon, &request, &archive).await;
     write_zip(&archive, "zip after");
     until("a background rebuild", DEADLINE, || {
         background_rebuilds(&daemon, &tag) == 1 && daemon.builds.in_flight() == 0
@@ -185,15 +182,7 @@ async fn a_deleted_layer_directory_ends_its_watch() {
     let path = layer(dir.path(), "l", "doomed");
     let name = unique("gone");
     let request = zip_request(&[(&name, &path)]);
-    let tag = build(&daemon.socket, request.clone())
-        .await
-        .completed()
-        .tag
-        .clone();
-    until_async("the layer watched", DEADLINE, || async {
-        watched(&daemon, &path).await.is_some()
-    })
-    .await;
+    let tag = built_and_watched(&daemon, &request, &path).await;
     std::fs::remove_dir_all(&path).unwrap();
     until_async("the watch ended", DEADLINE, || async {
         watched(&daemon, &path).await.is_none()

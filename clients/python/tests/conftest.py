@@ -309,3 +309,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_lambda(cwd: Path, env: dict, log_path: Path):
+    """`sam local start-lambda --skip-pull-image` on a free port in `cwd`, output to `log_path`;
+    returns (process, port). Stop it with `stop_server`."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(SAM), "local", "start-lambda", "--host", "127.0.0.1", "--port", str(port), "--skip-pull-image"],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return server, port
+
+
+def stop_server(server) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def lambda_client(port: int):
+    """A boto3 Lambda client for a local start-lambda endpoint (no retries, SAM's time bound)."""
+    import boto3
+    import botocore.config
+
+    return boto3.client(
+        "lambda",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=botocore.config.Config(retries={"max_attempts": 0}, read_timeout=SAM_TIMEOUT_S, connect_timeout=10),
+    )

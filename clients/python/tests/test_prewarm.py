@@ -27,9 +27,11 @@ from conftest import (
     SAM_TIMEOUT_S,
     docker,
     engine_tag_events,
-    free_port,
     image_label,
+    lambda_client,
     sam_layered_tag,
+    start_lambda,
+    stop_server,
     write_zip_layer,
 )
 
@@ -339,17 +341,8 @@ def test_start_lambda_prewarms_every_function_before_any_request(daemon, project
     """`sam local start-lambda` with the drop-in: every function's image exists before any
     request (polled in the engine), then each request is answered without a build."""
     tags = project.tags()
-    port = free_port()
     log_path = project.root / "start-lambda.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [str(SAM), "local", "start-lambda", "--host", "127.0.0.1", "--port", str(port), "--skip-pull-image"],
-            cwd=project.root,
-            env=project.env(daemon.socket),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    server, port = start_lambda(project.root, project.env(daemon.socket), log_path)
     try:
         deadline = time.monotonic() + SAM_TIMEOUT_S
         missing = set(tags)
@@ -363,7 +356,7 @@ def test_start_lambda_prewarms_every_function_before_any_request(daemon, project
         with connect(daemon.socket) as client:
             assert client.info().stats.engine_builds == 5
 
-        lambda_api = _lambda_api(port)
+        lambda_api = lambda_client(port)
         t0 = time.time()
         for function, full_path in [
             ("ProvidedFn",) * 2,
@@ -382,56 +375,24 @@ def test_start_lambda_prewarms_every_function_before_any_request(daemon, project
         with connect(daemon.socket) as client:
             assert client.info().stats.engine_builds == 5
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 def test_start_lambda_prewarm_off_with_lambda_imaged_prewarm_0(daemon, project):
     """LAMBDA_IMAGED_PREWARM=0: start-lambda prewarms nothing; a request builds its own image
     only (one request, one build in the daemon)."""
-    port = free_port()
     log_path = project.root / "start-lambda.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [str(SAM), "local", "start-lambda", "--host", "127.0.0.1", "--port", str(port), "--skip-pull-image"],
-            cwd=project.root,
-            env=project.env(daemon.socket, LAMBDA_IMAGED_PREWARM="0"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    server, port = start_lambda(project.root, project.env(daemon.socket, LAMBDA_IMAGED_PREWARM="0"), log_path)
     try:
         _wait_for_log(log_path, "Running on http://127.0.0.1", server)
-        out = _lambda_api(port).invoke(FunctionName="ProvidedFn", Payload=b"{}")
+        out = lambda_client(port).invoke(FunctionName="ProvidedFn", Payload=b"{}")
         assert json.loads(out["Payload"].read()) == {"echo": {}, "layer": "dir"}
         with connect(daemon.socket) as client:
             stats = client.info().stats
         assert (stats.requests, stats.engine_builds) == (1, 1), log_path.read_text()
         assert "lambda-imaged: prewarmed" not in log_path.read_text()
     finally:
-        _stop(server)
-
-
-def _lambda_api(port):
-    import boto3
-    import botocore.config
-
-    return boto3.client(
-        "lambda",
-        endpoint_url=f"http://127.0.0.1:{port}",
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        config=botocore.config.Config(retries={"max_attempts": 0}, read_timeout=SAM_TIMEOUT_S, connect_timeout=10),
-    )
-
-
-def _stop(server):
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(timeout=10)
+        stop_server(server)
 
 
 def _wait_for_log(path, text, server, timeout=SAM_TIMEOUT_S):

@@ -6,23 +6,20 @@ tag, and counts the engine's own `tag` events for that tag to know how many buil
 
 import json
 import os
-import subprocess
 import threading
 import time
-
-import boto3
-import botocore.config
 
 from lambda_imaged_client import connect
 
 from conftest import (
     FINGERPRINT_LABEL,
-    SAM,
     SAM_TIMEOUT_S,
     SamProject,
     engine_tag_events,
-    free_port,
     image_label,
+    lambda_client,
+    start_lambda,
+    stop_server,
 )
 
 UNREACHABLE = "lambda-imaged is not reachable at"
@@ -127,39 +124,13 @@ def test_lambda_imaged_0_turns_it_off(daemon, sam_project):
 
 def test_start_lambda_two_concurrent_invokes_make_one_build(daemon, sam_project):
     """`sam local start-lambda`, two invokes at once through boto3: both answer, one build."""
-    port = free_port()
     log_path = sam_project.root / "start-lambda.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [
-                str(SAM),
-                "local",
-                "start-lambda",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--skip-pull-image",
-                "-t",
-                "template.yaml",
-            ],
-            cwd=sam_project.root,
-            # Without the background prewarm (tests/test_prewarm.py): two requests, both SAM's.
-            env=sam_project.env(daemon.socket, LAMBDA_IMAGED_PREWARM="0"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    # Without the background prewarm (tests/test_prewarm.py): two requests, both SAM's.
+    env = sam_project.env(daemon.socket, LAMBDA_IMAGED_PREWARM="0")
+    server, port = start_lambda(sam_project.root, env, log_path)
     try:
         _wait_for_port(port, server, log_path)
-        lambda_api = boto3.client(
-            "lambda",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            config=botocore.config.Config(retries={"max_attempts": 0}, read_timeout=SAM_TIMEOUT_S, connect_timeout=10),
-        )
+        lambda_api = lambda_client(port)
         barrier = threading.Barrier(2, timeout=30)
         results = [None, None]
 
@@ -188,12 +159,7 @@ def test_start_lambda_two_concurrent_invokes_make_one_build(daemon, sam_project)
         # SAM happened to serialise them, found its image up to date.
         assert (stats.requests, stats.engine_builds, stats.joined + stats.cache_hits) == (2, 1, 1), stats
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop_server(server)
 
 
 def _wait_for_port(port, server, log_path, timeout=90):
