@@ -277,15 +277,16 @@ impl KeepWarm {
                 "its budget of {MAX_INOTIFY_WATCHES} inotify watches is used"
             ));
         }
-        if state.inotify.is_none() {
-            let changes = self.changes.clone();
-            let config = notify::Config::default().with_follow_symlinks(false);
-            let watcher = notify::INotifyWatcher::new(move |event| changes.handle(event), config)
-                .map_err(|err| format!("inotify is not available ({err})"))?;
-            state.inotify = Some(watcher);
-        }
-        let Some(watcher) = state.inotify.as_mut() else {
-            unreachable!("set above")
+        let watcher = match &mut state.inotify {
+            Some(watcher) => watcher,
+            None => {
+                let changes = self.changes.clone();
+                let config = notify::Config::default().with_follow_symlinks(false);
+                let watcher =
+                    notify::INotifyWatcher::new(move |event| changes.handle(event), config)
+                        .map_err(|err| format!("inotify is not available ({err})"))?;
+                state.inotify.insert(watcher)
+            }
         };
         watcher.watch(target, mode).map_err(|err| match err.kind {
             notify::ErrorKind::MaxFilesWatch => {
@@ -302,20 +303,18 @@ impl KeepWarm {
         target: &Path,
         mode: RecursiveMode,
     ) -> notify::Result<()> {
-        if state.poll.is_none() {
-            let changes = self.changes.clone();
-            let config = notify::Config::default()
-                .with_poll_interval(POLL_INTERVAL)
-                .with_follow_symlinks(false);
-            state.poll = Some(notify::PollWatcher::new(
-                move |event| changes.handle(event),
-                config,
-            )?);
-        }
-        match state.poll.as_mut() {
-            Some(watcher) => watcher.watch(target, mode),
-            None => unreachable!("set above"),
-        }
+        let watcher = match &mut state.poll {
+            Some(watcher) => watcher,
+            None => {
+                let changes = self.changes.clone();
+                let config = notify::Config::default()
+                    .with_poll_interval(POLL_INTERVAL)
+                    .with_follow_symlinks(false);
+                let watcher = notify::PollWatcher::new(move |event| changes.handle(event), config)?;
+                state.poll.insert(watcher)
+            }
+        };
+        watcher.watch(target, mode)
     }
 
     /// Stops watching `root` (gone, or no longer used by a kept image).
