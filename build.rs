@@ -30,6 +30,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .field_attribute(
             "lambda_imaged.v1.Completed.warnings",
             r#"#[serde(skip_serializing_if = "Vec::is_empty")]"#,
+        )
+        // Keep-warm off: no `keep_warm` key (the CLI's output stays as it was).
+        .field_attribute(
+            "lambda_imaged.v1.GetInfoResponse.keep_warm",
+            r#"#[serde(skip_serializing_if = "Option::is_none")]"#,
         );
     // (message.field, helper in src/proto.rs `json`): enum fields by name, and optional
     // messages the CLI always printed as an object (their defaults when absent).

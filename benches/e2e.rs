@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench e2e -- <scenario> [--json]`; scenarios: warm_hit, dedup, fanout,
 //! layer_repeat, layer_touch, layer_delete, layer_add, multi_layer, shared_prefix, delta_chain,
-//! cold_vs_docker, rss_1g, base_check, base_changed, fleet (or `all`); soak (10 minutes, or
+//! cold_vs_docker, rss_1g, base_check, base_changed, fleet, keep_warm (or `all`); soak (10 minutes, or
 //! `--soak-secs=N` / `LAMBDA_IMAGED_SOAK_SECS`; never part of `all`).
 //!
 //! Each line holds the scenario's correctness figures (engine builds, completed streams, files
@@ -50,6 +50,7 @@ const SCENARIOS: &[&str] = &[
     "base_check",
     "base_changed",
     "fleet",
+    "keep_warm",
 ];
 
 /// Scenarios run only when named.
@@ -150,6 +151,7 @@ async fn run(name: &str, checks: &mut Checks) -> Value {
         "rss_1g" => rss_1g(checks).await,
         "base_check" => base_check(checks).await,
         "base_changed" => base_changed(checks).await,
+        "keep_warm" => keep_warm(checks).await,
         "soak" => soak(checks).await,
         "fleet" => fleet(checks).await,
         _ => unreachable!("checked in main"),
@@ -342,7 +344,12 @@ struct BigLayer {
 
 impl BigLayer {
     async fn prepare(prefix: &str) -> BigLayer {
-        let daemon = daemon_with(&[]).await;
+        Self::prepare_with(prefix, &[]).await
+    }
+
+    /// [`BigLayer::prepare`] on a daemon started with `extra` flags.
+    async fn prepare_with(prefix: &str, extra: &[&str]) -> BigLayer {
+        let daemon = daemon_with(extra).await;
         let layer = daemon.dir().join("big");
         make_layer(&layer, 4000, 200 << 20);
         let name = unique(prefix);
@@ -1432,4 +1439,86 @@ async fn fleet(checks: &mut Checks) -> Value {
         "cold_build_ms": cold_ms.round(), "push_ms": push_ms.round(), "pull_ms": pull_ms.round(),
         "ratio": (pull_ms / cold_ms * 100.0).round() / 100.0, "target_ratio": 0.4,
     })
+}
+
+/// Keep-warm on the 200 MB / 4,000-file layer (`--keep-warm 1h`): 20 times one 52 KB file
+/// gets new content, timed from the write to the background rebuild's end (ListBuilds, polled
+/// every 2 ms); then the daemon's CPU while it watches the layer idle for 60 s (its
+/// /proc/PID/stat times) and its inotify watches (GetInfo). Correct when every edit is one
+/// background rebuild and the next request is a hit holding the last edit.
+async fn keep_warm(checks: &mut Checks) -> Value {
+    let big = BigLayer::prepare_with("keepwarm", &["--keep-warm", "1h"]).await;
+    let mut client = big.daemon.client().await;
+    let path = big.layer.display().to_string();
+    let watched = |info: &proto::GetInfoResponse| {
+        info.keep_warm
+            .as_ref()
+            .is_some_and(|k| k.sources.iter().any(|s| s.path == path))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !watched(&client.info().await.unwrap()) {
+        assert!(Instant::now() < deadline, "the layer was never watched");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut samples = Vec::new();
+    for edit in 0..20 {
+        let before = background_done(&mut client, &big.tag).await;
+        let file = big.layer.join(format!("pkg000/file{edit:05}.bin"));
+        let started = Instant::now();
+        write_random(&file, BIG_FILE_BYTES);
+        let deadline = started + Duration::from_secs(60);
+        while background_done(&mut client, &big.tag).await == before {
+            assert!(Instant::now() < deadline, "edit {edit} was not rebuilt");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let last = big.layer.join("pkg000/file00019.bin");
+    let info = client.info().await.unwrap().keep_warm.unwrap_or_default();
+    let cpu_before = cpu_seconds(big.daemon.pid());
+    let idle = Instant::now();
+    // The measurement window itself (what the daemon costs while nothing changes).
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let cpu_percent =
+        (cpu_seconds(big.daemon.pid()) - cpu_before) / idle.elapsed().as_secs_f64() * 100.0;
+    let next = build(big.daemon.socket(), big.request.clone()).await;
+    let in_image = image_sha256(&big.tag, "/opt/pkg000/file00019.bin");
+    let after = client.info().await.unwrap().keep_warm.unwrap_or_default();
+    samples.sort_by(f64::total_cmp);
+    rmi(std::slice::from_ref(&big.tag));
+    json!({
+        "scenario": "keep_warm", "layer_mib": 200, "layer_files": 4000, "edits": 20,
+        "file_bytes": BIG_FILE_BYTES,
+        "write_to_ready_p50_ms": percentile(&samples, 0.5).round(),
+        "write_to_ready_max_ms": samples.last().copied().unwrap_or(0.0).round(),
+        "target_write_to_ready_p50_ms": 500,
+        "idle_cpu_percent": (cpu_percent * 100.0).round() / 100.0,
+        "target_idle_cpu_percent": 1,
+        "inotify_watches": info.inotify_watches,
+        "rebuilds": checks.equal("background rebuilds (one per edit)", after.rebuilds, 20),
+        "next_request_cached": checks.equal("the request after the edits is a hit", next.cached, true),
+        "image_file": checks.equal("the last edit in the image (sha256)", in_image, host_sha256(&last)),
+    })
+}
+
+/// Finished background rebuilds of `tag` in ListBuilds' history.
+async fn background_done(client: &mut Client, tag: &str) -> usize {
+    let builds = client.list_builds().await.unwrap();
+    builds
+        .recent
+        .iter()
+        .filter(|b| b.tag == tag && b.background)
+        .count()
+}
+
+/// User plus system CPU seconds of process `pid` so far (/proc/PID/stat, fields 14 and 15).
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / per_second
 }

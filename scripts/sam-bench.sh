@@ -5,7 +5,9 @@
 #   {"bench": "sam_invoke", "plain_first_s": …, "plain_repeat_s": …, "daemon_first_s": …,
 #    "daemon_repeat_s": …, "tiny_layer_repeat_s": …, "ratio": …, …}
 #
-# Usage (as root): scripts/sam-bench.sh
+# Usage (as root): scripts/sam-bench.sh [prewarm]
+#   prewarm               instead: lambda-imaged-prewarm on a 10-function template, parallel vs
+#                         one image at a time (clients/python/bench/prewarm_bench.py)
 #   LAMBDA_IMAGED_BIN     daemon binary [default: <cargo target dir>/release/lambda-imaged, built here]
 #   SAM_BENCH_REPEATS     repeated invokes per case, median reported [3]
 #   SAM_BENCH_LAYER_BYTES, SAM_BENCH_LAYER_FILES   the big layer [200000000, 4000]
@@ -26,4 +28,8 @@ fi
 
 export LAMBDA_IMAGED_TEST_ENV_LOADED=1 PYTHONDONTWRITEBYTECODE=1
 unset LAMBDA_IMAGED_SOCKET LAMBDA_IMAGED
-exec timeout --kill-after=30 1800 "$venv/bin/python" "$root/clients/python/bench/sam_bench.py"
+bench=sam_bench
+if [ "${1:-}" = prewarm ]; then
+	bench=prewarm_bench
+fi
+exec timeout --kill-after=30 1800 "$venv/bin/python" "$root/clients/python/bench/$bench.py"

@@ -49,6 +49,8 @@ pub struct InFlight {
     key: String,
     /// Started by a `force_image_build` request.
     force: bool,
+    /// Started by keep-warm (`keep_warm.rs`), not by a request.
+    background: bool,
     pub started: SystemTime,
     state: Mutex<State>,
     grew: watch::Sender<usize>,
@@ -318,6 +320,8 @@ pub struct Summary {
     pub phase: Phase,
     pub image_id: String,
     pub error: String,
+    /// A keep-warm rebuild (see [`Key::background`]).
+    pub background: bool,
 }
 
 /// The table of builds in flight plus a short history.
@@ -357,6 +361,9 @@ pub struct Key {
     /// Hash of everything the request names (base, Dockerfile, layer names and paths, ...).
     pub definition: String,
     pub force: bool,
+    /// Started by keep-warm, not by a client: listed as such by ListBuilds. Joining does not
+    /// look at it (a request joins a background rebuild of its image).
+    pub background: bool,
 }
 
 impl Builds {
@@ -406,9 +413,11 @@ impl Builds {
                     let joinable = flight.key == key.definition
                         && (!key.force || flight.force || flight.phase() != Phase::Checking);
                     if joinable {
-                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                        self.stats.joined.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.request(true);
+                        if !key.background {
+                            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                            self.stats.joined.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.request(true);
+                        }
                         return Ok((Subscription::new(flight), true));
                     }
                     flight
@@ -420,14 +429,18 @@ impl Builds {
                         tag: key.tag.clone(),
                         key: key.definition.clone(),
                         force: key.force,
+                        background: key.background,
                         started: SystemTime::now(),
                         state: Mutex::new(State::default()),
                         grew,
                         subscribers: AtomicU32::new(0),
                     });
                     entry.insert(flight.clone());
-                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.request(false);
+                    // A keep-warm rebuild is no client's request (its engine build counts).
+                    if !key.background {
+                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.request(false);
+                    }
                     self.metrics.in_flight.inc();
                     // Subscribe before the driver can emit anything.
                     let subscription = Subscription::new(flight.clone());
@@ -498,6 +511,7 @@ impl Builds {
                 .err()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
+            background: flight.background,
         };
         let mut history = crate::sync::lock(&self.history);
         history.push_front(summary);
@@ -517,6 +531,7 @@ impl Builds {
             phase: Phase::Running,
             image_id: String::new(),
             error: String::new(),
+            background: false,
         };
         crate::sync::lock(&self.pushes).push(summary);
         id
@@ -564,6 +579,7 @@ impl Builds {
                     phase: flight.phase(),
                     image_id: String::new(),
                     error: String::new(),
+                    background: flight.background,
                 }
             })
             .collect();
@@ -619,6 +635,7 @@ mod tests {
             tag: "t".into(),
             key: "k".into(),
             force: false,
+            background: false,
             started: SystemTime::now(),
             state: Mutex::new(State::default()),
             grew: watch::channel(0).0,

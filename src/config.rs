@@ -65,7 +65,13 @@ pub struct Config {
     pub registry_cache: Option<String>,
     /// `--registry-cache-share-private`: also push images built from files others cannot read.
     pub registry_cache_share_private: bool,
+    /// `--keep-warm`: watch the layer sources of images served within this window and rebuild
+    /// them in the background when they change (`keep_warm.rs`); zero turns it off.
+    pub keep_warm: Duration,
 }
+
+/// Default of [`Config::keep_warm`].
+pub const DEFAULT_KEEP_WARM: Duration = Duration::from_secs(60 * 60);
 
 /// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
 /// set, consumes one permit per build. Set through [`Config::hooks`], never by flags.
@@ -169,6 +175,7 @@ impl Config {
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
             registry_cache: None,
             registry_cache_share_private: false,
+            keep_warm: DEFAULT_KEEP_WARM,
         }
     }
 }
@@ -346,6 +353,11 @@ pub struct Settings {
     /// client may still be about to start a container from it) [default: 5m]
     #[arg(long)]
     pub answer_grace: Option<String>,
+    /// Watch the layer sources of images served within this window and rebuild an image in
+    /// the background when its source changes, so the next request is a hit; 0 turns it off
+    /// [default: 1h]
+    #[arg(long)]
+    pub keep_warm: Option<String>,
     /// Take ZIP base images from PREFIX/<name:tag> (e.g. 127.0.0.1:5055/lambda) instead of
     /// public.ecr.aws/lambda; the images keep SAM's tags [default: none]
     #[arg(long)]
@@ -417,6 +429,7 @@ impl Settings {
             log_format: pick(over.log_format, self.log_format),
             base_check_ttl: pick(over.base_check_ttl, self.base_check_ttl),
             answer_grace: pick(over.answer_grace, self.answer_grace),
+            keep_warm: pick(over.keep_warm, self.keep_warm),
             base_image_mirror: pick(over.base_image_mirror, self.base_image_mirror),
             max_connections_per_uid: pick(
                 over.max_connections_per_uid,
@@ -477,6 +490,7 @@ impl Settings {
             config.base_check_ttl,
         )?;
         config.answer_grace = duration("answer_grace", &self.answer_grace, config.answer_grace)?;
+        config.keep_warm = duration("keep_warm", &self.keep_warm, config.keep_warm)?;
         if let Some(prefix) = &self.base_image_mirror {
             let prefix = prefix.trim_end_matches('/');
             let probe = format!("{prefix}/python:3.12-x86_64");
@@ -639,6 +653,7 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
         log_format: Some(log_format.to_owned()),
         base_check_ttl: Some(humantime::format_duration(config.base_check_ttl).to_string()),
         answer_grace: Some(humantime::format_duration(config.answer_grace).to_string()),
+        keep_warm: Some(humantime::format_duration(config.keep_warm).to_string()),
         base_image_mirror: config.base_image_mirror.clone(),
         max_connections_per_uid: Some(config.max_connections_per_uid),
         client_stall_timeout: Some(

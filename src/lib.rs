@@ -41,6 +41,10 @@
 //! - `engine`: the few engine calls we make, over one shared bollard client; image index; its
 //!   `content`: an image's manifest facts (config digest, layer descriptors) read from its
 //!   export. The only module that talks to the engine.
+//! - `keep_warm`: after a request, the layer sources of the images served within the
+//!   `--keep-warm` window are watched (inotify through `notify`, bounded, a stat walk past the
+//!   bound); a change rebuilds the image in the background through `builds` (debounced; a
+//!   request joins it). Never writes; rebuilds read layers as the request's peer.
 //! - `prune`: removing our images and unused layers, least recently used first.
 //! - `sync`: the one poison-recovering `lock()` (and `read`, `write`).
 //! - [`tasks`]: the daemon's background work, named, awaited at shutdown (none is dropped
@@ -67,6 +71,7 @@ pub mod error;
 pub(crate) mod fingerprint;
 pub(crate) mod h2_compat;
 pub(crate) mod image_store;
+pub(crate) mod keep_warm;
 pub(crate) mod lambda_rules;
 pub(crate) mod layers;
 pub mod listener;

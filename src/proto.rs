@@ -220,6 +220,7 @@ impl From<&builds::Summary> for BuildSummary {
             } as i32,
             image_id: s.image_id.clone(),
             error: s.error.clone(),
+            background: s.background,
         }
     }
 }

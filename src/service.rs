@@ -17,6 +17,7 @@ use crate::access::{self, Peer};
 use crate::builds::{Builds, Key};
 use crate::config::Config;
 use crate::error::Error;
+use crate::keep_warm::KeepWarm;
 use crate::outcome::Event;
 use crate::pipeline::{self, Shared};
 use crate::proto::{self, image_builder_server::ImageBuilder};
@@ -48,6 +49,8 @@ pub struct Service {
     streams: Arc<tokio::sync::Semaphore>,
     /// See `Config::client_stall_timeout`.
     stall_timeout: Duration,
+    /// `--keep-warm`; `None` when off.
+    keep_warm: Option<Arc<KeepWarm>>,
 }
 
 impl Service {
@@ -61,14 +64,15 @@ impl Service {
         abort: watch::Receiver<bool>,
     ) -> Service {
         Service {
-            shared,
-            builds,
+            shared: shared.clone(),
+            builds: builds.clone(),
             socket: socket.0.to_owned(),
             cache_dir: config.cache_dir.clone(),
             abort,
             policy: access::Policy::new(&config.allow_uids, &config.allow_gids, socket.1),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             stall_timeout: config.client_stall_timeout,
+            keep_warm: KeepWarm::start(config.keep_warm, shared.clone(), builds.clone()),
         }
     }
 }
@@ -253,7 +257,11 @@ impl ImageBuilder for Service {
             tag: plan.tag.as_str().to_owned(),
             definition: definition_key(&plan, &peer),
             force: plan.force_image_build,
+            background: false,
         };
+        if let Some(keep_warm) = &self.keep_warm {
+            keep_warm.served(&plan, &peer, &key);
+        }
         let shared = self.shared.clone();
         let tag = plan.tag.as_str().to_owned();
         let (mut subscription, joined) = self
@@ -485,6 +493,7 @@ impl ImageBuilder for Service {
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
             stats: Some(self.stats()),
+            keep_warm: self.keep_warm.as_ref().map(|keep_warm| keep_warm.info()),
         }))
     }
 }

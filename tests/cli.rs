@@ -642,7 +642,7 @@ fn build_ls_info_prune_health_output_is_pinned() {
     mask(&mut list["recent"][0], "image_id");
     assert_eq!(
         list["recent"][0],
-        json!({"build_id": "*", "error": "", "finished_unix_ms": "*", "image_id": "*",
+        json!({"background": false, "build_id": "*", "error": "", "finished_unix_ms": "*", "image_id": "*",
                "started_unix_ms": "*", "state": "succeeded", "subscribers": "*", "tag": tag})
     );
     assert_eq!(list["in_flight"], json!([]));

@@ -219,7 +219,9 @@ impl Builder {
             .expect("a free log name");
         let log = dir.join(format!("daemon-{run}.log"));
         let config = dir.join(format!("daemon-{run}.toml"));
-        std::fs::write(&config, "").unwrap();
+        // Keep-warm off unless a test turns it on (`--keep-warm`; flags win over the file):
+        // background rebuilds would race with the builds other tests count.
+        std::fs::write(&config, "keep_warm = \"0s\"\n").unwrap();
         let engine = match self.engine {
             Engine::Test => engine_host(),
             Engine::Missing => format!("unix://{}/no-engine.sock", dir.display()),

@@ -76,6 +76,8 @@ impl TestDaemon {
         // Superseded images go as soon as nothing uses them (the suites that check removal and
         // prune expect that); tests of the grace itself set their own.
         config.answer_grace = Duration::ZERO;
+        // Off unless `tweak` turns it on: background rebuilds would race with counted builds.
+        config.keep_warm = Duration::ZERO;
         tweak(&mut config);
         let listener = Listener::open(&config.socket, None, config.socket_reach())
             .await

@@ -92,10 +92,12 @@ FINGERPRINT_LABEL = "io.lambda-imaged.fingerprint"
 class Daemon:
     """A lambda-imaged process on its own socket and cache dir."""
 
-    def __init__(self, binary: Path, workdir: Path, *, engine: Optional[str] = None):
+    def __init__(self, binary: Path, workdir: Path, *, engine: Optional[str] = None, keep_warm: str = "0"):
         self.binary = binary
         #: `--engine` for the daemon; None: $DOCKER_HOST, the private test engine.
         self.engine = engine
+        #: `--keep-warm`; off by default, so background rebuilds never race with counted builds.
+        self.keep_warm = keep_warm
         self.socket = str(workdir / "d.sock")
         self.cache = workdir / "cache"
         self.log_path = workdir / "daemon.log"
@@ -117,6 +119,8 @@ class Daemon:
                 os.environ["LAMBDA_IMAGED_RIE_DIR"],
                 "--shutdown-timeout",
                 "10",
+                "--keep-warm",
+                self.keep_warm,
                 *engine,
             ],
             stdout=log,
@@ -214,27 +218,47 @@ Resources:
   {layer}:
     Type: AWS::Serverless::LayerVersion
     Properties:
-      ContentUri: layer/
+      ContentUri: {content_uri}
 """
+
+
+def write_zip_layer(path: Path, files: dict) -> None:
+    """A layer archive at `path` holding `files` (name -> text), written whole, then renamed."""
+    import zipfile
+
+    part = path.with_name(path.name + ".part")
+    with zipfile.ZipFile(part, "w") as archive:
+        for name, text in files.items():
+            info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, text)
+    os.replace(part, path)
 
 
 class SamProject:
     """A SAM app: EchoFunction (provided.al2023, the busybox bootstrap) with one template layer
-    whose logical ID is unique per test, so every test starts without an image for its tag."""
+    whose logical ID is unique per test, so every test starts without an image for its tag.
+    The layer is the directory `layer/`, or with `zip_layer` the archive `layer.zip`."""
 
-    def __init__(self, root: Path, message: str = "from-layer"):
+    def __init__(self, root: Path, message: str = "from-layer", *, zip_layer: bool = False):
         self.root = root
+        self.zip_layer = zip_layer
         self.layer_id = "MsgLayer" + os.urandom(6).hex()
         self.tag = sam_layered_tag("provided:al2023-x86_64", [self.layer_id])
         (root / "fn").mkdir(parents=True)
-        (root / "layer").mkdir()
         shutil.copy(BOOTSTRAP, root / "fn" / "bootstrap")
         os.chmod(root / "fn" / "bootstrap", 0o755)
-        (root / "template.yaml").write_text(TEMPLATE.format(layer=self.layer_id))
+        content_uri = "layer.zip" if zip_layer else "layer/"
+        (root / "template.yaml").write_text(TEMPLATE.format(layer=self.layer_id, content_uri=content_uri))
+        if not zip_layer:
+            (root / "layer").mkdir()
         self.set_message(message)
 
     def set_message(self, text: str) -> None:
-        (self.root / "layer" / "message.txt").write_text(text)
+        if self.zip_layer:
+            write_zip_layer(self.root / "layer.zip", {"message.txt": text})
+        else:
+            (self.root / "layer" / "message.txt").write_text(text)
 
     def env(self, socket=None, **extra) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("LAMBDA_IMAGED_SOCKET", "LAMBDA_IMAGED")}
@@ -285,3 +309,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_lambda(cwd: Path, env: dict, log_path: Path):
+    """`sam local start-lambda --skip-pull-image` on a free port in `cwd`, output to `log_path`;
+    returns (process, port). Stop it with `stop_server`."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(SAM), "local", "start-lambda", "--host", "127.0.0.1", "--port", str(port), "--skip-pull-image"],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return server, port
+
+
+def stop_server(server) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def lambda_client(port: int):
+    """A boto3 Lambda client for a local start-lambda endpoint (no retries, SAM's time bound)."""
+    import boto3
+    import botocore.config
+
+    return boto3.client(
+        "lambda",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=botocore.config.Config(retries={"max_attempts": 0}, read_timeout=SAM_TIMEOUT_S, connect_timeout=10),
+    )

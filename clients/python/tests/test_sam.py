@@ -6,16 +6,22 @@ tag, and counts the engine's own `tag` events for that tag to know how many buil
 
 import json
 import os
-import subprocess
 import threading
 import time
 
-import boto3
-import botocore.config
-
 from lambda_imaged_client import connect
 
-from conftest import FINGERPRINT_LABEL, SAM, SAM_TIMEOUT_S, docker, engine_tag_events, free_port, image_label
+from conftest import (
+    FINGERPRINT_LABEL,
+    SAM_TIMEOUT_S,
+    SamProject,
+    docker,
+    engine_tag_events,
+    image_label,
+    lambda_client,
+    start_lambda,
+    stop_server,
+)
 
 UNREACHABLE = "lambda-imaged is not reachable at"
 
@@ -38,6 +44,38 @@ def test_invoke_uses_the_daemon_image_and_repeats_without_a_build(daemon, sam_pr
     assert engine_tag_events(sam_project.tag, t1, t2) == 0
     assert "Building image" not in stderr
     assert f"lambda-imaged: image {sam_project.tag} is up to date" in stderr
+
+
+def test_zip_layer_unchanged_repeat_is_up_to_date(daemon, engine, tmp_path):
+    """A template layer whose ContentUri is a .zip: SAM unarchives it into a new temp directory
+    on every invoke, yet the daemon gets the archive, so an unchanged repeat is up to date with
+    no engine load or tag; a changed archive rebuilds once and the function sees the change."""
+    project = SamProject(tmp_path / "app", zip_layer=True)
+    try:
+        response, stderr = project.invoke({"n": 1}, socket=daemon.socket)
+        assert response == {"echo": {"n": 1}, "layer": "from-layer"}, stderr
+        assert f"lambda-imaged: built {project.tag}" in stderr
+        assert "Decompressing" in stderr  # SAM still unarchives it (for its own builder)
+        with connect(daemon.socket) as client:
+            builds = client.info().stats.engine_builds  # each one a load into the engine
+        for n in (2, 3):
+            t0 = time.time()
+            response, stderr = project.invoke({"n": n}, socket=daemon.socket)
+            t1 = time.time()
+            assert response == {"echo": {"n": n}, "layer": "from-layer"}
+            assert f"lambda-imaged: image {project.tag} is up to date" in stderr, stderr
+            # (The engine is shared with concurrent tests: only this tag's events are ours.)
+            assert engine_tag_events(project.tag, t0, t1) == 0
+        with connect(daemon.socket) as client:
+            assert client.info().stats.engine_builds == builds
+        project.set_message("zip-edited")
+        t2 = time.time()
+        response, stderr = project.invoke({}, socket=daemon.socket)
+        assert response["layer"] == "zip-edited"
+        assert f"(a layer changed: {project.layer_id})" in stderr, stderr
+        assert engine_tag_events(project.tag, t2, time.time()) == 1
+    finally:
+        project.cleanup()
 
 
 def test_changed_layer_file_shows_in_the_next_invoke(daemon, sam_project):
@@ -87,38 +125,13 @@ def test_lambda_imaged_0_turns_it_off(daemon, sam_project):
 
 def test_start_lambda_two_concurrent_invokes_make_one_build(daemon, sam_project):
     """`sam local start-lambda`, two invokes at once through boto3: both answer, one build."""
-    port = free_port()
     log_path = sam_project.root / "start-lambda.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [
-                str(SAM),
-                "local",
-                "start-lambda",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--skip-pull-image",
-                "-t",
-                "template.yaml",
-            ],
-            cwd=sam_project.root,
-            env=sam_project.env(daemon.socket),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    # Without the background prewarm (tests/test_prewarm.py): two requests, both SAM's.
+    env = sam_project.env(daemon.socket, LAMBDA_IMAGED_PREWARM="0")
+    server, port = start_lambda(sam_project.root, env, log_path)
     try:
         _wait_for_port(port, server, log_path)
-        lambda_api = boto3.client(
-            "lambda",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            config=botocore.config.Config(retries={"max_attempts": 0}, read_timeout=SAM_TIMEOUT_S, connect_timeout=10),
-        )
+        lambda_api = lambda_client(port)
         barrier = threading.Barrier(2, timeout=30)
         results = [None, None]
 
@@ -147,12 +160,7 @@ def test_start_lambda_two_concurrent_invokes_make_one_build(daemon, sam_project)
         # SAM happened to serialise them, found its image up to date.
         assert (stats.requests, stats.engine_builds, stats.joined + stats.cache_hits) == (2, 1, 1), stats
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop_server(server)
 
 
 def _wait_for_port(port, server, log_path, timeout=90):
@@ -175,8 +183,6 @@ def test_two_projects_sharing_a_layer_id_each_run_their_own_layer(daemon, tmp_pa
     tag (it hashes layer names only). Invoked at the same time, three rounds: each function
     answers with its own layer every time (the drop-in hands SAM the answer's pinned tag, which
     the other app's build cannot move), and SAM's output names the shared tag."""
-    from conftest import SamProject
-
     first = SamProject(tmp_path / "one", message="layer-of-one")
     second = SamProject(tmp_path / "two", message="layer-of-two")
     second.layer_id = first.layer_id

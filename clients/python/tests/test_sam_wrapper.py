@@ -125,8 +125,9 @@ def test_malformed_sam_tag_is_left_to_sam(daemon, monkeypatch):
 
 def hooked(env) -> str:
     code = (
-        "import samcli.local.docker.lambda_image as m, sys; "
-        "print(getattr(m.LambdaImage.build, '__lambda_imaged__', False), 'grpc' in sys.modules)"
+        "import samcli.local.docker.lambda_image as m, samcli.local.lambdafn.runtime as r, sys; "
+        "print(getattr(m.LambdaImage.build, '__lambda_imaged__', False), "
+        "getattr(r.LambdaRuntime._unarchived_layer, '__lambda_imaged__', False), 'grpc' in sys.modules)"
     )
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
@@ -134,13 +135,14 @@ def hooked(env) -> str:
 
 
 def test_pth_hook_patches_sam_only_when_asked():
-    """The installed .pth wraps LambdaImage.build on import when the variables ask for it, and
-    leaves SAM alone otherwise; it never imports grpc before a build."""
+    """The installed .pth wraps LambdaImage.build and LambdaRuntime._unarchived_layer on import
+    when the variables ask for it, and leaves SAM alone otherwise; it never imports grpc before
+    a build."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDA_IMAGED")}
-    assert hooked(base) == "False False"
-    assert hooked({**base, "LAMBDA_IMAGED_SOCKET": "/nonexistent.sock"}) == "True False"
-    assert hooked({**base, "LAMBDA_IMAGED": "1"}) == "True False"
-    assert hooked({**base, "LAMBDA_IMAGED_SOCKET": "/x.sock", "LAMBDA_IMAGED": "0"}) == "False False"
+    assert hooked(base) == "False False False"
+    assert hooked({**base, "LAMBDA_IMAGED_SOCKET": "/nonexistent.sock"}) == "True True False"
+    assert hooked({**base, "LAMBDA_IMAGED": "1"}) == "True True False"
+    assert hooked({**base, "LAMBDA_IMAGED_SOCKET": "/x.sock", "LAMBDA_IMAGED": "0"}) == "False False False"
 
 
 def recording_original(calls):

@@ -2,16 +2,26 @@
 
 It must cost nothing and never fail: when neither `LAMBDA_IMAGED_SOCKET` nor `LAMBDA_IMAGED`
 asks for the daemon it does nothing at all. Otherwise it puts a finder on `sys.meta_path`
-that, when `samcli.local.docker.lambda_image` is imported, lets the normal loader run the
-module and then wraps `LambdaImage.build` (see `sam.patch_lambda_image`). Wrapping the method
-on the class reaches every module that imported the class; swapping the module attribute
-would not. The finder removes itself once it has patched.
+that, when one of SAM's modules in TARGETS is imported, lets the normal loader run the module
+and then wraps a method of one of its classes: `LambdaImage.build` (`sam.patch_lambda_image`),
+`LambdaRuntime._unarchived_layer` (`sam.patch_lambda_runtime`) and the `__init__` of the
+services of `sam local start-lambda` / `start-api` (`prewarm.patch_service`). Wrapping the method on the
+class reaches every module that imported the class; swapping the module attribute would not.
+The finder removes itself once every target is patched.
 """
 
 import os
 import sys
 
-TARGET = "samcli.local.docker.lambda_image"
+# SAM's module -> (its class, our module and function that patch the class)
+TARGETS = {
+    "samcli.local.docker.lambda_image": ("LambdaImage", "sam", "patch_lambda_image"),
+    "samcli.local.lambdafn.runtime": ("LambdaRuntime", "sam", "patch_lambda_runtime"),
+    # Made only by `sam local start-lambda` / `start-api`: they start the background prewarm.
+    "samcli.commands.local.lib.local_lambda_service": ("LocalLambdaService", "prewarm", "patch_service"),
+    "samcli.commands.local.lib.local_api_service": ("LocalApiService", "prewarm", "patch_service"),
+}
+_patched = set()
 
 
 def _wanted() -> bool:
@@ -22,19 +32,21 @@ def _wanted() -> bool:
 
 
 def _patch(module) -> None:
+    _patched.add(module.__name__)
     try:
-        from .sam import patch_lambda_image
+        import importlib
 
-        patch_lambda_image(module.LambdaImage)
+        cls, ours, patcher = TARGETS[module.__name__]
+        getattr(importlib.import_module(f"{__package__}.{ours}"), patcher)(getattr(module, cls))
     except Exception as err:  # noqa: BLE001 - SAM must keep working whatever happens here
         print(f"lambda-imaged: not hooked into SAM CLI ({err!r}); SAM builds images itself", file=sys.stderr)
 
 
 class _Finder:
-    """A meta path finder that only ever answers for TARGET, by delegating to the others."""
+    """A meta path finder that only ever answers for TARGETS, by delegating to the others."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != TARGET:
+        if fullname not in TARGETS or fullname in _patched:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -51,8 +63,9 @@ class _Finder:
 
         def exec_and_patch(module):
             exec_module(module)
-            _remove()
             _patch(module)
+            if _patched.issuperset(TARGETS):
+                _remove()
 
         # The loader object is this module's own (made by the path finder for this spec).
         loader.exec_module = exec_and_patch
@@ -73,11 +86,12 @@ def _remove() -> None:
 
 
 def install() -> None:
-    """Patches SAM now if it is loaded, else when it is imported."""
-    module = sys.modules.get(TARGET)
-    if module is not None:
-        _patch(module)
-    elif _finder not in sys.meta_path:
+    """Patches SAM's modules now where they are loaded, the others when they are imported."""
+    for name in TARGETS:
+        module = sys.modules.get(name)
+        if module is not None and name not in _patched:
+            _patch(module)
+    if not _patched.issuperset(TARGETS) and _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
 
 

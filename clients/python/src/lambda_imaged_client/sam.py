@@ -160,12 +160,10 @@ def build_with_daemon(
             # Its errors (no credentials for an ARN layer, ...) are SAM's and reach the user.
             if image:
                 self.skip_pull_image = True
-            downloaded = []
-            if layers and packagetype == ZIP:
-                downloaded = self.layer_downloader.download_all(layers, self.force_image_build)
-            expected = sam_tag(self, runtime, packagetype, image, downloaded, architecture, function_name)
+            expected, request = image_request(
+                self, runtime, packagetype, image, layers, architecture, function_name, self.skip_pull_image
+            )
             what = expected
-            request = _request(self, runtime, packagetype == ZIP, image, downloaded, architecture, function_name)
             plan = daemon.resolve(request)
             if plan.tag != expected:
                 # SAM's tag for a reference with a registry port or a digest is malformed, and
@@ -209,7 +207,28 @@ def build_with_daemon(
     return answer
 
 
-def _request(self, runtime, is_zip, image, downloaded, architecture, function_name):
+def image_request(builder, runtime, packagetype, image, layers, architecture, function_name, skip_pull_image):
+    """(the tag SAM's `LambdaImage.build` returns, the daemon's `BuildRequest`) for one image.
+
+    `builder` is SAM's `LambdaImage` (its layer downloader, `invoke_images` and
+    `force_image_build` are used); `layers` are SAM's `LayerVersion`s in the function's order,
+    downloaded (ARN layers) or resolved (template layers) here by SAM's own `download_all`,
+    whose errors — no credentials for an ARN layer not in SAM's layer cache, ... — are SAM's and
+    propagate. A zip layer goes to the daemon as its archive (see `patch_lambda_runtime`).
+    The drop-in and `lambda-imaged-prewarm` both build their requests here, so a prewarmed
+    image is the one the next invoke asks for."""
+    from samcli.lib.utils.packagetype import ZIP
+
+    downloaded = []
+    if layers and packagetype == ZIP:
+        downloaded = builder.layer_downloader.download_all(layers, builder.force_image_build)
+    expected = sam_tag(builder, runtime, packagetype, image, downloaded, architecture, function_name)
+    return expected, _request(
+        builder, runtime, packagetype == ZIP, image, downloaded, architecture, function_name, skip_pull_image
+    )
+
+
+def _request(self, runtime, is_zip, image, downloaded, architecture, function_name, skip_pull_image):
     from .client import build_request
 
     return build_request(
@@ -217,12 +236,52 @@ def _request(self, runtime, is_zip, image, downloaded, architecture, function_na
         runtime=runtime if is_zip else "",
         image=image or "",
         architecture=architecture,
-        layers=[(layer.name, str(layer.codeuri)) for layer in downloaded],
+        layers=[(layer.name, layer_source(layer)) for layer in downloaded],
         invoke_images=self.invoke_images or None,
         function_name=function_name or "",
-        skip_pull_image=self.skip_pull_image,
+        skip_pull_image=skip_pull_image,
         force_image_build=self.force_image_build,
     )
+
+
+# Set by the wrapped `LambdaRuntime._unarchived_layer` on SAM's unarchived copy of a zip layer:
+# the absolute path of the archive it was unarchived from.
+_ARCHIVE = "__lambda_imaged_archive__"
+
+
+def layer_source(layer) -> str:
+    """The path the daemon gets for SAM's `LayerVersion`: the zip archive a layer was unarchived
+    from when SAM unarchived it, else its `codeuri` (a directory, or SAM's layer cache entry)."""
+    return getattr(layer, _ARCHIVE, None) or str(layer.codeuri)
+
+
+def patch_lambda_runtime(cls) -> bool:
+    """Wraps `cls._unarchived_layer` (SAM's `LambdaRuntime`) so that SAM's unarchived copy of a
+    zip layer remembers the archive. Idempotent; False (SAM untouched) when the method is not
+    there.
+
+    SAM (`samcli/local/lambdafn/runtime.py`, `_unarchived_layer` / `_get_code_dir`) unzips a
+    layer whose ContentUri is a `.zip` into a new temporary directory on every invoke, with
+    fresh file times, before `LambdaImage.build` sees it; given that directory, the daemon
+    would see a new tree and rebuild every time. The daemon extracts zips itself, once per
+    content, so the drop-in hands it the archive (`layer_source`). SAM's own builder, when it
+    runs, still gets the unarchived directory."""
+    original = cls.__dict__.get("_unarchived_layer")
+    if original is None or getattr(original, _MARK, False):
+        return bool(original is not None)
+
+    @functools.wraps(original)
+    def unarchived_layer(self, layer):
+        copy = original(self, layer)
+        codeuri = getattr(layer, "codeuri", None)
+        if copy is not layer and isinstance(codeuri, str) and os.path.isfile(codeuri):
+            # `_get_code_dir` unzipped `codeuri` as given (relative to the process's directory).
+            setattr(copy, _ARCHIVE, os.path.abspath(codeuri))
+        return copy
+
+    setattr(unarchived_layer, _MARK, True)
+    cls._unarchived_layer = unarchived_layer
+    return True
 
 
 def _is_sams_own(err: Exception) -> bool:
@@ -358,4 +417,14 @@ def installed_in(cls) -> bool:
     return bool(getattr(cls.__dict__.get("build"), _MARK, False))
 
 
-__all__: List[str] = ["build_with_daemon", "enabled", "installed_in", "patch_lambda_image", "sam_tag", "socket_path"]
+__all__: List[str] = [
+    "build_with_daemon",
+    "enabled",
+    "image_request",
+    "installed_in",
+    "layer_source",
+    "patch_lambda_image",
+    "patch_lambda_runtime",
+    "sam_tag",
+    "socket_path",
+]

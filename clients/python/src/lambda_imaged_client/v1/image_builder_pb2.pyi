@@ -245,7 +245,7 @@ class ListBuildsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BuildSummary(_message.Message):
-    __slots__ = ("build_id", "tag", "started_unix_ms", "finished_unix_ms", "subscribers", "state", "image_id", "error")
+    __slots__ = ("build_id", "tag", "started_unix_ms", "finished_unix_ms", "subscribers", "state", "image_id", "error", "background")
     BUILD_ID_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,7 @@ class BuildSummary(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     build_id: str
     tag: str
     started_unix_ms: int
@@ -262,7 +263,8 @@ class BuildSummary(_message.Message):
     state: BuildState
     image_id: str
     error: str
-    def __init__(self, build_id: _Optional[str] = ..., tag: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., subscribers: _Optional[int] = ..., state: _Optional[_Union[BuildState, str]] = ..., image_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    background: bool
+    def __init__(self, build_id: _Optional[str] = ..., tag: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., subscribers: _Optional[int] = ..., state: _Optional[_Union[BuildState, str]] = ..., image_id: _Optional[str] = ..., error: _Optional[str] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class ListBuildsResponse(_message.Message):
     __slots__ = ("in_flight", "recent")
@@ -331,7 +333,7 @@ class RieInfo(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., present: _Optional[bool] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "engine", "socket_path", "cache_dir", "cache_bytes", "rie", "capabilities", "limits", "stats")
+    __slots__ = ("version", "engine", "socket_path", "cache_dir", "cache_bytes", "rie", "capabilities", "limits", "stats", "keep_warm")
     class LimitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +350,7 @@ class GetInfoResponse(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_WARM_FIELD_NUMBER: _ClassVar[int]
     version: str
     engine: EngineInfo
     socket_path: str
@@ -357,7 +360,30 @@ class GetInfoResponse(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     limits: _containers.ScalarMap[str, str]
     stats: Stats
-    def __init__(self, version: _Optional[str] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., socket_path: _Optional[str] = ..., cache_dir: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., rie: _Optional[_Iterable[_Union[RieInfo, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Mapping[str, str]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
+    keep_warm: KeepWarmInfo
+    def __init__(self, version: _Optional[str] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., socket_path: _Optional[str] = ..., cache_dir: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., rie: _Optional[_Iterable[_Union[RieInfo, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Mapping[str, str]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., keep_warm: _Optional[_Union[KeepWarmInfo, _Mapping]] = ...) -> None: ...
+
+class KeepWarmInfo(_message.Message):
+    __slots__ = ("window_seconds", "sources", "inotify_watches", "rebuilds")
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    INOTIFY_WATCHES_FIELD_NUMBER: _ClassVar[int]
+    REBUILDS_FIELD_NUMBER: _ClassVar[int]
+    window_seconds: int
+    sources: _containers.RepeatedCompositeFieldContainer[WatchedSource]
+    inotify_watches: int
+    rebuilds: int
+    def __init__(self, window_seconds: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[WatchedSource, _Mapping]]] = ..., inotify_watches: _Optional[int] = ..., rebuilds: _Optional[int] = ...) -> None: ...
+
+class WatchedSource(_message.Message):
+    __slots__ = ("path", "mode", "tags")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    mode: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, path: _Optional[str] = ..., mode: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("requests", "joined", "cache_hits", "engine_builds", "failures", "files_hashed", "bytes_hashed")
