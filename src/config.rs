@@ -76,6 +76,18 @@ pub struct TestHooks {
     /// Before each background task runs (registry push, superseded-image removal, prune,
     /// last-use record, base check): see `tasks.rs`.
     pub background: Option<Arc<Semaphore>>,
+    /// Before a registry-cache push talks to the engine (it is listed as running already):
+    /// see `registry_cache.rs`.
+    pub before_push: Option<Arc<Semaphore>>,
+}
+
+/// Test hook: waits for (and consumes) one permit when the gate is set.
+pub async fn pass_gate(gate: Option<&Arc<Semaphore>>) {
+    if let Some(gate) = gate
+        && let Ok(permit) = gate.acquire().await
+    {
+        permit.forget();
+    }
 }
 
 /// The cache directory's layout: every name under `--cache-dir`, in one place.

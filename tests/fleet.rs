@@ -5,7 +5,10 @@
 //!
 //! What is proved: A builds and pushes; B, asked for the same function, pulls instead of
 //! building (REGISTRY_HIT, no engine build, the same image and `/opt`); a layer changed on B
-//! is built there and pushed, and A then pulls it; an unreachable registry leaves both
+//! is built there as a delta, which is not pushed; an image under the cache tag that is not
+//! what the request builds (a changed `/opt` file, a changed config field) is refused, removed
+//! and built locally, and the genuine image pushed back; a push finishes at SIGTERM, or is
+//! named as cut off when held past the shutdown timeout; an unreachable registry leaves both
 //! building locally with a warning; ten concurrent requests on B share one lookup and one
 //! pull (counted at a proxy in front of the registry); a registry that needs basic auth is
 //! used with credentials from the docker config file named by DOCKER_CONFIG (real daemon
@@ -20,7 +23,7 @@ use lambda_imaged::client::proto;
 use proto::build_event::Event;
 use support::daemon::Daemon;
 use support::dockerd::{SecondEngine, docker_at_ok, second_engine};
-use support::registry::{Proxy, cache_reference, push_of, pushed, registry};
+use support::registry::{Proxy, cache_reference, manifest_status, push_of, pushed, registry};
 use support::tree::{assert_same, image_opt, image_tree_at};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,17 +52,29 @@ async fn daemon(cache: &str, engine: Option<&SecondEngine>) -> TestDaemon {
 /// The registry cache series of `daemon`'s metrics (what `GET /metrics` serves):
 /// (hits, misses, push failures).
 fn registry_metrics(daemon: &TestDaemon) -> (u64, u64, u64) {
+    let all = registry_series(daemon);
+    (all[0], all[1], all[2])
+}
+
+/// Images under the cache tag `daemon` refused (`registry_cache_mismatches_total`).
+fn mismatches(daemon: &TestDaemon) -> u64 {
+    registry_series(daemon)[3]
+}
+
+/// Hits, misses, push failures and mismatches, as `GET /metrics` serves them.
+fn registry_series(daemon: &TestDaemon) -> [u64; 4] {
     let text = daemon.builds.metrics().render();
     let value = |series: &str| {
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {series} in\n{text}"))
     };
-    (
+    [
         value("lambda_imaged_registry_cache_hits_total"),
         value("lambda_imaged_registry_cache_misses_total"),
         value("lambda_imaged_registry_cache_push_failures_total"),
-    )
+        value("lambda_imaged_registry_cache_mismatches_total"),
+    ]
 }
 
 /// A layer others may read (so its image may be shared): `python/mod.py` holding `content`.
@@ -99,7 +114,7 @@ fn warnings(outcome: &Outcome) -> Vec<String> {
 
 /// A builds and pushes; B pulls the same image instead of building it (REGISTRY_HIT, pull
 /// progress, no engine build, the same image id and /opt); a layer changed on B is built there
-/// (a delta over the pulled image) and pushed, and A then pulls that one.
+/// (a delta over the pulled image) and not pushed, so A builds that one itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_builds_each_image_once() {
     let engine_b = second_engine(&[BASE]);
@@ -174,18 +189,17 @@ async fn a_fleet_builds_each_image_once() {
             .any(|e| matches!(&e.event, Some(Event::Log(l)) if l.text.contains("delta 1/"))),
         "the edit after a registry hit was not a delta: {edit:?}"
     );
-    let reference = cache_reference(&engine_b.host, &rebuilt.tag, &cache);
-    pushed(&b.socket, &reference).await;
-
+    // A delta is not pushed (a peer could not check it against its files): A, asked for the
+    // edited function, finds nothing and builds it itself.
     let before = engine_builds(&a);
-    let hit = build(&a.socket, request).await.completed().clone();
-    assert_eq!(hit.reason, proto::Reason::RegistryHit as i32);
-    assert_eq!(hit.image_id, rebuilt.image_id);
-    assert_eq!(engine_builds(&a), before, "A built instead of pulling");
-    // A: a miss (its first build), then a hit; B: a hit, then a miss (the changed layer).
+    let local = build(&a.socket, request).await.completed().clone();
+    assert_eq!(local.reason, proto::Reason::LayerChanged as i32);
+    assert_eq!(local.image_id, rebuilt.image_id, "{local:?}");
+    assert_eq!(engine_builds(&a), before + 1, "A pulled B's delta");
+    // A: two misses (its first build, the edit); B: a hit, then a miss (the changed layer).
     assert_eq!(
         registry_metrics(&a),
-        (1, 1, 0),
+        (0, 2, 0),
         "A's hits, misses, push failures"
     );
     assert_eq!(
@@ -459,4 +473,163 @@ async fn a_registry_with_basic_auth_takes_credentials_from_the_docker_config() {
     assert_eq!(hit.completed().image_id, built.image_id);
     let stats = client.info().await.unwrap().stats.unwrap();
     assert_eq!(stats.engine_builds, 0, "A built instead of pulling");
+}
+
+/// Pushes `image` (built on the main engine) to the registry as `reference`, then removes
+/// that name from the main engine.
+fn push_as(image: &str, reference: &str) {
+    docker_ok(&["tag", image, reference]);
+    docker_ok(&["push", reference]);
+    docker_ok(&["rmi", reference]);
+}
+
+/// A pushes the genuine image; then someone who can write to the repository replaces it with
+/// an image built `FROM` it (so its labels, fingerprint included, are the genuine ones)
+/// changed by `dockerfile_tail`. B refuses it (a `registry_cache_mismatch` warning naming the
+/// reference and `named`, counted), removes it, builds locally with A's `/opt`, and pushes the
+/// genuine image back, which B then pulls and adopts.
+async fn a_forged_image_is_refused(
+    dockerfile_tail: &str,
+    files: &[(&str, &str, u32)],
+    named: &str,
+) {
+    let engine_b = second_engine(&[BASE]);
+    let cache = format!("{}/{}", registry(), unique("forged-"));
+    let a = daemon(&cache, None).await;
+    let b = daemon(&cache, Some(&engine_b)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("genuine-")));
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let built = build(&a.socket, request.clone()).await.completed().clone();
+    let reference = cache_reference(&engine_host(), &built.tag, &cache);
+    pushed(&a.socket, &reference).await;
+
+    let forged = unique("forged-image:");
+    docker_build(
+        &forged,
+        &format!("FROM {}\n{dockerfile_tail}", built.tag),
+        files,
+    );
+    let forged_id = docker_ok(&["image", "inspect", "--format", "{{.Id}}", &forged]);
+    push_as(&forged, &reference);
+    docker_ok(&["rmi", &forged]);
+
+    let refused = build(&b.socket, request.clone()).await;
+    let done = refused.completed().clone();
+    assert_eq!(done.reason, proto::Reason::Missing as i32, "{refused:?}");
+    let warned = warnings_with_code(&refused, "registry_cache_mismatch");
+    assert!(
+        warned.len() == 1 && warned[0].contains(&reference) && warned[0].contains(named),
+        "{warned:?}"
+    );
+    assert_eq!(engine_builds(&b), 1, "B adopted the forged image");
+    assert_eq!(done.image_id, built.image_id, "B built the genuine image");
+    assert_same(
+        "B's /opt",
+        &image_tree_at(&engine_b.host, &done.tag, "opt"),
+        &image_opt(&built.tag),
+    );
+    assert!(
+        !docker_on(&engine_b.host, &["image", "inspect", forged_id.trim()])
+            .status
+            .success(),
+        "the forged image stayed on B"
+    );
+    assert_eq!(mismatches(&b), 1);
+    assert_eq!(registry_metrics(&b).0, 0, "a refused image is no hit");
+
+    // B pushed the genuine image back: B itself, without the image, now pulls and adopts it.
+    pushed(&b.socket, &reference).await;
+    docker_ok_on(&engine_b.host, &["rmi", &done.tag]);
+    let hit = build(&b.socket, request).await;
+    assert_eq!(
+        hit.completed().reason,
+        proto::Reason::RegistryHit as i32,
+        "{hit:?}"
+    );
+    assert_eq!(hit.completed().image_id, built.image_id);
+    assert!(warnings_with_code(&hit, "registry_cache_mismatch").is_empty());
+    assert_eq!((registry_metrics(&b).0, mismatches(&b)), (1, 1));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A forged image whose `/opt` holds a changed file (an extra layer over the genuine image's)
+/// is refused, naming the layer above the expected ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_with_a_changed_opt_file_is_refused() {
+    let evil = [("mod.py", "x = 'forged'\n", 0o644)];
+    a_forged_image_is_refused("COPY mod.py /opt/python/mod.py\n", &evil, "layer 4 (").await;
+}
+
+/// A forged image with the genuine layers but a changed config field (an `ENV` line, which
+/// adds no layer) is refused, naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_with_a_changed_config_field_is_refused() {
+    a_forged_image_is_refused("ENV PYTHONPATH=/tmp/forged\n", &[], "config Env is").await;
+}
+
+/// SIGTERM right after a build: the daemon finishes the build's push within the shutdown
+/// timeout before it exits, and the image is in the registry afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_in_flight_at_sigterm_is_finished() {
+    let repository = unique("sigterm-");
+    let cache = format!("{}/{repository}", registry());
+    let mut daemon = Daemon::builder()
+        .args(["--registry-cache", &cache, "--shutdown-timeout", "120s"])
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("term-")));
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let built = daemon
+        .client()
+        .await
+        .build(request)
+        .await
+        .completed()
+        .clone();
+    daemon.terminate();
+    let status = daemon.wait_exit(DEADLINE).await;
+    assert!(status.success(), "{status}; its log:\n{}", daemon.log());
+    let reference = cache_reference(&engine_host(), &built.tag, &cache);
+    let fp_tag = reference.rsplit(':').next().unwrap();
+    assert_eq!(
+        manifest_status(&registry(), &repository, fp_tag).await,
+        Some(200),
+        "not in the registry after the shutdown; the daemon's log:\n{}",
+        daemon.log()
+    );
+    assert!(!daemon.log().contains("cut off"), "{}", daemon.log());
+}
+
+/// A push held at its gate past `--shutdown-timeout` is cut off, and the drain names it (the
+/// names it logs).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_held_past_the_shutdown_timeout_is_named_as_cut_off() {
+    let cache = format!("{}/{}", registry(), unique("cutoff-"));
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let (held, configured) = (gate.clone(), cache.clone());
+    let daemon = TestDaemon::start_with(move |config| {
+        config.registry_cache = Some(configured);
+        config.shutdown_timeout = Duration::from_secs(2);
+        config.hooks.before_push = Some(held);
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("held-")));
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let built = build(&daemon.socket, request).await.completed().clone();
+    let reference = cache_reference(&engine_host(), &built.tag, &cache);
+    let what = format!("the push of {reference} to reach its gate");
+    let builds = daemon.builds.clone();
+    until(what, DEADLINE, || {
+        builds.list().0.iter().any(|s| s.tag == reference)
+    })
+    .await;
+    let tasks = daemon.tasks.clone();
+    daemon.stop().await;
+    let name = format!("registry-cache push of {reference}");
+    assert!(tasks.cut_off().contains(&name), "{:?}", tasks.cut_off());
+    gate.add_permits(1);
 }

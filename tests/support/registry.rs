@@ -65,6 +65,28 @@ pub async fn pushed(socket: &Path, reference: &str) {
     );
 }
 
+/// The HTTP status the registry at `addr` (host:port, plain HTTP) answers to an anonymous
+/// `GET /v2/<repository>/manifests/<tag>` for a Docker or OCI manifest: 200 when it holds it,
+/// 404 when not; `None` while nothing answers.
+pub async fn manifest_status(addr: &str, repository: &str, tag: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let accept = "application/vnd.docker.distribution.manifest.v2+json, \
+                  application/vnd.oci.image.manifest.v1+json, \
+                  application/vnd.oci.image.index.v1+json";
+    let request = format!(
+        "GET /v2/{repository}/manifests/{tag} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.ok()?;
+    String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The bytes a client sent on one connection.
 type Recorded = Arc<Mutex<Vec<u8>>>;
 
