@@ -81,15 +81,6 @@ pub struct TestHooks {
     pub before_push: Option<Arc<Semaphore>>,
 }
 
-/// Test hook: waits for (and consumes) one permit when the gate is set.
-pub async fn pass_gate(gate: Option<&Arc<Semaphore>>) {
-    if let Some(gate) = gate
-        && let Ok(permit) = gate.acquire().await
-    {
-        permit.forget();
-    }
-}
-
 /// The cache directory's layout: every name under `--cache-dir`, in one place.
 pub mod layout {
     /// Extracted zip layers, by content (`archive.rs`).

@@ -13,7 +13,6 @@ use crate::assemble::{self, Reuse};
 use crate::assembly::{self, Assembly, short_id};
 use crate::base;
 use crate::builds::Reporter;
-use crate::config::pass_gate;
 use crate::engine::{ImageInfo, ImageStoreKind};
 use crate::error::{Error, Result};
 use crate::fingerprint::{self, FINGERPRINT_LABEL, Parts, decide};
@@ -23,6 +22,7 @@ use crate::outcome::{Completed, Event, LogKind, Reason};
 use crate::prune;
 use crate::registry_cache;
 use crate::resolve::Plan;
+use crate::sync::pass_gate;
 use sha2::{Digest, Sha256};
 
 mod shared;

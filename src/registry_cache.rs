@@ -717,7 +717,7 @@ async fn push_now(context: &PushContext, cache: &RegistryCache, reference: &Imag
     }
     let builds = &context.builds;
     let id = builds.push_started(reference.as_str());
-    crate::config::pass_gate(context.gate.as_ref()).await;
+    crate::sync::pass_gate(context.gate.as_ref()).await;
     let result = push_image(&context.engine, cache, reference, &push.image_id).await;
     if let Err(err) = &result {
         builds.metrics().registry_push_failures.inc();

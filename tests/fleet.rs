@@ -23,11 +23,11 @@ use lambda_imaged::client::proto;
 use proto::build_event::Event;
 use support::daemon::Daemon;
 use support::dockerd::{SecondEngine, docker_at_ok, second_engine};
-use support::registry::{Proxy, cache_reference, manifest_status, push_of, pushed, registry};
+use support::registry::{
+    Proxy, cache_reference, http_status, manifest_status, push_of, pushed, registry,
+};
 use support::tree::{assert_same, image_opt, image_tree_at};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// The generous bound of every poll below (a push of a small image on a busy 2-core machine
 /// takes seconds, never minutes).
@@ -77,6 +77,29 @@ fn registry_series(daemon: &TestDaemon) -> [u64; 4] {
     ]
 }
 
+/// A function whose one layer others may read, in a temp dir: (the dir, the layer, the
+/// request), its file's content starting with `prefix`.
+fn function(prefix: &str) -> (tempfile::TempDir, PathBuf, proto::BuildRequest) {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique(prefix)));
+    let request = zip_request(&[(&unique("deps"), &layer)]);
+    (dir, layer, request)
+}
+
+/// Two daemons sharing `cache`: A on the main engine, B on a second one holding the base.
+struct Fleet {
+    engine_b: SecondEngine,
+    a: TestDaemon,
+    b: TestDaemon,
+}
+
+async fn fleet(cache: &str) -> Fleet {
+    let engine_b = second_engine(&[BASE]);
+    let a = daemon(cache, None).await;
+    let b = daemon(cache, Some(&engine_b)).await;
+    Fleet { engine_b, a, b }
+}
+
 /// A layer others may read (so its image may be shared): `python/mod.py` holding `content`.
 fn shared_layer(root: &Path, content: &str) -> PathBuf {
     let layer = root.join("layer");
@@ -117,13 +140,9 @@ fn warnings(outcome: &Outcome) -> Vec<String> {
 /// (a delta over the pulled image) and not pushed, so A builds that one itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_builds_each_image_once() {
-    let engine_b = second_engine(&[BASE]);
     let cache = format!("{}/{}", registry(), unique("fleet-"));
-    let a = daemon(&cache, None).await;
-    let b = daemon(&cache, Some(&engine_b)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("v1-")));
-    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let Fleet { engine_b, a, b } = fleet(&cache).await;
+    let (_dir, layer, request) = function("v1-");
 
     let built = build(&a.socket, request.clone()).await.completed().clone();
     assert_eq!(built.reason, proto::Reason::Missing as i32);
@@ -216,15 +235,11 @@ async fn a_fleet_builds_each_image_once() {
 /// background push fails in ListBuilds, not in the client's stream.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_registry_leaves_builds_local() {
-    let engine_b = second_engine(&[BASE]);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let cache = format!("{}/fleet", closed.local_addr().unwrap());
     drop(closed);
-    let a = daemon(&cache, None).await;
-    let b = daemon(&cache, Some(&engine_b)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("down-")));
-    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let Fleet { engine_b, a, b } = fleet(&cache).await;
+    let (_dir, _, request) = function("down-");
     for (daemon, host) in [(&a, engine_host()), (&b, engine_b.host.clone())] {
         let outcome = build(&daemon.socket, request.clone()).await;
         let done = outcome.completed();
@@ -252,15 +267,15 @@ async fn an_unreachable_registry_leaves_builds_local() {
 /// the pull), no blob is fetched twice, and no request builds.
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_share_one_lookup_and_one_pull() {
-    let engine_b = second_engine(&[BASE]);
     let proxy = Proxy::start(registry()).await;
     let repo = unique("fleet-");
     let cache = format!("{}/{repo}", proxy.addr);
-    let a = daemon(&cache, None).await;
-    let b = daemon(&cache, Some(&engine_b)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("ten-")));
-    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let Fleet {
+        engine_b: _engine_b,
+        a,
+        b,
+    } = fleet(&cache).await;
+    let (_dir, _, request) = function("ten-");
     let built = build(&a.socket, request.clone()).await.completed().clone();
     let reference = cache_reference(&engine_host(), &built.tag, &cache);
     pushed(&a.socket, &reference).await;
@@ -379,19 +394,7 @@ impl AuthRegistry {
 
 /// The HTTP status of an anonymous `GET /v2/` (None while nothing answers).
 async fn anonymous_status(addr: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(&addr).await.ok()?;
-    let request = format!(
-        "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        addr
-    );
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.ok()?;
-    String::from_utf8_lossy(&answer)
-        .split(' ')
-        .nth(1)?
-        .parse()
-        .ok()
+    http_status(addr, "/v2/", "").await
 }
 
 impl Drop for AuthRegistry {
@@ -493,13 +496,9 @@ async fn a_forged_image_is_refused(
     files: &[(&str, &str, u32)],
     named: &str,
 ) {
-    let engine_b = second_engine(&[BASE]);
     let cache = format!("{}/{}", registry(), unique("forged-"));
-    let a = daemon(&cache, None).await;
-    let b = daemon(&cache, Some(&engine_b)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("genuine-")));
-    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let Fleet { engine_b, a, b } = fleet(&cache).await;
+    let (_dir, _, request) = function("genuine-");
     let built = build(&a.socket, request.clone()).await.completed().clone();
     let reference = cache_reference(&engine_host(), &built.tag, &cache);
     pushed(&a.socket, &reference).await;
@@ -579,9 +578,7 @@ async fn a_push_in_flight_at_sigterm_is_finished() {
         .args(["--registry-cache", &cache, "--shutdown-timeout", "120s"])
         .start()
         .await;
-    let dir = tempfile::tempdir().unwrap();
-    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("term-")));
-    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let (_dir, _, request) = function("term-");
     let built = daemon
         .client()
         .await
@@ -616,9 +613,7 @@ async fn a_push_held_past_the_shutdown_timeout_is_named_as_cut_off() {
         config.hooks.before_push = Some(held);
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let layer = shared_layer(dir.path(), &format!("x = '{}'\n", unique("held-")));
-    let request = zip_request(&[(&unique("deps"), &layer)]);
+    let (_dir, _, request) = function("held-");
     let built = build(&daemon.socket, request).await.completed().clone();
     let reference = cache_reference(&engine_host(), &built.tag, &cache);
     let what = format!("the push of {reference} to reach its gate");
