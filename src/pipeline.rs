@@ -21,6 +21,7 @@ use crate::layers;
 use crate::outcome::{Completed, Event, LogKind, Reason};
 use crate::prune;
 use crate::registry_cache;
+use crate::registry_policy;
 use crate::resolve::Plan;
 use crate::sync::pass_gate;
 use sha2::{Digest, Sha256};
@@ -140,6 +141,20 @@ async fn from_registry(
         return None;
     }
     let (rie, tree) = (inputs.rie.as_path(), inputs.tree.as_deref());
+    let rie_bytes = std::fs::metadata(rie).map_or(0, |m| m.len());
+    let (local, pull) = registry_policy::sizes(&plan.layers, tree, rie_bytes, peer);
+    let rates = cache.rates();
+    let remote = !shared.engine.host().starts_with("unix://");
+    let estimate = registry_policy::estimate(local, pull, rates.send(remote), rates.pull());
+    let (look, why) = registry_policy::decide(cache.policy, &estimate);
+    reporter.emit(Event::Log {
+        kind: LogKind::Status,
+        text: why,
+        step: 0,
+    });
+    if !look {
+        return None;
+    }
     let expected = registry_cache::Expected {
         base_diff_ids: base.diff_ids.clone(),
         image_config: registry_cache::expected_config(
@@ -451,6 +466,7 @@ async fn stream_into_engine(
     reporter: &Reporter,
 ) -> (Option<Result<assemble::Assembled>>, Result<Option<String>>) {
     let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
     let producer = assemble::produce(spec, sent.clone());
     let mut done = Some(producer.done);
     let mut producer_result: Option<Result<assemble::Assembled>> = None;
@@ -498,6 +514,14 @@ async fn stream_into_engine(
         );
     }
     reporter.metrics().bytes_sent(sent.load(Ordering::Relaxed));
+    if let Some(cache) = shared
+        .registry_cache
+        .as_ref()
+        .filter(|_| engine_result.is_ok())
+    {
+        let bytes = sent.load(Ordering::Relaxed);
+        cache.rates().learn_send(bytes, started.elapsed());
+    }
     (producer_result, engine_result)
 }
 

@@ -53,6 +53,7 @@ use crate::fingerprint::VERSION_LABEL;
 use crate::layers::{Kind, Tree};
 use crate::outcome::{Event, LogKind};
 use crate::reference::ImageRef;
+use crate::registry_policy::{Policy, Rates};
 use crate::resolve::LayerSpec;
 
 /// Longest a registry lookup may take before the build goes ahead locally.
@@ -69,6 +70,8 @@ pub struct RegistryCache {
     server: String,
     /// `--registry-cache-share-private`: also push images built from files others cannot read.
     pub share_private: bool,
+    /// `--registry-cache-policy` (set by its owner; `auto` from [`RegistryCache::new`]).
+    pub policy: Policy,
     state: Arc<State>,
 }
 
@@ -104,8 +107,14 @@ impl RegistryCache {
             repository: repository.to_owned(),
             server,
             share_private,
+            policy: Policy::Auto,
             state: Arc::default(),
         })
+    }
+
+    /// The load and pull rates this daemon learned (for [`Policy::Auto`]).
+    pub fn rates(&self) -> &Rates {
+        &self.state.rates
     }
 
     /// `REGISTRY/REPO` as configured.
@@ -235,21 +244,7 @@ where
     )
     .await?;
     let architecture = expected.image_config["architecture"].as_str().unwrap_or("");
-    let refused_before = cache
-        .state
-        .was_refused(reference.as_str(), &manifest.digest);
-    if refused_before
-        || !(manifest.architectures.is_empty()
-            || manifest.architectures.iter().any(|a| a == architecture))
-    {
-        let why = if refused_before {
-            format!("its manifest {} was refused before", manifest.digest)
-        } else {
-            format!(
-                "the registry says it is for {}, the base is {architecture}",
-                manifest.architectures.join(", ")
-            )
-        };
+    if let Some(why) = refused_unpulled(cache, &reference, &manifest, architecture) {
         mismatch(reporter, &reference, &why, "not pulled");
         return None;
     }
@@ -258,13 +253,33 @@ where
         text: format!("pulling {} from the registry cache", reference.as_str()),
         step: 0,
     });
-    let pulling = tokio::time::timeout(
-        pull_limit,
-        engine.pull_as(&reference, "", credentials, |item| {
-            crate::base::report_pull(reporter, reference.as_str(), item)
-        }),
-    );
-    let (pulled, layers) = tokio::join!(pulling, expected.layers);
+    let pulled = async {
+        // Each layer's download size, as the engine reports it ("Downloading" current/total),
+        // to learn the pull rate.
+        let mut downloads: HashMap<String, u64> = HashMap::new();
+        let started = std::time::Instant::now();
+        let pulled = tokio::time::timeout(
+            pull_limit,
+            engine.pull_as(&reference, "", credentials, |item| {
+                if item.status.as_deref() == Some("Downloading")
+                    && let (Some(id), Some(total)) = (
+                        &item.id,
+                        item.progress_detail.as_ref().and_then(|d| d.total),
+                    )
+                {
+                    downloads.insert(id.clone(), u64::try_from(total).unwrap_or(0));
+                }
+                crate::base::report_pull(reporter, reference.as_str(), item)
+            }),
+        )
+        .await;
+        if matches!(pulled, Ok(Ok(()))) {
+            let downloaded = downloads.values().sum();
+            cache.rates().learn_pull(downloaded, started.elapsed());
+        }
+        pulled
+    };
+    let (pulled, layers) = tokio::join!(pulled, expected.layers);
     let failed = match pulled {
         Ok(Ok(())) => None,
         Ok(Err(err)) => Some(format!("pulling {} failed: {err}", reference.as_str())),
@@ -295,6 +310,32 @@ where
         reporter.metrics().registry_hits.inc();
     }
     adopted
+}
+
+/// Why the image the registry names `manifest` under `reference` is refused before it is
+/// pulled: a manifest refused before, or one for another architecture than the base's.
+fn refused_unpulled(
+    cache: &RegistryCache,
+    reference: &ImageRef,
+    manifest: &RegistryManifest,
+    architecture: &str,
+) -> Option<String> {
+    if cache
+        .state
+        .was_refused(reference.as_str(), &manifest.digest)
+    {
+        return Some(format!(
+            "its manifest {} was refused before",
+            manifest.digest
+        ));
+    }
+    let platforms = &manifest.architectures;
+    (!platforms.is_empty() && !platforms.iter().any(|a| a == architecture)).then(|| {
+        format!(
+            "the registry says it is for {}, the base is {architecture}",
+            platforms.join(", ")
+        )
+    })
 }
 
 /// The registry's manifest for `reference`, bounded by [`LOOKUP_TIMEOUT`]; `None` on a miss
@@ -545,6 +586,7 @@ struct State {
     pushes: Mutex<PushQueue>,
     /// Bounds the pushes that run ([`PUSHES_AT_ONCE`]); queued pushes wait here.
     slots: Semaphore,
+    rates: Rates,
 }
 
 impl Default for State {
@@ -553,6 +595,7 @@ impl Default for State {
             refused: Mutex::default(),
             pushes: Mutex::default(),
             slots: Semaphore::new(PUSHES_AT_ONCE),
+            rates: Rates::default(),
         }
     }
 }

@@ -316,6 +316,7 @@ async fn the_registry_cache_is_shared_between_the_containerd_and_classic_stores(
         TestDaemon::start_with(move |config| {
             config.engine_host = host;
             config.registry_cache = Some(cache);
+            config.registry_cache_policy = lambda_imaged::config::RegistryCachePolicy::Always;
         })
     };
     let (a, b) = (
@@ -368,10 +369,7 @@ async fn the_registry_cache_is_shared_between_the_containerd_and_classic_stores(
     );
     assert!(warnings_with_code(&back, "registry_cache_mismatch").is_empty());
     let back = back.completed().clone();
-    assert!(
-        ["registry_hit", "missing"].contains(&reason),
-        "{back:?}"
-    );
+    assert!(["registry_hit", "missing"].contains(&reason), "{back:?}");
     assert_eq!(message_in(&containerd, &back.tag), "from classic\n");
     assert_complete(&containerd, &back.tag);
 

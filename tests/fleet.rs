@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lambda_imaged::client::proto;
+use lambda_imaged::config::RegistryCachePolicy as Policy;
 use proto::build_event::Event;
 use support::daemon::Daemon;
 use support::dockerd::{SecondEngine, docker_at_ok, second_engine};
@@ -36,12 +37,19 @@ const DEADLINE: Duration = Duration::from_secs(180);
 /// The stand-in base every request here uses (`skip_pull_image`), copied into engine B.
 const BASE: &str = "public.ecr.aws/lambda/python:3.12-x86_64";
 
-/// A daemon using `cache` as its registry cache, on the main engine or on `engine`.
+/// A daemon using `cache` as its registry cache, on the main engine or on `engine`, looking
+/// up every image (`--registry-cache-policy always`: the tests' layers are small, so `auto`
+/// would build them).
 async fn daemon(cache: &str, engine: Option<&SecondEngine>) -> TestDaemon {
+    daemon_with(cache, engine.map(|e| e.host.clone()), Policy::Always).await
+}
+
+/// A daemon using `cache` with `policy`, on the main engine or on the one at `host`.
+async fn daemon_with(cache: &str, host: Option<String>, policy: Policy) -> TestDaemon {
     let cache = cache.to_owned();
-    let host = engine.map(|e| e.host.clone());
     TestDaemon::start_with(move |config| {
         config.registry_cache = Some(cache);
+        config.registry_cache_policy = policy;
         if let Some(host) = host {
             config.engine_host = host;
         }
@@ -409,7 +417,12 @@ impl Drop for AuthRegistry {
 async fn daemon_process(host: &str, cache: &str, docker_config: &Path) -> Daemon {
     Daemon::builder()
         .engine(host)
-        .args(["--registry-cache", cache])
+        .args([
+            "--registry-cache",
+            cache,
+            "--registry-cache-policy",
+            "always",
+        ])
         .env("DOCKER_CONFIG", docker_config)
         .start()
         .await
@@ -627,4 +640,162 @@ async fn a_push_held_past_the_shutdown_timeout_is_named_as_cut_off() {
     let name = format!("registry-cache push of {reference}");
     assert!(tasks.cut_off().contains(&name), "{:?}", tasks.cut_off());
     gate.add_permits(1);
+}
+
+/// The status lines of `outcome` that say whether the registry cache was looked in.
+fn policy_lines(outcome: &Outcome) -> Vec<String> {
+    outcome
+        .events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Log(l)) if l.text.starts_with("registry cache") => Some(l.text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// True when `outcome` reports pulling anything.
+fn pulled_anything(outcome: &Outcome) -> bool {
+    outcome
+        .events
+        .iter()
+        .any(|e| matches!(&e.event, Some(Event::PullProgress(_))))
+}
+
+/// Under `auto`, a runner with the files and an engine on a local socket builds a small image
+/// rather than pull it, though the registry has it: no lookup, no pull, and the events say
+/// why.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_builds_when_building_is_cheaper() {
+    let cache = format!("{}/{}", registry(), unique("auto-local-"));
+    let engine_b = second_engine(&[BASE]);
+    let a = daemon(&cache, None).await;
+    let b = daemon_with(&cache, Some(engine_b.host.clone()), Policy::Auto).await;
+    let (_dir, _, request) = function("cheap-");
+    let built = build(&a.socket, request.clone()).await.completed().clone();
+    pushed(
+        &a.socket,
+        &cache_reference(&engine_host(), &built.tag, &cache),
+    )
+    .await;
+
+    let local = build(&b.socket, request).await;
+    assert_eq!(local.completed().reason, proto::Reason::Missing as i32);
+    assert_eq!(engine_builds(&b), 1);
+    assert!(!pulled_anything(&local), "{local:?}");
+    let lines = policy_lines(&local);
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("registry cache skipped: local build of"),
+        "{lines:?}"
+    );
+    assert_eq!(registry_metrics(&b), (0, 0, 0), "B looked the image up");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A TCP forwarder on loopback to the engine socket at `host` (`unix://…`) that carries what
+/// the client sends at most `rate` bytes a second per connection (a slow link to a remote
+/// engine; answers pass at full speed). Runs until the test's runtime ends.
+async fn throttled(host: &str, rate: f64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = PathBuf::from(host.strip_prefix("unix://").expect("a unix:// engine"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let Ok(engine) = tokio::net::UnixStream::connect(&socket).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = tcp.into_split();
+                let (mut from_engine, mut to_engine) = engine.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let started = tokio::time::Instant::now();
+                    let mut passed = 0u64;
+                    while let Ok(n) = from_client.read(&mut buf).await {
+                        if n == 0 || to_engine.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        passed += n as u64;
+                        // The throttle itself (not a synchronisation): the next read waits
+                        // until the link's rate allows what has passed so far.
+                        let due = Duration::from_secs_f64(passed as f64 / rate);
+                        tokio::time::sleep_until(started + due).await;
+                    }
+                    let _ = to_engine.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut from_engine, &mut to_client).await;
+                    let _ = to_client.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    format!("tcp://{addr}")
+}
+
+/// A function whose layer holds `bytes` of incompressible content besides `mod.py`.
+fn heavy_function(prefix: &str, bytes: usize) -> (tempfile::TempDir, proto::BuildRequest) {
+    let (dir, layer, _) = function(prefix);
+    let blob = layer.join("python/blob.bin");
+    std::fs::write(&blob, noise(bytes, bytes as u64 ^ 0x5eed)).unwrap();
+    set_mode(&blob, 0o644);
+    let request = zip_request(&[(&unique("heavy"), &layer)]);
+    (dir, request)
+}
+
+/// Under `auto`, a runner whose engine is behind a slow link (4 MB/s, measured by its own
+/// first build) pulls what the registry has instead of sending it: a REGISTRY_HIT, and the
+/// events say why.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_pulls_when_the_engine_is_behind_a_slow_link() {
+    let cache = format!("{}/{}", registry(), unique("auto-slow-"));
+    let engine_b = second_engine(&[BASE]);
+    let slow = throttled(&engine_b.host, 4e6).await;
+    let a = daemon(&cache, None).await;
+    let b = daemon_with(&cache, Some(slow), Policy::Auto).await;
+    let (_first_dir, first) = heavy_function("first-", 4 << 20);
+    let learned = build(&b.socket, first).await;
+    assert_eq!(learned.completed().reason, proto::Reason::Missing as i32);
+    let (_dir, request) = heavy_function("pulled-", 4 << 20);
+    let built = build(&a.socket, request.clone()).await.completed().clone();
+    pushed(
+        &a.socket,
+        &cache_reference(&engine_host(), &built.tag, &cache),
+    )
+    .await;
+
+    let hit = build(&b.socket, request).await;
+    assert_eq!(
+        hit.completed().reason,
+        proto::Reason::RegistryHit as i32,
+        "{hit:?}"
+    );
+    assert_eq!(hit.completed().image_id, built.image_id);
+    assert_eq!(
+        engine_builds(&b),
+        1,
+        "only the first function was built on B"
+    );
+    let lines = policy_lines(&hit);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("registry cache: looking up: pull of")),
+        "{lines:?}"
+    );
+    // The local estimate is the measured link's (13 MiB at <= 4 MB/s: over 3 s), not the
+    // 12.5 MB/s assumed for a TCP engine before any load (about 1 s).
+    let local_seconds: f64 = lines[0]
+        .split("estimated at ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or_else(|| panic!("no local estimate in {lines:?}"));
+    assert!(local_seconds > 2.0, "{lines:?}");
+    a.stop().await;
+    b.stop().await;
 }
