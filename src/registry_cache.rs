@@ -279,7 +279,11 @@ where
         }
         pulled
     };
-    let (pulled, layers) = tokio::join!(pulled, expected.layers);
+    let hashed = async {
+        let started = std::time::Instant::now();
+        (expected.layers.await, started.elapsed())
+    };
+    let (pulled, (layers, hashing)) = tokio::join!(pulled, hashed);
     let failed = match pulled {
         Ok(Ok(())) => None,
         Ok(Err(err)) => Some(format!("pulling {} failed: {err}", reference.as_str())),
@@ -308,6 +312,16 @@ where
     let adopted = adopt(engine, cache, &reference, &expected, tag, reporter).await;
     if adopted.is_some() {
         reporter.metrics().registry_hits.inc();
+        reporter.emit(Event::Log {
+            kind: LogKind::Status,
+            text: format!(
+                "registry cache: {} checked: its {} layers and config are what these inputs                  build (our layers' diff IDs computed in {:.2} s, during the pull)",
+                reference.as_str(),
+                expected.base_diff_ids.len() + expected.layers.len(),
+                hashing.as_secs_f64()
+            ),
+            step: 0,
+        });
     }
     adopted
 }
