@@ -553,13 +553,7 @@ async fn a_forged_image_is_refused(
     // B pushed the genuine image back: B itself, without the image, now pulls and adopts it.
     pushed(&b.socket, &reference).await;
     docker_ok_on(&engine_b.host, &["rmi", &done.tag]);
-    let hit = build(&b.socket, request).await;
-    assert_eq!(
-        hit.completed().reason,
-        proto::Reason::RegistryHit as i32,
-        "{hit:?}"
-    );
-    assert_eq!(hit.completed().image_id, built.image_id);
+    let hit = pulled_as(&b, request, &built).await;
     assert!(warnings_with_code(&hit, "registry_cache_mismatch").is_empty());
     assert_eq!((registry_metrics(&b).0, mismatches(&b)), (1, 1));
     a.stop().await;
@@ -642,6 +636,34 @@ async fn a_push_held_past_the_shutdown_timeout_is_named_as_cut_off() {
     gate.add_permits(1);
 }
 
+/// `request` built on `a` (the main engine), once its push to `cache` succeeded.
+async fn built_and_pushed(
+    a: &TestDaemon,
+    cache: &str,
+    request: proto::BuildRequest,
+) -> proto::Completed {
+    let built = build(&a.socket, request).await.completed().clone();
+    pushed(
+        &a.socket,
+        &cache_reference(&engine_host(), &built.tag, cache),
+    )
+    .await;
+    built
+}
+
+/// `request` answered on `b` as a REGISTRY_HIT of the image `built`; the outcome.
+async fn pulled_as(
+    b: &TestDaemon,
+    request: proto::BuildRequest,
+    built: &proto::Completed,
+) -> Outcome {
+    let hit = build(&b.socket, request).await;
+    let done = hit.completed();
+    assert_eq!(done.reason, proto::Reason::RegistryHit as i32, "{hit:?}");
+    assert_eq!(done.image_id, built.image_id);
+    hit
+}
+
 /// The status lines of `outcome` that say whether the registry cache was looked in.
 fn policy_lines(outcome: &Outcome) -> Vec<String> {
     outcome
@@ -672,12 +694,7 @@ async fn auto_builds_when_building_is_cheaper() {
     let a = daemon(&cache, None).await;
     let b = daemon_with(&cache, Some(engine_b.host.clone()), Policy::Auto).await;
     let (_dir, _, request) = function("cheap-");
-    let built = build(&a.socket, request.clone()).await.completed().clone();
-    pushed(
-        &a.socket,
-        &cache_reference(&engine_host(), &built.tag, &cache),
-    )
-    .await;
+    built_and_pushed(&a, &cache, request.clone()).await;
 
     let local = build(&b.socket, request).await;
     assert_eq!(local.completed().reason, proto::Reason::Missing as i32);
@@ -717,20 +734,9 @@ async fn auto_pulls_when_the_engine_is_behind_a_slow_link() {
     let learned = build(&b.socket, first).await;
     assert_eq!(learned.completed().reason, proto::Reason::Missing as i32);
     let (_dir, request) = heavy_function("pulled-", 4 << 20);
-    let built = build(&a.socket, request.clone()).await.completed().clone();
-    pushed(
-        &a.socket,
-        &cache_reference(&engine_host(), &built.tag, &cache),
-    )
-    .await;
+    let built = built_and_pushed(&a, &cache, request.clone()).await;
 
-    let hit = build(&b.socket, request).await;
-    assert_eq!(
-        hit.completed().reason,
-        proto::Reason::RegistryHit as i32,
-        "{hit:?}"
-    );
-    assert_eq!(hit.completed().image_id, built.image_id);
+    let hit = pulled_as(&b, request, &built).await;
     assert_eq!(
         engine_builds(&b),
         1,
