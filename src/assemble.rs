@@ -291,21 +291,7 @@ fn write_docker_archive(spec: &Spec, out: &mut ChanWriter) -> Result<Assembled> 
 /// time that says something to `docker images` and prune, yet the same for the same inputs,
 /// so the same inputs give the same image ID); no history.
 fn image_config(spec: &Spec, diff_ids: &[String]) -> Value {
-    let mut config = spec
-        .base_config
-        .get("config")
-        .cloned()
-        .filter(Value::is_object)
-        .unwrap_or_else(|| json!({}));
-    let mut labels: BTreeMap<String, Value> = config
-        .get("Labels")
-        .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
-    for (key, value) in &spec.labels {
-        labels.insert(key.clone(), Value::String(value.clone()));
-    }
-    config["Labels"] = json!(labels);
+    let config = run_config(&spec.base_config, &spec.labels);
     let mut image = json!({
         "architecture": spec.base_config.get("architecture").cloned().unwrap_or(json!("amd64")),
         "os": spec.base_config.get("os").cloned().unwrap_or(json!("linux")),
@@ -326,6 +312,37 @@ fn image_config(spec: &Spec, diff_ids: &[String]) -> Value {
         image["variant"] = variant.clone();
     }
     image
+}
+
+/// The `config` object of an image we make over a base with config `base_config` (Docker's
+/// JSON form, as in [`Spec::base_config`]): the base's, with `labels` added to its labels (ours
+/// win). What a registry-cache pull is checked against, too (`registry_cache.rs`).
+pub fn run_config(base_config: &Value, labels: &BTreeMap<String, String>) -> Value {
+    let mut config = base_config
+        .get("config")
+        .cloned()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
+    let mut merged: BTreeMap<String, Value> = config
+        .get("Labels")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    for (key, value) in labels {
+        merged.insert(key.clone(), Value::String(value.clone()));
+    }
+    config["Labels"] = json!(merged);
+    config
+}
+
+/// The diff ID (and length) the layer tar of `items` has, without sending it: the same writer
+/// over a hashing sink, so every file is read (with the calling thread's rights; items marked
+/// `as_daemon` with the daemon's) and must still be the file that was walked. Errors: a file
+/// unreadable or changed since the walk, a path the tar format cannot hold.
+pub fn layer_diff_id(items: &[Item]) -> Result<DiffId> {
+    let mut hashing = HashingWriter::new(io::sink());
+    write_layer(items, &mut hashing, false)?;
+    Ok(hashing.finish())
 }
 
 /// The exact length of the layer tar of `items`: the same writer over a counting sink, with

@@ -1,7 +1,7 @@
 //! What to send the engine: the layers of one image above its base, planned from what the
 //! daemon remembers (`image_store`) and the request's inputs. Pure over the image store: no
-//! engine I/O, no file reads but the RIE's `stat` (and, after a registry-cache hit, the
-//! counting writes of [`remember_pulled`]).
+//! engine I/O, no file reads but the RIE's `stat` (and, for a registry-cache pull, the hashing
+//! reads of [`expected_layers`]).
 //!
 //! Three shapes (design.md, "How images are made"):
 //! - **full**: one RIE layer and one layer per Lambda layer; a bottom run of layers whose
@@ -16,6 +16,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::access::Peer;
 use crate::assemble::{self, Reuse};
 use crate::engine::ImageInfo;
 use crate::error::{Error, Result};
@@ -181,25 +182,8 @@ pub fn full(
     base: &ImageInfo,
     reuse: Reuse,
 ) -> Result<Assembly> {
-    let mut planned = vec![(
-        RIE_LABEL.to_owned(),
-        rie_items(rie)?,
-        image_store::rie_key(&parts.rie),
-    )];
+    let planned = full_layers(parts, rie, tree)?;
     let listing = full_listing(parts, tree);
-    if let Some(tree) = tree {
-        for ((name, _), (entries, digest)) in parts
-            .layers
-            .iter()
-            .zip(tree.layers.iter().zip(&tree.layer_digests))
-        {
-            planned.push((
-                layer_label(name),
-                image_store::layer_items(entries),
-                image_store::layer_key(digest),
-            ));
-        }
-    }
     // The chain under the next layer; extended one layer at a time while every layer so far is
     // known (a layer after an unknown one is never skipped).
     let mut chain = assemble::chain_ids(&base.diff_ids).pop();
@@ -227,6 +211,88 @@ pub fn full(
         assembly.keys.push(Some(key));
     }
     Ok(assembly)
+}
+
+/// The layers of a full assembly, bottom first: (label, items, content key) for the RIE layer
+/// and one per Lambda layer. Errors: the RIE cannot be `stat`ed.
+fn full_layers(
+    parts: &Parts,
+    rie: &Path,
+    tree: Option<&Tree>,
+) -> Result<Vec<(String, Vec<assemble::Item>, String)>> {
+    let mut planned = vec![(
+        RIE_LABEL.to_owned(),
+        rie_items(rie)?,
+        image_store::rie_key(&parts.rie),
+    )];
+    if let Some(tree) = tree {
+        for ((name, _), (entries, digest)) in parts
+            .layers
+            .iter()
+            .zip(tree.layers.iter().zip(&tree.layer_digests))
+        {
+            planned.push((
+                layer_label(name),
+                image_store::layer_items(entries),
+                image_store::layer_key(digest),
+            ));
+        }
+    }
+    Ok(planned)
+}
+
+/// The layers a full assembly of `parts` (RIE, `tree`) puts above the base, bottom first, as
+/// (label, diff ID): computed from the request's own files, never from an image, so that what
+/// a registry-cache pull holds can be checked against them (`registry_cache.rs`). A diff ID
+/// this daemon recorded for the same content (its own earlier assembly) is taken as recorded;
+/// the others are computed by writing the layer over a hashing sink ([`assemble::layer_diff_id`]:
+/// every file read with `peer`'s rights, on the blocking pool), and recorded, so the image is
+/// read once per content. Errors: the RIE cannot be `stat`ed, a layer file cannot be read or
+/// changed since the walk.
+pub async fn expected_layers(
+    images: &ImageStore,
+    parts: &Parts,
+    rie: &Path,
+    tree: Option<&Tree>,
+    peer: &Peer,
+) -> Result<Vec<(String, assemble::DiffId)>> {
+    let planned = full_layers(parts, rie, tree)?;
+    let known: Vec<Option<assemble::DiffId>> = planned
+        .iter()
+        .map(|(_, _, key)| images.diff_id(key).filter(|d| d.size > 0))
+        .collect();
+    let unknown: Vec<Vec<assemble::Item>> = planned
+        .iter()
+        .zip(&known)
+        .filter(|(_, known)| known.is_none())
+        .map(|((_, items, _), _)| items.clone())
+        .collect();
+    let peer = peer.clone();
+    let mut computed = crate::sync::blocking(move || {
+        crate::access::as_peer(&peer, || {
+            unknown
+                .iter()
+                .map(|items| assemble::layer_diff_id(items))
+                .collect::<Result<Vec<_>>>()
+        })
+    })
+    .await?
+    .into_iter();
+    let mut layers = Vec::with_capacity(planned.len());
+    for ((label, _, key), known) in planned.into_iter().zip(known) {
+        let diff_id = match known {
+            Some(known) => known,
+            None => {
+                let diff_id = computed
+                    .next()
+                    .ok_or_else(|| Error::Internal("a layer's diff ID was not computed".into()))?;
+                images.record_diff_id(&key, &diff_id);
+                diff_id
+            }
+        };
+        layers.push((label, diff_id));
+    }
+    Ok(layers)
 }
 
 /// A delta over the image the tag names now, when it is ours, on the same base and RIE, with
@@ -348,52 +414,25 @@ pub fn short_id(id: &str) -> &str {
     hex.get(..12).unwrap_or(hex)
 }
 
-/// After a registry-cache hit: the pulled image's chains are held by the engine now, and when
-/// it is a full assembly (the base, the RIE layer and one layer per Lambda layer: the shape
-/// only a full assembly has) its listing is this request's tree, since its fingerprint covers
-/// every file's content, mode and mtime. So the next edit here is a delta, as after a local
-/// build, and prune counts its layers by the sizes a local assembly of the tree has (the
-/// writer is deterministic: the same tar lengths as on the machine that built it). An image of
-/// another shape (a delta made elsewhere) gets no listing: the next edit is a full assembly,
-/// and prune counts it whole.
-pub async fn remember_pulled(
+/// After a registry-cache hit: the pulled image's chains are held by the engine now, and its
+/// listing is this request's tree: it was checked to be exactly the full assembly of it (the
+/// base, the RIE layer and one layer per Lambda layer, each with the diff ID of
+/// [`expected_layers`], whose lengths `layers` carries). So the next edit here is a delta, as
+/// after a local build, and prune counts its layers by those lengths (the writer is
+/// deterministic: the same tars as on the machine that built it).
+pub fn remember_pulled(
     images: &ImageStore,
     parts: &Parts,
-    rie: &Path,
-    tree: Option<Arc<Tree>>,
-    base: &ImageInfo,
+    tree: Option<&Tree>,
     pulled: &ImageInfo,
+    layers: &[assemble::DiffId],
 ) {
     images.note_chains(&pulled.diff_ids);
-    let Some(tree) = tree else {
-        return;
-    };
-    let full = 1 + tree.layers.len();
-    if !pulled.diff_ids.starts_with(&base.diff_ids)
-        || pulled.diff_ids.len() != base.diff_ids.len() + full
-    {
+    if tree.is_none() {
         return;
     }
-    let mut listing = full_listing(parts, Some(&tree));
-    let rie = rie.to_owned();
-    // Writes every layer over a counting sink (zeros for contents): off the async workers.
-    let sizes = crate::sync::blocking(move || {
-        std::iter::once(rie_items(&rie))
-            .chain(
-                tree.layers
-                    .iter()
-                    .map(|entries| Ok(image_store::layer_items(entries))),
-            )
-            .map(|items| assemble::layer_size(&items?))
-            .collect::<Result<Vec<u64>>>()
-    })
-    .await;
-    match sizes {
-        Ok(sizes) => listing.layer_bytes = sizes,
-        Err(err) => {
-            tracing::warn!(image = %pulled.id, error = %err, "could not size the pulled image's layers")
-        }
-    }
+    let mut listing = full_listing(parts, tree);
+    listing.layer_bytes = layers.iter().map(|l| l.size).collect();
     images.record_listing(&pulled.id, &listing);
 }
 

@@ -11,6 +11,9 @@ pub use crate::engine::EngineTls;
 use crate::layers::Limits;
 use tokio::sync::Semaphore;
 
+/// `--registry-cache-policy`, for code that builds a [`Config`] (tests, embedders).
+pub use crate::registry_policy::Policy as RegistryCachePolicy;
+
 /// Everything the daemon needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -68,6 +71,8 @@ pub struct Config {
     /// `--keep-warm`: watch the layer sources of images served within this window and rebuild
     /// them in the background when they change (`keep_warm.rs`); zero turns it off.
     pub keep_warm: Duration,
+    /// `--registry-cache-policy`: when to look in the registry cache (`registry_policy.rs`).
+    pub registry_cache_policy: crate::registry_policy::Policy,
 }
 
 /// Default of [`Config::keep_warm`].
@@ -84,6 +89,9 @@ pub struct TestHooks {
     /// Before each background task runs (registry push, superseded-image removal, prune,
     /// last-use record, base check): see `tasks.rs`.
     pub background: Option<Arc<Semaphore>>,
+    /// Before a registry-cache push talks to the engine (it is listed as running already):
+    /// see `registry_cache.rs`.
+    pub before_push: Option<Arc<Semaphore>>,
 }
 
 /// The cache directory's layout: every name under `--cache-dir`, in one place.
@@ -176,6 +184,7 @@ impl Config {
             registry_cache: None,
             registry_cache_share_private: false,
             keep_warm: DEFAULT_KEEP_WARM,
+            registry_cache_policy: crate::registry_policy::Policy::Auto,
         }
     }
 }
@@ -259,6 +268,15 @@ pub enum ConfigError {
         value: String,
         /// Why it is refused.
         reason: String,
+    },
+    /// `registry_cache_policy` is not one of auto, always, never.
+    #[error(
+        "registry_cache_policy = {value:?}: expected auto (look up only when a pull is estimated \
+         to beat a local build), always or never"
+    )]
+    RegistryCachePolicy {
+        /// What was given.
+        value: String,
     },
     #[error("max_parallel_builds must be at least 1")]
     NoParallelBuilds,
@@ -378,6 +396,10 @@ pub struct Settings {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_cache_share_private: Option<bool>,
+    /// When to look in the registry cache before a cold build: auto (only when a pull is
+    /// estimated to beat a local build), always, or never [default: auto]
+    #[arg(long)]
+    pub registry_cache_policy: Option<String>,
 }
 
 fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
@@ -437,6 +459,7 @@ impl Settings {
             ),
             client_stall_timeout: pick(over.client_stall_timeout, self.client_stall_timeout),
             registry_cache: pick(over.registry_cache, self.registry_cache),
+            registry_cache_policy: pick(over.registry_cache_policy, self.registry_cache_policy),
             registry_cache_share_private: pick(
                 over.registry_cache_share_private,
                 self.registry_cache_share_private,
@@ -513,6 +536,12 @@ impl Settings {
             config.registry_cache = Some(cache.repository().to_owned());
         }
         config.registry_cache_share_private = self.registry_cache_share_private.unwrap_or(false);
+        if let Some(value) = &self.registry_cache_policy {
+            config.registry_cache_policy = crate::registry_policy::Policy::parse(value)
+                .ok_or_else(|| ConfigError::RegistryCachePolicy {
+                    value: value.clone(),
+                })?;
+        }
         config.shutdown_timeout = duration(
             "shutdown_timeout",
             &self.shutdown_timeout,
@@ -664,6 +693,10 @@ pub fn effective_toml(config: &Config, log_format: &str) -> String {
             .registry_cache
             .is_some()
             .then_some(config.registry_cache_share_private),
+        registry_cache_policy: config
+            .registry_cache
+            .is_some()
+            .then(|| config.registry_cache_policy.as_str().to_owned()),
     };
     toml::to_string(&settings).unwrap_or_default()
 }
@@ -831,6 +864,34 @@ mod tests {
 
     /// The freshness TTL and the mirror prefix parse from TOML; a trailing `/` is dropped and a
     /// prefix that cannot make an image reference is refused naming the setting.
+    /// `registry_cache_policy` takes auto, always or never (auto by default), from the file or
+    /// the flag; anything else names the setting and the choices.
+    #[test]
+    fn registry_cache_policy() {
+        let parsed = |policy: Option<&str>| {
+            Settings {
+                registry_cache_policy: policy.map(str::to_owned),
+                ..Settings::default()
+            }
+            .into_config()
+        };
+        use crate::registry_policy::Policy;
+        assert_eq!(parsed(None).unwrap().registry_cache_policy, Policy::Auto);
+        assert_eq!(
+            parsed(Some("never")).unwrap().registry_cache_policy,
+            Policy::Never
+        );
+        assert_eq!(
+            parsed(Some("always")).unwrap().registry_cache_policy,
+            Policy::Always
+        );
+        let refused = parsed(Some("sometimes")).unwrap_err().to_string();
+        assert!(
+            refused.contains("registry_cache_policy = \"sometimes\"") && refused.contains("always"),
+            "{refused}"
+        );
+    }
+
     #[test]
     fn base_check_ttl_and_mirror() {
         let settings: Settings = toml::from_str(

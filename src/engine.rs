@@ -117,6 +117,17 @@ pub struct EngineVersion {
     pub arch: String,
 }
 
+/// What the engine's distribution API says of a manifest in a registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryManifest {
+    /// "sha256:<hex>" of the manifest (or index).
+    pub digest: String,
+    /// The architectures it is for, as Go spells them ("amd64"): an index's entries, or for a
+    /// single manifest the one in its config, which Docker reads from the config blob to answer
+    /// (moby `distribution_routes.go`). Empty when the engine did not say.
+    pub architectures: Vec<String>,
+}
+
 /// Why [`Engine::registry_digest`] has no digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistryError {
@@ -774,10 +785,11 @@ impl Engine {
     pub async fn registry_digest(&self, reference: &str) -> Result<String, RegistryError> {
         self.registry_lookup(reference, None)
             .await?
+            .map(|manifest| manifest.digest)
             .ok_or_else(|| RegistryError::Registry(format!("manifest unknown: {reference}")))
     }
 
-    /// Whether the registry has `reference` (a tag): its manifest digest, or `Ok(None)` when
+    /// Whether the registry has `reference` (a tag): its manifest's digest and platforms, or `Ok(None)` when
     /// the registry answers that it has no such manifest or repository (the engine relays its
     /// 404). Asked through the distribution API with `credentials` as `X-Registry-Auth`, so the
     /// engine decides TLS or plain HTTP and applies its mirrors, as for its own pulls.
@@ -785,10 +797,17 @@ impl Engine {
         &self,
         reference: &str,
         credentials: Option<DockerCredentials>,
-    ) -> Result<Option<String>, RegistryError> {
+    ) -> Result<Option<RegistryManifest>, RegistryError> {
         let client = self.client().await.map_err(RegistryError::Engine)?;
         match client.inspect_registry_image(reference, credentials).await {
-            Ok(inspect) => Ok(Some(inspect.descriptor.digest.unwrap_or_default())),
+            Ok(inspect) => Ok(Some(RegistryManifest {
+                digest: inspect.descriptor.digest.unwrap_or_default(),
+                architectures: inspect
+                    .platforms
+                    .into_iter()
+                    .filter_map(|p| p.architecture)
+                    .collect(),
+            })),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code,
                 message,

@@ -32,6 +32,11 @@
 //!   Pure.
 //! - `registry_cache`: the fleet's registry cache: look a fingerprint up and pull it before a
 //!   cold build, push after a build; credentials from the docker config; what may be shared.
+//!   A pull is adopted only when its rootfs and config are exactly what the request's files
+//!   build.
+//! - `registry_policy`: whether to look in the registry cache at all: a local build's and a
+//!   pull's estimated cost, from rates learned from this daemon's loads and pulls. Pure but for
+//!   those rates.
 //! - `assembly`: step 4's plan, what to send the engine: full, delta or squash, from the
 //!   image store. No engine I/O.
 //! - `image_store`: diff IDs by content, chains the engine holds, image listings for deltas.
@@ -82,6 +87,7 @@ pub mod proto;
 pub(crate) mod prune;
 pub(crate) mod reference;
 pub(crate) mod registry_cache;
+pub(crate) mod registry_policy;
 pub(crate) mod resolve;
 pub mod retire;
 pub mod server;

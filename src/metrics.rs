@@ -66,6 +66,11 @@ pub struct Metrics {
     pub registry_misses: Counter,
     /// Pushes to the registry cache that failed (a warning, never a failed build).
     pub registry_push_failures: Counter,
+    /// Images under our cache tag that were not what the request builds (refused, removed,
+    /// built locally; `registry_cache.rs`, `difference`).
+    pub registry_mismatches: Counter,
+    /// Pushes not queued because the push backlog was full (`MAX_PUSH_BACKLOG`).
+    pub registry_pushes_dropped: Counter,
     build_seconds: Histogram,
     hit_seconds: Histogram,
     engine_bytes_sent: Counter,
@@ -102,6 +107,8 @@ impl Metrics {
             registry_hits: Counter::default(),
             registry_misses: Counter::default(),
             registry_push_failures: Counter::default(),
+            registry_mismatches: Counter::default(),
+            registry_pushes_dropped: Counter::default(),
             build_seconds,
             hit_seconds,
             engine_bytes_sent: Counter::default(),
@@ -138,6 +145,16 @@ impl Metrics {
             "registry_cache_push_failures",
             "Pushes to the registry cache that failed",
             metrics.registry_push_failures.clone(),
+        );
+        registry.register(
+            "registry_cache_mismatches",
+            "Images under the registry cache's tag refused: not what the request builds",
+            metrics.registry_mismatches.clone(),
+        );
+        registry.register(
+            "registry_cache_pushes_dropped",
+            "Pushes to the registry cache not made because the push backlog was full",
+            metrics.registry_pushes_dropped.clone(),
         );
         registry.register(
             "build_duration_seconds",

@@ -8,9 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
-
 use crate::access::{self, Peer};
 use crate::assemble::{self, Reuse};
 use crate::assembly::{self, Assembly, short_id};
@@ -23,8 +20,11 @@ use crate::layers;
 use crate::outcome::{Completed, Event, LogKind, Reason};
 use crate::prune;
 use crate::registry_cache;
+use crate::registry_policy;
 use crate::resolve::{LayerSpec, Plan};
 use crate::retire;
+use crate::sync::pass_gate;
+use sha2::{Digest, Sha256};
 
 mod shared;
 
@@ -74,12 +74,19 @@ pub async fn run(
         record_use(&shared, plan.tag.as_str());
         // `decide` only says UpToDate for an existing image.
         (existing.unwrap_or_default(), true, reason)
-    } else if let Some(pulled) =
-        from_registry(&shared, &plan, &fingerprint, reason, &reporter).await
+    } else if let Some(pulled) = from_registry(
+        &shared,
+        &plan,
+        (&parts, &inputs, &base),
+        &peer,
+        reason,
+        &reporter,
+    )
+    .await
     {
-        let adopted = after_build(&shared, &plan, &pulled, existing).await?;
-        let tree = inputs.tree.clone();
-        assembly::remember_pulled(&shared.images, &parts, &inputs.rie, tree, &base, &adopted).await;
+        let adopted = after_build(&shared, &plan, &pulled.id, existing).await?;
+        let tree = inputs.tree.as_deref();
+        assembly::remember_pulled(&shared.images, &parts, tree, &adopted, &pulled.layers);
         (adopted, false, Reason::RegistryHit)
     } else {
         let images = (&base, existing.as_ref());
@@ -88,15 +95,19 @@ pub async fn run(
             build(&shared, &plan, &parts, inputs, images, peer, &reporter).await?;
         let built = after_build(&shared, &plan, &image_id, existing).await?;
         if let Some(cache) = shared.registry_cache.as_ref().filter(|_| pushable) {
-            registry_cache::push_in_background(
-                &shared.tasks,
-                shared.engine.clone(),
-                reporter.builds().clone(),
-                cache.clone(),
-                built.id.clone(),
+            let context = registry_cache::PushContext {
+                tasks: shared.tasks.clone(),
+                engine: shared.engine.clone(),
+                builds: reporter.builds().clone(),
+                gate: shared.hooks.before_push.clone(),
+            };
+            let push = registry_cache::Push {
+                image_id: built.id.clone(),
                 fingerprint,
+                tag: plan.tag.as_str().to_owned(),
                 layers,
-            );
+            };
+            registry_cache::push_in_background(context, cache.clone(), push);
         }
         (built, false, reason)
     };
@@ -175,27 +186,55 @@ fn shared_tag_message(tag: &str, before: &[LayerSpec], now: &[LayerSpec]) -> Str
     )
 }
 
-/// Before a cold build, with `--registry-cache`: the image another daemon built for
-/// `fingerprint`, pulled and tagged (see `registry_cache.rs`); `None` builds locally. A forced
-/// rebuild never asks: the client wants a fresh build.
+/// Before a cold build, with `--registry-cache`: the image another daemon built for these
+/// `parts` over `base`, pulled, checked against the full assembly of `inputs` (its layers'
+/// diff IDs computed from the files, read with `peer`'s rights, while the pull runs) and
+/// tagged (see `registry_cache.rs`); `None` builds locally. A forced rebuild never asks: the
+/// client wants a fresh build.
 async fn from_registry(
     shared: &Shared,
     plan: &Plan,
-    fingerprint: &str,
+    (parts, inputs, base): (&Parts, &Inputs, &ImageInfo),
+    peer: &Peer,
     reason: Reason,
     reporter: &Reporter,
-) -> Option<String> {
+) -> Option<registry_cache::Adopted> {
     let cache = shared.registry_cache.as_ref()?;
     if reason == Reason::Forced {
         return None;
     }
+    let (rie, tree) = (inputs.rie.as_path(), inputs.tree.as_deref());
+    let rie_bytes = std::fs::metadata(rie).map_or(0, |m| m.len());
+    let (local, pull) = registry_policy::sizes(&plan.layers, tree, rie_bytes, peer);
+    let rates = cache.rates();
+    let remote = !shared.engine.host().starts_with("unix://");
+    let estimate = registry_policy::estimate(local, pull, rates.send(remote), rates.pull());
+    let (look, why) = registry_policy::decide(cache.policy, &estimate);
+    reporter.emit(Event::Log {
+        kind: LogKind::Status,
+        text: why,
+        step: 0,
+    });
+    if !look {
+        return None;
+    }
+    let expected = registry_cache::Expected {
+        base_diff_ids: base.diff_ids.clone(),
+        image_config: registry_cache::expected_config(
+            &base.image_config,
+            &fingerprint::labels(parts),
+        ),
+        layers: assembly::expected_layers(&shared.images, parts, rie, tree, peer),
+    };
+    let wanted = (parts.fingerprint(), &plan.tag);
     let engine = &shared.engine;
+    let limit = shared.build_timeout;
     registry_cache::fetch(
         engine,
         cache,
-        fingerprint,
-        &plan.tag,
-        shared.build_timeout,
+        (&wanted.0, wanted.1),
+        limit,
+        expected,
         reporter,
     )
     .await
@@ -352,8 +391,8 @@ async fn sibling(
 /// made, else a full assembly; layers the engine holds are referenced, not sent. If the engine
 /// lost a layer we relied on (removed behind our back), every layer is sent again: a build
 /// never fails for that. Returns the image id and whether it may be pushed to the registry
-/// cache: not when Docker's containerd store got a docker archive (its base layers are
-/// zero-size entries there, which that store records as empty blobs).
+/// cache: only a full assembly, and not when Docker's containerd store got a docker archive
+/// (its base layers are zero-size entries there, which that store records as empty blobs).
 async fn build(
     shared: &Shared,
     plan: &Plan,
@@ -382,6 +421,10 @@ async fn build(
         };
         let assembly = assembly::plan(&shared.images, parts, rie, tree, over, reuse)?;
         let reused = assembly.layers.iter().any(|l| l.skip);
+        // Only full assemblies are shared: a peer can check those against its own files, but
+        // not a delta (its lower layers are this machine's history), and pulling one would
+        // fetch the whole chain below it (README, "Running a fleet").
+        let full = assembly.keys.iter().all(Option::is_some);
         let pushable = matches!(format, assemble::Format::OciLayout { .. })
             || shared.engine.known_image_store() != Some(ImageStoreKind::Containerd);
         let image = (base, format.clone());
@@ -396,21 +439,22 @@ async fn build(
                     ),
                 });
                 shared.images.forget_chains();
-                let full = assembly::full(&shared.images, parts, rie, tree, base, Reuse::Nothing)?;
+                let every = assembly::full(&shared.images, parts, rie, tree, base, Reuse::Nothing)?;
                 load(
                     shared,
                     plan,
                     parts,
                     (base, format),
-                    full,
+                    every,
                     peer.clone(),
                     reporter,
                 )
                 .await
+                .map(|id| (id, true))
             }
-            other => other,
+            other => other.map(|id| (id, full)),
         };
-        loaded.map(|id| (id, pushable))
+        loaded.map(|(id, full)| (id, pushable && full))
     };
     match tokio::time::timeout(shared.build_timeout, work).await {
         Ok(result) => result.map_err(|err| access::denied_for(&peer, err)),
@@ -518,6 +562,7 @@ async fn stream_into_engine(
     reporter: &Reporter,
 ) -> (Option<Result<assemble::Assembled>>, Result<Option<String>>) {
     let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
     let producer = assemble::produce(spec, sent.clone());
     let mut done = Some(producer.done);
     let mut producer_result: Option<Result<assemble::Assembled>> = None;
@@ -565,6 +610,14 @@ async fn stream_into_engine(
         );
     }
     reporter.metrics().bytes_sent(sent.load(Ordering::Relaxed));
+    if let Some(cache) = shared
+        .registry_cache
+        .as_ref()
+        .filter(|_| engine_result.is_ok())
+    {
+        let bytes = sent.load(Ordering::Relaxed);
+        cache.rates().learn_send(bytes, started.elapsed());
+    }
     (producer_result, engine_result)
 }
 
@@ -630,15 +683,6 @@ fn record_use(shared: &Shared, tag: &str) {
     shared
         .tasks
         .spawn_blocking(name, move || prune::record_use(&cache_dir, &tag));
-}
-
-/// Test hook: waits for (and consumes) one permit when the gate is set.
-async fn pass_gate(gate: Option<&Arc<Semaphore>>) {
-    if let Some(gate) = gate
-        && let Ok(permit) = gate.acquire().await
-    {
-        permit.forget();
-    }
 }
 
 fn elapsed_ms(started: Instant) -> u64 {

@@ -1,4 +1,4 @@
-//! The blocking-pool hand-off ([`blocking`]), and locks that recover from poisoning: every mutex and rwlock of the daemon guards plain data
+//! The blocking-pool hand-off ([`blocking`]), the test hooks' gate ([`pass_gate`]), and locks that recover from poisoning: every mutex and rwlock of the daemon guards plain data
 //! that a panicking holder cannot leave half-updated (each update is one insert, remove or
 //! assignment), so a panic on one request must not make every later request panic too.
 
@@ -32,4 +32,13 @@ pub async fn blocking<T: Send + 'static>(
 pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Test hook (`config::TestHooks`): waits for (and consumes) one permit when the gate is set.
+pub async fn pass_gate(gate: Option<&std::sync::Arc<tokio::sync::Semaphore>>) {
+    if let Some(gate) = gate
+        && let Ok(permit) = gate.acquire().await
+    {
+        permit.forget();
+    }
 }

@@ -87,6 +87,10 @@ impl Shared {
             registry_cache: config.registry_cache.as_deref().and_then(|repository| {
                 // `into_config` validated flag and file; a Config built in code may not be.
                 RegistryCache::new(repository, config.registry_cache_share_private)
+                    .map(|mut cache| {
+                        cache.policy = config.registry_cache_policy;
+                        cache
+                    })
                     .map_err(|why| {
                         tracing::error!(repository, "registry cache disabled: {why}");
                     })

@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 /// How long the engine may take to answer after its start on a busy machine.
 const START_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -222,4 +224,47 @@ pub fn has_ended(pid: i32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
     }
+}
+
+/// A TCP forwarder on loopback to the engine socket at `host` (`unix://…`) that carries what
+/// the client sends at most `rate` bytes a second per connection (a slow link to a remote
+/// engine; answers pass at full speed). Runs until the test's runtime ends.
+pub async fn throttled(host: &str, rate: f64) -> String {
+    let socket = PathBuf::from(host.strip_prefix("unix://").expect("a unix:// engine"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let Ok(engine) = tokio::net::UnixStream::connect(&socket).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = tcp.into_split();
+                let (mut from_engine, mut to_engine) = engine.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let started = tokio::time::Instant::now();
+                    let mut passed = 0u64;
+                    while let Ok(n) = from_client.read(&mut buf).await {
+                        if n == 0 || to_engine.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        passed += n as u64;
+                        // The throttle itself (not a synchronisation): the next read waits
+                        // until the link's rate allows what has passed so far.
+                        let due = Duration::from_secs_f64(passed as f64 / rate);
+                        tokio::time::sleep_until(started + due).await;
+                    }
+                    let _ = to_engine.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut from_engine, &mut to_client).await;
+                    let _ = to_client.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    format!("tcp://{addr}")
 }

@@ -65,6 +65,32 @@ pub async fn pushed(socket: &Path, reference: &str) {
     );
 }
 
+/// The HTTP status the registry at `addr` (host:port, plain HTTP) answers to an anonymous
+/// `GET /v2/<repository>/manifests/<tag>` for a Docker or OCI manifest: 200 when it holds it,
+/// 404 when not; `None` while nothing answers.
+pub async fn manifest_status(addr: &str, repository: &str, tag: &str) -> Option<u16> {
+    let accept = "Accept: application/vnd.docker.distribution.manifest.v2+json, \
+                  application/vnd.oci.image.manifest.v1+json, \
+                  application/vnd.oci.image.index.v1+json\r\n";
+    http_status(addr, &format!("/v2/{repository}/manifests/{tag}"), accept).await
+}
+
+/// The HTTP status `addr` (host:port, plain HTTP) answers to `GET path` with `headers` (each
+/// line ending in CRLF); `None` while nothing answers.
+pub async fn http_status(addr: &str, path: &str, headers: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.ok()?;
+    String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The bytes a client sent on one connection.
 type Recorded = Arc<Mutex<Vec<u8>>>;
 
