@@ -1099,4 +1099,35 @@ mod tests {
         }
         assert_eq!(full.enqueue("t", "another"), Err(NotQueued::Full));
     }
+
+    /// Before a pull: a manifest for another architecture, or one refused before for the same
+    /// reference, is refused; a manifest that names no platform, or the base's, is pulled.
+    #[test]
+    fn what_the_lookup_tells_is_checked_before_the_pull() {
+        let cache = RegistryCache::new("127.0.0.1:5000/c", false).unwrap();
+        let reference = cache.reference(&"ab".repeat(32)).unwrap();
+        let manifest = |arch: &[&str]| RegistryManifest {
+            digest: "sha256:m".into(),
+            architectures: arch.iter().map(|a| a.to_string()).collect(),
+        };
+        assert_eq!(
+            refused_unpulled(&cache, &reference, &manifest(&[]), "amd64"),
+            None
+        );
+        assert_eq!(
+            refused_unpulled(&cache, &reference, &manifest(&["amd64"]), "amd64"),
+            None
+        );
+        let why = refused_unpulled(&cache, &reference, &manifest(&["arm64"]), "amd64").unwrap();
+        assert_eq!(why, "the registry says it is for arm64, the base is amd64");
+        cache.clone().state.refuse(reference.as_str(), "sha256:m");
+        let why = refused_unpulled(&cache, &reference, &manifest(&["amd64"]), "amd64").unwrap();
+        assert!(why.contains("sha256:m was refused before"), "{why}");
+        let other = cache.reference(&"cd".repeat(32)).unwrap();
+        assert_eq!(
+            refused_unpulled(&cache, &other, &manifest(&["amd64"]), "amd64"),
+            None,
+            "refused for its own reference only"
+        );
+    }
 }
