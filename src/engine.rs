@@ -1017,16 +1017,22 @@ impl Engine {
         tags: &[String],
         prune_parents: bool,
     ) -> Result<()> {
-        for tag in tags {
-            match self.remove_image(tag, prune_parents).await {
+        let mut outcome = Ok(());
+        for name in tags.iter().map(String::as_str).chain([image_id]) {
+            match self.remove_image(name, prune_parents).await {
                 Ok(()) | Err(Error::NotFound(_)) => {}
-                Err(err) => return Err(err),
+                Err(err) => {
+                    outcome = Err(err);
+                    break;
+                }
             }
         }
-        match self.remove_image(image_id, prune_parents).await {
-            Ok(()) | Err(Error::NotFound(_)) => Ok(()),
-            Err(err) => Err(err),
+        // Another remover (a retirement, a user's `docker rmi`) may have taken it meanwhile,
+        // which the engine can answer with a conflict: gone is removed.
+        if outcome.is_err() && matches!(self.inspect_fresh(image_id).await, Ok(None)) {
+            return Ok(());
         }
+        outcome
     }
 
     /// Images carrying `label` (ours), with their tags, size and creation time.

@@ -70,6 +70,9 @@ pub async fn run(
     let existing = shared.engine.inspect_fresh(plan.tag.as_str()).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
     let fingerprint = parts.fingerprint();
+    // A build may load an image a pending retirement names (same content, same ID): none is
+    // removed until this answer is noted.
+    let _building = (reason != Reason::UpToDate).then(|| shared.retire.building());
     let (image, cached, reason) = if reason == Reason::UpToDate {
         record_use(&shared, plan.tag.as_str());
         // `decide` only says UpToDate for an existing image.

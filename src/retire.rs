@@ -27,6 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,9 @@ const MAX_ANSWERS: usize = 4096;
 
 /// Longest wait before a removal the engine could not be asked about is tried again.
 const RETRY: Duration = Duration::from_secs(30);
+
+/// How soon a removal put off by builds in flight is tried again.
+const BUILDS_WAIT: Duration = Duration::from_millis(500);
 
 /// The pinned tag of `image_id` ("sha256:<hex>") under `tag`: `repository:<tag>-<16 hex>`.
 /// `None` when the result is not a valid reference (a tag already at Docker's 128
@@ -91,6 +95,19 @@ pub struct Retirements {
     answers: Mutex<HashMap<String, Instant>>,
     pending: Mutex<HashMap<String, Pending>>,
     wake: Notify,
+    /// Builds between their decision to build and their answer ([`Retirements::building`]):
+    /// one may be loading an image with the very ID of a pending one (the same content is the
+    /// same image), untagged until its tag is set, so no removal runs meanwhile.
+    building: std::sync::atomic::AtomicUsize,
+}
+
+/// A build in flight, from [`Retirements::building`]; removals wait while one lives.
+pub struct Building<'a>(&'a Retirements);
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        self.0.building.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Retirements {
@@ -101,7 +118,19 @@ impl Retirements {
             answers: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            building: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Marks a build in flight until the guard is dropped (after its answer was noted): no
+    /// superseded image is removed meanwhile, since the build may be loading one again.
+    pub fn building(&self) -> Building<'_> {
+        self.building.fetch_add(1, Ordering::SeqCst);
+        Building(self)
+    }
+
+    fn builds_in_flight(&self) -> bool {
+        self.building.load(Ordering::SeqCst) > 0
     }
 
     /// Notes that `image_id` was an answer now.
@@ -245,6 +274,9 @@ impl Retirements {
             // Answered again since it was superseded (a tag moved back to it).
             return Some(Pending::At(end));
         }
+        if self.builds_in_flight() {
+            return Some(Pending::At(Instant::now() + BUILDS_WAIT));
+        }
         let retry = Some(Pending::At(Instant::now() + RETRY));
         let info = match engine.inspect_fresh(id).await {
             Ok(Some(info)) => info,
@@ -271,6 +303,9 @@ impl Retirements {
                 return Some(Pending::InUse);
             }
             Err(_) => return retry,
+        }
+        if self.builds_in_flight() {
+            return Some(Pending::At(Instant::now() + BUILDS_WAIT));
         }
         // Keep the untagged parents: they are build cache a concurrent build may be using
         // right now ("unknown parent image ID" otherwise).
