@@ -66,6 +66,9 @@ pub struct Config {
     /// `--keep-warm`: watch the layer sources of images served within this window and rebuild
     /// them in the background when they change (`keep_warm.rs`); zero turns it off.
     pub keep_warm: Duration,
+    /// Most inotify watches keep-warm holds before it watches further sources by a stat walk
+    /// (`keep_warm::MAX_INOTIFY_WATCHES`). Not a flag: tests lower it to reach the fallback.
+    pub keep_warm_inotify_watches: usize,
 }
 
 /// Default of [`Config::keep_warm`].
@@ -167,6 +170,7 @@ impl Config {
             registry_cache: None,
             registry_cache_share_private: false,
             keep_warm: DEFAULT_KEEP_WARM,
+            keep_warm_inotify_watches: crate::keep_warm::MAX_INOTIFY_WATCHES,
         }
     }
 }

@@ -48,6 +48,8 @@ const TICK: Duration = Duration::from_secs(5);
 /// The keep-warm state of a daemon; `None` from [`KeepWarm::start`] when it is off.
 pub struct KeepWarm {
     window: Duration,
+    /// inotify watches it may hold ([`MAX_INOTIFY_WATCHES`] unless a test lowers it).
+    watch_budget: usize,
     shared: Arc<Shared>,
     builds: Arc<Builds>,
     state: Mutex<State>,
@@ -124,10 +126,11 @@ struct Source {
 }
 
 impl KeepWarm {
-    /// Keep-warm over `window` (zero: off, `None`), rebuilding through `builds` with `shared`.
-    /// Starts its loop on the current runtime; the loop ends when the returned `Arc` is dropped.
+    /// Keep-warm over `window` (zero: off, `None`) with at most `watch_budget` inotify
+    /// watches, rebuilding through `builds` with `shared`. Starts its loop on the current
+    /// runtime; the loop ends when the returned `Arc` is dropped.
     pub fn start(
-        window: Duration,
+        (window, watch_budget): (Duration, usize),
         shared: Arc<Shared>,
         builds: Arc<Builds>,
     ) -> Option<Arc<KeepWarm>> {
@@ -136,6 +139,7 @@ impl KeepWarm {
         }
         let keep = Arc::new(KeepWarm {
             window,
+            watch_budget,
             shared,
             builds,
             state: Mutex::new(State::default()),
@@ -272,9 +276,10 @@ impl KeepWarm {
         mode: RecursiveMode,
         watches: usize,
     ) -> Result<(), String> {
-        if state.inotify_watches + watches > MAX_INOTIFY_WATCHES {
+        if state.inotify_watches + watches > self.watch_budget {
             return Err(format!(
-                "its budget of {MAX_INOTIFY_WATCHES} inotify watches is used"
+                "its budget of {} inotify watches is used",
+                self.watch_budget
             ));
         }
         let watcher = match &mut state.inotify {
