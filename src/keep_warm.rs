@@ -9,7 +9,7 @@
 //!   `INotifyWatcher`, symlinks not followed); a zip layer through its parent directory,
 //!   filtered by the file's path (an editor or `zip` replaces the archive by renaming).
 //!   Access events (opens and reads, the daemon's own walk among them) are ignored.
-//! - Bounded: at most [`MAX_SOURCES`] sources and [`MAX_INOTIFY_WATCHES`] inotify watches (one
+//! - Bounded: at most [`MAX_SOURCES`] sources and [`crate::config::MAX_KEEP_WARM_INOTIFY_WATCHES`] inotify watches (one
 //!   per directory, counted at registration). Past the budget, or at the kernel's limit
 //!   (`fs.inotify.max_user_watches`: notify's `MaxFilesWatch`), a source is watched by a
 //!   periodic stat walk (notify's `PollWatcher`, every [`POLL_INTERVAL`]), logged once.
@@ -37,9 +37,6 @@ use crate::resolve::Plan;
 pub const QUIET: Duration = Duration::from_millis(100);
 /// Most layer sources watched at once; the images of further sources are not kept warm.
 pub const MAX_SOURCES: usize = 256;
-/// Most inotify watches (directories) held; further sources are polled. Well under the
-/// kernel's default `max_user_watches` (8,192 before Linux 5.11, up to 1,048,576 after).
-pub const MAX_INOTIFY_WATCHES: usize = 8_192;
 /// How often a polled source is walked.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest the loop sleeps without looking (expiry of the window is checked then).
@@ -48,7 +45,7 @@ const TICK: Duration = Duration::from_secs(5);
 /// The keep-warm state of a daemon; `None` from [`KeepWarm::start`] when it is off.
 pub struct KeepWarm {
     window: Duration,
-    /// inotify watches it may hold ([`MAX_INOTIFY_WATCHES`] unless a test lowers it).
+    /// inotify watches it may hold ([`crate::config::MAX_KEEP_WARM_INOTIFY_WATCHES`] unless a test lowers it).
     watch_budget: usize,
     shared: Arc<Shared>,
     builds: Arc<Builds>,
