@@ -73,10 +73,18 @@ pub struct Config {
     pub keep_warm: Duration,
     /// `--registry-cache-policy`: when to look in the registry cache (`registry_policy.rs`).
     pub registry_cache_policy: crate::registry_policy::Policy,
+    /// Most inotify watches keep-warm holds before it watches further sources by a stat walk
+    /// ([`MAX_KEEP_WARM_INOTIFY_WATCHES`]). Not a flag: tests lower it to reach the fallback.
+    pub keep_warm_inotify_watches: usize,
 }
 
 /// Default of [`Config::keep_warm`].
 pub const DEFAULT_KEEP_WARM: Duration = Duration::from_secs(60 * 60);
+
+/// Default of [`Config::keep_warm_inotify_watches`]: most inotify watches (directories)
+/// keep-warm holds; further sources are polled. Well under the kernel's default
+/// `max_user_watches` (8,192 before Linux 5.11, up to 1,048,576 after).
+pub const MAX_KEEP_WARM_INOTIFY_WATCHES: usize = 8_192;
 
 /// Gates a test can hold builds at, to reach a known point without sleeping. Each gate, when
 /// set, consumes one permit per build. Set through [`Config::hooks`], never by flags.
@@ -185,6 +193,7 @@ impl Config {
             registry_cache_share_private: false,
             keep_warm: DEFAULT_KEEP_WARM,
             registry_cache_policy: crate::registry_policy::Policy::Auto,
+            keep_warm_inotify_watches: MAX_KEEP_WARM_INOTIFY_WATCHES,
         }
     }
 }

@@ -9,7 +9,7 @@
 //!   `INotifyWatcher`, symlinks not followed); a zip layer through its parent directory,
 //!   filtered by the file's path (an editor or `zip` replaces the archive by renaming).
 //!   Access events (opens and reads, the daemon's own walk among them) are ignored.
-//! - Bounded: at most [`MAX_SOURCES`] sources and [`MAX_INOTIFY_WATCHES`] inotify watches (one
+//! - Bounded: at most [`MAX_SOURCES`] sources and [`crate::config::MAX_KEEP_WARM_INOTIFY_WATCHES`] inotify watches (one
 //!   per directory, counted at registration). Past the budget, or at the kernel's limit
 //!   (`fs.inotify.max_user_watches`: notify's `MaxFilesWatch`), a source is watched by a
 //!   periodic stat walk (notify's `PollWatcher`, every [`POLL_INTERVAL`]), logged once.
@@ -37,9 +37,6 @@ use crate::resolve::Plan;
 pub const QUIET: Duration = Duration::from_millis(100);
 /// Most layer sources watched at once; the images of further sources are not kept warm.
 pub const MAX_SOURCES: usize = 256;
-/// Most inotify watches (directories) held; further sources are polled. Well under the
-/// kernel's default `max_user_watches` (8,192 before Linux 5.11, up to 1,048,576 after).
-pub const MAX_INOTIFY_WATCHES: usize = 8_192;
 /// How often a polled source is walked.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest the loop sleeps without looking (expiry of the window is checked then).
@@ -48,6 +45,8 @@ const TICK: Duration = Duration::from_secs(5);
 /// The keep-warm state of a daemon; `None` from [`KeepWarm::start`] when it is off.
 pub struct KeepWarm {
     window: Duration,
+    /// inotify watches it may hold ([`crate::config::MAX_KEEP_WARM_INOTIFY_WATCHES`] unless a test lowers it).
+    watch_budget: usize,
     shared: Arc<Shared>,
     builds: Arc<Builds>,
     state: Mutex<State>,
@@ -124,10 +123,11 @@ struct Source {
 }
 
 impl KeepWarm {
-    /// Keep-warm over `window` (zero: off, `None`), rebuilding through `builds` with `shared`.
-    /// Starts its loop on the current runtime; the loop ends when the returned `Arc` is dropped.
+    /// Keep-warm over `window` (zero: off, `None`) with at most `watch_budget` inotify
+    /// watches, rebuilding through `builds` with `shared`. Starts its loop on the current
+    /// runtime; the loop ends when the returned `Arc` is dropped.
     pub fn start(
-        window: Duration,
+        (window, watch_budget): (Duration, usize),
         shared: Arc<Shared>,
         builds: Arc<Builds>,
     ) -> Option<Arc<KeepWarm>> {
@@ -136,6 +136,7 @@ impl KeepWarm {
         }
         let keep = Arc::new(KeepWarm {
             window,
+            watch_budget,
             shared,
             builds,
             state: Mutex::new(State::default()),
@@ -272,9 +273,10 @@ impl KeepWarm {
         mode: RecursiveMode,
         watches: usize,
     ) -> Result<(), String> {
-        if state.inotify_watches + watches > MAX_INOTIFY_WATCHES {
+        if state.inotify_watches + watches > self.watch_budget {
             return Err(format!(
-                "its budget of {MAX_INOTIFY_WATCHES} inotify watches is used"
+                "its budget of {} inotify watches is used",
+                self.watch_budget
             ));
         }
         let watcher = match &mut state.inotify {

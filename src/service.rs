@@ -72,7 +72,11 @@ impl Service {
             policy: access::Policy::new(&config.allow_uids, &config.allow_gids, socket.1),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             stall_timeout: config.client_stall_timeout,
-            keep_warm: KeepWarm::start(config.keep_warm, shared.clone(), builds.clone()),
+            keep_warm: KeepWarm::start(
+                (config.keep_warm, config.keep_warm_inotify_watches),
+                shared.clone(),
+                builds.clone(),
+            ),
         }
     }
 }

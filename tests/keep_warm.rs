@@ -203,3 +203,36 @@ async fn a_deleted_layer_directory_ends_its_watch() {
     docker_ok(&["image", "rm", "-f", &tag]);
     daemon.stop().await;
 }
+
+/// Past the inotify watch budget (here 0, as at the kernel's limit) a source is watched by a
+/// periodic stat walk instead: GetInfo says "poll", and an edit is still rebuilt in the
+/// background.
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_watch_budget_a_source_is_polled_and_still_kept_warm() {
+    let daemon = TestDaemon::start_with(|config| {
+        config.keep_warm = Duration::from_secs(3600);
+        config.keep_warm_inotify_watches = 0;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = layer(dir.path(), "l", "polled before");
+    let name = unique("poll");
+    let request = zip_request(&[(&name, &path)]);
+    let tag = built_and_watched(&daemon, &request, &path).await;
+    assert_eq!(watched(&daemon, &path).await.unwrap().mode, "poll");
+    assert_eq!(keep_warm_info(&daemon).await.inotify_watches, 0);
+    // Another size too: the stat walk compares times and sizes, and a write within the same
+    // second may keep the time.
+    write_file(&path.join("message.txt"), "polled after, longer", 0o644);
+    until("a background rebuild", DEADLINE, || {
+        background_rebuilds(&daemon, &tag) == 1 && daemon.builds.in_flight() == 0
+    })
+    .await;
+    assert!(build(&daemon.socket, request).await.completed().cached);
+    assert_eq!(
+        run_in_image(&tag, "cat /opt/message.txt"),
+        "polled after, longer"
+    );
+    docker_ok(&["image", "rm", "-f", &tag]);
+    daemon.stop().await;
+}

@@ -47,6 +47,8 @@ fn metrics_config(dir: &std::path::Path) -> Config {
     config.engine_host = engine_host();
     config.rie_dir = rie_dir();
     config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    // No keep-warm rebuilds among the counted requests.
+    config.keep_warm = std::time::Duration::ZERO;
     config
 }
 
