@@ -84,3 +84,7 @@ pub(crate) mod stat_cache;
 pub(crate) mod sync;
 pub(crate) mod tag_hints;
 pub mod tasks;
+
+/// The engine client the daemon makes for a `unix://` engine (`engine.rs`), public for the
+/// benchmarks: `warm_hit` times the engine's own inspect over a client made the same way.
+pub use engine::unix_client;
