@@ -36,6 +36,9 @@ const INLINE_WALK_ENTRIES: usize = 64;
 /// Runs one build (or cache check) to its outcome.
 /// Layer files are read with `peer`'s rights (see `access.rs`).
 ///
+/// The steps a cache hit skips are boxed: this future is moved whole into its task, and
+/// unboxed their states made it tens of KiB, copied on every spawn.
+///
 /// The steps of one build, in order: walk the inputs (RIE and layers, hashed), get the base
 /// image, compute the parts and decide whether the image is up to date, build it in the engine,
 /// and tidy up after the build.
@@ -68,25 +71,26 @@ pub async fn run(
     // can be after the removal has returned and the next request has come in.
     let existing = shared.engine.inspect_fresh(plan.tag.as_str()).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
-    let fingerprint = parts.fingerprint();
     let (image_id, config, cached, reason) = if reason == Reason::UpToDate {
         record_use(&shared, plan.tag.as_str());
         // `decide` only says UpToDate for an existing image.
         let existing = existing.unwrap_or_default();
         (existing.id, existing.config, true, reason)
     } else if let Some(pulled) =
-        from_registry(&shared, &plan, &fingerprint, reason, &reporter).await
+        Box::pin(from_registry(&shared, &plan, &parts, reason, &reporter)).await
     {
-        let adopted = after_build(&shared, &plan, &pulled, existing).await?;
+        let adopted = Box::pin(after_build(&shared, &plan, &pulled, existing)).await?;
         let tree = inputs.tree.clone();
         assembly::remember_pulled(&shared.images, &parts, &inputs.rie, tree, &base, &adopted).await;
         (adopted.id, adopted.config, false, Reason::RegistryHit)
     } else {
         let images = (&base, existing.as_ref());
         let layers = (plan.layers.clone(), inputs.tree.clone());
-        let (image_id, pushable) =
-            build(&shared, &plan, &parts, inputs, images, peer, &reporter).await?;
-        let built = after_build(&shared, &plan, &image_id, existing).await?;
+        let (image_id, pushable) = Box::pin(build(
+            &shared, &plan, &parts, inputs, images, peer, &reporter,
+        ))
+        .await?;
+        let built = Box::pin(after_build(&shared, &plan, &image_id, existing)).await?;
         if let Some(cache) = shared.registry_cache.as_ref().filter(|_| pushable) {
             registry_cache::push_in_background(
                 &shared.tasks,
@@ -94,7 +98,7 @@ pub async fn run(
                 reporter.builds().clone(),
                 cache.clone(),
                 built.id.clone(),
-                fingerprint,
+                parts.fingerprint(),
                 layers,
             );
         }
@@ -112,13 +116,14 @@ pub async fn run(
     })
 }
 
-/// Before a cold build, with `--registry-cache`: the image another daemon built for
-/// `fingerprint`, pulled and tagged (see `registry_cache.rs`); `None` builds locally. A forced
-/// rebuild never asks: the client wants a fresh build.
+/// Before a cold build, with `--registry-cache`: the image another daemon built for the
+/// fingerprint of `parts`, pulled and tagged (see `registry_cache.rs`); `None` builds locally.
+/// A forced rebuild never asks: the client wants a fresh build. (A hit never needs the
+/// fingerprint beyond `decide`'s comparison, so it is computed here, not for every request.)
 async fn from_registry(
     shared: &Shared,
     plan: &Plan,
-    fingerprint: &str,
+    parts: &Parts,
     reason: Reason,
     reporter: &Reporter,
 ) -> Option<String> {
@@ -130,7 +135,7 @@ async fn from_registry(
     registry_cache::fetch(
         engine,
         cache,
-        fingerprint,
+        &parts.fingerprint(),
         &plan.tag,
         shared.build_timeout,
         reporter,
