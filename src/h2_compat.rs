@@ -414,6 +414,31 @@ mod tests {
         out
     }
 
+    /// What the server side reads when a client sends `input`.
+    async fn through(input: &[u8]) -> Vec<u8> {
+        let mut output = Vec::new();
+        TolerantAuthority::new(input)
+            .read_to_end(&mut output)
+            .await
+            .unwrap();
+        output
+    }
+
+    /// The preface, an empty SETTINGS, and `block` on stream 1: a HEADERS frame with a
+    /// priority and `padding` bytes of padding holding its first half, a CONTINUATION the rest.
+    fn preface_and_split_block(block: &[u8], padding: u8) -> Vec<u8> {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(SETTINGS, 0, 0, &[]));
+        let (head, tail) = block.split_at(block.len() / 2);
+        let mut padded = vec![padding];
+        padded.extend([0x80, 0, 0, 1, 15]);
+        padded.extend(head);
+        padded.extend(std::iter::repeat_n(0, usize::from(padding)));
+        input.extend(frame(HEADERS, PADDED | PRIORITY, 1, &padded));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, tail));
+        input
+    }
+
     fn request<'a>(authority: &'a [u8], extra: &'a [u8]) -> Vec<(&'a [u8], &'a [u8])> {
         vec![
             (b":method", b"POST"),
@@ -442,26 +467,14 @@ mod tests {
             "the second block reuses indexed fields"
         );
 
-        let mut input = PREFACE.to_vec();
-        input.extend(frame(SETTINGS, 0, 0, &[]));
-        let (head, tail) = first.split_at(first.len() / 2);
-        let mut padded = vec![3u8];
-        padded.extend([0x80, 0, 0, 1, 15]);
-        padded.extend(head);
-        padded.extend([0, 0, 0]);
-        input.extend(frame(HEADERS, PADDED | PRIORITY, 1, &padded));
-        input.extend(frame(CONTINUATION, END_HEADERS, 1, tail));
+        let mut input = preface_and_split_block(&first, 3);
         input.extend(frame(DATA, END_STREAM, 1, b"\0\0\0\0\0"));
         let (head, tail) = second.split_at(second.len() - 100);
         input.extend(frame(HEADERS, END_STREAM, 3, head));
         input.extend(frame(CONTINUATION, END_HEADERS, 3, tail));
         input.extend(frame(HEADERS, END_STREAM | END_HEADERS, 5, &third));
 
-        let mut output = Vec::new();
-        TolerantAuthority::new(&input[..])
-            .read_to_end(&mut output)
-            .await
-            .unwrap();
+        let output = through(&input).await;
         assert_eq!(&output[..PREFACE.len()], PREFACE);
         let frames = frames(&output[PREFACE.len()..]);
         let mut decoder = loona_hpack::Decoder::new();
@@ -560,22 +573,10 @@ mod tests {
         let mut encoder = loona_hpack::Encoder::new();
         let first = encoder.encode(request(b"lambda-imaged.local", b"one"));
         let second = encoder.encode(request(b"lambda-imaged.local", b"two"));
-        let mut input = PREFACE.to_vec();
-        input.extend(frame(SETTINGS, 0, 0, &[]));
-        let (head, tail) = first.split_at(first.len() / 2);
-        let mut padded = vec![2u8];
-        padded.extend([0x80, 0, 0, 1, 15]);
-        padded.extend(head);
-        padded.extend([0, 0]);
-        input.extend(frame(HEADERS, PADDED | PRIORITY, 1, &padded));
-        input.extend(frame(CONTINUATION, END_HEADERS, 1, tail));
+        let mut input = preface_and_split_block(&first, 2);
         input.extend(frame(DATA, END_STREAM, 1, b"\0\0\0\0\0"));
         input.extend(frame(HEADERS, END_STREAM | END_HEADERS, 3, &second));
-        let mut output = Vec::new();
-        TolerantAuthority::new(&input[..])
-            .read_to_end(&mut output)
-            .await
-            .unwrap();
+        let output = through(&input).await;
         assert_eq!(output, input);
     }
 
@@ -597,11 +598,7 @@ mod tests {
             let stream = 2 * index as u32 + 1;
             input.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream, block));
         }
-        let mut output = Vec::new();
-        TolerantAuthority::new(&input[..])
-            .read_to_end(&mut output)
-            .await
-            .unwrap();
+        let output = through(&input).await;
         let first_len = PREFACE.len() + FRAME_HEAD_LEN + blocks[0].len();
         assert_eq!(
             output[..first_len],
