@@ -4,11 +4,13 @@
 //! # Layout
 //! A code map, in the order one `Build` request meets the modules. Public, for emulators and
 //! the binaries: [`client`], [`proto`], [`server`], [`listener`], [`config`], [`error`],
-//! [`metrics`]; the rest is internal (`pub(crate)`), so it can change without breaking anyone.
+//! [`metrics`] (and [`unix_client`], for the benchmarks); the rest is internal (`pub(crate)`),
+//! so it can change without breaking anyone.
 //! No module imports another that imports it back, at any distance (`tests/architecture.rs`).
 //!
 //! - [`listener`]: bind the Unix socket or adopt a systemd-passed one.
-//! - `h2_compat`: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in.
+//! - `h2_compat`: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in;
+//!   a connection that starts with a valid one passes through unread.
 //! - `service`: the gRPC service; the only code that sees `tonic::Request` and streams.
 //! - `access`: who may use the daemon; reading layers with the peer's own rights. The only
 //!   module that changes thread credentials.
