@@ -278,6 +278,28 @@ pub fn denied_for(peer: &Peer, err: Error) -> Error {
 mod tests {
     use super::*;
 
+    /// The groups of a process are read from its procfs status (this test's own, matching
+    /// getgroups(2)); a peer running as the daemon's own user is not asked for them, and one
+    /// whose pid now belongs to another user gets none.
+    #[test]
+    fn groups_are_read_only_for_peers_of_another_user() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        // SAFETY: getegid and getgroups write at most `len` entries into `mine`.
+        let (gid, mut mine) = unsafe {
+            let gid = libc::getegid();
+            let mut mine = vec![0; 256];
+            let len = libc::getgroups(256, mine.as_mut_ptr());
+            mine.truncate(usize::try_from(len).unwrap());
+            (gid, mine)
+        };
+        let mut read = supplementary_groups(pid, own_uid(), gid);
+        read.sort_unstable();
+        mine.sort_unstable();
+        assert_eq!(read, mine);
+        assert!(Peer::new(own_uid(), gid, Some(pid)).groups.is_empty());
+        assert!(supplementary_groups(pid, own_uid().wrapping_add(1), gid).is_empty());
+    }
+
     #[test]
     fn policy_allows_root_own_uid_and_groups() {
         let policy = Policy::new(&[1234], &[500], Some(600));

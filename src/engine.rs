@@ -1215,6 +1215,20 @@ pub fn loaded_image(line: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
+    /// A Unix-socket engine client is refused at once when nothing is at the path (as
+    /// bollard's own `connect_with_unix`), and made without contacting anything otherwise.
+    #[test]
+    fn unix_clients_need_a_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("docker.sock");
+        assert!(matches!(
+            unix_client(&missing, 60),
+            Err(bollard::errors::Error::SocketNotFoundError(path)) if path == missing.display().to_string()
+        ));
+        let _listener = std::os::unix::net::UnixListener::bind(&missing).unwrap();
+        assert!(unix_client(&missing, 60).is_ok());
+    }
+
     /// The engine's answer names the image when it is an ID (the containerd store's manifest
     /// digest); a name, or no answer, leaves the config digest we wrote.
     #[test]
