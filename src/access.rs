@@ -24,8 +24,12 @@ pub struct Peer {
 
 impl Peer {
     /// The peer with its supplementary groups read from procfs (empty if the process is gone).
+    /// A peer running as the daemon's own user needs none: it may call ([`Policy::new`]), and
+    /// its layers are read with the daemon's rights ([`as_peer`]); so its requests, warm hits
+    /// above all, skip the procfs read.
     pub fn new(uid: u32, gid: u32, pid: Option<i32>) -> Peer {
         let groups = pid
+            .filter(|_| uid != own_uid())
             .map(|pid| supplementary_groups(pid, uid, gid))
             .unwrap_or_default();
         Peer {
@@ -41,9 +45,14 @@ impl Peer {
 /// SO_PEERCRED may have been reused by another process since, so the status file's effective
 /// uid and gid must match the peer's; otherwise no supplementary groups (fewer rights).
 fn supplementary_groups(pid: i32, uid: u32, gid: u32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+    // procfs gives no size: read into room for the whole file (about 1.5 KiB), not by
+    // doubling from 32 bytes (eight reads).
+    let mut status = String::with_capacity(4096);
+    let read = std::fs::File::open(format!("/proc/{pid}/status"))
+        .and_then(|mut file| std::io::Read::read_to_string(&mut file, &mut status));
+    if read.is_err() {
         return Vec::new();
-    };
+    }
     let effective = |key: &str| -> Option<u32> {
         status
             .lines()
@@ -268,6 +277,28 @@ pub fn denied_for(peer: &Peer, err: Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The groups of a process are read from its procfs status (this test's own, matching
+    /// getgroups(2)); a peer running as the daemon's own user is not asked for them, and one
+    /// whose pid now belongs to another user gets none.
+    #[test]
+    fn groups_are_read_only_for_peers_of_another_user() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        // SAFETY: getegid and getgroups write at most `len` entries into `mine`.
+        let (gid, mut mine) = unsafe {
+            let gid = libc::getegid();
+            let mut mine = vec![0; 256];
+            let len = libc::getgroups(256, mine.as_mut_ptr());
+            mine.truncate(usize::try_from(len).unwrap());
+            (gid, mine)
+        };
+        let mut read = supplementary_groups(pid, own_uid(), gid);
+        read.sort_unstable();
+        mine.sort_unstable();
+        assert_eq!(read, mine);
+        assert!(Peer::new(own_uid(), gid, Some(pid)).groups.is_empty());
+        assert!(supplementary_groups(pid, own_uid().wrapping_add(1), gid).is_empty());
+    }
 
     #[test]
     fn policy_allows_root_own_uid_and_groups() {

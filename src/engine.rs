@@ -47,6 +47,12 @@ pub use content::ManifestFacts;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Ordinary engine calls (inspect, remove, version).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle engine connection over a Unix socket is kept for the next call: below
+/// Podman's 10 s (twice its default service timeout), after which it closes idle API
+/// connections; Docker keeps them open.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+/// Idle engine connections kept at most (concurrent calls open more, closed once done).
+const POOL_MAX_IDLE: usize = 8;
 
 /// What an emulator needs to run an image, as the engine reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -233,6 +239,52 @@ pub fn check_endpoint(host: &str, tls: Option<&EngineTls>) -> std::result::Resul
         }
     }
     Ok(())
+}
+
+/// A client for the engine's Unix socket at `path` that keeps its connections for the next
+/// call (at most [`POOL_MAX_IDLE`], each for [`POOL_IDLE`]): bollard's own `connect_with_unix`
+/// opens a connection per call (`pool_max_idle_per_host(0)`), which on a warm hit costs as
+/// much as the engine's inspect itself. The same connector (hyperlocal's) and hyper client as
+/// bollard's, with its pool on; a kept connection the engine closed is retried on a new one
+/// before anything is sent (hyper's `retry_canceled_requests`, on by default). `timeout` is
+/// bollard's per-call limit in seconds.
+///
+/// # Errors
+/// `SocketNotFoundError` when nothing is at `path`, as bollard's `connect_with_unix`.
+pub fn unix_client(
+    path: &Path,
+    timeout: u64,
+) -> std::result::Result<Docker, bollard::errors::Error> {
+    if !path.exists() {
+        return Err(bollard::errors::Error::SocketNotFoundError(
+            path.display().to_string(),
+        ));
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_max_idle_per_host(POOL_MAX_IDLE)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(hyperlocal::UnixConnector);
+    let client = Arc::new(client);
+    // hyperlocal's URIs name the socket in the host part, hex-encoded (what bollard sends).
+    let address = format!(
+        "unix://{}",
+        hex::encode(path.as_os_str().as_encoded_bytes())
+    );
+    Docker::connect_with_custom_transport(
+        move |request: bollard::BollardRequest| {
+            let client = client.clone();
+            async move {
+                client
+                    .request(request)
+                    .await
+                    .map_err(bollard::errors::Error::from)
+            }
+        },
+        Some(address),
+        timeout,
+        API_DEFAULT_VERSION,
+    )
 }
 
 /// `err` and its sources, joined with ": " (a TLS failure hides under two layers of hyper).
@@ -503,7 +555,10 @@ impl Engine {
             None if self.host.starts_with("tcp://") => {
                 Docker::connect_with_http(&self.host, timeout, API_DEFAULT_VERSION)
             }
-            None => Docker::connect_with_host(&self.host),
+            None => match self.host.strip_prefix("unix://") {
+                Some(path) => unix_client(Path::new(path), timeout),
+                None => Docker::connect_with_host(&self.host),
+            },
         }
     }
 
@@ -1258,6 +1313,20 @@ pub fn loaded_image(line: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Unix-socket engine client is refused at once when nothing is at the path (as
+    /// bollard's own `connect_with_unix`), and made without contacting anything otherwise.
+    #[test]
+    fn unix_clients_need_a_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("docker.sock");
+        assert!(matches!(
+            unix_client(&missing, 60),
+            Err(bollard::errors::Error::SocketNotFoundError(path)) if path == missing.display().to_string()
+        ));
+        let _listener = std::os::unix::net::UnixListener::bind(&missing).unwrap();
+        assert!(unix_client(&missing, 60).is_ok());
+    }
 
     /// The engine's answer names the image when it is an ID (the containerd store's manifest
     /// digest); a name, or no answer, leaves the config digest we wrote.

@@ -16,6 +16,14 @@
 //! dynamic table empty and so always in step. All other frames, and everything the server
 //! writes, pass through untouched. A valid authority (ours: `lambda-imaged.local`, grpc-js's
 //! `localhost`) is kept as sent.
+//!
+//! Decoding every block costs more than the rest of a cached answer (the HPACK decoder builds
+//! its Huffman table for each string), so a connection pays only while it must: blocks that
+//! need no rewrite pass unchanged (the server's dynamic table then follows the client's, as
+//! without us) until the first one that does, and from then on every block is re-encoded.
+//! Once a block with a valid `:authority` has passed unchanged, the connection is passed
+//! through without looking: a client names its authority once per connection (it is the
+//! channel's target in gRPC), so a connection that starts well needs no rewrite later.
 
 use std::borrow::Cow;
 use std::io;
@@ -24,6 +32,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
 use tonic::transport::server::Connected;
 
 /// What replaces an `:authority` that is not a URI authority (grpc-go's and grpc-js's choice
@@ -62,6 +71,9 @@ pub struct TolerantAuthority<S> {
     /// Processed, for the HTTP/2 server to read.
     output: BytesMut,
     state: State,
+    /// A header block was re-encoded: every later one must be (the server's dynamic table no
+    /// longer follows the client's).
+    rewriting: bool,
     /// A header block waiting for its CONTINUATION frames.
     pending: Option<HeaderBlock>,
     decoder: loona_hpack::Decoder<'static>,
@@ -75,6 +87,8 @@ enum State {
     FrameHead,
     /// Inside a frame passed through; this many payload bytes left.
     PassThrough(usize),
+    /// Everything from here on passes through unread (see the module docs).
+    Transparent,
 }
 
 /// A HEADERS frame's block, gathered until END_HEADERS.
@@ -83,6 +97,8 @@ struct HeaderBlock {
     flags: u8,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    /// The block's frames as received (heads, padding and all), to pass on unchanged.
+    frames: Vec<u8>,
 }
 
 impl<S> TolerantAuthority<S> {
@@ -95,6 +111,7 @@ impl<S> TolerantAuthority<S> {
             input: BytesMut::new(),
             output: BytesMut::new(),
             state: State::Preface(PREFACE_LEN),
+            rewriting: false,
             pending: None,
             decoder,
             eof: false,
@@ -105,6 +122,11 @@ impl<S> TolerantAuthority<S> {
     fn advance(&mut self) -> io::Result<bool> {
         let (left, preface) = match self.state {
             State::FrameHead => return self.frame(),
+            State::Transparent if self.input.is_empty() => return Ok(false),
+            State::Transparent => {
+                self.output.unsplit(self.input.split());
+                return Ok(true);
+            }
             State::Preface(left) => (left, true),
             State::PassThrough(left) => (left, false),
         };
@@ -150,14 +172,17 @@ impl<S> TolerantAuthority<S> {
             self.input.reserve(FRAME_HEAD_LEN + len - self.input.len());
             return Ok(false);
         }
-        self.input.advance(FRAME_HEAD_LEN);
-        let payload = self.input.split_to(len);
+        let frame = self.input.split_to(FRAME_HEAD_LEN + len);
+        let payload = &frame[FRAME_HEAD_LEN..];
         match self.pending.as_mut() {
             None => self.pending = Some(HeaderBlock::from_headers(stream, flags, payload)?),
-            Some(block) if block.stream == stream => block.fragment.extend_from_slice(&payload),
+            Some(block) if block.stream == stream => block.fragment.extend_from_slice(payload),
             Some(_) => {
                 return Err(invalid("CONTINUATION on another stream (RFC 9113 §6.10)"));
             }
+        }
+        if let Some(block) = self.pending.as_mut() {
+            block.frames.extend_from_slice(&frame);
         }
         if flags & END_HEADERS != 0
             && let Some(block) = self.pending.take()
@@ -167,8 +192,10 @@ impl<S> TolerantAuthority<S> {
         Ok(true)
     }
 
-    /// Decodes a complete header block and writes it out re-encoded, as HEADERS and
-    /// CONTINUATION frames of at most [`MAX_EMITTED_PAYLOAD`].
+    /// Decodes a complete header block and writes it out: unchanged while no block needed a
+    /// rewrite, else re-encoded, as HEADERS and CONTINUATION frames of at most
+    /// [`MAX_EMITTED_PAYLOAD`]. An unchanged block with a valid `:authority` makes the rest of
+    /// the connection transparent.
     fn emit(&mut self, block: HeaderBlock) -> io::Result<()> {
         let mut fields = Vec::new();
         let mut decoded_size = 0usize;
@@ -184,11 +211,20 @@ impl<S> TolerantAuthority<S> {
         if decoded_size > MAX_HEADER_BLOCK {
             return Err(invalid("a header block decodes to over 1 MiB"));
         }
+        let refused = |name: &[u8], value: &[u8]| {
+            name == b":authority" && http::uri::Authority::try_from(value).is_err()
+        };
+        if !self.rewriting && !fields.iter().any(|(name, value)| refused(name, value)) {
+            self.output.extend_from_slice(&block.frames);
+            if fields.iter().any(|(name, _)| name == b":authority") {
+                self.state = State::Transparent;
+            }
+            return Ok(());
+        }
+        self.rewriting = true;
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
         for (name, value) in &fields {
-            let refused =
-                name == b":authority" && http::uri::Authority::try_from(&value[..]).is_err();
-            let value = if refused {
+            let value = if refused(name, value) {
                 SUBSTITUTE_AUTHORITY.as_bytes()
             } else {
                 &value[..]
@@ -234,7 +270,7 @@ impl<S> TolerantAuthority<S> {
 
 impl HeaderBlock {
     /// The block fragment of a HEADERS frame, its padding dropped and its priority kept.
-    fn from_headers(stream: u32, flags: u8, mut payload: BytesMut) -> io::Result<HeaderBlock> {
+    fn from_headers(stream: u32, flags: u8, mut payload: &[u8]) -> io::Result<HeaderBlock> {
         let mut padding = 0;
         if flags & PADDED != 0 {
             if payload.is_empty() {
@@ -256,12 +292,12 @@ impl HeaderBlock {
                 "a HEADERS frame's padding is longer than the frame",
             ));
         }
-        payload.truncate(payload.len() - padding);
         Ok(HeaderBlock {
             stream,
             flags,
             priority,
-            fragment: payload.to_vec(),
+            fragment: payload[..payload.len() - padding].to_vec(),
+            frames: Vec::new(),
         })
     }
 }
@@ -293,13 +329,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for TolerantAuthority<S> {
                 // An incomplete frame left in `input` is dropped: h2 sees the connection end.
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut chunk = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
-                Poll::Ready(Ok(())) => {
-                    this.eof = chunk.filled().is_empty();
-                    this.input.extend_from_slice(chunk.filled());
-                }
+            if matches!(this.state, State::Transparent) {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            // Into `input`'s spare room, which is not zeroed first (a zeroed 16 KiB buffer
+            // per read cost as much as the rest of a small frame's handling).
+            this.input.reserve(READ_CHUNK);
+            match poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.input) {
+                Poll::Ready(Ok(read)) => this.eof = read == 0,
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -377,6 +414,31 @@ mod tests {
         out
     }
 
+    /// What the server side reads when a client sends `input`.
+    async fn through(input: &[u8]) -> Vec<u8> {
+        let mut output = Vec::new();
+        TolerantAuthority::new(input)
+            .read_to_end(&mut output)
+            .await
+            .unwrap();
+        output
+    }
+
+    /// The preface, an empty SETTINGS, and `block` on stream 1: a HEADERS frame with a
+    /// priority and `padding` bytes of padding holding its first half, a CONTINUATION the rest.
+    fn preface_and_split_block(block: &[u8], padding: u8) -> Vec<u8> {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(SETTINGS, 0, 0, &[]));
+        let (head, tail) = block.split_at(block.len() / 2);
+        let mut padded = vec![padding];
+        padded.extend([0x80, 0, 0, 1, 15]);
+        padded.extend(head);
+        padded.extend(std::iter::repeat_n(0, usize::from(padding)));
+        input.extend(frame(HEADERS, PADDED | PRIORITY, 1, &padded));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, tail));
+        input
+    }
+
     fn request<'a>(authority: &'a [u8], extra: &'a [u8]) -> Vec<(&'a [u8], &'a [u8])> {
         vec![
             (b":method", b"POST"),
@@ -405,26 +467,14 @@ mod tests {
             "the second block reuses indexed fields"
         );
 
-        let mut input = PREFACE.to_vec();
-        input.extend(frame(SETTINGS, 0, 0, &[]));
-        let (head, tail) = first.split_at(first.len() / 2);
-        let mut padded = vec![3u8];
-        padded.extend([0x80, 0, 0, 1, 15]);
-        padded.extend(head);
-        padded.extend([0, 0, 0]);
-        input.extend(frame(HEADERS, PADDED | PRIORITY, 1, &padded));
-        input.extend(frame(CONTINUATION, END_HEADERS, 1, tail));
+        let mut input = preface_and_split_block(&first, 3);
         input.extend(frame(DATA, END_STREAM, 1, b"\0\0\0\0\0"));
         let (head, tail) = second.split_at(second.len() - 100);
         input.extend(frame(HEADERS, END_STREAM, 3, head));
         input.extend(frame(CONTINUATION, END_HEADERS, 3, tail));
         input.extend(frame(HEADERS, END_STREAM | END_HEADERS, 5, &third));
 
-        let mut output = Vec::new();
-        TolerantAuthority::new(&input[..])
-            .read_to_end(&mut output)
-            .await
-            .unwrap();
+        let output = through(&input).await;
         assert_eq!(&output[..PREFACE.len()], PREFACE);
         let frames = frames(&output[PREFACE.len()..]);
         let mut decoder = loona_hpack::Decoder::new();
@@ -479,6 +529,90 @@ mod tests {
         assert_eq!(decoded[0], owned(request(b"localhost", b"one")));
         assert_eq!(decoded[1], owned(request(b"localhost", &big)));
         assert_eq!(decoded[2], owned(request(b"lambda-imaged.local", b"three")));
+    }
+
+    /// Every HEADERS block of `bytes` (after the preface), its CONTINUATIONs joined, decoded in
+    /// order with one decoder, as the server side would.
+    fn decoded_blocks(bytes: &[u8]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut decoder = loona_hpack::Decoder::new();
+        let mut blocks: Vec<Vec<u8>> = Vec::new();
+        for (kind, flags, _, payload) in frames(&bytes[PREFACE.len()..]) {
+            match kind {
+                HEADERS => {
+                    let padding = if flags & PADDED != 0 {
+                        payload[0] as usize
+                    } else {
+                        0
+                    };
+                    let start =
+                        usize::from(flags & PADDED != 0) + 5 * usize::from(flags & PRIORITY != 0);
+                    blocks.push(payload[start..payload.len() - padding].to_vec());
+                }
+                CONTINUATION => blocks.last_mut().unwrap().extend(payload),
+                _ => {}
+            }
+        }
+        blocks
+            .iter()
+            .map(|block| decoder.decode(block).unwrap())
+            .collect()
+    }
+
+    fn owned(fields: Vec<(&[u8], &[u8])>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        fields
+            .into_iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    /// A client whose first block names a valid authority is passed through byte for byte
+    /// (padding, priority and CONTINUATION split kept), later blocks that refer to its dynamic
+    /// table entries included.
+    #[tokio::test]
+    async fn a_connection_that_starts_with_a_valid_authority_passes_unchanged() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let first = encoder.encode(request(b"lambda-imaged.local", b"one"));
+        let second = encoder.encode(request(b"lambda-imaged.local", b"two"));
+        let mut input = preface_and_split_block(&first, 2);
+        input.extend(frame(DATA, END_STREAM, 1, b"\0\0\0\0\0"));
+        input.extend(frame(HEADERS, END_STREAM | END_HEADERS, 3, &second));
+        let output = through(&input).await;
+        assert_eq!(output, input);
+    }
+
+    /// Blocks that need no rewrite pass unchanged until one does; from then on every block is
+    /// re-encoded, and the server side still decodes each one as the client meant it (its
+    /// dynamic table, fed only the unchanged blocks, is never referred to again).
+    #[tokio::test]
+    async fn a_rewrite_after_unchanged_blocks_keeps_the_tables_in_step() {
+        let path_authority = b"%2Ftmp%2Flambda-imaged%2Fd.sock";
+        let mut encoder = loona_hpack::Encoder::new();
+        let no_authority: Vec<(&[u8], &[u8])> = vec![(b":method", b"POST"), (b"x-extra", b"zero")];
+        let blocks = [
+            encoder.encode(no_authority.clone()),
+            encoder.encode(request(path_authority, b"one")),
+            encoder.encode(request(b"lambda-imaged.local", b"two")),
+        ];
+        let mut input = PREFACE.to_vec();
+        for (index, block) in blocks.iter().enumerate() {
+            let stream = 2 * index as u32 + 1;
+            input.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream, block));
+        }
+        let output = through(&input).await;
+        let first_len = PREFACE.len() + FRAME_HEAD_LEN + blocks[0].len();
+        assert_eq!(
+            output[..first_len],
+            input[..first_len],
+            "the first block unchanged"
+        );
+        assert_eq!(
+            decoded_blocks(&output),
+            vec![
+                owned(no_authority),
+                owned(request(b"localhost", b"one")),
+                owned(request(b"lambda-imaged.local", b"two")),
+            ]
+        );
     }
 
     /// A block that decodes to more than the limit (an HPACK bomb: one indexed field repeated)

@@ -4,11 +4,13 @@
 //! # Layout
 //! A code map, in the order one `Build` request meets the modules. Public, for emulators and
 //! the binaries: [`client`], [`proto`], [`server`], [`listener`], [`config`], [`error`],
-//! [`metrics`]; the rest is internal (`pub(crate)`), so it can change without breaking anyone.
+//! [`metrics`] (and [`unix_client`], for the benchmarks); the rest is internal (`pub(crate)`),
+//! so it can change without breaking anyone.
 //! No module imports another that imports it back, at any distance (`tests/architecture.rs`).
 //!
 //! - [`listener`]: bind the Unix socket or adopt a systemd-passed one.
-//! - `h2_compat`: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in.
+//! - `h2_compat`: an `:authority` h2 refuses (grpcio's socket path) rewritten on the way in;
+//!   a connection that starts with a valid one passes through unread.
 //! - `service`: the gRPC service; the only code that sees `tonic::Request` and streams.
 //! - `access`: who may use the daemon; reading layers with the peer's own rights. The only
 //!   module that changes thread credentials.
@@ -96,3 +98,7 @@ pub(crate) mod stat_cache;
 pub(crate) mod sync;
 pub(crate) mod tag_hints;
 pub mod tasks;
+
+/// The engine client the daemon makes for a `unix://` engine (`engine.rs`), public for the
+/// benchmarks: `warm_hit` times the engine's own inspect over a client made the same way.
+pub use engine::unix_client;

@@ -36,6 +36,9 @@ const INLINE_WALK_ENTRIES: usize = 64;
 /// Runs one build (or cache check) to its outcome.
 /// Layer files are read with `peer`'s rights (see `access.rs`).
 ///
+/// The steps a cache hit skips are boxed: this future is moved whole into its task, and
+/// their states inline made it so large that copying it was a warm hit's biggest `memcpy`.
+///
 /// The steps of one build, in order: walk the inputs (RIE and layers, hashed), get the base
 /// image, compute the parts and decide whether the image is up to date, build it in the engine,
 /// and tidy up after the build.
@@ -69,7 +72,6 @@ pub async fn run(
     // can be after the removal has returned and the next request has come in.
     let existing = shared.engine.inspect_fresh(plan.tag.as_str()).await?;
     let (reason, changed_layer) = decide(existing.as_ref(), &parts, plan.force_image_build);
-    let fingerprint = parts.fingerprint();
     // A build may load an image a pending retirement names (same content, same ID): none is
     // removed until this answer is noted.
     let _building = (reason != Reason::UpToDate).then(|| shared.retire.building());
@@ -77,26 +79,28 @@ pub async fn run(
         record_use(&shared, plan.tag.as_str());
         // `decide` only says UpToDate for an existing image.
         (existing.unwrap_or_default(), true, reason)
-    } else if let Some(pulled) = from_registry(
+    } else if let Some(pulled) = Box::pin(from_registry(
         &shared,
         &plan,
         (&parts, &inputs, &base),
         &peer,
         reason,
         &reporter,
-    )
+    ))
     .await
     {
-        let adopted = after_build(&shared, &plan, &pulled.id, existing).await?;
+        let adopted = Box::pin(after_build(&shared, &plan, &pulled.id, existing)).await?;
         let tree = inputs.tree.as_deref();
         assembly::remember_pulled(&shared.images, &parts, tree, &adopted, &pulled.layers);
         (adopted, false, Reason::RegistryHit)
     } else {
         let images = (&base, existing.as_ref());
         let layers = (plan.layers.clone(), inputs.tree.clone());
-        let (image_id, pushable) =
-            build(&shared, &plan, &parts, inputs, images, peer, &reporter).await?;
-        let built = after_build(&shared, &plan, &image_id, existing).await?;
+        let (image_id, pushable) = Box::pin(build(
+            &shared, &plan, &parts, inputs, images, peer, &reporter,
+        ))
+        .await?;
+        let built = Box::pin(after_build(&shared, &plan, &image_id, existing)).await?;
         if let Some(cache) = shared.registry_cache.as_ref().filter(|_| pushable) {
             let context = registry_cache::PushContext {
                 tasks: shared.tasks.clone(),
@@ -106,7 +110,7 @@ pub async fn run(
             };
             let push = registry_cache::Push {
                 image_id: built.id.clone(),
-                fingerprint,
+                fingerprint: parts.fingerprint(),
                 tag: plan.tag.as_str().to_owned(),
                 layers,
             };
@@ -158,9 +162,15 @@ fn warn_shared_tag(shared: &Shared, plan: &Plan, reporter: &Reporter) {
         return;
     }
     let tag = plan.tag.as_str();
-    if let Some((before, _)) = shared.tag_layers.get(tag)
-        && before != plan.layers
+    let before = shared.tag_layers.get(tag);
+    if before
+        .as_ref()
+        .is_some_and(|(before, _)| **before == plan.layers)
     {
+        // The usual case (a repeat): nothing to say, nothing to store.
+        return;
+    }
+    if let Some((before, _)) = before {
         reporter.emit(Event::Warning {
             code: "shared_tag".into(),
             message: shared_tag_message(tag, &before, &plan.layers),
@@ -168,7 +178,7 @@ fn warn_shared_tag(shared: &Shared, plan: &Plan, reporter: &Reporter) {
     }
     shared
         .tag_layers
-        .set(tag, plan.layers.clone(), Instant::now());
+        .set(tag, Arc::new(plan.layers.clone()), Instant::now());
 }
 
 fn shared_tag_message(tag: &str, before: &[LayerSpec], now: &[LayerSpec]) -> String {

@@ -5,9 +5,22 @@
 //! we must not do: SAM compares tags as spelled. So we validate with it and take the repository
 //! as the original text minus the `@digest` and `:tag` suffixes it found.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{LazyLock, Mutex};
 
 use oci_spec::distribution::Reference;
+
+/// References remembered by [`ImageRef::parse`]; the map is emptied when it would grow past
+/// this (a daemon sees a few tags and bases per function).
+const MAX_PARSED: usize = 1024;
+
+/// What [`ImageRef::parse`] found for texts it parsed before. Matching the distribution
+/// grammar's regex (oci-spec's `Reference::try_from`) costs about 150,000 instructions, and
+/// every request parses its base and its tag: a memo of a pure function, held only to look up
+/// or insert, never across an `.await`.
+static PARSED: LazyLock<Mutex<HashMap<String, ImageRef>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// A validated image reference, spelled as the user wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,8 +32,22 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
-    /// Parses `text`; the error says what is wrong with it.
+    /// Parses `text`; the error says what is wrong with it. A text parsed before is answered
+    /// from memory ([`PARSED`]).
     pub fn parse(text: &str) -> Result<ImageRef, String> {
+        if let Some(known) = crate::sync::lock(&PARSED).get(text) {
+            return Ok(known.clone());
+        }
+        let parsed = ImageRef::parse_new(text)?;
+        let mut known = crate::sync::lock(&PARSED);
+        if known.len() >= MAX_PARSED {
+            known.clear();
+        }
+        known.insert(text.to_owned(), parsed.clone());
+        Ok(parsed)
+    }
+
+    fn parse_new(text: &str) -> Result<ImageRef, String> {
         let parsed = Reference::try_from(text).map_err(|err| err.to_string())?;
         let mut rest = text;
         let digest = parsed.digest().map(str::to_owned);
@@ -136,7 +163,25 @@ mod tests {
             assert_eq!(parsed.tag(), tag, "{text}");
             assert_eq!(parsed.digest(), digest, "{text}");
             assert_eq!(parsed.as_str(), text);
+            let again = ImageRef::parse(&text).unwrap();
+            assert_eq!(again, parsed, "remembered as parsed: {text}");
+            assert_eq!(ImageRef::parse_new(&text).unwrap(), parsed, "{text}");
         }
+    }
+
+    /// The memo of parsed references stays within its bound however many texts pass, and a
+    /// rejected text is rejected every time (errors are not remembered).
+    #[test]
+    fn parsed_references_are_remembered_within_a_bound() {
+        for index in 0..MAX_PARSED + 10 {
+            let text = format!("memo/fn{index}:v1");
+            assert_eq!(ImageRef::parse(&text).unwrap().tag(), Some("v1"));
+            assert!(crate::sync::lock(&PARSED).len() <= MAX_PARSED);
+        }
+        for _ in 0..2 {
+            assert!(ImageRef::parse("upper/Case").is_err());
+        }
+        assert!(!crate::sync::lock(&PARSED).contains_key("upper/Case"));
     }
 
     #[test]

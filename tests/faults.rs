@@ -696,3 +696,44 @@ async fn a_real_engine_killed_mid_load_then_restarted() {
     assert_eq!(opt["python/blob.bin"].size, 128 << 20, "{opt:?}");
     daemon.stop().await;
 }
+
+/// A warm hit makes one engine round trip: the tag's inspect (every hit confirms its image
+/// with the engine), on the daemon's kept connection. The base may be inspected again only
+/// when an image event (any client's, on this shared engine) emptied the daemon's index.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_hit_is_one_engine_inspect_on_a_kept_connection() {
+    const HITS: usize = 50;
+    let proxy = FaultProxy::start().await;
+    let daemon = daemon_behind(&proxy, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let request = new_request(dir.path(), "fwarm");
+    let mut client = Client::connect(&daemon.socket).await.unwrap();
+    let first = client.build(request.clone()).await;
+    let tag = first.completed().tag.clone();
+    // The first hit settles what a build leaves for later (the pooled connection, the index).
+    assert!(client.build(request.clone()).await.completed().cached);
+    let (counts, connections) = (proxy.counts(), proxy.accepted_connections());
+    for _ in 0..HITS {
+        assert!(client.build(request.clone()).await.completed().cached);
+    }
+    let mut calls: HashMap<String, usize> = proxy.counts();
+    for (path, before) in counts {
+        *calls.entry(path).or_default() -= before;
+    }
+    calls.retain(|_, n| *n > 0);
+    let tag_inspect = format!("/images/{tag}/json");
+    let base_inspect = "/images/public.ecr.aws/lambda/python:3.12-x86_64/json";
+    assert_eq!(calls.remove(&tag_inspect), Some(HITS), "{calls:?}");
+    assert!(calls.remove(base_inspect).unwrap_or(0) <= HITS, "{calls:?}");
+    assert!(
+        calls.is_empty(),
+        "engine calls besides the inspects: {calls:?}"
+    );
+    assert_eq!(
+        proxy.accepted_connections(),
+        connections,
+        "hits opened engine connections"
+    );
+    docker(&["rmi", "-f", "--no-prune", &tag]);
+    daemon.stop().await;
+}

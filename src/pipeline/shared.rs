@@ -57,7 +57,7 @@ pub struct Shared {
     pub(super) retire: Arc<Retirements>,
     /// The layer set each tag was last asked for with (for the `shared_tag` warning; bounded,
     /// see [`TagHints`]).
-    pub(super) tag_layers: TagHints<Vec<LayerSpec>>,
+    pub(super) tag_layers: TagHints<Arc<Vec<LayerSpec>>>,
 }
 
 impl Shared {

@@ -74,6 +74,8 @@ struct State {
     epoch: watch::Sender<u64>,
     /// Client connections open right now.
     open: watch::Sender<usize>,
+    /// Client connections accepted since the start.
+    accepted: std::sync::atomic::AtomicUsize,
 }
 
 /// A running proxy; stops (cutting its connections) when dropped.
@@ -107,6 +109,7 @@ impl FaultProxy {
             seen: watch::channel(0).0,
             epoch: watch::channel(0).0,
             open: watch::channel(0).0,
+            accepted: std::sync::atomic::AtomicUsize::new(0),
         });
         let proxy = FaultProxy {
             socket: dir.path().join("engine.sock"),
@@ -189,6 +192,19 @@ impl FaultProxy {
     pub fn open_connections(&self) -> usize {
         *self.state.open.borrow()
     }
+
+    /// Client connections accepted since the start: a client that reuses its connections
+    /// leaves this unchanged across requests.
+    pub fn accepted_connections(&self) -> usize {
+        self.state
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests seen so far, by path (API version prefix removed).
+    pub fn counts(&self) -> HashMap<String, usize> {
+        self.state.counts.lock().unwrap().clone()
+    }
 }
 
 impl Drop for FaultProxy {
@@ -205,6 +221,9 @@ async fn serve(listener: UnixListener, state: Arc<State>) {
             continue;
         };
         let state = state.clone();
+        state
+            .accepted
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut epoch = state.epoch.subscribe();
         tokio::spawn(async move {
             state.open.send_modify(|n| *n += 1);
