@@ -8,7 +8,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use lambda_imaged::client::proto;
 use proto::build_event::Event;
@@ -340,22 +340,27 @@ async fn a_layer_removed_behind_our_back_is_sent_again() {
     daemon.stop().await;
 }
 
+/// The layers of two functions that share a first layer, under `dir`: `deps` (20 files of
+/// about 1 MB, 20 MB in all, with the byte count) and each function's own small `a` and `b`.
+fn two_functions_layers(dir: &Path) -> (PathBuf, u64, PathBuf, PathBuf) {
+    let deps = dir.join("deps");
+    let chunk = unique("deps").repeat(1 << 16);
+    for index in 0..20 {
+        write_file(&deps.join(format!("lib/m{index}.bin")), &chunk, 0o644);
+    }
+    let (code_a, code_b) = (dir.join("a"), dir.join("b"));
+    write_file(&code_a.join("handler.py"), "A = 1\n", 0o644);
+    write_file(&code_b.join("handler.py"), "B = 2\n", 0o644);
+    (deps, (chunk.len() * 20) as u64, code_a, code_b)
+}
+
 /// Two functions of one runtime whose layer lists start with the same 20 MB layer: the second
 /// build sends no byte of the shared layer (it is referenced), only its own small one.
 #[tokio::test(flavor = "multi_thread")]
 async fn functions_sharing_a_first_layer_send_it_once() {
     let daemon = TestDaemon::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let deps = dir.path().join("deps");
-    let chunk = unique("deps").repeat(1 << 16);
-    for index in 0..20 {
-        write_file(&deps.join(format!("lib/m{index}.bin")), &chunk, 0o644);
-    }
-    let deps_bytes = (chunk.len() * 20) as u64;
-    let code_a = dir.path().join("a");
-    let code_b = dir.path().join("b");
-    write_file(&code_a.join("handler.py"), "A = 1\n", 0o644);
-    write_file(&code_b.join("handler.py"), "B = 2\n", 0o644);
+    let (deps, deps_bytes, code_a, code_b) = two_functions_layers(dir.path());
     let deps_name = unique("deps");
     let (na, nb) = (unique("codea"), unique("codeb"));
     let first = build(
@@ -418,15 +423,7 @@ fn diff_ids(image: &str) -> Vec<String> {
 async fn a_shared_first_layer_is_not_resent_after_edits() {
     let daemon = TestDaemon::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let deps = dir.path().join("deps");
-    let chunk = unique("edited").repeat(1 << 16);
-    for index in 0..20 {
-        write_file(&deps.join(format!("lib/m{index}.bin")), &chunk, 0o644);
-    }
-    let deps_bytes = (chunk.len() * 20) as u64;
-    let (code_a, code_b) = (dir.path().join("a"), dir.path().join("b"));
-    write_file(&code_a.join("handler.py"), "A = 1\n", 0o644);
-    write_file(&code_b.join("handler.py"), "B = 2\n", 0o644);
+    let (deps, deps_bytes, code_a, code_b) = two_functions_layers(dir.path());
     let deps_name = unique("deps");
     let (na, nb) = (unique("codea"), unique("codeb"));
     let function_a = zip_request(&[(&deps_name, &deps), (&na, &code_a)]);
