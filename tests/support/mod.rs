@@ -194,18 +194,36 @@ pub fn spawn_build(
     tokio::spawn(async move { build(&socket, request).await })
 }
 
-/// Removes the image `reference` names on the engine at `host` with every name it has (our
-/// images with layers also carry a pinned tag, which `docker rmi <tag>` would leave behind),
-/// keeping its untagged parents. Nothing happens when there is no such image.
+/// Removes `reference` on the engine at `host` together with the pinned tags (our images with
+/// layers carry one: `<tag>-<16 hex digits of the ID>`, which `docker rmi <tag>` would leave
+/// behind), keeping untagged parents; other names of the image (a base tagged under another
+/// name, say) are left alone, so the image goes only when those were its only names. Nothing
+/// happens when there is no such image.
 pub fn rmi_all_on(host: &str, reference: &str) {
-    let id = docker_on(
+    // `{{json}}`, not `join`: the containerd store's inspect gives the template no []string.
+    let inspected = docker_on(
         host,
-        &["image", "inspect", "--format", "{{.Id}}", reference],
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}} {{json .RepoTags}}",
+            reference,
+        ],
     );
-    if id.status.success() {
-        let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
-        docker_on(host, &["rmi", "-f", "--no-prune", &id]);
+    if !inspected.status.success() {
+        return;
     }
+    let text = String::from_utf8_lossy(&inspected.stdout).into_owned();
+    let (id, tags) = text.trim().split_once(' ').unwrap_or((text.trim(), "[]"));
+    let tags: Vec<String> = serde_json::from_str(tags).unwrap_or_default();
+    let hex = id.trim_start_matches("sha256:");
+    let pin_end = format!("-{}", hex.get(..16).unwrap_or(hex));
+    let mut names = vec![reference.to_owned()];
+    names.extend(tags.into_iter().filter(|tag| tag.ends_with(&pin_end)));
+    let mut args = vec!["rmi", "-f", "--no-prune"];
+    args.extend(names.iter().map(String::as_str));
+    docker_on(host, &args);
 }
 
 /// [`rmi_all_on`] on the test engine.
