@@ -111,11 +111,16 @@ async fn two_layer_sets_on_one_tag_each_keep_their_image() {
             );
         }
     }
-    // The superseded ones wait for the grace (about an hour from their answer).
-    let pending = daemon.retirements.pending();
-    assert!(!pending.is_empty());
+    // The superseded answers wait for the grace (about an hour from their answer). (Images an
+    // engine's untag events named may be pending too: they are checked when due.)
+    let pending: Vec<_> = daemon
+        .retirements
+        .pending()
+        .into_iter()
+        .filter(|(id, _)| answered.contains(id))
+        .collect();
+    assert!(!pending.is_empty(), "no superseded answer is pending");
     for (id, at) in &pending {
-        assert!(answered.contains(id), "{id} was never an answer");
         let at = at.expect("no container uses them");
         assert!(
             at > Instant::now() + Duration::from_secs(3000),
@@ -211,6 +216,13 @@ async fn a_superseded_image_goes_when_its_last_container_goes() {
         present(&new.pinned_tag) && present(&new.tag),
         "the current image stays"
     );
-    assert!(daemon.retirements.pending().is_empty());
+    assert!(
+        !daemon
+            .retirements
+            .pending()
+            .iter()
+            .any(|(id, _)| *id == old.image_id),
+        "no longer pending"
+    );
     daemon.stop().await;
 }
