@@ -224,15 +224,14 @@ impl Retirements {
         let mut untagged = engine.untagged();
         loop {
             let (due, next) = self.due(Instant::now());
-            for id in due {
-                let state = self.try_remove(&engine, &cache_dir, &id).await;
-                self.set(&id, state);
+            if !due.is_empty() {
+                for id in due {
+                    let state = self.try_remove(&engine, &cache_dir, &id).await;
+                    self.set(&id, state);
+                }
+                // Attempts put off (builds in flight, the engine) are due again soon: look again.
+                continue;
             }
-            let (_, next) = if next.is_none() {
-                self.due(Instant::now())
-            } else {
-                (Vec::new(), next)
-            };
             let sleep = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
